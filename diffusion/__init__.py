@@ -1,0 +1,1 @@
+"""diffusion: masked (absorbing-state) diffusion language modelling."""

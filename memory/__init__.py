@@ -1,0 +1,1 @@
+"""memory: parametric fast weights (LoRA and full-matrix) that attach to any model."""

@@ -1,0 +1,1 @@
+"""Recipes: readable programs that compose bilevel, diffusion and memory."""
