@@ -1,1 +1,24 @@
-"""memory: parametric fast weights (LoRA and full-matrix) that attach to any model."""
+"""memory: parametric fast weights (LoRA and full-matrix) that attach to any model.
+
+import memory as mm
+mem = mm.FastLoRA(model, mm.last_layers(model), rank=32, alpha=64.0)
+state = mem.init(batch_size=None)          # dict[str, Tensor]
+with mem.bind(state):
+    logits = model(x)                      # W x + (alpha/rank) B A x at every target
+"""
+
+from memory.fast_weights import FastWeights
+from memory.full import FullFastWeights
+from memory.lora import FastLoRA
+from memory.select import last_layers, select
+from memory.state import clone, detach
+
+__all__ = [
+    "FastLoRA",
+    "FastWeights",
+    "FullFastWeights",
+    "clone",
+    "detach",
+    "last_layers",
+    "select",
+]

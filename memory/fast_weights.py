@@ -1,0 +1,320 @@
+"""Fast weights attached to a model's `nn.Linear` layers through forward hooks.
+
+A fast-weight memory adds a correction to the output of selected linear layers,
+
+    y = W x + b + delta(x; state[target]),
+
+whose parameters ("state") are not in the model: they are a `dict[str, Tensor]` the caller
+owns and passes to `bind`. The model's code and parameters are never changed, so this works on
+models we did not write (Hugging Face modules included). Outside `bind` every hook returns
+`None` and the model computes exactly what it computed before.
+
+A state tensor either has its per-target shape (one set of fast weights shared by the whole
+batch, as in the MemDLM reference code) or an extra leading batch dimension B (per-sample fast
+weights: sample b of the input uses state b, through batched matmuls).
+
+Subclasses (`FastLoRA`, `FullFastWeights`) define the state layout and the correction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+Shape = tuple[int, ...]
+
+
+class FastWeights:
+    """Base class: target bookkeeping, the forward hooks, `bind`, and state validation.
+
+    Subclasses set `_suffixes` (the state key suffixes per target, e.g. `("A", "B")`) and
+    implement `_param_shapes`, `_init_params`, `_output_delta` and `_weight_delta`.
+    """
+
+    _suffixes: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module, targets: Iterable[str]) -> None:
+        self._linears = _resolve_targets(model, targets)
+        self.targets: tuple[str, ...] = tuple(self._linears)
+        self._shapes: dict[str, Shape] = {
+            f"{name}.{suffix}": shape
+            for name, linear in self._linears.items()
+            for suffix, shape in zip(self._suffixes, self._param_shapes(linear))
+        }
+        self._bound: dict[str, tuple[torch.Tensor, ...]] | None = None
+        self._batch_size: int | None = None
+        self._removed = False
+        self._handles = [
+            linear.register_forward_hook(self._hook_for(name), with_kwargs=True)
+            for name, linear in self._linears.items()
+        ]
+
+    # ----------------------------------------------------------------- subclass interface
+    def _param_shapes(self, linear: nn.Linear) -> tuple[Shape, ...]:
+        """Per-sample shape of each state tensor of one target, in `_suffixes` order."""
+        raise NotImplementedError
+
+    def _init_params(
+        self, linear: nn.Linear, batch: Shape, generator, device, dtype
+    ) -> tuple[torch.Tensor, ...]:
+        """Fresh state tensors of one target, each of shape `batch + per-sample shape`."""
+        raise NotImplementedError
+
+    def _output_delta(
+        self, linear: nn.Linear, x: torch.Tensor, params: tuple[torch.Tensor, ...]
+    ) -> torch.Tensor:
+        """The correction added to `linear(x)`; `x` and `params` are already in one dtype."""
+        raise NotImplementedError
+
+    def _weight_delta(self, params: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The correction as a weight matrix, (out, in) or (B, out, in)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------- public API
+    @property
+    def state_shapes(self) -> dict[str, Shape]:
+        """Per-sample shape of every state key (a batched state adds a leading B)."""
+        return dict(self._shapes)
+
+    @property
+    def is_bound(self) -> bool:
+        """Whether a state is bound right now (inside a `with mem.bind(state)` block)."""
+        return self._bound is not None
+
+    def init(
+        self,
+        batch_size: int | None = None,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> dict[str, torch.Tensor]:
+        """A fresh state: one tensor per key of `state_shapes`.
+
+        Args:
+            batch_size: None for one state shared by the batch, B >= 1 for per-sample states
+                (every tensor gets a leading dim B; samples are drawn independently).
+            generator: random source for random parts (LoRA's A); draws happen on its device.
+            device: where the state lives; by default each target weight's device.
+            dtype: a floating dtype; float32 by default whatever the model's dtype, so that
+                fast weights stay accurate under bf16 autocast.
+        """
+        if batch_size is not None and (
+            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+        ):
+            raise ValueError(f"batch_size must be None or an int >= 1, got {batch_size!r}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        batch = () if batch_size is None else (batch_size,)
+        state = {}
+        for name, linear in self._linears.items():
+            where = linear.weight.device if device is None else torch.device(device)
+            params = self._init_params(linear, batch, generator, where, dtype)
+            state.update({f"{name}.{s}": p for s, p in zip(self._suffixes, params)})
+        return state
+
+    def bind(self, state: Mapping[str, torch.Tensor]) -> _Binding:
+        """Context manager: inside the `with` block the targets use `state`.
+
+        The state is validated here (keys, shapes, dtypes, devices, batch dims). Tensors are
+        used as given, never copied or modified, so gradients flow from the model output
+        back to them (`torch.func.grad` over a function that binds its argument works).
+        Leaving the block, also through an exception, unbinds the state.
+        """
+        if self._removed:
+            raise RuntimeError(
+                f"bind() after remove(): this {type(self).__name__} is detached from its "
+                "model; create a new one"
+            )
+        params, batch_size = self._check_state(state)
+        return _Binding(self, params, batch_size)
+
+    def merged_weight(self, name: str, state: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The effective weight of target `name` under `state`: W + correction.
+
+        Shape (out, in), or (B, out, in) for a per-sample state. Differentiable, for
+        inspection and tests; the forward pass never materialises it.
+        """
+        if name not in self._linears:
+            raise ValueError(f"unknown target {name!r}; targets are {self.targets}")
+        params, _ = self._check_state(state)
+        return self._linears[name].weight + self._weight_delta(params[name])
+
+    def remove(self) -> None:
+        """Detach the hooks from the model for good (idempotent). Not allowed while bound."""
+        if self._bound is not None:
+            raise RuntimeError("remove() inside a bind() block; leave the block first")
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._removed = True
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(targets={len(self.targets)}, {self._extra_repr()})"
+
+    def _extra_repr(self) -> str:
+        return ""
+
+    # ------------------------------------------------------------------------ internals
+    def _hook_for(self, name: str):
+        def hook(module, args, kwargs, output):
+            bound = self._bound
+            if bound is None:  # unbound: leave the output object untouched
+                return None
+            x = args[0] if args else kwargs["input"]
+            if self._batch_size is not None:
+                _check_input_batch(name, x, self._batch_size)
+            # Compute in the activation dtype (bf16 under autocast); the state stays as is
+            # and receives its gradient in its own dtype through the cast.
+            dtype = output.dtype
+            params = tuple(p.to(dtype) for p in bound[name])
+            return output + self._output_delta(module, x.to(dtype), params)
+
+        return hook
+
+    def _activate(self, params: dict[str, tuple[torch.Tensor, ...]], batch_size: int | None):
+        if self._removed:
+            raise RuntimeError(f"this {type(self).__name__} was removed; create a new one")
+        if self._bound is not None:
+            raise RuntimeError(
+                f"nested bind(): this {type(self).__name__} is already bound to a state; "
+                "leave the first `with` block before binding another state (for several "
+                "states at once, bind one state with a leading batch dimension)"
+            )
+        self._bound, self._batch_size = params, batch_size
+
+    def _deactivate(self) -> None:
+        self._bound, self._batch_size = None, None
+
+    def _check_state(
+        self, state: Mapping[str, torch.Tensor]
+    ) -> tuple[dict[str, tuple[torch.Tensor, ...]], int | None]:
+        """Validate `state` against this memory; return per-target tuples and the batch size."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a mapping of str to Tensor, got {type(state).__name__}")
+        missing = [k for k in self._shapes if k not in state]
+        unexpected = [k for k in state if k not in self._shapes]
+        if missing or unexpected:
+            raise ValueError(
+                f"state does not belong to this {type(self).__name__}: missing keys "
+                f"{_preview(missing)}, unexpected keys {_preview(unexpected)}"
+            )
+        batch_sizes = {}
+        for key, shape in self._shapes.items():
+            batch_sizes[key] = _check_tensor(key, state[key], shape)
+            linear = self._linears[key.rsplit(".", 1)[0]]
+            if state[key].device != linear.weight.device:
+                raise ValueError(
+                    f"state[{key!r}] is on {state[key].device} but the target weight is on "
+                    f"{linear.weight.device}"
+                )
+        distinct = set(batch_sizes.values())
+        if len(distinct) > 1:
+            raise ValueError(
+                "state tensors disagree on the batch dimension (None = shared): "
+                f"{_preview([f'{k}: {b}' for k, b in batch_sizes.items()])}"
+            )
+        params = {
+            name: tuple(state[f"{name}.{s}"] for s in self._suffixes) for name in self._linears
+        }
+        return params, distinct.pop()
+
+
+class _Binding:
+    """The context manager `bind` returns; entering activates the state, leaving clears it."""
+
+    def __init__(self, memory: FastWeights, params, batch_size: int | None) -> None:
+        self._memory, self._params, self._batch_size = memory, params, batch_size
+
+    def __enter__(self) -> None:
+        self._memory._activate(self._params, self._batch_size)
+
+    def __exit__(self, *exc_info) -> bool:
+        self._memory._deactivate()
+        return False  # never swallow the exception
+
+
+def batched_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Per-sample `F.linear` without bias: out[b] = x[b] @ weight[b]^T.
+
+    x (B, ..., in), weight (B, out, in) -> (B, ..., out), as one `bmm` over (B, N, in).
+    """
+    flat = x.reshape(x.shape[0], -1, x.shape[-1])
+    out = torch.bmm(flat, weight.transpose(1, 2))
+    return out.reshape(*x.shape[:-1], weight.shape[1])
+
+
+def _resolve_targets(model: nn.Module, targets: Iterable[str]) -> dict[str, nn.Linear]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(targets, str):
+        raise TypeError(
+            f"targets must be a sequence of module names, got the string {targets!r}; "
+            "pass [name], or mm.select(model, pattern) for a regex"
+        )
+    names = list(targets)
+    if not names:
+        raise ValueError("targets is empty: name at least one nn.Linear submodule")
+    linears: dict[str, nn.Linear] = {}
+    owner: dict[int, str] = {}
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"target names must be non-empty strings, got {name!r}")
+        if name in linears:
+            raise ValueError(f"target {name!r} is listed twice")
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(
+                f"unknown target {name!r}: {type(model).__name__} has no submodule of that name"
+            ) from None
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"target {name!r} is a {type(module).__name__}, not an nn.Linear")
+        if id(module) in owner:
+            raise ValueError(f"targets {owner[id(module)]!r} and {name!r} are the same module")
+        owner[id(module)] = name
+        linears[name] = module
+    return linears
+
+
+def _check_tensor(key: str, tensor: torch.Tensor, shape: Shape) -> int | None:
+    """Check one state tensor; return its batch size (None when it has no batch dim)."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"state[{key!r}] must be a Tensor, got {type(tensor).__name__}")
+    if not tensor.dtype.is_floating_point:
+        raise TypeError(
+            f"state[{key!r}] has dtype {tensor.dtype}; expected a floating-point dtype "
+            "(fast weights are float32 by default)"
+        )
+    actual = tuple(tensor.shape)
+    if actual == shape:
+        return None
+    if len(actual) == len(shape) + 1 and actual[1:] == shape:
+        return actual[0]
+    raise ValueError(
+        f"state[{key!r}] has shape {actual}; expected {shape} (shared) or "
+        f"(batch, {', '.join(map(str, shape))}) (per-sample)"
+    )
+
+
+def _check_input_batch(name: str, x: torch.Tensor, batch_size: int) -> None:
+    if x.dim() < 2 or x.shape[0] != batch_size:
+        raise ValueError(
+            f"target {name!r} got input of shape {tuple(x.shape)}, but the bound state is "
+            f"per-sample with batch size {batch_size}: the input's leading dim must be "
+            f"{batch_size}"
+        )
+
+
+def _preview(items: list[str], limit: int = 4) -> str:
+    shown = ", ".join(repr(i) for i in items[:limit])
+    more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
+    return f"[{shown}{more}]"
+
+
+def _uniform(shape: Shape, bound: float, generator, device, dtype) -> torch.Tensor:
+    """U(-bound, bound) drawn on the generator's device (if any), then moved to `device`."""
+    draw_on = generator.device if generator is not None else device
+    sample = torch.empty(shape, device=draw_on, dtype=dtype)
+    return sample.uniform_(-bound, bound, generator=generator).to(device)

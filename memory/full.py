@@ -1,0 +1,46 @@
+"""Full-matrix fast weights: a dense delta added to each target weight.
+
+At every target linear the model computes y = (W + delta) x + b with delta (out, in) from
+the bound state, zero at `init`. This is MemDLM's "full" inner adapter (`InnerFullLinear`,
+the Fig. 7 "Full Param." ablation) and the classic fast-weight matrix of Schmidhuber (1992):
+with keys k and values v, one SGD step on 0.5 ||(W + delta) k - v||^2 is the delta rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memory.fast_weights import FastWeights, batched_linear
+
+
+class FullFastWeights(FastWeights):
+    """Dense fast weights on the named `nn.Linear` submodules of `model`.
+
+    State key per target: `"<target>.delta"` of shape (out, in), with an optional leading
+    batch dim for per-sample fast weights. Same interface as `FastLoRA`.
+    """
+
+    _suffixes = ("delta",)
+
+    def __init__(self, model: nn.Module, targets: Iterable[str]) -> None:
+        super().__init__(model, targets)
+
+    def _param_shapes(self, linear: nn.Linear):
+        return ((linear.out_features, linear.in_features),)
+
+    def _init_params(self, linear, batch, generator, device, dtype):
+        del generator  # deterministic: the delta starts at zero
+        shape = batch + self._param_shapes(linear)[0]
+        return (torch.zeros(shape, device=device, dtype=dtype),)
+
+    def _output_delta(self, linear, x, params):
+        (delta,) = params
+        return F.linear(x, delta) if delta.dim() == 2 else batched_linear(x, delta)
+
+    def _weight_delta(self, params):
+        (delta,) = params
+        return delta
