@@ -85,3 +85,46 @@ def randomize(state: dict[str, torch.Tensor], seed: int = 2, scale: float = 0.3)
     """The same keys filled with random values, so that B A is not zero (init has B = 0)."""
     gen = torch.Generator().manual_seed(seed)
     return {k: scale * torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in state.items()}
+
+
+class Associative(nn.Module):
+    """The simplest associative memory read-out: y = W k, with a random (not storing) W."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, keys):
+        return self.proj(keys)
+
+
+def association_task(num_pairs: int, dim: int, batch: int | None = None, seed: int = 0):
+    """Orthonormal keys and random unit values, (N, d) each or (B, N, d) with `batch`."""
+    gen = torch.Generator().manual_seed(seed)
+    lead = () if batch is None else (batch,)
+    square = torch.randn(lead + (dim, dim), generator=gen, dtype=torch.float64)
+    keys = torch.linalg.qr(square)[0][..., :num_pairs, :]  # rows of an orthogonal matrix
+    values = F.normalize(torch.randn(lead + (num_pairs, dim), generator=gen), dim=-1)
+    return keys, values.to(torch.float64)
+
+
+def recall_loss(pred, values):
+    """0.5 * ||pred - value||^2, averaged over pairs and summed over a leading batch dim."""
+    per_pair = 0.5 * ((pred - values) ** 2).sum(-1)
+    return per_pair.mean(-1).sum()
+
+
+def recall_accuracy(pred, values):
+    """Share of keys whose prediction is closest (inner product) to its own value."""
+    scores = pred @ values.transpose(-1, -2)  # (..., N, N)
+    target = torch.arange(values.shape[-2])
+    return (scores.argmax(-1) == target).double().mean().item()
+
+
+def sgd_steps(memory, state, loss_of_state, lr, steps):
+    """`steps` plain SGD steps on the state; returns the list of states [s0, ..., s_steps]."""
+    states = [state]
+    for _ in range(steps):
+        grads = torch.func.grad(lambda s: loss_of_state(memory, s))(states[-1])
+        states.append({k: v - lr * grads[k] for k, v in states[-1].items()})
+    return states
