@@ -1,0 +1,310 @@
+"""``solve``: run a differentiable inner loop; the differentiation mode is an argument.
+
+Inner gradients are taken with ``torch.autograd.grad`` in plain eager code (measurably cheaper
+than ``torch.func.grad`` per step, see ``benchmarks/bench_bilevel_maml.py``) and with
+``torch.func.grad_and_value`` inside ``vmap``/``torch.func.grad``/``torch.compile``, where only
+the functional transform composes with the enclosing ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bilevel._tree import Tree, check_tree, detach, global_norm
+from bilevel._warn import is_concrete, under_functorch_transform, warn
+from bilevel.implicit import implicit_root
+from bilevel.linsolve import LinsolveInfo
+from bilevel.modes import FirstOrder, Implicit, Mode, Truncated, Unrolled
+from bilevel.transform import GradientTransformation, apply_updates
+
+InnerLoss = Callable[[Tree, Any, Any], Tensor]
+_UNROLLED = Unrolled()
+
+
+class PerStep:
+    """Data that changes at every inner step: step ``i`` receives ``items[i]``.
+
+    ``solve(..., steps=2, data=bl.PerStep([batch_1, batch_2]))`` calls
+    ``inner_loss(params, meta, batch_1)`` at the first step and ``batch_2`` at the second.
+    Plain ``data`` (anything that is not a ``PerStep``) is passed unchanged to every step.
+    ``len(items)`` must equal ``steps``.
+    """
+
+    def __init__(self, items: Sequence[Any]):
+        if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
+            raise TypeError(
+                f"PerStep needs a sequence with one entry per step (a list or tuple), got "
+                f"{type(items).__name__}"
+            )
+        self.items = tuple(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, step: int) -> Any:
+        return self.items[step]
+
+    def __repr__(self) -> str:
+        return f"PerStep(<{len(self.items)} steps>)"
+
+
+def _check_loss(loss: Any, step: int) -> None:
+    if not isinstance(loss, Tensor):
+        raise TypeError(
+            f"inner_loss must return a Tensor, got {type(loss).__name__} at step {step}"
+        )
+    if loss.dim() != 0:
+        raise ValueError(
+            f"inner_loss must return a scalar (0-d) Tensor, got shape {tuple(loss.shape)} at "
+            f"step {step}; reduce it (e.g. .mean())"
+        )
+
+
+class _InnerLoop:
+    """The optimizer loop, and a record of the loss and gradient norms at each step."""
+
+    def __init__(self, inner_loss, meta, optimizer, data_at, *, record_norms: bool):
+        self.inner_loss = inner_loss
+        self.meta = meta
+        self.optimizer = optimizer
+        self.data_at = data_at
+        self.record_norms = record_norms
+        self.functional = under_functorch_transform()
+        self.losses: list[Tensor] = []
+        self.grad_norms: list[Tensor] = []
+        self.tensor_norms: list[dict[str, Tensor]] = []
+
+    def loss_of(self, step: int) -> Callable[[Tree], Tensor]:
+        data = self.data_at(step)
+
+        def loss(params: Tree) -> Tensor:
+            value = self.inner_loss(params, self.meta, data)
+            _check_loss(value, step)
+            return value
+
+        return loss
+
+    def gradient(self, params: Tree, step: int, *, differentiable: bool) -> tuple[Tree, Tensor]:
+        """``(grad_w f(params, meta, data_step), f)``, with or without a graph to the inputs."""
+        loss_fn = self.loss_of(step)
+        if self.functional:
+            if differentiable:
+                return torch.func.grad_and_value(loss_fn)(params)
+            with torch.no_grad():  # torch.func.grad still differentiates at its own level
+                return torch.func.grad_and_value(loss_fn)(params)
+        with torch.enable_grad():
+            # Differentiable: keep the graph back to params0/meta; first-order: cut it.
+            leaves = {
+                k: p if differentiable and p.requires_grad else p.detach().requires_grad_()
+                for k, p in params.items()
+            }
+            loss = loss_fn(leaves)
+            grads = torch.autograd.grad(
+                loss, list(leaves.values()), create_graph=differentiable, materialize_grads=True
+            )
+        return dict(zip(leaves, grads)), loss
+
+    def record(self, loss: Tensor, grads: Tree) -> None:
+        self.losses.append(loss.detach())
+        if self.record_norms:
+            with torch.no_grad():
+                norms = {k: torch.linalg.vector_norm(g) for k, g in grads.items()}
+                self.tensor_norms.append(norms)
+                self.grad_norms.append(global_norm(norms))
+
+    def run(self, params: Tree, state: Any, steps: range, *, differentiable: bool):
+        for step in steps:
+            grads, loss = self.gradient(params, step, differentiable=differentiable)
+            self.record(loss, grads)
+            with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
+                updates, state = self.optimizer.update(grads, state, params)
+                params = apply_updates(params, updates)
+        return params, state
+
+    def check_finite(self) -> None:
+        if not is_concrete():
+            return
+        losses = torch.stack(self.losses)
+        finite = torch.isfinite(losses)
+        if not bool(finite.all()):
+            step = int((~finite).nonzero()[0])
+            raise ValueError(
+                f"inner_loss returned {float(losses[step])} at step {step}; expected a finite "
+                "value (lower the inner learning rate, clip gradients, or check the data)"
+            )
+
+    def info(self) -> dict[str, Any]:
+        info: dict[str, Any] = {"loss": torch.stack(self.losses)}
+        if self.record_norms:
+            info["grad_norm"] = torch.stack(self.grad_norms)
+            info["grad_norms"] = {
+                k: torch.stack([n[k] for n in self.tensor_norms]) for k in self.tensor_norms[0]
+            }
+        return info
+
+
+def _check_arguments(inner_loss, params0, meta, optimizer, steps, mode, data) -> None:
+    if not callable(inner_loss):
+        raise TypeError(f"inner_loss must be callable, got {type(inner_loss).__name__}")
+    check_tree(params0, "params0")
+    if meta is not None and not isinstance(meta, Tensor):
+        if not isinstance(meta, Mapping):
+            raise TypeError(
+                f"meta must be None, a Tensor or a dict[str, Tensor], got {type(meta).__name__}"
+            )
+        check_tree(meta, "meta")
+    if not isinstance(optimizer, GradientTransformation):
+        raise TypeError(
+            f"optimizer must be a GradientTransformation such as bl.sgd(0.1), got "
+            f"{type(optimizer).__name__}"
+        )
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise TypeError(f"steps must be an int, got {type(steps).__name__}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not isinstance(mode, (Unrolled, Truncated, FirstOrder, Implicit)):
+        raise TypeError(
+            "mode must be bl.Unrolled(), bl.Truncated(T), bl.FirstOrder() or bl.Implicit(...), "
+            f"got {mode!r}"
+        )
+    if isinstance(mode, Truncated) and steps < mode.T:
+        raise ValueError(f"Truncated T must be <= steps, got T={mode.T} with steps={steps}")
+    if isinstance(data, PerStep) and len(data) != steps:
+        raise ValueError(
+            f"PerStep data has {len(data)} entries but steps={steps}; expected one per step"
+        )
+
+
+def _meta_tensors(meta: Any) -> list[Tensor]:
+    if meta is None:
+        return []
+    return [meta] if isinstance(meta, Tensor) else list(meta.values())
+
+
+def _straight_through(params_K: Tree, params0: Tree) -> Tree:
+    """``params_K`` whose Jacobian with respect to ``params0`` is the identity (FOMAML)."""
+    return {
+        k: w + (params0[k] - params0[k].detach()) if params0[k].requires_grad else w
+        for k, w in params_K.items()
+    }
+
+
+def _implicit(
+    loop: _InnerLoop, params_K: Tree, meta: Any, mode: Implicit, steps: int, info: dict
+) -> Tree:
+    """Attach IFT gradients at ``params_K`` for the stationarity condition of the last step."""
+    grads, _ = loop.gradient(params_K, steps - 1, differentiable=False)
+    with torch.no_grad():
+        final_norm = global_norm(grads)
+    info["final_grad_norm"] = final_norm
+    if is_concrete():
+        first_norm = float(loop.grad_norms[0])
+        if float(final_norm) > mode.stationarity_rtol * first_norm:
+            warn(
+                f"Implicit mode assumes params_K is stationary, but ||grad f(params_K)|| = "
+                f"{float(final_norm):.3e} > stationarity_rtol * ||grad f(params0)|| = "
+                f"{mode.stationarity_rtol:g} * {first_norm:.3e}; the implicit gradient may be "
+                "wrong (run more steps or raise the inner learning rate)"
+            )
+    if meta is None:
+        warn("Implicit mode with meta=None: nothing can receive an implicit gradient")
+        return params_K
+    data = loop.data_at(steps - 1)
+    inner_loss = loop.inner_loss
+
+    def stationarity(w: Tree, m: Any) -> Tree:
+        return torch.func.grad(lambda q: inner_loss(q, m, data))(w)
+
+    def on_solve(result: LinsolveInfo) -> None:
+        info["linsolve_iterations"] = result.iterations
+        info["linsolve_residual"] = result.residual
+        info["linsolve_converged"] = result.converged
+
+    info.update(linsolve_iterations=None, linsolve_residual=None, linsolve_converged=None)
+    return implicit_root(
+        stationarity, params_K, meta, linsolve=mode.linsolve, symmetric=True, on_solve=on_solve
+    )
+
+
+def solve(
+    inner_loss: InnerLoss,
+    params0: Tree,
+    meta: Tensor | Tree | None = None,
+    *,
+    optimizer: GradientTransformation,
+    steps: int,
+    mode: Mode = _UNROLLED,
+    data: Any = None,
+    return_info: bool = False,
+    final_grad_norm: bool = False,
+) -> Tree | tuple[Tree, dict[str, Any]]:
+    """Run ``steps`` optimizer steps on ``inner_loss`` from ``params0``; differentiate per ``mode``.
+
+    Args:
+        inner_loss: ``inner_loss(params, meta, data) -> scalar Tensor``. It may run an
+            ``nn.Module`` through ``torch.func.functional_call`` or hooks that read ``params``,
+            and may close over outer tensors (then pass ``meta=None``).
+        params0: ``dict[str, Tensor]``, the initial inner variables ``w_0``.
+        meta: the outer variables ``theta``: ``None``, a Tensor or ``dict[str, Tensor]``.
+        optimizer: a ``GradientTransformation`` (``bl.sgd(0.1)``, ``bl.chain(...)``).
+        steps: ``K >= 1``.
+        mode: ``Unrolled()``, ``Truncated(T)``, ``FirstOrder()`` or ``Implicit(linsolve=...)``;
+            see :mod:`bilevel.modes` for each exact gradient.
+        data: passed to every step, or ``PerStep([d_0, ..., d_{K-1}])`` for one batch per step.
+        return_info: also return a diagnostics dict (no extra model evaluation): ``loss``
+            ``(K,)``, the inner loss at the iterate each gradient is taken at; ``grad_norm``
+            ``(K,)``, the global norm of the raw inner gradient; ``grad_norms``, ``{key: (K,)}``
+            per-tensor norms. Implicit mode adds ``final_grad_norm`` (0-d, at ``w_K``) and
+            ``linsolve_iterations``, ``linsolve_residual``, ``linsolve_converged``: ``None``
+            until the backward pass has run the linear solve. All tensors are detached.
+        final_grad_norm: with ``return_info``, evaluate ``||grad f(w_K)||`` with the last
+            step's data in every mode (one extra gradient evaluation).
+
+    Returns:
+        ``params_K`` (same keys as ``params0``), or ``(params_K, info)``.
+
+    Raises:
+        TypeError, ValueError: bad arguments, a non-scalar loss, mismatched keys or shapes,
+        or a non-finite inner loss (checked outside ``vmap`` and ``torch.compile``).
+    """
+    _check_arguments(inner_loss, params0, meta, optimizer, steps, mode, data)
+    if final_grad_norm and not return_info:
+        raise ValueError("final_grad_norm=True only has an effect with return_info=True")
+    data_at = data.__getitem__ if isinstance(data, PerStep) else (lambda step: data)
+    implicit = isinstance(mode, Implicit)
+    loop = _InnerLoop(inner_loss, meta, optimizer, data_at, record_norms=return_info or implicit)
+
+    if isinstance(mode, (Unrolled, Truncated)):
+        exact = steps if isinstance(mode, Unrolled) else mode.T
+        params, state = dict(params0), optimizer.init(params0)
+        if exact < steps:  # detached prefix: a constant for the differentiated suffix
+            params, state = detach((params, state))
+            params, state = loop.run(params, state, range(steps - exact), differentiable=False)
+            params, state = detach((params, state))
+        params_K, _ = loop.run(params, state, range(steps - exact, steps), differentiable=True)
+    else:
+        if isinstance(mode, FirstOrder) and any(t.requires_grad for t in _meta_tensors(meta)):
+            warn(
+                "FirstOrder mode gives meta no gradient through the inner loop (params_K does "
+                "not depend on it); use Unrolled, Truncated or Implicit to learn meta"
+            )
+        start = detach(dict(params0))
+        params_K, _ = loop.run(start, optimizer.init(start), range(steps), differentiable=False)
+    loop.check_finite()
+
+    info = loop.info() if return_info else {}
+    if isinstance(mode, FirstOrder):
+        params_K = _straight_through(params_K, params0)
+    elif implicit:
+        params_K = _implicit(loop, params_K, meta, mode, steps, info)
+    if not return_info:
+        return params_K
+    if final_grad_norm and not implicit:
+        grads, _ = loop.gradient(detach(params_K), steps - 1, differentiable=False)
+        with torch.no_grad():
+            info["final_grad_norm"] = global_norm(grads)
+    return params_K, info
