@@ -62,13 +62,14 @@ class Implicit:
     ``linsolve`` (``CG`` by default, or ``Neumann``, ``NormalCG``; the damping lives in the
     solver). ``w_0`` gets no gradient, nor do tensors the inner loss closes over. The
     gradient at ``w_K`` is evaluated once (for the stationarity check); a
-    :class:`~bilevel.BilevelWarning` is emitted when ``||grad f(w_K)|| > stationarity_rtol *
-    ||grad f(w_0)||``. With per-step data the optimality condition uses the last step's data.
-    Memory is constant in K.
+    :class:`~bilevel.BilevelWarning` is emitted when ``||grad f(w_K)||`` exceeds both
+    ``stationarity_rtol * ||grad f(w_0)||`` and ``stationarity_atol``. With per-step data the
+    optimality condition uses the last step's data. Memory is constant in K.
     """
 
     linsolve: Any = None
     stationarity_rtol: float = 1e-3
+    stationarity_atol: float = 1e-8
 
     def __post_init__(self):
         if self.linsolve is None:
@@ -77,9 +78,10 @@ class Implicit:
             raise TypeError(
                 f"Implicit linsolve must be a solver such as bl.CG(), got {self.linsolve!r}"
             )
-        rtol = self.stationarity_rtol
-        if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not rtol >= 0:
-            raise ValueError(f"Implicit stationarity_rtol must be a float >= 0, got {rtol!r}")
+        for name in ("stationarity_rtol", "stationarity_atol"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"Implicit {name} must be a float >= 0, got {value!r}")
 
 
 Mode = Unrolled | Truncated | FirstOrder | Implicit

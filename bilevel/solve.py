@@ -106,7 +106,9 @@ class _InnerLoop:
             grads = torch.autograd.grad(
                 loss, list(leaves.values()), create_graph=differentiable, materialize_grads=True
             )
-        return dict(zip(leaves, grads)), loss
+        # First-order: drop the loss graph now. Branches that do not lead to params (e.g. through
+        # closed-over weights) were not run by autograd.grad and would otherwise stay alive.
+        return dict(zip(leaves, grads)), loss if differentiable else loss.detach()
 
     def record(self, loss: Tensor, grads: Tree) -> None:
         self.losses.append(loss.detach())
@@ -202,13 +204,14 @@ def _implicit(
         final_norm = global_norm(grads)
     info["final_grad_norm"] = final_norm
     if is_concrete():
-        first_norm = float(loop.grad_norms[0])
-        if float(final_norm) > mode.stationarity_rtol * first_norm:
+        first_norm, norm = float(loop.grad_norms[0]), float(final_norm)
+        if norm > max(mode.stationarity_rtol * first_norm, mode.stationarity_atol):
             warn(
                 f"Implicit mode assumes params_K is stationary, but ||grad f(params_K)|| = "
-                f"{float(final_norm):.3e} > stationarity_rtol * ||grad f(params0)|| = "
-                f"{mode.stationarity_rtol:g} * {first_norm:.3e}; the implicit gradient may be "
-                "wrong (run more steps or raise the inner learning rate)"
+                f"{norm:.3e} exceeds stationarity_rtol * ||grad f(params0)|| = "
+                f"{mode.stationarity_rtol:g} * {first_norm:.3e} and stationarity_atol = "
+                f"{mode.stationarity_atol:g}; the implicit gradient may be wrong (run more "
+                "steps or raise the inner learning rate)"
             )
     if meta is None:
         warn("Implicit mode with meta=None: nothing can receive an implicit gradient")
