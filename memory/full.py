@@ -8,8 +8,6 @@ with keys k and values v, one SGD step on 0.5 ||(W + delta) k - v||^2 is the del
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,14 +18,13 @@ from memory.fast_weights import FastWeights, batched_linear
 class FullFastWeights(FastWeights):
     """Dense fast weights on the named `nn.Linear` submodules of `model`.
 
-    State key per target: `"<target>.delta"` of shape (out, in), with an optional leading
-    batch dim for per-sample fast weights. Same interface as `FastLoRA`.
+    `FullFastWeights(model, targets)`: `model` is any `nn.Module` (hooked, not modified) and
+    `targets` the full dotted names of `nn.Linear` submodules. State key per target:
+    `"<target>.delta"` of shape (out, in), with an optional leading batch dim for per-sample
+    fast weights. Same interface as `FastLoRA`.
     """
 
     _suffixes = ("delta",)
-
-    def __init__(self, model: nn.Module, targets: Iterable[str]) -> None:
-        super().__init__(model, targets)
 
     def _param_shapes(self, linear: nn.Linear):
         return ((linear.out_features, linear.in_features),)
