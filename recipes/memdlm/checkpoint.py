@@ -1,0 +1,56 @@
+"""Atomic checkpoints: a crash or Ctrl-C never leaves a half-written file behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """Call `write(handle)` on a temporary file in `path`'s folder, then rename it into place.
+
+    `os.replace` is atomic on POSIX, so readers see either the old file or the new one.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save(path: Path, payload: dict[str, Any]) -> None:
+    atomic_write_bytes(path, lambda handle: torch.save(payload, handle))
+
+
+def load(path: Path) -> dict[str, Any]:
+    # weights_only=False: checkpoints hold generator states and plain Python metadata we wrote.
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def write_json(path: Path, data: Any) -> None:
+    text = json.dumps(data, indent=2, sort_keys=False) + "\n"
+    atomic_write_bytes(path, lambda handle: handle.write(text.encode()))
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,194 @@
+"""`compare`: one base, then Standard and MemDLM fine-tuned from it with paired seeds.
+
+1. Pretrain a base with the standard objective, or reuse one (`--base CKPT`, or the cache).
+2. For each seed: fine-tune a copy of the base with Standard and with MemDLM. Both runs see the
+   same batches in the same order and the same anchor masks (see `train._generators`).
+3. Evaluate every model on the same held-out data and anchors, print the table, write
+   summary.json and plots. The summary is rewritten after every run, so results appear as they
+   come out and an interrupted comparison keeps what it finished.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import platform
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from recipes.memdlm import checkpoint as ckpt
+from recipes.memdlm.batches import BatchSampler
+from recipes.memdlm.config import Config
+from recipes.memdlm.evaluate import eval_loss, make_loss_set, niah_accuracy
+from recipes.memdlm.progress import Reporter
+from recipes.memdlm.report import method_summary, paired, per_seed_record, plot_all, print_report
+from recipes.memdlm.runner import Data, evaluate_model, load_weights, new_model, prepare_data
+from recipes.memdlm.train import MetricsLog, train_phase
+
+METHODS = ("standard", "memdlm")
+
+
+def base_key(cfg: Config) -> str:
+    """Identity of a pretrained base: everything that shapes its weights."""
+    payload = {
+        "model": cfg.model.model_dump(),
+        "data": cfg.data.model_dump(),
+        "pretrain": cfg.pretrain.model_dump(),
+        "seed": cfg.seed,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def obtain_base(
+    cfg: Config, data: Data, out: Path, *, base: Path | None, cache: Path | None, reporter, device
+) -> tuple[torch.nn.Module, dict[str, Any] | None]:
+    """The pretrained base model and its training result (None when given by the user)."""
+    model = new_model(cfg, data.tokenizer, seed=cfg.seed, device=device)
+    if base is not None:
+        load_weights(model, base)
+        reporter.note(f"base model from {base}")
+        return model, None
+    folder = out / "base"
+    cached = cache / f"base-{base_key(cfg)}.pt" if cache is not None else None
+    if cached is not None and cached.is_file() and not (folder / "model.pt").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(cached, folder / "model.pt")
+        reporter.note(f"reusing the cached base {cached}")
+    log = MetricsLog(
+        out / "metrics.jsonl", {"phase": "pretrain", "method": "standard", "seed": cfg.seed}
+    )
+    sampler = BatchSampler(
+        data.pretrain, cfg.pretrain.batch_size, seed=cfg.seed, eos_id=data.tokenizer.eos_id
+    )
+    result = train_phase(
+        model,
+        method="standard",
+        phase=cfg.pretrain,
+        memdlm=cfg.memdlm,
+        sampler=sampler,
+        seed=cfg.seed,
+        folder=folder,
+        log=log,
+        reporter=reporter,
+        mask_id=data.tokenizer.mask_id,
+    )
+    if cached is not None and not cached.is_file():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        ckpt.atomic_write_bytes(cached, lambda h: h.write((folder / "model.pt").read_bytes()))
+    return model, result.__dict__
+
+
+def _cached_eval(folder: Path, compute) -> dict[str, Any]:
+    path = folder / "eval.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    result = compute()
+    ckpt.write_json(path, result)
+    return json.loads(path.read_text())  # JSON round trip: the same types as when reused
+
+
+def run_compare(
+    cfg: Config,
+    out: Path,
+    *,
+    base: Path | None = None,
+    cache: Path | None = None,
+    reporter: Reporter,
+) -> dict[str, Any]:
+    from recipes.memdlm.runner import resolve_device
+
+    device = resolve_device(cfg.device)
+    data = prepare_data(cfg)  # every user error surfaces here, before the run folder exists
+    if base is not None and not base.is_file():
+        raise FileNotFoundError(f"base checkpoint {str(base)!r} does not exist")
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt.write_json(out / "config.json", cfg.model_dump())
+    for name, report in data.reports.items():
+        if report.filtered or report.truncated:
+            reporter.note(f"{name}: {report.describe(cfg.model.max_seq_len)}")
+
+    base_model, base_result = obtain_base(
+        cfg, data, out, base=base, cache=cache, reporter=reporter, device=device
+    )
+    loss_set = make_loss_set(data.loss_eval, cfg.eval.batch_size, data.tokenizer, device)
+    base_eval = _cached_eval(
+        out / "base",
+        lambda: {
+            "eval_loss": eval_loss(base_model, loss_set),
+            "niah_accuracy": {
+                str(k): v
+                for k, v in niah_accuracy(
+                    base_model,
+                    data.accuracy_eval,
+                    data.tokenizer,
+                    batch_size=cfg.eval.batch_size,
+                    device=device,
+                )["by_length"].items()
+            },
+        },
+    )
+    records: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
+    seeds = [cfg.seed + i for i in range(cfg.seeds)]
+    summary: dict[str, Any] = {}
+    for seed in seeds:
+        for method in METHODS:
+            folder = out / f"seed{seed}" / method
+            model = copy.deepcopy(base_model)
+            log = MetricsLog(
+                out / "metrics.jsonl", {"phase": "train", "method": method, "seed": seed}
+            )
+            sampler = BatchSampler(
+                data.train, cfg.train.batch_size, seed=seed, eos_id=data.tokenizer.eos_id
+            )
+            result = train_phase(
+                model,
+                method=method,
+                phase=cfg.train,
+                memdlm=cfg.memdlm,
+                sampler=sampler,
+                seed=seed,
+                folder=folder,
+                log=log,
+                reporter=reporter,
+                mask_id=data.tokenizer.mask_id,
+                time_eps=cfg.memdlm.time_eps,
+            )
+            reporter.note(f"evaluating seed {seed} {method}")
+            evaluation = _cached_eval(
+                folder,
+                lambda m=model, meth=method: evaluate_model(
+                    m, data, cfg, method=meth, device=device, loss_set=loss_set
+                ),
+            )
+            records[method].append(per_seed_record(seed, result, evaluation))
+            summary = _summary(cfg, seeds, device, base_result, base_eval, records)
+            ckpt.write_json(out / "summary.json", summary)
+    print_report(summary, reporter.console)
+    metrics = MetricsLog(out / "metrics.jsonl", {}).records()
+    plot_all(summary, metrics, out / "plots")
+    reporter.note(f"run folder: {out}")
+    return summary
+
+
+def _summary(cfg, seeds, device, base_result, base_eval, records) -> dict[str, Any]:
+    summary: dict[str, Any] = {
+        "schema": "memdlm-compare/1",
+        "preset": cfg.preset,
+        "seeds": seeds,
+        "device": str(device),
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "base": {
+            **base_eval,
+            **({"seconds_per_step": base_result["seconds_per_step"]} if base_result else {}),
+        },
+    }
+    for method in METHODS:
+        summary[method] = method_summary(records[method]) if records[method] else {}
+    summary["paired"] = paired(records["standard"], records["memdlm"])
+    if not summary["memdlm"]:
+        summary["memdlm"] = {}
+    return summary

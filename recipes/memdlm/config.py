@@ -1,0 +1,263 @@
+"""Configuration of the MemDLM recipe: one pydantic model, presets, TOML files and overrides.
+
+Precedence, lowest first: the preset, then a TOML file (`--config FILE`), then `--key value`
+overrides on the command line (dotted keys, e.g. `--memdlm.inner_lr 0.3`). Unknown keys and
+out-of-range values are errors (`ConfigError`), reported by the CLI in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on Python 3.10
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A user error in the configuration (bad key, value, file)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    """The reference denoiser `diffusion.Transformer`."""
+
+    d_model: int = Field(128, gt=0)
+    n_layers: int = Field(4, gt=0)
+    n_heads: int = Field(4, gt=0)
+    d_ff: int = Field(256, gt=0)
+    max_seq_len: int = Field(512, gt=0)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ModelConfig:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        return self
+
+
+TaskName = Literal["continuation", "single", "multikey", "multivalue", "vt"]
+
+
+class DataConfig(_Strict):
+    """Embedded data (generated from a seed) or the user's JSONL files."""
+
+    train_file: str | None = Field(None, description="JSONL with {prompt, response} per line")
+    eval_file: str | None = Field(None, description="held-out JSONL; default: 5% of train_file")
+    pretrain_tasks: list[TaskName] = ["continuation", "single", "multikey", "multivalue", "vt"]
+    pretrain_context_lengths: list[int] = [96]
+    train_tasks: list[TaskName] = ["single", "multikey", "multivalue", "vt"]
+    train_context_lengths: list[int] = [128]
+    eval_tasks: list[TaskName] = ["single", "multikey", "multivalue", "vt"]
+    eval_context_lengths: list[int] = [96, 128, 192]
+    eval_per_cell: int = Field(32, gt=0, description="held-out examples per (task, length)")
+    continuation_response_len: int = Field(16, gt=0)
+    examples_per_cell: int = Field(2000, gt=0, description="training examples per (task, length)")
+    max_len_policy: Literal["filter", "truncate"] = "filter"
+    seed: int = 0
+
+
+class PhaseConfig(_Strict):
+    """One optimisation phase: AdamW with linear warm-up and cosine decay."""
+
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, le=1)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    grad_clip: float = Field(1.0, gt=0)
+    log_every: int = Field(10, ge=1)
+    ckpt_every: int = Field(100, ge=1)
+    max_nonfinite_in_row: int = Field(5, ge=1)
+
+
+class MemDLMConfig(_Strict):
+    """The inner loop (memdlm-method.md section 2); defaults are the paper's values."""
+
+    strategy: Literal["pmc", "pre_only", "anchor_only"] = "pmc"
+    inner_steps: int = Field(2, ge=1, description="K; pmc with K>2 reveals evenly in between")
+    s_pre: float = Field(1.5, ge=1.0, description="pre-anchor mask ratio = min(1, s_pre * r)")
+    inner_lr: float = Field(0.1, ge=0)
+    grad_transform: Literal["clip", "normalize"] = "clip"
+    inner_clip: float = Field(1.0, gt=0, description="per-tensor max norm (grad_transform=clip)")
+    inner_loss_mask: Literal["student_masked", "newly_revealed"] = "student_masked"
+    fast_weights: Literal["lora", "full"] = "lora"
+    rank: int = Field(32, ge=1)
+    alpha: float = Field(64.0, gt=0)
+    layer_fraction: float = Field(0.1, gt=0, le=1)
+    targets: list[str] = ["gate_proj", "up_proj", "down_proj"]
+    per_sample: bool = False
+    prompt_anchor_ratio: float = Field(0.2, gt=0, le=1, description="inference-time anchor")
+    gap_every: int = Field(1, ge=1, description="log the same-batch fast-weights-off gap")
+    time_eps: float = Field(1e-3, gt=0, lt=1)
+
+
+class EvalConfig(_Strict):
+    batch_size: int = Field(32, ge=1)
+    exposure_examples: int = Field(32, ge=1)
+    sample_examples: int = Field(4, ge=0, description="decoded samples shown in the summary")
+
+
+class Config(_Strict):
+    preset: str = "cpu-tiny"
+    method: Literal["standard", "memdlm"] = "memdlm"
+    seed: int = 1
+    seeds: int = Field(1, ge=1, description="compare: paired seeds seed, seed+1, ...")
+    device: str = "auto"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    pretrain: PhaseConfig = PhaseConfig(steps=600, lr=2e-3, log_every=25, ckpt_every=200)
+    train: PhaseConfig = PhaseConfig()
+    memdlm: MemDLMConfig = MemDLMConfig()
+    eval: EvalConfig = EvalConfig()
+
+
+def _preset_cpu_tiny() -> dict[str, Any]:
+    # memdlm-method.md section 9: a 4-layer d=128 model, rank-8 fast LoRA on the last layer's
+    # FFN, per-tensor normalisation, a pretrain-then-fine-tune regime with a small outer lr.
+    return {
+        "preset": "cpu-tiny",
+        "memdlm": {"rank": 8, "alpha": 16.0, "grad_transform": "normalize", "inner_lr": 0.1},
+    }
+
+
+def _preset_gpu() -> dict[str, Any]:
+    # The paper's inner-loop values (rank 32, alpha 64, lr 0.1, per-tensor clip 1.0, last 10%
+    # of 12 layers) on a larger model and longer contexts.
+    return {
+        "preset": "gpu",
+        "model": {"d_model": 512, "n_layers": 12, "n_heads": 8, "d_ff": 1536, "max_seq_len": 2048},
+        "data": {
+            "pretrain_context_lengths": [128, 256, 512],
+            "train_context_lengths": [768, 1024],
+            "eval_context_lengths": [256, 512, 1024, 1536],
+            "eval_per_cell": 128,
+            "examples_per_cell": 20000,
+        },
+        "pretrain": {"steps": 20000, "batch_size": 64, "lr": 1e-3, "ckpt_every": 1000},
+        "train": {"steps": 2000, "batch_size": 32, "lr": 2e-5, "ckpt_every": 500},
+        "memdlm": {"rank": 32, "alpha": 64.0, "grad_transform": "clip", "inner_lr": 0.1},
+        "eval": {"batch_size": 64, "exposure_examples": 128},
+    }
+
+
+def _preset_smoke() -> dict[str, Any]:
+    # Seconds, for tests and a first look at the pipeline; numbers mean nothing.
+    return {
+        "preset": "smoke",
+        "model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 64, "max_seq_len": 256},
+        "data": {
+            "pretrain_context_lengths": [96],
+            "train_context_lengths": [96],
+            "eval_context_lengths": [96],
+            "eval_per_cell": 4,
+            "examples_per_cell": 64,
+        },
+        "pretrain": {"steps": 6, "batch_size": 8, "lr": 2e-3, "log_every": 2, "ckpt_every": 3},
+        "train": {"steps": 4, "batch_size": 8, "log_every": 2, "ckpt_every": 2},
+        "memdlm": {"rank": 4, "alpha": 8.0},
+        "eval": {"batch_size": 8, "exposure_examples": 4, "sample_examples": 1},
+    }
+
+
+PRESETS = {"cpu-tiny": _preset_cpu_tiny, "gpu": _preset_gpu, "smoke": _preset_smoke}
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _parse_value(text: str) -> Any:
+    """A command-line value: JSON when it parses (numbers, booleans, lists), else a string.
+
+    A bare comma-separated word list (`gate_proj,up_proj`) becomes a list of strings.
+    """
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    if text.lower() in {"true", "false"}:
+        return text.lower() == "true"
+    if "," in text:
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return text
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`["--memdlm.inner_lr", "0.3", "--seed=2"]` -> nested dict of overrides."""
+    tree: dict[str, Any] = {}
+    i = 0
+    while i < len(pairs):
+        token = pairs[i]
+        if not token.startswith("--") or len(token) <= 2:
+            raise ConfigError(f"expected an option --key value, got {token!r}")
+        key, eq, value = token[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(pairs) or pairs[i + 1].startswith("--"):
+                raise ConfigError(f"option --{key} needs a value")
+            value = pairs[i + 1]
+            i += 1
+        i += 1
+        node = tree
+        parts = key.replace("-", "_").split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--{key}: {part!r} is not a section")
+        node[parts[-1]] = _parse_value(value)
+    return tree
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {error}") from None
+
+
+def _first_error(error: ValidationError) -> str:
+    item = error.errors()[0]
+    where = ".".join(str(part) for part in item["loc"]) or "config"
+    if item["type"] == "extra_forbidden":
+        return f"unknown config key {where!r}"
+    value = item.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    return f"{where}: {item['msg']}{shown}"
+
+
+def build_config(
+    preset: str = "cpu-tiny",
+    toml_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Config:
+    """The effective configuration: preset, then TOML file, then overrides."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    tree = PRESETS[preset]()
+    if toml_file is not None:
+        tree = _deep_merge(tree, load_toml(toml_file))
+    if overrides:
+        tree = _deep_merge(tree, overrides)
+    tree["preset"] = preset
+    try:
+        return Config.model_validate(_deep_merge(Config().model_dump(), tree))
+    except ValidationError as error:
+        raise ConfigError(_first_error(error)) from None

@@ -1,0 +1,229 @@
+"""Embedded data, the user's JSONL data, and the byte-level tokenizer.
+
+Nothing is downloaded. Filler text is real English prose from the standard library's
+`pydoc_data.topics` (the Python reference manual); digits are removed from it so that the
+only digits in a retrieval prompt are the needles' values. Tasks, after RULER and BABILong:
+
+- `single`: one needle "<key> code is <value>." hidden in filler, then "<key> code?".
+- `multikey`: the same with two distractor needles of other keys.
+- `multivalue`: two needles of the same key; answer both values in order of appearance.
+- `vt` (variable tracking): "VAR X = <value>." then "VAR Y = VAR X."; "VARs = <value>?" -> "X Y".
+- `continuation`: a span of prose as the prompt, the next bytes as the response.
+
+A retrieval prompt has exactly `context_len` bytes (needles at uniformly random depths), so
+examples of one (task, length) cell share one sequence length and batches need no padding.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+import re
+import string
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+# fmt: off
+KEYS = (
+    "amber", "apple", "badger", "birch", "cedar", "cobalt", "coral", "crane", "daisy", "eagle",
+    "ember", "falcon", "fern", "flint", "gecko", "ginger", "heron", "indigo", "ivory", "jade",
+    "juniper", "kiwi", "lemon", "lilac", "lynx", "maple", "marble", "mint", "nutmeg", "olive",
+    "onyx", "otter", "pearl", "pepper", "plum", "quartz", "raven", "ruby", "sable", "sage",
+    "salmon", "slate", "spruce", "tiger", "topaz", "tulip", "violet", "walnut", "willow", "zebra",
+)
+# fmt: on
+
+
+class DataError(ValueError):
+    """A user error in the data (malformed file, impossible task length)."""
+
+
+@dataclass(frozen=True)
+class ByteTokenizer:
+    """Bytes 0-255 are tokens; three special tokens follow them."""
+
+    pad_id: int = 256
+    mask_id: int = 257
+    eos_id: int = 258
+    vocab_size: int = 259
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Bytes up to the first EOS; other special tokens are dropped."""
+        out = bytearray()
+        for token in ids:
+            if token == self.eos_id:
+                break
+            if token < 256:
+                out.append(token)
+        return out.decode("utf-8", errors="replace")
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    response: str
+    task: str = "custom"
+    context_len: int = 0
+
+
+@functools.lru_cache(maxsize=1)
+def english_paragraphs() -> tuple[tuple[str, str], ...]:
+    """(topic, paragraph) pairs of prose from `pydoc_data.topics`, ASCII, digits removed."""
+    from pydoc_data.topics import topics
+
+    found = []
+    for topic in sorted(topics):
+        for block in re.split(r"\n\s*\n", topics[topic]):
+            lines = block.split("\n")
+            if any(line.startswith((" ", "\t")) for line in lines):
+                continue  # code samples and grammar rules
+            if any(re.fullmatch(r"[*=\-~^\"]{3,}", line.strip()) for line in lines):
+                continue  # section underlines
+            text = " ".join(line.strip() for line in lines)
+            text = text.encode("ascii", "ignore").decode()
+            text = re.sub(r"\s+", " ", re.sub(r"[0-9]", "", text)).strip()
+            prose = sum(ch.isalpha() or ch == " " for ch in text)
+            if len(text) >= 80 and prose / len(text) >= 0.9:
+                found.append((topic, text))
+    return tuple(found)
+
+
+@functools.lru_cache(maxsize=2)
+def filler_text(split: str) -> str:
+    """One long stream of prose; distinct paragraphs are split 85/15 into "train" and "eval".
+
+    The manual repeats some paragraphs under several topics, so the split is by paragraph text
+    (deduplicated), which keeps held-out filler out of training.
+    """
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    unique = list(dict.fromkeys(text for _, text in english_paragraphs()))
+    held_out = set(random.Random(1729).sample(range(len(unique)), k=len(unique) * 15 // 100))
+    return " ".join(t for i, t in enumerate(unique) if (i in held_out) == (split == "eval"))
+
+
+def _filler(rng: random.Random, corpus: str, n_chars: int) -> str:
+    """`n_chars` of prose starting at a random word boundary."""
+    start = rng.randrange(0, len(corpus) - n_chars - 1)
+    start = corpus.find(" ", start) + 1
+    if start <= 0 or start + n_chars > len(corpus):
+        start = 0
+    return corpus[start : start + n_chars]
+
+
+def _hide(rng: random.Random, filler: str, needles: list[str]) -> str:
+    """Insert the needles, in order, after spaces at uniformly random depths."""
+    spaces = [i + 1 for i, ch in enumerate(filler) if ch == " "] or [0]
+    cuts = sorted(rng.choice(spaces) for _ in needles)
+    pieces, last = [], 0
+    for cut, needle in zip(cuts, needles):
+        pieces += [filler[last:cut], needle + " "]
+        last = cut
+    return "".join(pieces) + filler[last:]
+
+
+def _value(rng: random.Random) -> str:
+    return "".join(rng.choice(string.digits) for _ in range(4))
+
+
+def _variable(rng: random.Random, taken: set[str]) -> str:
+    while True:
+        name = "".join(rng.choice(string.ascii_uppercase) for _ in range(3))
+        if name not in taken:
+            taken.add(name)
+            return name
+
+
+def _needles_and_question(task: str, rng: random.Random) -> tuple[list[str], str, str]:
+    keys = rng.sample(KEYS, 3)
+    if task == "single":
+        value = _value(rng)
+        return [f"{keys[0]} code is {value}."], f"\n{keys[0]} code? ", value
+    if task == "multikey":
+        value = _value(rng)
+        needles = [f"{key} code is {_value(rng) if i else value}." for i, key in enumerate(keys)]
+        rng.shuffle(needles)
+        return needles, f"\n{keys[0]} code? ", value
+    if task == "multivalue":
+        values = [_value(rng), _value(rng)]
+        needles = [f"{keys[0]} code is {value}." for value in values]
+        return needles, f"\nall {keys[0]} codes? ", " ".join(values)
+    if task == "vt":
+        taken: set[str] = set()
+        first, second = _variable(rng, taken), _variable(rng, taken)
+        value = _value(rng)
+        needles = [f"VAR {first} = {value}.", f"VAR {second} = VAR {first}."]
+        return needles, f"\nVARs = {value}? ", f"{first} {second}"
+    raise ValueError(f"unknown retrieval task {task!r}")
+
+
+def make_example(
+    task: str, context_len: int, rng: random.Random, split: str, response_len: int = 16
+) -> Example:
+    """One example of `task` whose prompt is exactly `context_len` bytes long."""
+    corpus = filler_text(split)
+    if task == "continuation":
+        text = _filler(rng, corpus, context_len + response_len)
+        return Example(text[:context_len], text[context_len:], task, context_len)
+    needles, question, answer = _needles_and_question(task, rng)
+    n_filler = context_len - len(question) - sum(len(n) + 1 for n in needles)
+    if n_filler < 8:
+        raise DataError(f"context length {context_len} is too short for task {task!r}")
+    prompt = _hide(rng, _filler(rng, corpus, n_filler), needles) + question
+    assert len(prompt) == context_len, (len(prompt), context_len)
+    return Example(prompt, answer, task, context_len)
+
+
+def make_split(
+    tasks: Iterable[str],
+    context_lengths: Iterable[int],
+    per_cell: int,
+    *,
+    seed: int,
+    split: str,
+    response_len: int = 16,
+) -> list[Example]:
+    """`per_cell` examples for every (task, context length), reproducible from `seed`."""
+    examples = []
+    for task in tasks:
+        for length in context_lengths:
+            rng = random.Random(f"{split}:{task}:{length}:{seed}")
+            examples += [
+                make_example(task, length, rng, split, response_len) for _ in range(per_cell)
+            ]
+    return examples
+
+
+def load_jsonl(path: str | Path) -> list[Example]:
+    """Examples from a JSONL file of {"prompt": str, "response": str} objects, one per line.
+
+    Raises DataError naming the file and line of the first problem.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {str(path)!r} does not exist")
+    examples = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{number}: expected an object, got {type(record).__name__}")
+            for key in ("prompt", "response"):
+                if not isinstance(record.get(key), str):
+                    raise DataError(f"{path}:{number}: missing string field {key!r}")
+            if not record["response"]:
+                raise DataError(f"{path}:{number}: empty response")
+            examples.append(Example(record["prompt"], record["response"]))
+    if not examples:
+        raise DataError(f"data file {str(path)!r} holds no examples")
+    return examples

@@ -1,0 +1,358 @@
+"""The two training objectives: the standard masked-diffusion loss and the MemDLM step.
+
+MemDLM (arXiv 2603.22241; memdlm-method.md section 2.4) for one batch:
+
+1. Sample the anchor: t ~ U[eps, 1] per row, M_t ~ Bernoulli(t) over the response, x_t.
+2. Reset fast weights phi (LoRA on the FFN of the last layers; A random, B = 0).
+3. Simulate a short denoising trajectory ending at the anchor ("pmc", K=2): a noisier
+   pre-anchor state whose mask is a superset of M_t with ratio ~ s_pre * r, then x_t itself.
+   Take one SGD step on phi per state (per-tensor gradient clipping), first-order.
+4. Outer loss: the ordinary masked-diffusion loss on the same x_t with phi bound as constants;
+   its gradient trains the base model theta only.
+
+Efficiency: layers before the first fast-weight layer do not depend on phi, so they run once per
+state without gradient, and the anchor's early hidden states are shared with the outer pass.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+import bilevel as bl
+import diffusion as dd
+import memory as mm
+from recipes.memdlm.batches import Batch
+from recipes.memdlm.config import MemDLMConfig
+
+SCHEDULE = dd.LinearSchedule()  # alpha(t) = 1 - t, weight 1/t (LLaDA, MemDLM)
+
+
+@dataclass
+class Anchor:
+    """The sampled noisy state x_t shared by the inner and the outer loop."""
+
+    t: torch.Tensor  # (B,) float
+    mask: torch.Tensor  # (B, L) bool, M_t
+    xt: torch.Tensor  # (B, L) long
+
+
+@dataclass
+class InnerState:
+    """One state of the simulated trajectory: the input, the loss mask and the weight time."""
+
+    hidden: torch.Tensor  # (B, L, D) early-layer output for this state's input, detached
+    loss_mask: torch.Tensor  # (B, L) bool
+    ratio: torch.Tensor  # (B,) realised mask ratio of the input, the inner loss's t
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor  # scalar, differentiable w.r.t. the base model
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def sample_anchor(batch: Batch, *, mask_id: int, eps: float, generator) -> Anchor:
+    t = dd.sample_t(batch.x0.shape[0], eps=eps, antithetic=False, generator=generator)
+    t = t.to(batch.x0.device)
+    xt, mask = dd.corrupt(
+        batch.x0,
+        t,
+        mask_id=mask_id,
+        schedule=SCHEDULE,
+        maskable=batch.maskable,
+        generator=generator,
+    )
+    return Anchor(t, mask, xt)
+
+
+def outer_loss(logits: torch.Tensor, batch: Batch, anchor: Anchor) -> torch.Tensor:
+    """weight(t) * CE on M_t, divided by the number of maskable tokens (LLaDA SFT)."""
+    return dd.masked_diffusion_loss(
+        logits,
+        batch.x0,
+        anchor.mask,
+        anchor.t,
+        schedule=SCHEDULE,
+        maskable=batch.maskable,
+        normalize="token",
+    )
+
+
+def standard_step(model, batch: Batch, anchor: Anchor) -> StepOutput:
+    loss = outer_loss(model(anchor.xt), batch, anchor)
+    return StepOutput(loss, {"loss": loss.item()})
+
+
+# --------------------------------------------------------------------------- trajectory
+
+
+def _ratio(mask: torch.Tensor, maskable: torch.Tensor) -> torch.Tensor:
+    return mask.sum(1) / maskable.sum(1).clamp(min=1)
+
+
+def _nested_exact(mask, count, within, generator) -> torch.Tensor:
+    """A superset of `mask` inside `within` with exactly `count` (B,) masked positions per row."""
+    n_within = within.sum(1).clamp(min=1)
+    # nested_mask takes floor(n * ratio); the half-token offset makes the floor land on `count`.
+    ratio = (count.to(torch.float64) + 0.5) / n_within
+    return dd.nested_mask(mask, ratio, maskable=within, generator=generator)
+
+
+def trajectory_masks(
+    anchor_mask: torch.Tensor,
+    maskable: torch.Tensor,
+    cfg: MemDLMConfig,
+    generator,
+) -> list[torch.Tensor]:
+    """Input masks of the inner steps, noisiest first, each a superset of the next.
+
+    pmc: pre-anchor (ratio min(1, max(s_pre r, r)), exact count floor(n r_pre)), then for K > 2
+    evenly spaced reveals of ceil(remaining / steps_left) positions, then the anchor itself
+    (K = 1 is the anchor alone). pre_only: the pre-anchor state alone; anchor_only: the anchor.
+    """
+    if cfg.strategy == "anchor_only":
+        return [anchor_mask]
+    r = _ratio(anchor_mask, maskable)
+    r_pre = torch.clamp(torch.maximum(cfg.s_pre * r, r), max=1.0)
+    pre = dd.nested_mask(anchor_mask, r_pre, maskable=maskable, generator=generator)
+    if cfg.strategy == "pre_only":
+        return [pre]
+    if cfg.inner_steps == 1:
+        return [anchor_mask]
+    masks = [pre]
+    n_anchor = anchor_mask.sum(1)
+    for steps_left in range(cfg.inner_steps - 1, 1, -1):
+        current = masks[-1]
+        reveal = torch.ceil((current.sum(1) - n_anchor) / steps_left).long()
+        masks.append(_nested_exact(anchor_mask, current.sum(1) - reveal, current, generator))
+    return [*masks, anchor_mask]
+
+
+def loss_masks(inputs: list[torch.Tensor], anchor_mask, mode: str) -> list[torch.Tensor]:
+    """What each inner step predicts: every masked input position ("student_masked", the code's
+    default), or only those revealed by the next state ("newly_revealed", paper Eq. 7)."""
+    if mode == "student_masked":
+        return inputs
+    nexts = [*inputs[1:], torch.zeros_like(anchor_mask)]
+    return [current & ~following for current, following in zip(inputs, nexts)]
+
+
+# --------------------------------------------------------------------------- inner loop
+
+
+def inner_optimizer(cfg: MemDLMConfig, per_sample: bool):
+    """SGD on phi after a per-tensor gradient transform (clip at cfg.inner_clip, or g/||g||)."""
+    batch_dims = 1 if per_sample else 0
+    if cfg.grad_transform == "clip":
+        transform = bl.clip_per_tensor(cfg.inner_clip, batch_dims=batch_dims)
+    else:
+        transform = bl.normalize_per_tensor(batch_dims=batch_dims)
+    return bl.chain(transform, bl.sgd(cfg.inner_lr))
+
+
+def make_fast_weights(model, cfg: MemDLMConfig):
+    targets = mm.last_layers(model, fraction=cfg.layer_fraction, modules=tuple(cfg.targets))
+    if cfg.fast_weights == "full":
+        return mm.FullFastWeights(model, targets)
+    return mm.FastLoRA(model, targets, rank=cfg.rank, alpha=cfg.alpha)
+
+
+def first_fast_layer(model, cfg: MemDLMConfig) -> int:
+    """Index of the first layer holding fast weights (the reference code's rule)."""
+    return int(len(model.layers) * (1 - cfg.layer_fraction))
+
+
+def make_inner_loss(model, mem, x0, maskable, start: int, *, per_sample: bool, uniform: bool):
+    """inner_loss(phi, meta, state) for bilevel.solve: the model from layer `start` with phi bound.
+
+    Weighting: 1/r with r the state's realised mask ratio (training), or uniform (inference).
+    Normalisation: mean over the state's loss-masked tokens, per row when per_sample (so each
+    sample's fast weights see exactly the loss they would see alone).
+    """
+
+    def inner_loss(phi, meta, state: InnerState) -> torch.Tensor:
+        del meta  # the outer variables are the model's own parameters, closed over
+        with mem.bind(phi):
+            logits = model.logits_from(state.hidden, start=start)
+        weight = torch.ones_like(state.ratio) if uniform else None
+        if not per_sample:
+            return dd.masked_diffusion_loss(
+                logits,
+                x0,
+                state.loss_mask,
+                state.ratio,
+                schedule=SCHEDULE,
+                maskable=maskable,
+                normalize="masked",
+                weight=weight,
+            )
+        per_token = dd.masked_diffusion_loss(
+            logits,
+            x0,
+            state.loss_mask,
+            state.ratio,
+            schedule=SCHEDULE,
+            maskable=maskable,
+            weight=weight,
+            reduction="none",
+        )
+        return (per_token.sum(1) / state.loss_mask.sum(1).clamp(min=1)).sum()
+
+    return inner_loss
+
+
+@dataclass
+class Adaptation:
+    phi: dict[str, torch.Tensor]  # detached fast weights after the inner loop
+    losses: list[float]  # inner loss at each step
+    grad_norms: list[float]  # global norm of the raw inner gradient at each step
+    max_tensor_norms: list[float]  # the largest per-tensor norm (what the clip compares)
+
+
+def adapt(
+    model,
+    mem,
+    x0: torch.Tensor,
+    maskable: torch.Tensor,
+    input_masks: list[torch.Tensor],
+    loss_masks_: list[torch.Tensor],
+    cfg: MemDLMConfig,
+    *,
+    mask_id: int,
+    generator,
+    per_sample: bool,
+    uniform: bool = False,
+    precomputed: dict[int, torch.Tensor] | None = None,
+) -> Adaptation:
+    """Run the inner loop through `bilevel.solve` in first-order mode.
+
+    precomputed: {state index: early hidden states} already computed by the caller (the anchor's,
+    shared with the outer pass); other states run the early layers here without gradient.
+    """
+    start = first_fast_layer(model, cfg)
+    states = []
+    for i, (input_mask, loss_mask) in enumerate(zip(input_masks, loss_masks_)):
+        if precomputed is not None and i in precomputed:
+            hidden = precomputed[i].detach()
+        else:
+            with torch.no_grad():
+                hidden = model.hidden_states(torch.where(input_mask, mask_id, x0), upto=start)
+        # A row with nothing masked has no loss terms; the floor only keeps t inside (0, 1].
+        ratio = _ratio(input_mask, maskable).clamp(min=1e-6)
+        states.append(InnerState(hidden, loss_mask, ratio))
+    batch_size = x0.shape[0] if per_sample else None
+    phi0 = mem.init(batch_size=batch_size, generator=generator, device=x0.device)
+    inner_loss = make_inner_loss(
+        model, mem, x0, maskable, start, per_sample=per_sample, uniform=uniform
+    )
+    with torch.enable_grad():  # the inner loop needs gradients even inside evaluation code
+        phi, info = bl.solve(
+            inner_loss,
+            phi0,
+            None,
+            optimizer=inner_optimizer(cfg, per_sample),
+            steps=len(states),
+            mode=bl.FirstOrder(),
+            data=bl.PerStep(states),
+            return_info=True,
+        )
+    largest = torch.stack(list(info["grad_norms"].values())).amax(0)
+    return Adaptation(
+        mm.detach(phi), info["loss"].tolist(), info["grad_norm"].tolist(), largest.tolist()
+    )
+
+
+def memdlm_step(
+    model,
+    mem,
+    batch: Batch,
+    anchor: Anchor,
+    cfg: MemDLMConfig,
+    *,
+    mask_id: int,
+    generator,
+    log_gap: bool,
+) -> StepOutput:
+    """One MemDLM training step (without the optimizer update). See the module docstring."""
+    start = first_fast_layer(model, cfg)
+    inputs = trajectory_masks(anchor.mask, batch.maskable, cfg, generator)
+    targets = loss_masks(inputs, anchor.mask, cfg.inner_loss_mask)
+    hidden_t = model.hidden_states(anchor.xt, upto=start)  # with grad: reused by the outer pass
+    anchor_index = {len(inputs) - 1: hidden_t} if inputs[-1] is anchor.mask else {}
+    adaptation = adapt(
+        model,
+        mem,
+        batch.x0,
+        batch.maskable,
+        inputs,
+        targets,
+        cfg,
+        mask_id=mask_id,
+        generator=generator,
+        per_sample=cfg.per_sample,
+        precomputed=anchor_index,
+    )
+    with mem.bind(adaptation.phi):
+        loss = outer_loss(model.logits_from(hidden_t, start=start), batch, anchor)
+    metrics = {"loss": loss.item()}
+    rows = zip(adaptation.losses, adaptation.grad_norms, adaptation.max_tensor_norms)
+    for k, (value, norm, largest) in enumerate(rows, start=1):
+        metrics[f"inner_loss_{k}"] = value
+        metrics[f"inner_grad_norm_{k}"] = norm
+        metrics[f"inner_max_tensor_norm_{k}"] = largest
+    if log_gap:
+        with torch.no_grad():
+            off = outer_loss(model.logits_from(hidden_t.detach(), start=start), batch, anchor)
+        metrics["loss_off"] = off.item()
+        metrics["gap"] = off.item() - loss.item()
+    return StepOutput(loss, metrics)
+
+
+def adapt_to_prompt(
+    model, mem, prompt: torch.Tensor, cfg: MemDLMConfig, *, mask_id: int, generator
+) -> dict[str, torch.Tensor]:
+    """Inference-time adaptation ("Train & Inference", memdlm-method.md section 3.2).
+
+    Every prompt token is maskable. Anchor: Bernoulli(prompt_anchor_ratio); pre-anchor: its nested
+    superset at s_pre times the realised ratio; two inner steps (the configured strategy) with
+    uniform weighting and the mean over masked tokens. Fast weights are per prompt (per sample),
+    exactly as if each prompt were adapted alone. Returns detached per-sample fast weights.
+    """
+    maskable = torch.ones_like(prompt, dtype=torch.bool)
+    t = torch.full((prompt.shape[0],), cfg.prompt_anchor_ratio, device=prompt.device)
+    _, anchor_mask = dd.corrupt(
+        prompt, t, mask_id=mask_id, schedule=SCHEDULE, maskable=maskable, generator=generator
+    )
+    inputs = trajectory_masks(anchor_mask, maskable, cfg, generator)
+    targets = loss_masks(inputs, anchor_mask, cfg.inner_loss_mask)
+    adaptation = adapt(
+        model,
+        mem,
+        prompt,
+        maskable,
+        inputs,
+        targets,
+        cfg,
+        mask_id=mask_id,
+        generator=generator,
+        per_sample=True,
+        uniform=True,
+    )
+    return adaptation.phi
+
+
+def cosine_with_warmup(total: int, warmup_ratio: float, min_ratio: float) -> Callable[[int], float]:
+    """Multiplier of the base lr at optimizer step s (0-based): linear warm-up, cosine decay."""
+    warmup = max(1, round(total * warmup_ratio)) if warmup_ratio > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor

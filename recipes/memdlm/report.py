@@ -1,0 +1,330 @@
+"""The comparison's outputs: summary.json, the printed table and the PNG plots.
+
+summary.json schema ("memdlm-compare/1"); every number is a mean over seeds, `spread` holds the
+sample standard deviations and `per_seed` the raw values:
+
+    {"schema", "preset", "seeds", "device", "versions",
+     "base": {"eval_loss", "niah_accuracy", "seconds_per_step"} | null,
+     "standard": {"train_loss_final", "eval_loss", "seconds_per_step",
+                  "niah_accuracy": {context_len: acc}, "niah_accuracy_by_task",
+                  "exposure_bias_final", "spread", "per_seed"},
+     "memdlm": {... as standard, plus "eval_loss_adapted", "eval_loss_prompt_adapted",
+                "niah_accuracy_adapted", "exposure_bias_adapted_final", "train_loss_off_final",
+                "gap_final", "inner_grad_norm_final"},
+     "paired": {"eval_loss_delta", "niah_accuracy_delta", "step_time_ratio"}}
+
+`eval_loss` is always the fast-weights-off loss (Standard; MemDLM "Train-Only").
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return statistics.fmean(finite) if finite else math.nan
+
+
+def _sd(values: list[float]) -> float:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return statistics.stdev(finite) if len(finite) > 1 else 0.0
+
+
+def _keyed_mean(dicts: list[dict]) -> dict[str, float]:
+    keys = sorted({k for d in dicts for k in d}, key=lambda k: (len(str(k)), str(k)))
+    return {str(k): _mean([d.get(k, math.nan) for d in dicts]) for k in keys}
+
+
+def _overall(accuracy: dict) -> float:
+    return _mean(list(accuracy.values()))
+
+
+def per_seed_record(seed: int, result, evaluation: dict[str, Any]) -> dict[str, Any]:
+    """Flatten one run's training result and evaluation into the per-seed record."""
+    record = {
+        "seed": seed,
+        "train_loss_final": result.train_loss_final,
+        "seconds_per_step": result.seconds_per_step,
+        "skipped_steps": result.skipped_steps,
+        "eval_loss": evaluation["eval_loss"],
+        "niah_accuracy": {str(k): v for k, v in evaluation["niah"]["by_length"].items()},
+        "niah_accuracy_by_task": {
+            task: {str(k): v for k, v in accs.items()}
+            for task, accs in evaluation["niah"]["by_task"].items()
+        },
+        "exposure_bias": evaluation["exposure_bias"],
+        "samples": evaluation["niah"]["samples"][:8],
+    }
+    if "eval_loss_adapted" in evaluation:
+        record.update(
+            eval_loss_adapted=evaluation["eval_loss_adapted"],
+            eval_loss_prompt_adapted=evaluation["eval_loss_prompt_adapted"],
+            niah_accuracy_adapted={
+                str(k): v for k, v in evaluation["niah_adapted"]["by_length"].items()
+            },
+            exposure_bias_adapted=evaluation["exposure_bias_adapted"],
+            train_loss_off_final=result.extra.get("loss_off", math.nan),
+            gap_final=result.extra.get("gap", math.nan),
+            inner_grad_norm_final=max(
+                result.extra.get("inner_grad_norm_1", math.nan),
+                result.extra.get("inner_grad_norm_2", math.nan),
+            ),
+        )
+    return record
+
+
+SCALARS = (
+    "train_loss_final",
+    "eval_loss",
+    "seconds_per_step",
+    "eval_loss_adapted",
+    "eval_loss_prompt_adapted",
+    "train_loss_off_final",
+    "gap_final",
+    "inner_grad_norm_final",
+)
+
+
+def method_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    spread: dict[str, Any] = {}
+    for key in SCALARS:
+        if key in records[0]:
+            values = [r[key] for r in records]
+            summary[key], spread[key] = _mean(values), _sd(values)
+    for key in ("niah_accuracy", "niah_accuracy_adapted"):
+        if key in records[0]:
+            summary[key] = _keyed_mean([r[key] for r in records])
+            spread[key] = _sd([_overall(r[key]) for r in records])
+    tasks = sorted({t for r in records for t in r["niah_accuracy_by_task"]})
+    summary["niah_accuracy_by_task"] = {
+        t: _keyed_mean([r["niah_accuracy_by_task"].get(t, {}) for r in records]) for t in tasks
+    }
+    for key in ("exposure_bias", "exposure_bias_adapted"):
+        if key in records[0]:
+            finals = [r[key][-1] for r in records if r[key]]
+            summary[f"{key}_final"], spread[f"{key}_final"] = _mean(finals), _sd(finals)
+            summary[f"{key}_curve"] = [_mean(list(v)) for v in zip(*[r[key] for r in records])]
+    summary["spread"] = spread
+    summary["per_seed"] = records
+    return summary
+
+
+def paired(standard: list[dict], memdlm: list[dict]) -> dict[str, Any]:
+    """MemDLM minus Standard on the same seed (same data order and anchor masks)."""
+    by_seed = {r["seed"]: r for r in standard}
+    pairs = [(by_seed[m["seed"]], m) for m in memdlm if m["seed"] in by_seed]
+    if not pairs:
+        return {}
+    loss = [m["eval_loss"] - s["eval_loss"] for s, m in pairs]
+    acc = [_overall(m["niah_accuracy"]) - _overall(s["niah_accuracy"]) for s, m in pairs]
+    time_ratio = [m["seconds_per_step"] / s["seconds_per_step"] for s, m in pairs]
+    return {
+        "seeds": [s["seed"] for s, _ in pairs],
+        "eval_loss_delta": {"per_seed": loss, "mean": _mean(loss), "sd": _sd(loss)},
+        "niah_accuracy_delta": {"per_seed": acc, "mean": _mean(acc), "sd": _sd(acc)},
+        "step_time_ratio": {"per_seed": time_ratio, "mean": _mean(time_ratio)},
+    }
+
+
+def _fmt(mean: float, sd: float | None, n: int, digits: int = 4) -> str:
+    if mean is None or not math.isfinite(mean):
+        return "-"
+    text = f"{mean:.{digits}f}"
+    return f"{text} ± {sd:.{digits}f}" if n > 1 and sd is not None else text
+
+
+def comparison_table(summary: dict[str, Any]) -> Table:
+    """Rows like the paper's Table 1: Standard, MemDLM Train-Only, MemDLM Train & Inference."""
+    std, mem = summary["standard"], summary["memdlm"]
+    n = len(summary["seeds"])
+    lengths = list(std["niah_accuracy"])
+    table = Table(title=f"MemDLM vs Standard ({n} seed{'s' * (n > 1)}, mean ± sd)")
+    for column in ["method", "eval loss", *[f"NIAH {k}" for k in lengths], "R_EB end"]:
+        table.add_column(column, justify="right" if column != "method" else "left")
+
+    def accuracy_cells(acc: dict[str, float]) -> list[str]:
+        return [f"{100 * acc.get(k, math.nan):.1f}" for k in lengths]
+
+    table.add_row(
+        "Standard MDLM",
+        _fmt(std["eval_loss"], std["spread"]["eval_loss"], n),
+        *accuracy_cells(std["niah_accuracy"]),
+        _fmt(std.get("exposure_bias_final"), None, 1, 2),
+    )
+    table.add_row(
+        "MemDLM Train-Only",
+        _fmt(mem["eval_loss"], mem["spread"]["eval_loss"], n),
+        *accuracy_cells(mem["niah_accuracy"]),
+        _fmt(mem.get("exposure_bias_final"), None, 1, 2),
+    )
+    table.add_row(
+        "MemDLM Train & Inf.",
+        _fmt(mem.get("eval_loss_prompt_adapted"), mem["spread"].get("eval_loss_prompt_adapted"), n),
+        *accuracy_cells(mem.get("niah_accuracy_adapted", {})),
+        _fmt(mem.get("exposure_bias_adapted_final"), None, 1, 2),
+    )
+    return table
+
+
+def training_table(summary: dict[str, Any]) -> Table:
+    std, mem = summary["standard"], summary["memdlm"]
+    n = len(summary["seeds"])
+    table = Table(title="Training (last 10% of steps) and cost")
+    for column in [
+        "method",
+        "train loss",
+        "fast-weights-off loss",
+        "same-batch gap",
+        "inner grad norm",
+        "s/step",
+    ]:
+        table.add_column(column, justify="right" if column != "method" else "left")
+    table.add_row(
+        "Standard MDLM",
+        _fmt(std["train_loss_final"], std["spread"]["train_loss_final"], n),
+        "-",
+        "-",
+        "-",
+        f"{std['seconds_per_step']:.3f}",
+    )
+    ratio = mem["seconds_per_step"] / std["seconds_per_step"]
+    table.add_row(
+        "MemDLM (post-adaptation)",
+        _fmt(mem["train_loss_final"], mem["spread"]["train_loss_final"], n),
+        _fmt(mem.get("train_loss_off_final"), mem["spread"].get("train_loss_off_final"), n),
+        _fmt(mem.get("gap_final"), mem["spread"].get("gap_final"), n),
+        _fmt(mem.get("inner_grad_norm_final"), None, 1),
+        f"{mem['seconds_per_step']:.3f} ({ratio:.2f}x)",
+    )
+    return table
+
+
+def print_report(summary: dict[str, Any], console: Console) -> None:
+    console.print(comparison_table(summary))
+    console.print(training_table(summary))
+    pair = summary.get("paired") or {}
+    if pair:
+        d_loss, d_acc = pair["eval_loss_delta"], pair["niah_accuracy_delta"]
+        console.print(
+            f"Paired MemDLM - Standard over seeds {pair['seeds']}: eval loss "
+            f"{d_loss['mean']:+.4f} (sd {d_loss['sd']:.4f}), NIAH accuracy "
+            f"{100 * d_acc['mean']:+.1f} pt (sd {100 * d_acc['sd']:.1f}); "
+            f"MemDLM step costs {pair['step_time_ratio']['mean']:.2f}x a standard step."
+        )
+    mem = summary["memdlm"]
+    if "eval_loss_adapted" in mem:
+        console.print(
+            f"MemDLM eval loss after adapting on the answer itself (what the paper plots; it "
+            f"flatters MemDLM): {mem['eval_loss_adapted']:.4f}."
+        )
+
+
+def plot_all(summary: dict[str, Any], metrics: list[dict[str, Any]], folder: Path) -> list[Path]:
+    """PNG plots: training curves, gap and inner gradient norms, NIAH accuracy, R_EB curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    def save(fig, name: str) -> None:
+        path = folder / name
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    train = [r for r in metrics if r.get("phase") == "train"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for (method, seed), rows in _group(train).items():
+        steps = [r["step"] for r in rows]
+        ax.plot(steps, _smooth([r["loss"] for r in rows]), label=f"{method} seed {seed}")
+        if method == "memdlm" and any("loss_off" in r for r in rows):
+            off = [r for r in rows if "loss_off" in r]
+            ax.plot(
+                [r["step"] for r in off],
+                _smooth([r["loss_off"] for r in off]),
+                linestyle="--",
+                label=f"memdlm fast weights off, seed {seed}",
+            )
+    ax.set(xlabel="step", ylabel="training loss (smoothed)", title="Fine-tuning loss")
+    ax.legend(fontsize=7)
+    save(fig, "training_loss.png")
+
+    mem_rows = [r for r in train if r.get("method") == "memdlm"]
+    if mem_rows:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+        for (_, seed), rows in _group(mem_rows).items():
+            gap = [r for r in rows if "gap" in r]
+            left.plot(
+                [r["step"] for r in gap], _smooth([r["gap"] for r in gap]), label=f"seed {seed}"
+            )
+            for k in (1, 2):
+                key = f"inner_grad_norm_{k}"
+                right.plot(
+                    [r["step"] for r in rows if key in r],
+                    [r[key] for r in rows if key in r],
+                    label=f"step {k}, seed {seed}",
+                )
+        left.set(xlabel="step", ylabel="nats", title="Same-batch gap (off - adapted)")
+        right.set(xlabel="step", ylabel="norm", yscale="log", title="Inner gradient norm")
+        left.legend(fontsize=7)
+        right.legend(fontsize=7)
+        save(fig, "inner_loop.png")
+
+    std, mem = summary["standard"], summary["memdlm"]
+    lengths = list(std["niah_accuracy"])
+    if lengths:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        xs = [int(k) for k in lengths]
+        for label, acc in [
+            ("Standard", std["niah_accuracy"]),
+            ("MemDLM Train-Only", mem["niah_accuracy"]),
+            ("MemDLM Train & Inf.", mem.get("niah_accuracy_adapted", {})),
+        ]:
+            if acc:
+                ax.plot(xs, [100 * acc[k] for k in lengths], marker="o", label=label)
+        ax.set(xlabel="context length (bytes)", ylabel="accuracy (%)", title="Needle retrieval")
+        ax.legend(fontsize=8)
+        save(fig, "niah_accuracy.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, curve in [
+        ("Standard", std.get("exposure_bias_curve")),
+        ("MemDLM Train-Only", mem.get("exposure_bias_curve")),
+        ("MemDLM Train & Inf.", mem.get("exposure_bias_adapted_curve")),
+    ]:
+        if curve:
+            ax.plot(range(1, len(curve) + 1), curve, label=label)
+    ax.set(xlabel="denoising step", ylabel="L_seq / L_static", title="Exposure-bias ratio")
+    ax.legend(fontsize=8)
+    save(fig, "exposure_bias.png")
+    return written
+
+
+def _group(rows: list[dict[str, Any]]) -> dict[tuple[str, int], list[dict[str, Any]]]:
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r.get("method"), r.get("seed")), []).append(r)
+    return groups
+
+
+def _smooth(values: list[float], window: int = 20) -> list[float]:
+    out, total, queue = [], 0.0, []
+    for v in values:
+        queue.append(v)
+        total += v
+        if len(queue) > window:
+            total -= queue.pop(0)
+        out.append(total / len(queue))
+    return out

@@ -1,0 +1,120 @@
+"""`inner-lr`: choose the inner learning rate from the same-batch gap it produces.
+
+At small scale the paper's inner lr 0.1 can leave the loss unchanged (memdlm-method.md section 8),
+while a strong inner loop makes the base model depend on the fast weights (section 9). This scan
+measures, on the pretrained base and a few fine-tuning batches with fixed anchors, the gap
+`loss(fast weights off) - loss(after the inner loop)` for each candidate lr, and recommends the
+largest lr whose mean gap stays at or below a target (default 0.05 nats).
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.table import Table
+
+from recipes.memdlm import checkpoint as ckpt
+from recipes.memdlm.batches import BatchSampler
+from recipes.memdlm.compare import obtain_base
+from recipes.memdlm.config import Config
+from recipes.memdlm.evaluate import EVAL_SEED
+from recipes.memdlm.method import make_fast_weights, memdlm_step, sample_anchor
+from recipes.memdlm.progress import Reporter
+from recipes.memdlm.runner import prepare_data, resolve_device
+
+
+def probe_gaps(model, batches, anchors, cfg, *, mask_id: int) -> dict[str, float]:
+    """Mean same-batch gap and inner gradient norm of one inner-loop configuration."""
+    mem = make_fast_weights(model, cfg)
+    generator = torch.Generator(device=batches[0].x0.device).manual_seed(EVAL_SEED + 4)
+    gaps, norms = [], []
+    try:
+        for batch, anchor in zip(batches, anchors):
+            with torch.no_grad():
+                out = memdlm_step(
+                    model,
+                    mem,
+                    batch,
+                    anchor,
+                    cfg,
+                    mask_id=mask_id,
+                    generator=generator,
+                    log_gap=True,
+                )
+            gaps.append(out.metrics["gap"])
+            norms.append(max(v for k, v in out.metrics.items() if k.startswith("inner_grad_norm")))
+    finally:
+        mem.remove()
+    return {
+        "gap": statistics.fmean(gaps),
+        "gap_sd": statistics.pstdev(gaps),
+        "inner_grad_norm": statistics.fmean(norms),
+    }
+
+
+def run_scan(
+    cfg: Config,
+    out: Path,
+    lrs: list[float],
+    *,
+    target_gap: float,
+    n_batches: int,
+    base: Path | None,
+    cache: Path | None,
+    reporter: Reporter,
+) -> dict[str, Any]:
+    device = resolve_device(cfg.device)
+    data = prepare_data(cfg)
+    if base is not None and not base.is_file():
+        raise FileNotFoundError(f"base checkpoint {str(base)!r} does not exist")
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt.write_json(out / "config.json", cfg.model_dump())
+    model, _ = obtain_base(cfg, data, out, base=base, cache=cache, reporter=reporter, device=device)
+    model.eval()
+    sampler = BatchSampler(
+        data.train, cfg.train.batch_size, seed=cfg.seed, eos_id=data.tokenizer.eos_id
+    )
+    generator = torch.Generator(device=device).manual_seed(EVAL_SEED)
+    batches = [sampler.next().to(device) for _ in range(n_batches)]
+    anchors = [
+        sample_anchor(
+            b, mask_id=data.tokenizer.mask_id, eps=cfg.memdlm.time_eps, generator=generator
+        )
+        for b in batches
+    ]
+    rows = []
+    for lr in lrs:
+        inner = cfg.memdlm.model_copy(update={"inner_lr": lr})
+        stats = probe_gaps(model, batches, anchors, inner, mask_id=data.tokenizer.mask_id)
+        rows.append({"inner_lr": lr, **stats})
+        reporter.note(f"inner lr {lr:g}: gap {stats['gap']:+.5f} nats")
+    eligible = [r["inner_lr"] for r in rows if 0 < r["gap"] <= target_gap]
+    result = {
+        "grad_transform": cfg.memdlm.grad_transform,
+        "per_sample": cfg.memdlm.per_sample,
+        "target_gap": target_gap,
+        "rows": rows,
+        "recommended_inner_lr": max(eligible) if eligible else None,
+    }
+    ckpt.write_json(out / "scan.json", result)
+    table = Table(title=f"Inner-lr scan ({cfg.memdlm.grad_transform}, {n_batches} batches)")
+    for column in ("inner lr", "same-batch gap (nats)", "sd", "inner grad norm"):
+        table.add_column(column, justify="right")
+    for r in rows:
+        table.add_row(
+            f"{r['inner_lr']:g}",
+            f"{r['gap']:+.5f}",
+            f"{r['gap_sd']:.5f}",
+            f"{r['inner_grad_norm']:.4f}",
+        )
+    reporter.console.print(table)
+    choice = result["recommended_inner_lr"]
+    reporter.console.print(
+        f"recommended inner lr (largest with 0 < gap <= {target_gap}): {choice}"
+        if choice is not None
+        else f"no candidate gives 0 < gap <= {target_gap}"
+    )
+    return result

@@ -1,0 +1,242 @@
+"""The training loop shared by both methods: one phase = one folder with its checkpoints.
+
+A phase folder holds `checkpoint.pt` (model, optimizer, scheduler, data position, generator
+and RNG states; written atomically every `ckpt_every` steps, on Ctrl-C and at the end) and,
+once finished, `model.pt`. Starting a phase whose folder has `model.pt` reuses it; one with only
+`checkpoint.pt` resumes from it, and the losses after resuming equal an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from recipes.memdlm import checkpoint as ckpt
+from recipes.memdlm.batches import BatchSampler
+from recipes.memdlm.config import MemDLMConfig, PhaseConfig
+from recipes.memdlm.method import (
+    cosine_with_warmup,
+    make_fast_weights,
+    memdlm_step,
+    sample_anchor,
+    standard_step,
+)
+from recipes.memdlm.progress import Reporter
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (too many non-finite losses in a row)."""
+
+
+class Interrupted(RuntimeError):
+    """Ctrl-C: the phase was checkpointed and can be resumed."""
+
+
+@dataclass
+class PhaseResult:
+    steps: int
+    train_loss_final: float  # mean logged loss over the last 10% of steps
+    seconds_per_step: float
+    skipped_steps: int
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class MetricsLog:
+    """Append-only JSONL, one record per step, flushed as it is written."""
+
+    def __init__(self, path: Path, tags: dict[str, Any]):
+        self.path, self.tags = path, tags
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as handle:
+            handle.write(json.dumps({**self.tags, **record}) + "\n")
+
+    def drop_after(self, step: int) -> None:
+        """Forget this phase's records past `step` (they are redone after a resume)."""
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            record = json.loads(line)
+            mine = all(record.get(k) == v for k, v in self.tags.items())
+            if not (mine and record.get("step", -1) > step):
+                kept.append(line)
+        ckpt.atomic_write_bytes(self.path, lambda h: h.write(("\n".join(kept) + "\n").encode()))
+
+    def records(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        rows = [json.loads(line) for line in self.path.read_text().splitlines() if line]
+        return [r for r in rows if all(r.get(k) == v for k, v in self.tags.items())]
+
+
+def _generators(seed: int, device: torch.device) -> dict[str, torch.Generator]:
+    # Separate streams: the anchors (t, M_t) depend only on the seed and the step, so Standard
+    # and MemDLM runs with one seed see identical batches and identical anchor masks.
+    return {
+        "anchor": torch.Generator(device=device).manual_seed(1000 * seed + 1),
+        "inner": torch.Generator(device=device).manual_seed(1000 * seed + 2),
+    }
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def train_phase(
+    model: torch.nn.Module,
+    *,
+    method: str,
+    phase: PhaseConfig,
+    memdlm: MemDLMConfig,
+    sampler: BatchSampler,
+    seed: int,
+    folder: Path,
+    log: MetricsLog,
+    reporter: Reporter,
+    mask_id: int,
+    time_eps: float = 1e-3,
+) -> PhaseResult:
+    """Train `model` in place for `phase.steps` steps with `method` ("standard" or "memdlm")."""
+    folder.mkdir(parents=True, exist_ok=True)
+    done = folder / "model.pt"
+    if done.exists():
+        state = ckpt.load(done)
+        model.load_state_dict(state["model"])
+        reporter.note(f"reusing finished phase {folder}")
+        return PhaseResult(**state["result"])
+
+    device = next(model.parameters()).device
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=phase.lr, betas=(0.9, 0.999), weight_decay=phase.weight_decay
+    )
+    factor = cosine_with_warmup(phase.steps, phase.warmup_ratio, phase.min_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    generators = _generators(seed, device)
+    mem = make_fast_weights(model, memdlm) if method == "memdlm" else None
+    counters = {"step": 0, "skipped": 0, "in_row": 0, "seconds": 0.0}
+
+    def save_checkpoint() -> None:
+        ckpt.save(
+            folder / "checkpoint.pt",
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "sampler": sampler.state_dict(),
+                "generators": {k: g.get_state() for k, g in generators.items()},
+                "rng": ckpt.rng_state(),
+                "counters": dict(counters),
+            },
+        )
+
+    resume = folder / "checkpoint.pt"
+    if resume.exists():
+        state = ckpt.load(resume)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["sampler"])
+        for name, generator in generators.items():
+            generator.set_state(state["generators"][name])
+        ckpt.set_rng_state(state["rng"])
+        counters.update(state["counters"])
+        log.drop_after(counters["step"] - 1)
+        reporter.note(f"resuming {folder} at step {counters['step']}")
+
+    model.train()
+    task = reporter.start(f"{log.tags.get('phase')}/{method}", total=phase.steps)
+    reporter.advance(task, counters["step"])
+    try:
+        while counters["step"] < phase.steps:
+            step = counters["step"]
+            started = time.perf_counter()
+            batch = sampler.next().to(device)
+            anchor = sample_anchor(
+                batch, mask_id=mask_id, eps=time_eps, generator=generators["anchor"]
+            )
+            with _autocast(device):
+                if mem is None:
+                    out = standard_step(model, batch, anchor)
+                else:
+                    log_gap = step % memdlm.gap_every == 0
+                    out = memdlm_step(
+                        model,
+                        mem,
+                        batch,
+                        anchor,
+                        memdlm,
+                        mask_id=mask_id,
+                        generator=generators["inner"],
+                        log_gap=log_gap,
+                    )
+            record: dict[str, Any] = {"step": step, **out.metrics}
+            grad_norm = math.nan
+            if math.isfinite(out.metrics["loss"]):
+                out.loss.backward()
+                grad_norm = float(
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), phase.grad_clip)
+                )
+            if math.isfinite(grad_norm):
+                optimizer.step()
+                counters["in_row"] = 0
+            else:
+                counters["skipped"] += 1
+                counters["in_row"] += 1
+                record["skipped"] = True
+            optimizer.zero_grad(set_to_none=True)
+            record.update(lr=scheduler.get_last_lr()[0], grad_norm=grad_norm)
+            scheduler.step()
+            elapsed = time.perf_counter() - started
+            counters["seconds"] += elapsed
+            counters["step"] = step + 1
+            record.update(seconds=elapsed, tokens=int(batch.x0.numel()))
+            log.write(record)
+            reporter.step(task, record, every=phase.log_every)
+            if counters["in_row"] >= phase.max_nonfinite_in_row:
+                save_checkpoint()
+                raise TrainingError(
+                    f"{counters['in_row']} non-finite losses or gradients in a row at step {step}"
+                    f" ({counters['skipped']} skipped in total); lower the learning rate"
+                    " (train.lr / memdlm.inner_lr) or raise train.max_nonfinite_in_row"
+                )
+            if counters["step"] % phase.ckpt_every == 0:
+                save_checkpoint()
+    except KeyboardInterrupt:
+        save_checkpoint()
+        raise Interrupted(f"interrupted at step {counters['step']} of {folder}") from None
+    finally:
+        reporter.stop(task)
+        if mem is not None:
+            mem.remove()
+
+    save_checkpoint()
+    result = _summarise(log.records(), counters)
+    ckpt.save(done, {"model": model.state_dict(), "result": result.__dict__})
+    return result
+
+
+def _summarise(records: list[dict[str, Any]], counters: dict[str, Any]) -> PhaseResult:
+    tail = records[-max(1, len(records) // 10) :]
+
+    def mean(key: str) -> float:
+        values = [r[key] for r in tail if key in r and math.isfinite(r[key])]
+        return sum(values) / len(values) if values else math.nan
+
+    extra = {k: mean(k) for k in ("loss_off", "gap", "inner_grad_norm_1", "inner_grad_norm_2")}
+    return PhaseResult(
+        steps=counters["step"],
+        train_loss_final=mean("loss"),
+        seconds_per_step=counters["seconds"] / max(1, counters["step"]),
+        skipped_steps=counters["skipped"],
+        extra={k: v for k, v in extra.items() if math.isfinite(v)},
+    )

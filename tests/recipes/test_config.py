@@ -1,0 +1,75 @@
+"""Configuration: presets, TOML files and --key value overrides, with errors for bad input."""
+
+from __future__ import annotations
+
+import pytest
+
+from recipes.memdlm.config import PRESETS, ConfigError, build_config, parse_overrides
+
+
+def test_default_preset_is_cpu_tiny_with_section9_inner_loop():
+    cfg = build_config()
+    assert cfg.preset == "cpu-tiny"
+    assert (cfg.memdlm.rank, cfg.memdlm.alpha, cfg.memdlm.grad_transform) == (8, 16.0, "normalize")
+
+
+def test_gpu_preset_keeps_the_papers_inner_loop():
+    m = build_config("gpu").memdlm
+    assert (m.inner_steps, m.s_pre, m.inner_lr, m.inner_clip) == (2, 1.5, 0.1, 1.0)
+    assert (m.rank, m.alpha, m.layer_fraction, m.grad_transform) == (32, 64.0, 0.1, "clip")
+    assert m.targets == ["gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_validates(preset):
+    assert build_config(preset).preset == preset
+
+
+def test_overrides_are_typed_and_nested():
+    tree = parse_overrides(
+        ["--memdlm.inner_lr", "0.3", "--seed=7", "--memdlm.targets", "gate_proj,down_proj",
+         "--memdlm.per_sample", "true"]
+    )  # fmt: skip
+    cfg = build_config(overrides=tree)
+    assert cfg.memdlm.inner_lr == 0.3 and cfg.seed == 7 and cfg.memdlm.per_sample is True
+    assert cfg.memdlm.targets == ["gate_proj", "down_proj"]
+
+
+def test_toml_then_overrides(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text("seed = 3\n[train]\nsteps = 12\nlr = 0.001\n")
+    cfg = build_config("smoke", path, parse_overrides(["--train.steps", "5"]))
+    assert (cfg.seed, cfg.train.steps, cfg.train.lr) == (3, 5, 0.001)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--memdlm.inner_lrr", "1"], "unknown config key 'memdlm.inner_lrr'"),
+        (["--train.steps", "0"], "train.steps"),
+        (["--memdlm.strategy", "nope"], "memdlm.strategy"),
+        (["--model.n_heads", "3"], "not divisible"),
+        (["--memdlm.layer_fraction", "1.5"], "memdlm.layer_fraction"),
+    ],
+)
+def test_bad_values_name_the_key(args, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config(overrides=parse_overrides(args))
+
+
+def test_malformed_override_syntax():
+    with pytest.raises(ConfigError, match="needs a value"):
+        parse_overrides(["--seed"])
+    with pytest.raises(ConfigError, match="expected an option"):
+        parse_overrides(["seed", "3"])
+
+
+def test_bad_toml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("seed = = 3\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        build_config("smoke", bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        build_config("smoke", tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match="unknown preset"):
+        build_config("huge")

@@ -1,0 +1,143 @@
+"""Embedded data: exact prompt lengths, needles where they belong, reproducibility, JSONL errors."""
+
+from __future__ import annotations
+
+import random
+import re
+
+import pytest
+
+from recipes.memdlm.batches import BatchSampler, collate, encode, fixed_batches
+from recipes.memdlm.data import (
+    ByteTokenizer,
+    DataError,
+    Example,
+    filler_text,
+    load_jsonl,
+    make_example,
+    make_split,
+)
+
+TOK = ByteTokenizer()
+TASKS = ("single", "multikey", "multivalue", "vt")
+
+
+def test_filler_is_english_prose_without_digits_and_splits_are_disjoint():
+    train, held_out = filler_text("train"), filler_text("eval")
+    assert len(train) > 50_000 and len(held_out) > 5_000
+    assert not re.search(r"[0-9]", train + held_out)
+    assert train.count(" the ") > 500  # real English
+    assert held_out[:200] not in train
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("length", [96, 128, 192])
+def test_retrieval_prompts_have_exact_length_and_recoverable_answers(task, length):
+    rng = random.Random(f"{task}{length}")
+    for _ in range(20):
+        example = make_example(task, length, rng, "train")
+        assert len(TOK.encode(example.prompt)) == length
+        digits = re.findall(r"\d{4}", example.prompt)
+        if task == "single":
+            key = example.prompt.rsplit("\n", 1)[1].split()[0]
+            assert f"{key} code is {example.response}." in example.prompt
+            assert digits == [example.response]
+        elif task == "multikey":
+            key = example.prompt.rsplit("\n", 1)[1].split()[0]
+            assert f"{key} code is {example.response}." in example.prompt and len(digits) == 3
+        elif task == "multivalue":
+            first, second = example.response.split()
+            assert digits == [first, second]
+        else:  # vt: the answer's variables hold the value asked about
+            first, second = example.response.split()
+            value = example.prompt.rsplit("= ", 1)[1][:4]
+            assert f"VAR {first} = {value}." in example.prompt
+            assert f"VAR {second} = VAR {first}." in example.prompt
+
+
+def test_needle_depths_are_spread_over_the_context():
+    rng = random.Random(0)
+    depths = []
+    for _ in range(300):
+        example = make_example("single", 192, rng, "train")
+        depths.append(example.prompt.index(" code is ") / 192)
+    # Uniform depths: each third of the filler receives a fair share of the needles.
+    thirds = [sum(lo <= d < lo + 0.3 for d in depths) for lo in (0.0, 0.3, 0.6)]
+    assert min(thirds) > 60
+
+
+def test_splits_are_reproducible_and_seed_dependent():
+    a = make_split(TASKS, [96], 5, seed=1, split="eval")
+    b = make_split(TASKS, [96], 5, seed=1, split="eval")
+    c = make_split(TASKS, [96], 5, seed=2, split="eval")
+    assert a == b and a != c and len(a) == 20
+
+
+def test_too_short_context_is_a_data_error():
+    with pytest.raises(DataError, match="too short"):
+        make_example("multikey", 48, random.Random(0), "train")
+
+
+def test_continuation_pairs_continue_the_text():
+    example = make_example("continuation", 64, random.Random(3), "train", response_len=16)
+    assert len(example.prompt) == 64 and len(example.response) == 16
+    assert example.prompt + example.response in filler_text("train")
+
+
+def test_jsonl_errors_name_file_and_line(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"prompt": "a", "response": "b"}\n\n{"prompt": "a"}\n')
+    with pytest.raises(DataError, match=r"data.jsonl:3: missing string field 'response'"):
+        load_jsonl(path)
+    path.write_text('{"prompt": "a", "response": "b"}\n{oops\n')
+    with pytest.raises(DataError, match=r"data.jsonl:2: not valid JSON"):
+        load_jsonl(path)
+    path.write_text("[1, 2]\n")
+    with pytest.raises(DataError, match=r"data.jsonl:1: expected an object"):
+        load_jsonl(path)
+    path.write_text("\n")
+    with pytest.raises(DataError, match="holds no examples"):
+        load_jsonl(path)
+    with pytest.raises(DataError, match="does not exist"):
+        load_jsonl(tmp_path / "missing.jsonl")
+    path.write_text('{"prompt": "a", "response": "ok"}\n')
+    assert load_jsonl(path) == [Example("a", "ok")]
+
+
+def test_length_policy_filters_or_truncates_and_counts():
+    examples = [Example("p" * 4, "r" * 3), Example("p" * 4, "r" * 10), Example("p" * 12, "r")]
+    kept, report = encode(examples, TOK, max_len=10, policy="filter")
+    assert (report.kept, report.filtered, report.truncated) == (1, 2, 0)
+    kept, report = encode(examples, TOK, max_len=10, policy="truncate")
+    assert (report.kept, report.filtered, report.truncated) == (2, 1, 1)
+    assert all(len(row) <= 10 for row in kept) and kept[0].response[-1] == TOK.eos_id
+    with pytest.raises(DataError, match="no example fits"):
+        encode(examples, TOK, max_len=4, policy="filter")
+
+
+def test_collate_never_marks_the_prompt_maskable_and_pads_with_eos():
+    rows, _ = encode([Example("abc", "de"), Example("a", "b")], TOK, max_len=32, policy="filter")
+    batch = collate(rows, TOK.eos_id)
+    assert batch.x0.tolist()[1] == [97, 98, TOK.eos_id, TOK.eos_id, TOK.eos_id, TOK.eos_id]
+    assert batch.maskable.tolist() == [[False] * 3 + [True] * 3, [False] + [True] * 5]
+    assert batch.prompt_lengths.tolist() == [3, 1]
+
+
+def test_sampler_groups_equal_lengths_and_resumes_exactly():
+    examples = make_split(["single"], [96, 128], 40, seed=0, split="train")
+    rows, _ = encode(examples, TOK, max_len=512, policy="filter")
+    sampler = BatchSampler(rows, 8, seed=5, eos_id=TOK.eos_id)
+    first = [sampler.next() for _ in range(3)]
+    assert all(len(set(b.prompt_lengths.tolist())) == 1 for b in first)  # no padding needed
+    state = sampler.state_dict()
+    later = [sampler.next().x0 for _ in range(3)]
+    sampler.load_state_dict(state)
+    assert all((a == sampler.next().x0).all() for a in later)
+
+
+def test_fixed_batches_cover_every_row_once():
+    examples = make_split(["single", "vt"], [96, 128], 7, seed=0, split="eval")
+    rows, _ = encode(examples, TOK, max_len=512, policy="filter")
+    batches = fixed_batches(rows, 4, TOK.eos_id)
+    assert sum(b.x0.shape[0] for b in batches) == len(rows)
+    assert all(len(set(b.prompt_lengths.tolist())) == 1 for b in batches)
