@@ -5,9 +5,9 @@ A fast-weight memory adds a correction to the output of selected linear layers,
     y = W x + b + delta(x; state[target]),
 
 whose parameters ("state") are not in the model: they are a `dict[str, Tensor]` the caller
-owns and passes to `bind`. The model's code and parameters are never changed, so this works on
-models we did not write (Hugging Face modules included). Outside `bind` every hook returns
-`None` and the model computes exactly what it computed before.
+owns and passes to `bind`. The model's code and parameters are never changed, so nothing is
+needed from the model beyond `nn.Linear` targets called as modules. Outside `bind` every hook
+returns `None` and the model computes exactly what it computed before.
 
 A state tensor either has its per-target shape (one set of fast weights shared by the whole
 batch, as in the MemDLM reference code) or an extra leading batch dimension B (per-sample fast
