@@ -247,7 +247,7 @@ def cmd_train(args, extra, reporter) -> int:
     summary = {cfg.method: per_seed_record(cfg.seed, result, evaluation)}
     ckpt.write_json(out / "summary.json", summary)
     record = summary[cfg.method]
-    reporter.console.print(
+    reporter.out.print(
         f"{cfg.method}: train loss {record['train_loss_final']:.4f}, eval loss "
         f"{record['eval_loss']:.4f}, NIAH {record['niah_accuracy']}; run folder {out}"
     )

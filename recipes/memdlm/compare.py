@@ -167,7 +167,7 @@ def run_compare(
             records[method].append(per_seed_record(seed, result, evaluation))
             summary = _summary(cfg, seeds, device, base_result, base_eval, records)
             ckpt.write_json(out / "summary.json", summary)
-    print_report(summary, reporter.console)
+    print_report(summary, reporter.out)
     metrics = MetricsLog(out / "metrics.jsonl", {}).records()
     plot_all(summary, metrics, out / "plots")
     reporter.note(f"run folder: {out}")

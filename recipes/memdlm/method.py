@@ -91,7 +91,8 @@ def standard_step(model, batch: Batch, anchor: Anchor) -> StepOutput:
 
 
 def _ratio(mask: torch.Tensor, maskable: torch.Tensor) -> torch.Tensor:
-    return mask.sum(1) / maskable.sum(1).clamp(min=1)
+    """Realised mask ratio per row, in float64 so floor(n * s_pre * r) matches exact arithmetic."""
+    return mask.sum(1).double() / maskable.sum(1).clamp(min=1).double()
 
 
 def _nested_exact(mask, count, within, generator) -> torch.Tensor:
@@ -114,15 +115,13 @@ def trajectory_masks(
     evenly spaced reveals of ceil(remaining / steps_left) positions, then the anchor itself
     (K = 1 is the anchor alone). pre_only: the pre-anchor state alone; anchor_only: the anchor.
     """
-    if cfg.strategy == "anchor_only":
+    if cfg.strategy == "anchor_only" or (cfg.strategy == "pmc" and cfg.inner_steps == 1):
         return [anchor_mask]
     r = _ratio(anchor_mask, maskable)
     r_pre = torch.clamp(torch.maximum(cfg.s_pre * r, r), max=1.0)
     pre = dd.nested_mask(anchor_mask, r_pre, maskable=maskable, generator=generator)
     if cfg.strategy == "pre_only":
         return [pre]
-    if cfg.inner_steps == 1:
-        return [anchor_mask]
     masks = [pre]
     n_anchor = anchor_mask.sum(1)
     for steps_left in range(cfg.inner_steps - 1, 1, -1):
@@ -245,7 +244,9 @@ def adapt(
         ratio = _ratio(input_mask, maskable).clamp(min=1e-6)
         states.append(InnerState(hidden, loss_mask, ratio))
     batch_size = x0.shape[0] if per_sample else None
-    phi0 = mem.init(batch_size=batch_size, generator=generator, device=x0.device)
+    # float32 fast weights under bf16 models (accurate updates), float64 for float64 models.
+    dtype = torch.promote_types(next(model.parameters()).dtype, torch.float32)
+    phi0 = mem.init(batch_size=batch_size, generator=generator, device=x0.device, dtype=dtype)
     inner_loss = make_inner_loss(
         model, mem, x0, maskable, start, per_sample=per_sample, uniform=uniform
     )

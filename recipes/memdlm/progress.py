@@ -20,7 +20,10 @@ class Reporter:
     """Shows loss, tokens per second and ETA for each training phase."""
 
     def __init__(self, console: Console | None = None, quiet: bool = False):
+        # Progress and notes go to stderr; results (tables) to stdout, wide enough to read
+        # when redirected to a file.
         self.console = console or Console(stderr=True)
+        self.out = Console(width=None if Console().is_terminal else 120)
         self.quiet = quiet
         self.live = self.console.is_terminal and not quiet
         self.progress = Progress(

@@ -110,9 +110,9 @@ def run_scan(
             f"{r['gap_sd']:.5f}",
             f"{r['inner_grad_norm']:.4f}",
         )
-    reporter.console.print(table)
+    reporter.out.print(table)
     choice = result["recommended_inner_lr"]
-    reporter.console.print(
+    reporter.out.print(
         f"recommended inner lr (largest with 0 < gap <= {target_gap}): {choice}"
         if choice is not None
         else f"no candidate gives 0 < gap <= {target_gap}"

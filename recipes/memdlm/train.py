@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,7 +196,10 @@ def train_phase(
                 record["skipped"] = True
             optimizer.zero_grad(set_to_none=True)
             record.update(lr=scheduler.get_last_lr()[0], grad_norm=grad_norm)
-            scheduler.step()
+            with warnings.catch_warnings():
+                # A skipped step still advances the schedule; torch warns about the order.
+                warnings.simplefilter("ignore", UserWarning)
+                scheduler.step()
             elapsed = time.perf_counter() - started
             counters["seconds"] += elapsed
             counters["step"] = step + 1

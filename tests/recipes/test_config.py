@@ -27,9 +27,16 @@ def test_every_preset_validates(preset):
 
 def test_overrides_are_typed_and_nested():
     tree = parse_overrides(
-        ["--memdlm.inner_lr", "0.3", "--seed=7", "--memdlm.targets", "gate_proj,down_proj",
-         "--memdlm.per_sample", "true"]
-    )  # fmt: skip
+        [
+            "--memdlm.inner_lr",
+            "0.3",
+            "--seed=7",
+            "--memdlm.targets",
+            "gate_proj,down_proj",
+            "--memdlm.per_sample",
+            "true",
+        ]
+    )
     cfg = build_config(overrides=tree)
     assert cfg.memdlm.inner_lr == 0.3 and cfg.seed == 7 and cfg.memdlm.per_sample is True
     assert cfg.memdlm.targets == ["gate_proj", "down_proj"]

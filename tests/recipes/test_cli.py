@@ -1,0 +1,160 @@
+"""The command line through a subprocess: help, user errors (one line, exit 2, no run folder),
+and a full smoke comparison that writes the documented run folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args, cwd=None, timeout=600):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "120"}
+    env.pop("MEMDLM_DEBUG", None)
+    return subprocess.run(
+        [sys.executable, "-m", "recipes.memdlm", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=timeout,
+    )
+
+
+def one_line_error(result) -> str:
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "command", [[], ["compare"], ["train"], ["eval"], ["sample"], ["inner-lr"]]
+)
+def test_help(command):
+    result = run(*command, "--help")
+    assert result.returncode == 0 and "usage: python -m recipes.memdlm" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--memdlm.inner_lrr", "1"], "unknown config key 'memdlm.inner_lrr'"),
+        (["--train.steps", "-3"], "train.steps"),
+        (["--preset", "nope"], "invalid choice"),
+        (["--data.train_file", "missing.jsonl"], "does not exist"),
+        (["--model.max_seq_len", "64"], "no example fits"),
+    ],
+)
+def test_user_errors_are_one_line_and_leave_no_run_folder(tmp_path, args, expected):
+    out = tmp_path / "run"
+    result = run("compare", "--preset", "smoke", "--out", str(out), *args, cwd=tmp_path)
+    if expected == "invalid choice":  # argparse's own message and exit code
+        assert result.returncode == 2 and expected in result.stderr
+    else:
+        assert expected in one_line_error(result)
+    assert not out.exists()
+
+
+def test_malformed_jsonl_names_the_line(tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "hi", "response": "there"}\n{"prompt": 3, "response": "x"}\n')
+    result = run(
+        "train",
+        "--preset",
+        "smoke",
+        "--data.train_file",
+        str(data),
+        "--out",
+        str(tmp_path / "run"),
+        cwd=tmp_path,
+    )
+    assert f"{data}:2: missing string field 'prompt'" in one_line_error(result)
+    assert not (tmp_path / "run").exists()
+
+
+def test_existing_run_folder_and_bad_resume(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "file").write_text("x")
+    result = run("compare", "--preset", "smoke", "--out", str(tmp_path / "run"), cwd=tmp_path)
+    assert "exists and is not empty" in one_line_error(result)
+    result = run("compare", "--resume", str(tmp_path / "nothing"), cwd=tmp_path)
+    assert "cannot resume" in one_line_error(result)
+
+
+@pytest.mark.slow
+def test_smoke_compare_writes_the_documented_run_folder(tmp_path):
+    out = tmp_path / "run"
+    result = run(
+        "compare",
+        "--preset",
+        "smoke",
+        "--out",
+        str(out),
+        "--cache",
+        str(tmp_path / "cache"),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "MemDLM Train-Only" in result.stdout and "Standard MDLM" in result.stdout
+    for name in (
+        "config.json",
+        "metrics.jsonl",
+        "summary.json",
+        "base/model.pt",
+        "seed1/standard/model.pt",
+        "seed1/memdlm/checkpoint.pt",
+        "plots/training_loss.png",
+        "plots/niah_accuracy.png",
+        "plots/exposure_bias.png",
+        "plots/inner_loop.png",
+    ):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    for method in ("standard", "memdlm"):
+        entry = summary[method]
+        for key in ("train_loss_final", "eval_loss", "seconds_per_step", "niah_accuracy"):
+            assert key in entry, (method, key)
+        assert set(entry["niah_accuracy"]) == {"96"}
+    assert {"eval_loss_adapted", "niah_accuracy_adapted"} <= set(summary["memdlm"])
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    memdlm_steps = [r for r in records if r["method"] == "memdlm"]
+    assert memdlm_steps and all("gap" in r and "inner_grad_norm_1" in r for r in memdlm_steps)
+
+    # The pretrained base is cached and reused by a second comparison.
+    again = run(
+        "compare",
+        "--preset",
+        "smoke",
+        "--out",
+        str(tmp_path / "again"),
+        "--cache",
+        str(tmp_path / "cache"),
+        "--train.steps",
+        "2",
+        cwd=tmp_path,
+    )
+    assert again.returncode == 0, again.stderr
+    assert "reusing the cached base" in again.stderr
+
+    # eval and sample read the run folder's checkpoints.
+    evaluated = run("eval", str(out / "seed1" / "memdlm"), "--method", "memdlm", cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "eval_loss_prompt_adapted" in json.loads(evaluated.stdout)
+    sampled = run(
+        "sample",
+        str(out / "seed1" / "memdlm"),
+        "--prompt",
+        "amber code is 1234. ",
+        "--gen-length",
+        "8",
+        "--adapt",
+        cwd=tmp_path,
+    )
+    assert sampled.returncode == 0, sampled.stderr
+    too_long = run("sample", str(out / "seed1" / "memdlm"), "--prompt", "x" * 300, cwd=tmp_path)
+    assert "exceeds the model's maximum length" in one_line_error(too_long)
