@@ -179,7 +179,14 @@ def generate(
                 break  # filled (or every row finished at EOS): no model call is needed
             logits = _call_model(model, x, full_mask, mask_id, eos_id)
             predicted, confidence = _propose(
-                logits[:, lo:hi], candidates, mask_id, temperature, remasking, generator, step
+                logits[:, lo:hi],
+                x[:, lo:hi],
+                candidates,
+                mask_id,
+                temperature,
+                remasking,
+                generator,
+                step,
             )
             if threshold is None:
                 chosen = _top_k(confidence, candidates, counts[:, block_step])
@@ -250,6 +257,7 @@ def _call_model(
 
 def _propose(
     logits: Tensor,
+    tokens: Tensor,
     candidates: Tensor,
     mask_id: int,
     temperature: float,
@@ -257,38 +265,62 @@ def _propose(
     generator: torch.Generator | None,
     step: int,
 ) -> tuple[Tensor, Tensor]:
-    """Proposed tokens (B, Lb) and float64 confidences (B, Lb), -inf off the candidates."""
-    # Out-of-place: the caller's logits (passed to the callback) stay untouched.
-    scores = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    scores = scores.index_fill(-1, torch.tensor([mask_id], device=logits.device), -torch.inf)
-    log_norm = torch.logsumexp(scores, dim=-1, keepdim=True)
+    """Proposals and confidences for the candidates of one block.
+
+    Args:
+        logits: (B, Lb, V) the block's logits; tokens: (B, Lb) its current tokens;
+        candidates: (B, Lb) bool, the positions that may be committed.
+
+    Returns:
+        predicted (B, Lb): the proposal at the candidates, `tokens` elsewhere;
+        confidence (B, Lb) float64: the candidates' confidences, -inf elsewhere.
+    """
+    # Only the candidate rows are scored: the other proposals are never used, and this halves the
+    # work on average in a single long block. Boolean indexing copies, so writing the mask column
+    # leaves the caller's logits (also handed to the callback) untouched.
+    scores = logits[candidates].to(torch.promote_types(logits.dtype, torch.float32))  # (N, V)
+    scores[:, mask_id] = -torch.inf
+    log_norm = torch.logsumexp(scores, dim=-1)
     if temperature == 0:
-        predicted = scores.argmax(-1)
+        best_score, picked = scores.max(-1)
     else:
-        u = torch.rand(scores.shape, generator=generator, device=scores.device, dtype=torch.float64)
-        gumbel = -torch.log(-torch.log(u.clamp_(min=torch.finfo(torch.float64).tiny)))
-        predicted = (scores.double() / temperature + gumbel).argmax(-1)
+        picked = _gumbel_argmax(scores, temperature, generator)
+        best_score = scores.gather(-1, picked[:, None]).squeeze(-1)
 
     if remasking == "low_confidence":
-        confidence = (scores.gather(-1, predicted[..., None]) - log_norm).exp().squeeze(-1)
+        confidence = (best_score - log_norm).exp()
     elif remasking == "margin":
-        top2 = (scores.topk(2, dim=-1).values - log_norm).exp()
-        confidence = top2[..., 0] - top2[..., 1]
+        top2 = (scores.topk(2, dim=-1).values - log_norm[:, None]).exp()
+        confidence = top2[:, 0] - top2[:, 1]
     elif remasking == "entropy":
-        confidence = -torch.special.entr((scores - log_norm).exp()).sum(-1)
+        confidence = -torch.special.entr((scores - log_norm[:, None]).exp()).sum(-1)
     else:  # "random"
         confidence = torch.rand(
-            candidates.shape, generator=generator, device=logits.device, dtype=torch.float64
+            scores.shape[0], generator=generator, device=scores.device, dtype=torch.float64
         )
-    confidence = confidence.double()
-
-    finite = torch.isfinite(confidence) & torch.isfinite(log_norm.squeeze(-1))
-    if not bool(finite[candidates].all()):
+    if not bool((torch.isfinite(confidence) & torch.isfinite(log_norm)).all()):
         raise FloatingPointError(
             f"generate: non-finite confidence at step {step}; "
             "the model returned NaN or infinite logits"
         )
-    return predicted, confidence.masked_fill(~candidates, -torch.inf)
+    predicted = tokens.masked_scatter(candidates, picked.to(tokens.dtype))
+    full_confidence = torch.full(
+        candidates.shape, -torch.inf, dtype=torch.float64, device=scores.device
+    )
+    return predicted, full_confidence.masked_scatter(candidates, confidence.double())
+
+
+def _gumbel_argmax(scores: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
+    """argmax_v(scores_v / T + G_v), G_v = -log(-log U_v) iid Gumbel(0, 1), in float64.
+
+    This is an exact draw from softmax(scores / T) (Gumbel-max trick) that never exponentiates the
+    logits, so it cannot overflow; float64 keeps the noise's tail (arXiv 2409.02908 shows float32
+    Gumbel noise lowers the effective temperature). In place, one allocation.
+    """
+    noise = torch.rand(scores.shape, generator=generator, device=scores.device, dtype=torch.float64)
+    # U in [tiny, 1): -log U in (0, 709], so the Gumbel noise is finite.
+    noise.clamp_(min=torch.finfo(torch.float64).tiny).log_().neg_().log_()  # log(-log U) = -G
+    return noise.sub_(scores, alpha=1.0 / temperature).argmin(-1)  # argmax(scores / T + G)
 
 
 def _top_k(confidence: Tensor, candidates: Tensor, count: Tensor) -> Tensor:

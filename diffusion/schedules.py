@@ -36,10 +36,11 @@ T_FLOOR = 1e-6
 
 
 def _as_time(t: Tensor | float) -> Tensor:
-    t = torch.as_tensor(t)
-    if not t.is_floating_point():
-        t = t.to(torch.get_default_dtype())
-    return t
+    """Tensors keep their float dtype (integers become the default dtype); Python numbers become
+    float64 tensors, as Python floats are doubles."""
+    if not isinstance(t, Tensor):
+        return torch.tensor(t, dtype=torch.float64)
+    return t if t.is_floating_point() else t.to(torch.get_default_dtype())
 
 
 class Schedule:
@@ -124,7 +125,8 @@ class CosineSchedule(Schedule):
             raise ValueError(f"CosineSchedule: eps must be a float in [0, 1), got {self.eps!r}")
 
     def alpha(self, t: Tensor | float) -> Tensor:
-        return self.eps + (1.0 - self.eps) * torch.cos(0.5 * math.pi * _as_time(t))
+        # cos(pi t / 2) written as sin(pi (1 - t) / 2): exactly 0 at t = 1 in any precision.
+        return self.eps + (1.0 - self.eps) * torch.sin(0.5 * math.pi * (1.0 - _as_time(t)))
 
     def alpha_prime(self, t: Tensor | float) -> Tensor:
         return -(1.0 - self.eps) * 0.5 * math.pi * torch.sin(0.5 * math.pi * _as_time(t))
