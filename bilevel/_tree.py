@@ -17,7 +17,7 @@ Tree = dict[str, Tensor]
 
 def check_tree(tree: Any, name: str) -> None:
     """Raise ``TypeError``/``ValueError`` unless ``tree`` is a non-empty ``dict[str, Tensor]``."""
-    if not isinstance(tree, Mapping):
+    if type(tree) is not dict and not isinstance(tree, Mapping):  # fast path: the ABC check is slow
         raise TypeError(f"{name} must be a dict[str, Tensor], got {type(tree).__name__}")
     if not tree:
         raise ValueError(f"{name} must hold at least one tensor, got an empty dict")
@@ -77,6 +77,8 @@ def global_norm(tree: Mapping[str, Tensor], batch_dims: int = 0) -> Tensor:
 
 def expand_to(factor: Tensor, t: Tensor) -> Tensor:
     """Append singleton dims to a batch-shaped ``factor`` so it broadcasts against ``t``."""
+    if factor.dim() == 0:
+        return factor
     return factor.reshape(factor.shape + (1,) * (t.dim() - factor.dim()))
 
 

@@ -26,6 +26,8 @@ def is_concrete() -> bool:
     """
     if torch.compiler.is_compiling():
         return False
+    if torch._C._functorch.peek_interpreter_stack() is None:  # no transform at all: fast path
+        return True
     return not any(i.key() == TransformType.Vmap for i in retrieve_all_functorch_interpreters())
 
 

@@ -8,6 +8,7 @@ the functional transform composes with the enclosing ones.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -111,7 +112,7 @@ class _InnerLoop:
         return dict(zip(leaves, grads)), loss if differentiable else loss.detach()
 
     def record(self, loss: Tensor, grads: Tree) -> None:
-        self.losses.append(loss.detach())
+        self.losses.append(loss.detach() if loss.requires_grad else loss)
         if self.record_norms:
             with torch.no_grad():
                 norms = {k: torch.linalg.vector_norm(g) for k, g in grads.items()}
@@ -128,12 +129,12 @@ class _InnerLoop:
         return params, state
 
     def check_finite(self) -> None:
+        """One device sync per solve: a non-finite loss anywhere makes the sum non-finite."""
         if not is_concrete():
             return
         losses = torch.stack(self.losses)
-        finite = torch.isfinite(losses)
-        if not bool(finite.all()):
-            step = int((~finite).nonzero()[0])
+        if not math.isfinite(float(losses.sum())):
+            step = int((~torch.isfinite(losses)).nonzero()[0])
             raise ValueError(
                 f"inner_loss returned {float(losses[step])} at step {step}; expected a finite "
                 "value (lower the inner learning rate, clip gradients, or check the data)"
