@@ -193,25 +193,10 @@ def generate(
             else:
                 chosen = _above_threshold(confidence, candidates, threshold)
 
-            committed = torch.zeros_like(x, dtype=torch.bool)
-            committed[:, lo:hi] = chosen
             if callback is not None:
-                predicted_full = x.clone()
-                predicted_full[:, lo:hi] = predicted
-                confidence_full = torch.full(
-                    x.shape, -torch.inf, dtype=torch.float64, device=device
-                )
-                confidence_full[:, lo:hi] = confidence
                 callback(
-                    StepInfo(
-                        step,
-                        block,
-                        block_step,
-                        x,
-                        logits,
-                        predicted_full,
-                        confidence_full,
-                        committed,
+                    _step_info(
+                        step, block, block_step, x, logits, predicted, confidence, chosen, lo
                     )
                 )
             block_x = torch.where(chosen, predicted, x[:, lo:hi])
@@ -229,6 +214,18 @@ def generate(
         else torch.zeros((0, batch), dtype=torch.long, device=device)
     )
     return x, GenerationStats(model_calls=step, committed_per_step=per_step)
+
+
+def _step_info(step, block, block_step, x, logits, predicted, confidence, chosen, lo) -> StepInfo:
+    """Embed the block's (B, Lb) proposals, confidences and commits into (B, L) tensors."""
+    hi = lo + chosen.shape[1]
+    predicted_full = x.clone()
+    predicted_full[:, lo:hi] = predicted
+    confidence_full = torch.full(x.shape, -torch.inf, dtype=torch.float64, device=x.device)
+    confidence_full[:, lo:hi] = confidence
+    committed = torch.zeros_like(x, dtype=torch.bool)
+    committed[:, lo:hi] = chosen
+    return StepInfo(step, block, block_step, x, logits, predicted_full, confidence_full, committed)
 
 
 def _call_model(
@@ -280,25 +277,26 @@ def _propose(
     # leaves the caller's logits (also handed to the callback) untouched.
     scores = logits[candidates].to(torch.promote_types(logits.dtype, torch.float32))  # (N, V)
     scores[:, mask_id] = -torch.inf
-    log_norm = torch.logsumexp(scores, dim=-1)
-    if temperature == 0:
-        best_score, picked = scores.max(-1)
-    else:
+    top, picked = scores.max(-1)
+    if temperature > 0:
         picked = _gumbel_argmax(scores, temperature, generator)
-        best_score = scores.gather(-1, picked[:, None]).squeeze(-1)
+    picked_score = scores.gather(-1, picked[:, None]).squeeze(-1)
+    # Untempered softmax, in place on the copy: probs = exp(scores - top) / total.
+    probs = scores.sub_(top[:, None]).exp_()
+    total = probs.sum(-1)
 
     if remasking == "low_confidence":
-        confidence = (best_score - log_norm).exp()
+        confidence = (picked_score - top).exp() / total
     elif remasking == "margin":
-        top2 = (scores.topk(2, dim=-1).values - log_norm[:, None]).exp()
+        top2 = probs.topk(2, dim=-1).values / total[:, None]
         confidence = top2[:, 0] - top2[:, 1]
     elif remasking == "entropy":
-        confidence = -torch.special.entr((scores - log_norm[:, None]).exp()).sum(-1)
+        confidence = -torch.special.entr(probs.div_(total[:, None])).sum(-1)
     else:  # "random"
         confidence = torch.rand(
             scores.shape[0], generator=generator, device=scores.device, dtype=torch.float64
         )
-    if not bool((torch.isfinite(confidence) & torch.isfinite(log_norm)).all()):
+    if not bool((torch.isfinite(top) & torch.isfinite(confidence)).all()):
         raise FloatingPointError(
             f"generate: non-finite confidence at step {step}; "
             "the model returned NaN or infinite logits"
