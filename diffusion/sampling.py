@@ -4,7 +4,7 @@ Every step makes one model call on the whole sequence, proposes a token for ever
 of the current semi-autoregressive block, scores each proposal with a confidence, and commits
 some of them; committed tokens and the prompt never change afterwards.
 
-Rules (docs/diffusion.md has the derivations):
+Rules (docs/diffusion.md has the details):
     proposal     temperature 0: argmax; T > 0: argmax(logits / T + Gumbel) in float64, which is a
                  draw from softmax(logits / T) that never exponentiates the logits. The mask token
                  is never proposed.
