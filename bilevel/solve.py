@@ -228,7 +228,6 @@ def _implicit(
         info["linsolve_residual"] = result.residual
         info["linsolve_converged"] = result.converged
 
-    info.update(linsolve_iterations=None, linsolve_residual=None, linsolve_converged=None)
     return implicit_root(
         stationarity, params_K, meta, linsolve=mode.linsolve, symmetric=True, on_solve=on_solve
     )
@@ -262,9 +261,11 @@ def solve(
         return_info: also return a diagnostics dict (no extra model evaluation): ``loss``
             ``(K,)``, the inner loss at the iterate each gradient is taken at; ``grad_norm``
             ``(K,)``, the global norm of the raw inner gradient; ``grad_norms``, ``{key: (K,)}``
-            per-tensor norms. Implicit mode adds ``final_grad_norm`` (0-d, at ``w_K``) and
-            ``linsolve_iterations``, ``linsolve_residual``, ``linsolve_converged``: ``None``
-            until the backward pass has run the linear solve. All tensors are detached.
+            per-tensor norms. Implicit mode adds ``final_grad_norm`` (0-d, at ``w_K``), and
+            ``linsolve_iterations``, ``linsolve_residual``, ``linsolve_converged`` appear once
+            the backward pass has run the linear solve (outside vmap, where the dict holds
+            tensors only and can be returned from the vmapped function). All tensors are
+            detached.
         final_grad_norm: with ``return_info``, evaluate ``||grad f(w_K)||`` with the last
             step's data in every mode (one extra gradient evaluation).
 

@@ -134,7 +134,7 @@ def test_implicit_info_reports_the_linear_solve_after_backward():
         return_info=True,
     )
     assert float(info["final_grad_norm"]) < 1e-10
-    assert info["linsolve_iterations"] is None  # nothing solved yet: the solve runs in backward
+    assert "linsolve_iterations" not in info  # nothing solved yet: the solve runs in backward
     params["w"].sum().backward()
     assert info["linsolve_iterations"] >= 1 and info["linsolve_converged"] is True
     assert float(info["linsolve_residual"]) <= 1e-12
@@ -429,3 +429,33 @@ def test_torch_compile_of_an_unrolled_hypergradient():
     torch.testing.assert_close(
         compiled(theta), torch.func.grad(hyper)(theta), rtol=1e-12, atol=1e-14
     )
+
+
+@pytest.mark.parametrize(
+    "mode", [bl.Unrolled(), bl.FirstOrder(), bl.Implicit()], ids=["unrolled", "fo", "implicit"]
+)
+def test_info_under_vmap_is_batched_per_task(mode):
+    targets = torch.randn(3, 3, dtype=torch.float64)
+    scale = torch.tensor(1.0, dtype=torch.float64)
+
+    def task(target):
+        _, info = bl.solve(
+            _quadratic,
+            _w0(),
+            scale,
+            optimizer=bl.sgd(0.5),
+            steps=25,
+            mode=mode,
+            data=target,
+            return_info=True,
+            final_grad_norm=not isinstance(mode, bl.Implicit),
+        )
+        return info
+
+    batched = torch.func.vmap(task)(targets)
+    assert batched["loss"].shape == (3, 25) and batched["final_grad_norm"].shape == (3,)
+    for i in range(3):
+        single = task(targets[i])
+        for key in ("loss", "grad_norm", "final_grad_norm"):
+            torch.testing.assert_close(batched[key][i], single[key], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(batched["grad_norms"]["w"][i], single["grad_norms"]["w"])
