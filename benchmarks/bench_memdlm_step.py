@@ -1,0 +1,131 @@
+"""Cost of a MemDLM training step relative to a standard step (issue target: at most 1.6x).
+
+Same model, same batch, same anchor; both steps include the backward pass and the optimizer
+update. The two are timed interleaved in one process (round robin), and the ratio of medians is
+reported. Variants: MemDLM with the per-step fast-weights-off diagnostic (the recipe's default,
+`memdlm.gap_every=1`) and without it, and per-sample fast weights.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_memdlm_step.py            # table
+    OMP_NUM_THREADS=1 python -m pytest benchmarks/bench_memdlm_step.py --benchmark-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch
+
+from recipes.memdlm import method
+from recipes.memdlm.batches import BatchSampler
+from recipes.memdlm.config import build_config
+from recipes.memdlm.runner import new_model, prepare_data
+
+
+def make_setup(preset: str = "cpu-tiny", batch_size: int = 32):
+    cfg = build_config(preset)
+    data = prepare_data(cfg)
+    model = new_model(cfg, data.tokenizer, seed=0, device="cpu")
+    sampler = BatchSampler(data.train, batch_size, seed=0, eos_id=data.tokenizer.eos_id)
+    batch = sampler.next()
+    anchor = method.sample_anchor(
+        batch, mask_id=data.tokenizer.mask_id, eps=1e-3, generator=torch.Generator().manual_seed(0)
+    )
+    return cfg, data, model, batch, anchor
+
+
+def step_functions(cfg, data, model, batch, anchor):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    mask_id = data.tokenizer.mask_id
+    mems = {}
+
+    def run(loss):
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def standard():
+        run(method.standard_step(model, batch, anchor).loss)
+
+    def memdlm(memcfg, log_gap):
+        if id(memcfg) not in mems:
+            mems[id(memcfg)] = method.make_fast_weights(model, memcfg)
+        mem = mems[id(memcfg)]
+        generator = torch.Generator().manual_seed(1)
+
+        def fn():
+            run(
+                method.memdlm_step(
+                    model,
+                    mem,
+                    batch,
+                    anchor,
+                    memcfg,
+                    mask_id=mask_id,
+                    generator=generator,
+                    log_gap=log_gap,
+                ).loss
+            )
+
+        return fn
+
+    per_sample = cfg.memdlm.model_copy(update={"per_sample": True})
+    return {
+        "standard": standard,
+        "memdlm (gap logged)": memdlm(cfg.memdlm, True),
+        "memdlm (no gap)": memdlm(cfg.memdlm, False),
+        "memdlm per-sample (gap logged)": memdlm(per_sample, True),
+    }
+
+
+def time_round_robin(functions, repeats: int, warmup: int = 2) -> dict[str, list[float]]:
+    for fn in functions.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, fn in functions.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", default="cpu-tiny")
+    parser.add_argument("--repeats", type=int, default=15)
+    args = parser.parse_args()
+    cfg, data, model, batch, anchor = make_setup(args.preset)
+    times = time_round_robin(step_functions(cfg, data, model, batch, anchor), args.repeats)
+    base = statistics.median(times["standard"])
+    print(
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"threads {torch.get_num_threads()}, batch {tuple(batch.x0.shape)}, "
+        f"preset {args.preset}, fast layers from {method.first_fast_layer(model, cfg.memdlm)}"
+        f" of {len(model.layers)}"
+    )
+    print(f"{'step':32s} {'median ms':>10s} {'ratio':>7s}")
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(f"{name:32s} {1000 * median:10.1f} {median / base:7.2f}")
+
+
+def test_standard_step(benchmark):
+    setup = make_setup()
+    benchmark(step_functions(*setup)["standard"])
+
+
+def test_memdlm_step(benchmark):
+    setup = make_setup()
+    benchmark(step_functions(*setup)["memdlm (gap logged)"])
+
+
+if __name__ == "__main__":
+    main()
