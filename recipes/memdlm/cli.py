@@ -241,7 +241,7 @@ def cmd_train(args, extra, reporter) -> int:
         log=log,
         reporter=reporter,
         mask_id=data.tokenizer.mask_id,
-        time_eps=cfg.memdlm.time_eps,
+        time_eps=cfg.time_eps,
     )
     evaluation = evaluate_model(model, data, cfg, method=cfg.method, device=device)
     summary = {cfg.method: per_seed_record(cfg.seed, result, evaluation)}

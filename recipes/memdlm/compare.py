@@ -75,6 +75,7 @@ def obtain_base(
         log=log,
         reporter=reporter,
         mask_id=data.tokenizer.mask_id,
+        time_eps=cfg.time_eps,
     )
     if cached is not None and not cached.is_file():
         cached.parent.mkdir(parents=True, exist_ok=True)
@@ -155,7 +156,7 @@ def run_compare(
                 log=log,
                 reporter=reporter,
                 mask_id=data.tokenizer.mask_id,
-                time_eps=cfg.memdlm.time_eps,
+                time_eps=cfg.time_eps,
             )
             reporter.note(f"evaluating seed {seed} {method}")
             evaluation = _cached_eval(

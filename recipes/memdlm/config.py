@@ -60,6 +60,7 @@ class DataConfig(_Strict):
     eval_context_lengths: list[int] = [96, 128, 192]
     eval_per_cell: int = Field(32, gt=0, description="held-out examples per (task, length)")
     continuation_response_len: int = Field(16, gt=0)
+    value_digits: int = Field(4, ge=1, le=8, description="digits of a needle's value")
     examples_per_cell: int = Field(2000, gt=0, description="training examples per (task, length)")
     max_len_policy: Literal["filter", "truncate"] = "filter"
     seed: int = 0
@@ -98,13 +99,11 @@ class MemDLMConfig(_Strict):
     per_sample: bool = False
     prompt_anchor_ratio: float = Field(0.2, gt=0, le=1, description="inference-time anchor")
     gap_every: int = Field(1, ge=1, description="log the same-batch fast-weights-off gap")
-    time_eps: float = Field(1e-3, gt=0, lt=1)
 
 
 class EvalConfig(_Strict):
     batch_size: int = Field(32, ge=1)
-    exposure_examples: int = Field(32, ge=1)
-    sample_examples: int = Field(4, ge=0, description="decoded samples shown in the summary")
+    exposure_examples: int = Field(32, ge=1, description="continuations for the R_EB curve")
 
 
 class Config(_Strict):
@@ -113,6 +112,7 @@ class Config(_Strict):
     seed: int = 1
     seeds: int = Field(1, ge=1, description="compare: paired seeds seed, seed+1, ...")
     device: str = "auto"
+    time_eps: float = Field(1e-3, gt=0, lt=1, description="t ~ U[time_eps, 1] per sequence")
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     pretrain: PhaseConfig = PhaseConfig(steps=600, lr=2e-3, log_every=25, ckpt_every=200)
@@ -165,7 +165,7 @@ def _preset_smoke() -> dict[str, Any]:
         "pretrain": {"steps": 6, "batch_size": 8, "lr": 2e-3, "log_every": 2, "ckpt_every": 3},
         "train": {"steps": 4, "batch_size": 8, "log_every": 2, "ckpt_every": 2},
         "memdlm": {"rank": 4, "alpha": 8.0},
-        "eval": {"batch_size": 8, "exposure_examples": 4, "sample_examples": 1},
+        "eval": {"batch_size": 8, "exposure_examples": 4},
     }
 
 

@@ -127,8 +127,8 @@ def _hide(rng: random.Random, filler: str, needles: list[str]) -> str:
     return "".join(pieces) + filler[last:]
 
 
-def _value(rng: random.Random) -> str:
-    return "".join(rng.choice(string.digits) for _ in range(4))
+def _value(rng: random.Random, digits: int) -> str:
+    return "".join(rng.choice(string.digits) for _ in range(digits))
 
 
 def _variable(rng: random.Random, taken: set[str]) -> str:
@@ -139,38 +139,45 @@ def _variable(rng: random.Random, taken: set[str]) -> str:
             return name
 
 
-def _needles_and_question(task: str, rng: random.Random) -> tuple[list[str], str, str]:
+def _needles_and_question(task: str, rng: random.Random, digits: int) -> tuple[list[str], str, str]:
     keys = rng.sample(KEYS, 3)
     if task == "single":
-        value = _value(rng)
+        value = _value(rng, digits)
         return [f"{keys[0]} code is {value}."], f"\n{keys[0]} code? ", value
     if task == "multikey":
-        value = _value(rng)
-        needles = [f"{key} code is {_value(rng) if i else value}." for i, key in enumerate(keys)]
+        value = _value(rng, digits)
+        needles = [
+            f"{key} code is {_value(rng, digits) if i else value}." for i, key in enumerate(keys)
+        ]
         rng.shuffle(needles)
         return needles, f"\n{keys[0]} code? ", value
     if task == "multivalue":
-        values = [_value(rng), _value(rng)]
+        values = [_value(rng, digits), _value(rng, digits)]
         needles = [f"{keys[0]} code is {value}." for value in values]
         return needles, f"\nall {keys[0]} codes? ", " ".join(values)
     if task == "vt":
         taken: set[str] = set()
         first, second = _variable(rng, taken), _variable(rng, taken)
-        value = _value(rng)
+        value = _value(rng, digits)
         needles = [f"VAR {first} = {value}.", f"VAR {second} = VAR {first}."]
         return needles, f"\nVARs = {value}? ", f"{first} {second}"
     raise ValueError(f"unknown retrieval task {task!r}")
 
 
 def make_example(
-    task: str, context_len: int, rng: random.Random, split: str, response_len: int = 16
+    task: str,
+    context_len: int,
+    rng: random.Random,
+    split: str,
+    response_len: int = 16,
+    value_digits: int = 4,
 ) -> Example:
     """One example of `task` whose prompt is exactly `context_len` bytes long."""
     corpus = filler_text(split)
     if task == "continuation":
         text = _filler(rng, corpus, context_len + response_len)
         return Example(text[:context_len], text[context_len:], task, context_len)
-    needles, question, answer = _needles_and_question(task, rng)
+    needles, question, answer = _needles_and_question(task, rng, value_digits)
     n_filler = context_len - len(question) - sum(len(n) + 1 for n in needles)
     if n_filler < 8:
         raise DataError(f"context length {context_len} is too short for task {task!r}")
@@ -187,6 +194,7 @@ def make_split(
     seed: int,
     split: str,
     response_len: int = 16,
+    value_digits: int = 4,
 ) -> list[Example]:
     """`per_cell` examples for every (task, context length), reproducible from `seed`."""
     examples = []
@@ -194,7 +202,8 @@ def make_split(
         for length in context_lengths:
             rng = random.Random(f"{split}:{task}:{length}:{seed}")
             examples += [
-                make_example(task, length, rng, split, response_len) for _ in range(per_cell)
+                make_example(task, length, rng, split, response_len, value_digits)
+                for _ in range(per_cell)
             ]
     return examples
 

@@ -133,17 +133,19 @@ def niah_accuracy(
 
     The generation length is the answer's length plus its EOS (an oracle length, as in fixed-length
     DLM evaluations); a prediction is right when the decoded bytes before EOS equal the answer.
-    Returns {"by_length": {len: acc}, "by_task": {task: {len: acc}}, "samples": [...]}.
+    Returns {"by_length": {len: acc}, "by_task": {task: {len: acc}}, "chars_by_length":
+    {len: per-character accuracy}, "samples": [...]}.
     """
     generator = torch.Generator(device=device).manual_seed(EVAL_SEED + 2)
     cells: dict[tuple[str, int], list[Example]] = defaultdict(list)
     for example in examples:
         cells[(example.task, example.context_len)].append(example)
     correct: dict[tuple[str, int], int] = {}
+    chars: dict[tuple[str, int], float] = {}
     samples = []
     model.eval()
     for (task, length), group in sorted(cells.items()):
-        hits = 0
+        hits, char_hits = 0, 0.0
         for start in range(0, len(group), batch_size):
             chunk = group[start : start + batch_size]
             prompt = torch.tensor([tok.encode(e.prompt) for e in chunk], device=device)
@@ -158,6 +160,7 @@ def niah_accuracy(
             for example, row in zip(chunk, out[:, prompt.shape[1] :].tolist()):
                 answer = tok.decode(row)
                 hits += answer == example.response
+                char_hits += _char_accuracy(answer, example.response)
                 if len(samples) < 64:
                     samples.append(
                         {
@@ -168,6 +171,7 @@ def niah_accuracy(
                         }
                     )
         correct[(task, length)] = hits
+        chars[(task, length)] = char_hits
     by_task: dict[str, dict[int, float]] = defaultdict(dict)
     for (task, length), hits in correct.items():
         by_task[task][length] = hits / len(cells[(task, length)])
@@ -177,7 +181,23 @@ def niah_accuracy(
         / sum(len(cells[k]) for k in cells if k[1] == length)
         for length in lengths
     }
-    return {"by_length": by_length, "by_task": dict(by_task), "samples": samples}
+    chars_by_length = {
+        length: sum(chars[k] for k in cells if k[1] == length)
+        / sum(len(cells[k]) for k in cells if k[1] == length)
+        for length in lengths
+    }
+    return {
+        "by_length": by_length,
+        "by_task": dict(by_task),
+        "chars_by_length": chars_by_length,
+        "samples": samples,
+    }
+
+
+def _char_accuracy(output: str, target: str) -> float:
+    """Fraction of the target's characters reproduced at their position (a graded score that
+    resolves differences exact match cannot at small scale)."""
+    return sum(a == b for a, b in zip(output, target)) / max(1, len(target))
 
 
 def exposure_bias_curve(

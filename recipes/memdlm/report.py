@@ -55,6 +55,7 @@ def per_seed_record(seed: int, result, evaluation: dict[str, Any]) -> dict[str, 
         "skipped_steps": result.skipped_steps,
         "eval_loss": evaluation["eval_loss"],
         "niah_accuracy": {str(k): v for k, v in evaluation["niah"]["by_length"].items()},
+        "niah_char_accuracy": {str(k): v for k, v in evaluation["niah"]["chars_by_length"].items()},
         "niah_accuracy_by_task": {
             task: {str(k): v for k, v in accs.items()}
             for task, accs in evaluation["niah"]["by_task"].items()
@@ -68,6 +69,9 @@ def per_seed_record(seed: int, result, evaluation: dict[str, Any]) -> dict[str, 
             eval_loss_prompt_adapted=evaluation["eval_loss_prompt_adapted"],
             niah_accuracy_adapted={
                 str(k): v for k, v in evaluation["niah_adapted"]["by_length"].items()
+            },
+            niah_char_accuracy_adapted={
+                str(k): v for k, v in evaluation["niah_adapted"]["chars_by_length"].items()
             },
             exposure_bias_adapted=evaluation["exposure_bias_adapted"],
             train_loss_off_final=result.extra.get("loss_off", math.nan),
@@ -99,7 +103,12 @@ def method_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
         if key in records[0]:
             values = [r[key] for r in records]
             summary[key], spread[key] = _mean(values), _sd(values)
-    for key in ("niah_accuracy", "niah_accuracy_adapted"):
+    for key in (
+        "niah_accuracy",
+        "niah_accuracy_adapted",
+        "niah_char_accuracy",
+        "niah_char_accuracy_adapted",
+    ):
         if key in records[0]:
             summary[key] = _keyed_mean([r[key] for r in records])
             spread[key] = _sd([_overall(r[key]) for r in records])
@@ -125,11 +134,15 @@ def paired(standard: list[dict], memdlm: list[dict]) -> dict[str, Any]:
         return {}
     loss = [m["eval_loss"] - s["eval_loss"] for s, m in pairs]
     acc = [_overall(m["niah_accuracy"]) - _overall(s["niah_accuracy"]) for s, m in pairs]
+    chars = [
+        _overall(m["niah_char_accuracy"]) - _overall(s["niah_char_accuracy"]) for s, m in pairs
+    ]
     time_ratio = [m["seconds_per_step"] / s["seconds_per_step"] for s, m in pairs]
     return {
         "seeds": [s["seed"] for s, _ in pairs],
         "eval_loss_delta": {"per_seed": loss, "mean": _mean(loss), "sd": _sd(loss)},
         "niah_accuracy_delta": {"per_seed": acc, "mean": _mean(acc), "sd": _sd(acc)},
+        "niah_char_accuracy_delta": {"per_seed": chars, "mean": _mean(chars), "sd": _sd(chars)},
         "step_time_ratio": {"per_seed": time_ratio, "mean": _mean(time_ratio)},
     }
 
@@ -142,35 +155,45 @@ def _fmt(mean: float, sd: float | None, n: int, digits: int = 4) -> str:
 
 
 def comparison_table(summary: dict[str, Any]) -> Table:
-    """Rows like the paper's Table 1: Standard, MemDLM Train-Only, MemDLM Train & Inference."""
+    """Rows like the paper's Table 1: Standard, MemDLM Train-Only, MemDLM Train & Inference.
+
+    NIAH cells: exact-match accuracy % (per-character accuracy % in brackets).
+    """
     std, mem = summary["standard"], summary["memdlm"]
     n = len(summary["seeds"])
     lengths = list(std["niah_accuracy"])
-    table = Table(title=f"MemDLM vs Standard ({n} seed{'s' * (n > 1)}, mean ± sd)")
-    for column in ["method", "eval loss", *[f"NIAH {k}" for k in lengths], "R_EB end"]:
+    table = Table(title=f"MemDLM vs Standard ({n} seed{'s' * (n > 1)}, mean ± sd over seeds)")
+    columns = ["method", "eval loss", *[f"NIAH {k} exact (char)" for k in lengths], "R_EB end"]
+    for column in columns:
         table.add_column(column, justify="right" if column != "method" else "left")
 
-    def accuracy_cells(acc: dict[str, float]) -> list[str]:
-        return [f"{100 * acc.get(k, math.nan):.1f}" for k in lengths]
+    def cells(exact: dict[str, float], chars: dict[str, float]) -> list[str]:
+        return [
+            f"{100 * exact.get(k, math.nan):.1f} ({100 * chars.get(k, math.nan):.1f})"
+            for k in lengths
+        ]
 
-    table.add_row(
-        "Standard MDLM",
-        _fmt(std["eval_loss"], std["spread"]["eval_loss"], n),
-        *accuracy_cells(std["niah_accuracy"]),
-        _fmt(std.get("exposure_bias_final"), None, 1, 2),
-    )
-    table.add_row(
-        "MemDLM Train-Only",
-        _fmt(mem["eval_loss"], mem["spread"]["eval_loss"], n),
-        *accuracy_cells(mem["niah_accuracy"]),
-        _fmt(mem.get("exposure_bias_final"), None, 1, 2),
-    )
-    table.add_row(
-        "MemDLM Train & Inf.",
-        _fmt(mem.get("eval_loss_prompt_adapted"), mem["spread"].get("eval_loss_prompt_adapted"), n),
-        *accuracy_cells(mem.get("niah_accuracy_adapted", {})),
-        _fmt(mem.get("exposure_bias_adapted_final"), None, 1, 2),
-    )
+    rows = [
+        ("Standard MDLM", std, "eval_loss", "", "exposure_bias_final"),
+        ("MemDLM Train-Only", mem, "eval_loss", "", "exposure_bias_final"),
+        (
+            "MemDLM Train & Inf.",
+            mem,
+            "eval_loss_prompt_adapted",
+            "_adapted",
+            "exposure_bias_adapted_final",
+        ),
+    ]
+    for label, entry, loss_key, suffix, bias_key in rows:
+        table.add_row(
+            label,
+            _fmt(entry.get(loss_key), entry["spread"].get(loss_key), n),
+            *cells(
+                entry.get(f"niah_accuracy{suffix}", {}),
+                entry.get(f"niah_char_accuracy{suffix}", {}),
+            ),
+            _fmt(entry.get(bias_key), entry["spread"].get(bias_key), n, 2),
+        )
     return table
 
 
@@ -213,11 +236,13 @@ def print_report(summary: dict[str, Any], console: Console) -> None:
     pair = summary.get("paired") or {}
     if pair:
         d_loss, d_acc = pair["eval_loss_delta"], pair["niah_accuracy_delta"]
+        d_char = pair["niah_char_accuracy_delta"]
         console.print(
-            f"Paired MemDLM - Standard over seeds {pair['seeds']}: eval loss "
-            f"{d_loss['mean']:+.4f} (sd {d_loss['sd']:.4f}), NIAH accuracy "
-            f"{100 * d_acc['mean']:+.1f} pt (sd {100 * d_acc['sd']:.1f}); "
-            f"MemDLM step costs {pair['step_time_ratio']['mean']:.2f}x a standard step."
+            f"Paired MemDLM Train-Only - Standard over seeds {pair['seeds']}: eval loss "
+            f"{d_loss['mean']:+.4f} (sd {d_loss['sd']:.4f}), NIAH exact "
+            f"{100 * d_acc['mean']:+.1f} pt (sd {100 * d_acc['sd']:.1f}), per-character "
+            f"{100 * d_char['mean']:+.1f} pt (sd {100 * d_char['sd']:.1f}); a MemDLM step costs "
+            f"{pair['step_time_ratio']['mean']:.2f}x a standard step."
         )
     mem = summary["memdlm"]
     if "eval_loss_adapted" in mem:

@@ -80,9 +80,7 @@ def run_scan(
     generator = torch.Generator(device=device).manual_seed(EVAL_SEED)
     batches = [sampler.next().to(device) for _ in range(n_batches)]
     anchors = [
-        sample_anchor(
-            b, mask_id=data.tokenizer.mask_id, eps=cfg.memdlm.time_eps, generator=generator
-        )
+        sample_anchor(b, mask_id=data.tokenizer.mask_id, eps=cfg.time_eps, generator=generator)
         for b in batches
     ]
     rows = []
