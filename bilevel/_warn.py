@@ -13,9 +13,10 @@ class BilevelWarning(UserWarning):
     """A hypergradient may be inaccurate or empty (filter with this category)."""
 
 
-def warn(message: str) -> None:
-    """Emit a :class:`BilevelWarning` attributed to the caller of the public function."""
-    warnings.warn(message, BilevelWarning, stacklevel=3)
+def warn(message: str, *, depth: int = 1) -> None:
+    """Emit a :class:`BilevelWarning` attributed to the frame ``depth`` levels above the caller
+    (``depth=1``: the caller's caller, i.e. the user of a public function)."""
+    warnings.warn(message, BilevelWarning, stacklevel=2 + depth)
 
 
 def is_concrete() -> bool:

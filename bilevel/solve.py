@@ -212,10 +212,11 @@ def _implicit(
                 f"{norm:.3e} exceeds stationarity_rtol * ||grad f(params0)|| = "
                 f"{mode.stationarity_rtol:g} * {first_norm:.3e} and stationarity_atol = "
                 f"{mode.stationarity_atol:g}; the implicit gradient may be wrong (run more "
-                "steps or raise the inner learning rate)"
+                "steps or raise the inner learning rate)",
+                depth=2,
             )
     if meta is None:
-        warn("Implicit mode with meta=None: nothing can receive an implicit gradient")
+        warn("Implicit mode with meta=None: nothing can receive an implicit gradient", depth=2)
         return params_K
     data = loop.data_at(steps - 1)
     inner_loss = loop.inner_loss
