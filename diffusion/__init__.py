@@ -2,12 +2,14 @@
 
 Schedules and time sampling, forward corruption, the NELBO objective, likelihood estimates,
 iterative-unmasking samplers and a small reference bidirectional transformer. Formulas and usage:
-docs/diffusion.md.
+docs/diffusion.md. Fused kernels (Triton, optional) and their dispatch: `diffusion.kernels`,
+docs/kernels.md.
 """
 
+from . import kernels
 from .corruption import corrupt, nested_mask
 from .likelihood import choose, elbo_log_likelihood
-from .loss import masked_diffusion_loss
+from .loss import masked_diffusion_loss, masked_diffusion_loss_from_hidden
 from .sampling import GenerationStats, StepInfo, generate, transfer_schedule
 from .schedules import CosineSchedule, LinearSchedule, LogLinearSchedule, Schedule, sample_t
 from .transformer import Transformer
@@ -24,7 +26,9 @@ __all__ = [
     "corrupt",
     "elbo_log_likelihood",
     "generate",
+    "kernels",
     "masked_diffusion_loss",
+    "masked_diffusion_loss_from_hidden",
     "nested_mask",
     "sample_t",
     "transfer_schedule",

@@ -10,7 +10,16 @@ Normalisations (the numerator is summed over the batch):
                its expectation is the mean NELBO per maskable token;
     "masked"   divide by the number of masked tokens in the batch;
     "sequence" divide each row by its own number of maskable tokens, then average the rows that
-               have at least one maskable token.
+               have at least one maskable token;
+    "sum"      no division: the weighted sum itself.
+
+`masked_diffusion_loss_from_hidden` computes the same loss from the hidden states and the output
+projection, with a fused chunked cross-entropy that never forms the (tokens x V) logits
+(`diffusion.kernels.linear_ce`).
+
+Under `torch.compile` the data-dependent checks are skipped and the masked rows are not gathered
+(a data-dependent shape): every row is scored and the unmasked ones get weight zero, which gives
+the same value and gradients without graph breaks. Eager calls validate and gather as before.
 """
 
 from __future__ import annotations
@@ -20,11 +29,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import check_int, check_tensor, check_times
+from .kernels.linear_ce import linear_cross_entropy
 from .schedules import Schedule
 
-__all__ = ["masked_diffusion_loss"]
+__all__ = ["masked_diffusion_loss", "masked_diffusion_loss_from_hidden"]
 
-NORMALIZATIONS = ("token", "masked", "sequence")
+NORMALIZATIONS = ("token", "masked", "sequence", "sum")
 REDUCTIONS = ("mean", "none")
 
 
@@ -52,7 +62,7 @@ def masked_diffusion_loss(
         schedule: gives the per-row weight `schedule.weight(t)`.
         maskable: (B, L) bool or None (= every position): the denominator of "token" and
             "sequence" (e.g. the response, including EOS padding, in SFT).
-        normalize: "token", "masked" or "sequence" (see the module docstring).
+        normalize: "token", "masked", "sequence" or "sum" (see the module docstring).
         weight: optional (B,) per-row weights that replace `schedule.weight(t)` (e.g. ones for
             the uniform weighting of MemDLM's inference-time adaptation).
         reduction: "mean" returns the normalised scalar; "none" returns the (B, L) weighted
@@ -66,30 +76,114 @@ def masked_diffusion_loss(
     fn = "masked_diffusion_loss"
     check_tensor(fn, "logits", logits, ndim=3, dtype="float")
     batch, length, vocab = logits.shape
-    check_tensor(fn, "x0", x0, ndim=2, dtype="long", shape=(batch, length))
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{fn}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    _check_common(
+        fn, (batch, length), x0, mask, t, schedule, maskable, normalize, weight, mask_id, vocab
+    )
+
+    compute_dtype = torch.promote_types(logits.dtype, torch.float32)
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        row_weight = (weight if weight is not None else schedule.weight(t)).to(compute_dtype)
+        per_token = _masked_cross_entropy(logits, x0, mask, compute_dtype) * row_weight[:, None]
+        if reduction == "none":
+            return per_token
+        return _normalize(per_token, mask, maskable, normalize)
+
+
+def masked_diffusion_loss_from_hidden(
+    hidden: Tensor,
+    lm_head_weight: Tensor,
+    x0: Tensor,
+    mask: Tensor,
+    t: Tensor,
+    *,
+    schedule: Schedule,
+    maskable: Tensor | None = None,
+    normalize: str = "token",
+    weight: Tensor | None = None,
+    mask_id: int | None = None,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+) -> Tensor:
+    """`masked_diffusion_loss(hidden @ lm_head_weight.T, ...)` without forming the logits.
+
+    Only the masked rows are projected, chunk by chunk, and the cross-entropy, its weights and
+    its gradients are fused (`diffusion.kernels.linear_cross_entropy`): peak memory is one chunk
+    of (C, V) logits instead of (B, L, V) and the float32 copy of the masked rows.
+
+    Args:
+        hidden: (B, L, D) the output projection's input (e.g. `model.norm(h)` of the reference
+            Transformer); any float dtype, autocast is honoured for the matmuls.
+        lm_head_weight: (V, D) the output projection's weight (a bias-free `lm_head`).
+        x0, mask, t, schedule, maskable, normalize, weight, mask_id: as `masked_diffusion_loss`
+            (reduction is always "mean"; use `normalize="sum"` for the plain weighted sum).
+        backend: "auto", "reference" or "triton" (`diffusion.kernels.dispatch`).
+        chunk_size: rows per chunk (None = a size whose logits match the rows' memory).
+
+    Returns:
+        A float32 (float64 for float64 inputs) scalar, differentiable with respect to `hidden`,
+        `lm_head_weight` and `weight` (once, not twice).
+    """
+    fn = "masked_diffusion_loss_from_hidden"
+    check_tensor(fn, "hidden", hidden, ndim=3, dtype="float")
+    check_tensor(fn, "lm_head_weight", lm_head_weight, ndim=2, dtype="float")
+    batch, length, dim = hidden.shape
+    if lm_head_weight.shape[1] != dim:
+        raise ValueError(
+            f"{fn}: lm_head_weight must have shape (V, {dim}) to match hidden, got "
+            f"{tuple(lm_head_weight.shape)}"
+        )
+    vocab = lm_head_weight.shape[0]
+    _check_common(
+        fn, (batch, length), x0, mask, t, schedule, maskable, normalize, weight, mask_id, vocab
+    )
+
+    compute_dtype = torch.promote_types(hidden.dtype, torch.float32)
+    row_weight = (weight if weight is not None else schedule.weight(t)).to(compute_dtype)
+    row_weight = row_weight * _row_scale(mask, maskable, normalize, compute_dtype)  # (B,)
+    if torch.compiler.is_compiling():  # static shapes: every row, weight 0 where not masked
+        rows = hidden.reshape(batch * length, dim)
+        targets = torch.where(mask, x0, 0).reshape(-1)
+        token_weight = torch.where(mask, row_weight[:, None], 0.0).reshape(-1)
+    else:
+        rows, targets = hidden[mask], x0[mask]
+        token_weight = row_weight[:, None].expand(batch, length)[mask]
+    return linear_cross_entropy(
+        rows, lm_head_weight, targets, token_weight, backend=backend, chunk_size=chunk_size
+    )
+
+
+def _check_common(
+    fn, shape, x0, mask, t, schedule, maskable, normalize, weight, mask_id, vocab
+) -> None:
+    """Boundary checks shared by both losses; value checks only in eager mode (they sync)."""
+    batch, length = shape
+    check_tensor(fn, "x0", x0, ndim=2, dtype="long", shape=shape)
     check_tensor(fn, "mask", mask, ndim=2, dtype="bool", shape=(batch, length))
     check_tensor(fn, "t", t, ndim=1, dtype="float", shape=(batch,))
     if maskable is not None:
         check_tensor(fn, "maskable", maskable, ndim=2, dtype="bool", shape=(batch, length))
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"{fn}: normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"{fn}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if weight is not None:
         check_tensor(fn, "weight", weight, ndim=1, dtype="float", shape=(batch,))
     elif not hasattr(schedule, "weight"):
         raise TypeError(f"{fn}: schedule must be a Schedule, got {type(schedule).__name__}")
+    if mask_id is not None:
+        check_int(fn, "mask_id", mask_id, minimum=0)
+    if torch.compiler.is_compiling():
+        return
     check_times(fn, t, allow_zero=False)
     if maskable is not None and bool((mask & ~maskable).any()):
         raise ValueError(f"{fn}: mask has positions outside maskable; it must be a subset")
-    targets = x0[mask].long()
+    targets = x0[mask]
     if targets.numel() and not (int(targets.min()) >= 0 and int(targets.max()) < vocab):
         raise ValueError(
             f"{fn}: x0 at masked positions must lie in [0, {vocab}) (the vocabulary of logits), "
             f"got values in [{int(targets.min())}, {int(targets.max())}]"
         )
     if mask_id is not None:
-        check_int(fn, "mask_id", mask_id, minimum=0)
         clean = x0 == mask_id if maskable is None else (x0 == mask_id) & maskable
         if bool(clean.any()):
             raise ValueError(
@@ -97,20 +191,45 @@ def masked_diffusion_loss(
                 "clean sequence, not x_t"
             )
 
-    compute_dtype = torch.promote_types(logits.dtype, torch.float32)
-    with torch.autocast(device_type=logits.device.type, enabled=False):
-        # Only the masked rows are upcast: never a full (B, L, V) float32 copy of bf16 logits.
-        ce = F.cross_entropy(logits[mask].to(compute_dtype), targets, reduction="none")
-        row_weight = (weight if weight is not None else schedule.weight(t)).to(compute_dtype)
-        per_token = torch.zeros((batch, length), dtype=compute_dtype, device=logits.device)
-        per_token = per_token.masked_scatter(mask, ce) * row_weight[:, None]
-        if reduction == "none":
-            return per_token
-        return _normalize(per_token, mask, maskable, normalize)
+
+def _masked_cross_entropy(logits: Tensor, x0: Tensor, mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """(B, L) cross-entropy at the masked positions, zero elsewhere, in `dtype`.
+
+    Eager: only the masked rows are upcast (never a full (B, L, V) float32 copy of bf16 logits).
+    Compiled: every row is scored (no data-dependent shape); inductor fuses the upcast.
+    """
+    if torch.compiler.is_compiling():
+        ce = F.cross_entropy(
+            logits.to(dtype).transpose(1, 2), torch.where(mask, x0, 0).long(), reduction="none"
+        )
+        return torch.where(mask, ce, 0.0)
+    ce = F.cross_entropy(logits[mask].to(dtype), x0[mask].long(), reduction="none")
+    per_token = torch.zeros(mask.shape, dtype=dtype, device=logits.device)
+    return per_token.masked_scatter(mask, ce)
+
+
+def _row_scale(mask: Tensor, maskable: Tensor | None, normalize: str, dtype: torch.dtype) -> Tensor:
+    """(B,) factors c_b with loss = sum_b c_b sum_{i in M_b} weight_b CE_bi (cf. `_normalize`)."""
+    batch, length = mask.shape
+    n_maskable = (
+        maskable.sum(1)
+        if maskable is not None
+        else torch.full_like(mask[:, 0], length, dtype=torch.long)
+    ).to(dtype)
+    if normalize == "sum":
+        return torch.ones(batch, dtype=dtype, device=mask.device)
+    if normalize == "masked":
+        return (1.0 / mask.sum().clamp(min=1).to(dtype)).expand(batch)
+    if normalize == "token":
+        return (1.0 / n_maskable.sum().clamp(min=1)).expand(batch)
+    has_data = n_maskable > 0  # "sequence"
+    return has_data / (n_maskable.clamp(min=1) * has_data.sum().clamp(min=1))
 
 
 def _normalize(per_token: Tensor, mask: Tensor, maskable: Tensor | None, normalize: str) -> Tensor:
     length = per_token.shape[1]
+    if normalize == "sum":
+        return per_token.sum()
     if normalize == "masked":
         return per_token.sum() / mask.sum().clamp(min=1)
     n_maskable = (

@@ -17,22 +17,31 @@ Rules (docs/diffusion.md has the details):
                  confident one (Fast-dLLM); a block then runs until it holds no mask.
     stop_at_eos  a row whose generation holds an EOS with no mask before it is finished: every
                  position after its first EOS becomes EOS and it takes no further commits.
+
+Execution: the proposals come from `diffusion.kernels.propose` (`backend`: the fused Triton
+kernel on CUDA, the PyTorch reference elsewhere). With `compiler=torch.compile` (or any wrapper),
+one step (model call, proposals, commits) is compiled as a whole: it then scores every position
+of the block with static shapes, takes its Gumbel noise as an input drawn from `generator`
+outside the graph, and the data-dependent checks run between steps, so the steady state has no
+graph breaks. The Python loop over steps and its early exit stay eager.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from ._checks import check_int, check_mask_id, check_tensor
+from .kernels.dispatch import BACKENDS
+from .kernels.sampler import REMASKING, propose
 
 __all__ = ["GenerationStats", "StepInfo", "generate", "transfer_schedule"]
-
-REMASKING = ("low_confidence", "random", "margin", "entropy")
 
 
 @dataclass(frozen=True)
@@ -98,6 +107,19 @@ def transfer_schedule(num_masked: Tensor | int, steps: int) -> Tensor:
     return base[..., None] + (k < remainder[..., None]).long()
 
 
+@dataclass(frozen=True)
+class _StepConfig:
+    """The per-call constants of a sampler step (hashable, so compiled steps guard on them)."""
+
+    mask_id: int
+    eos_id: int | None
+    temperature: float
+    remasking: str
+    threshold: float | None
+    stop_at_eos: bool
+    prompt_length: int
+
+
 @torch.no_grad()
 def generate(
     model: Callable[..., Tensor],
@@ -116,6 +138,8 @@ def generate(
     eos_id: int | None = None,
     stop_at_eos: bool = False,
     return_stats: bool = False,
+    backend: str = "auto",
+    compiler: Callable[[Callable], Callable] | None = None,
 ) -> Tensor | tuple[Tensor, GenerationStats]:
     """Generate `gen_length` tokens after `prompt` by iterative unmasking.
 
@@ -140,6 +164,12 @@ def generate(
         eos_id: the end-of-sequence id (needed by `stop_at_eos`).
         stop_at_eos: finish a row once it holds an EOS with no mask before it (module docstring).
         return_stats: also return a `GenerationStats`.
+        backend: "auto", "reference" or "triton": who computes the proposals
+            (`diffusion.kernels.propose`; ignored when `compiler` is given).
+        compiler: None, or a function applied once to the per-step function, e.g.
+            `torch.compile` (module docstring). Greedy results equal the eager ones; with
+            temperature > 0 the noise is drawn for every block position, so samples agree in
+            law, not bit for bit.
 
     Returns:
         (B, P + gen_length) tokens without `mask_id`, or (tokens, stats).
@@ -158,13 +188,22 @@ def generate(
         eos_id,
         stop_at_eos,
         return_stats,
+        backend,
+        compiler,
     )
     batch, prompt_length = prompt.shape
     device = prompt.device
+    cfg = _StepConfig(
+        mask_id, eos_id, float(temperature), remasking, threshold, stop_at_eos, prompt_length
+    )
     x = torch.cat([prompt, prompt.new_full((batch, gen_length), mask_id)], dim=1)
     full_mask = None
     if attention_mask is not None:
         full_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, gen_length)], dim=1)
+    if compiler is not None:
+        call_model, commit = compiler(_call_model), compiler(_dense_commit)
+    else:
+        call_model, commit = _call_model, None
 
     committed_per_step: list[Tensor] = []
     step = 0
@@ -177,33 +216,34 @@ def generate(
             candidates = x[:, lo:hi] == mask_id
             if not bool(candidates.any()):
                 break  # filled (or every row finished at EOS): no model call is needed
-            logits = _call_model(model, x, full_mask, mask_id, eos_id)
-            predicted, confidence = _propose(
-                logits[:, lo:hi],
-                x[:, lo:hi],
-                candidates,
-                mask_id,
-                temperature,
-                remasking,
-                generator,
-                step,
-            )
-            if threshold is None:
-                chosen = _top_k(confidence, candidates, counts[:, block_step])
+            count = counts[:, block_step] if threshold is None else None
+            logits = call_model(model, x, full_mask, mask_id, eos_id)
+            if commit is None:
+                propose_fn = functools.partial(
+                    _propose, cfg=cfg, generator=generator, backend=backend, step=step
+                )
+                out = _commit(logits, x, lo, hi, candidates, count, propose_fn, cfg)
             else:
-                chosen = _above_threshold(confidence, candidates, threshold)
-
+                noise, uniform = _step_randomness(logits, hi - lo, cfg, generator)
+                out = commit(logits, x, lo, hi, candidates, count, noise, uniform, cfg)
+                if not bool(out.finite):  # checked between steps: no sync inside the graph
+                    raise _non_finite(step)
             if callback is not None:
                 callback(
                     _step_info(
-                        step, block, block_step, x, logits, predicted, confidence, chosen, lo
+                        step,
+                        block,
+                        block_step,
+                        x,
+                        logits,
+                        out.predicted,
+                        out.confidence,
+                        out.chosen,
+                        lo,
                     )
                 )
-            block_x = torch.where(chosen, predicted, x[:, lo:hi])
-            x = torch.cat([x[:, :lo], block_x, x[:, hi:]], dim=1)
-            if stop_at_eos:
-                x = _finish_rows_at_eos(x, prompt_length, eos_id, mask_id)
-            committed_per_step.append(chosen.sum(1))
+            x = out.x
+            committed_per_step.append(out.chosen.sum(1))
             step += 1
 
     if not return_stats:
@@ -214,6 +254,40 @@ def generate(
         else torch.zeros((0, batch), dtype=torch.long, device=device)
     )
     return x, GenerationStats(model_calls=step, committed_per_step=per_step)
+
+
+class _StepOutput(NamedTuple):
+    x: Tensor  # (B, L) the sequence after this step's commits
+    predicted: Tensor  # (B, Lb) proposals at the candidates, the block's tokens elsewhere
+    confidence: Tensor  # (B, Lb) float64, -inf where not a candidate
+    chosen: Tensor  # (B, Lb) bool, committed at this step
+    finite: Tensor  # 0-d bool, every candidate had finite scores
+
+
+def _commit(logits, x, lo, hi, candidates, count, propose_fn, cfg) -> _StepOutput:
+    """The block's proposals, the commits and the new sequence, from one model output."""
+    predicted, confidence, finite = propose_fn(logits[:, lo:hi], x[:, lo:hi], candidates)
+    if cfg.threshold is None:
+        chosen = _top_k(confidence, candidates, count)
+    else:
+        chosen = _above_threshold(confidence, candidates, cfg.threshold)
+    block_x = torch.where(chosen, predicted, x[:, lo:hi])
+    new_x = torch.cat([x[:, :lo], block_x, x[:, hi:]], dim=1)
+    if cfg.stop_at_eos:
+        new_x = _finish_rows_at_eos(new_x, cfg.prompt_length, cfg.eos_id, cfg.mask_id)
+    return _StepOutput(new_x, predicted, confidence, chosen, finite)
+
+
+def _dense_commit(logits, x, lo, hi, candidates, count, noise, uniform, cfg) -> _StepOutput:
+    """`_commit` with static shapes, for compilers: every block position is scored."""
+    propose_fn = functools.partial(_propose_dense, cfg=cfg, noise=noise, uniform=uniform)
+    return _commit(logits, x, lo, hi, candidates, count, propose_fn, cfg)
+
+
+def _non_finite(step: int) -> FloatingPointError:
+    return FloatingPointError(
+        f"generate: non-finite confidence at step {step}; the model returned NaN or infinite logits"
+    )
 
 
 def _step_info(step, block, block_step, x, logits, predicted, confidence, chosen, lo) -> StepInfo:
@@ -256,13 +330,13 @@ def _propose(
     logits: Tensor,
     tokens: Tensor,
     candidates: Tensor,
-    mask_id: int,
-    temperature: float,
-    remasking: str,
+    *,
+    cfg: _StepConfig,
     generator: torch.Generator | None,
+    backend: str,
     step: int,
-) -> tuple[Tensor, Tensor]:
-    """Proposals and confidences for the candidates of one block.
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Proposals and confidences for the candidates of one block (eager: only they are scored).
 
     Args:
         logits: (B, Lb, V) the block's logits; tokens: (B, Lb) its current tokens;
@@ -270,55 +344,86 @@ def _propose(
 
     Returns:
         predicted (B, Lb): the proposal at the candidates, `tokens` elsewhere;
-        confidence (B, Lb) float64: the candidates' confidences, -inf elsewhere.
+        confidence (B, Lb) float64: the candidates' confidences, -inf elsewhere;
+        finite: 0-d bool, True (a non-finite score raises here, with the step number).
     """
-    # Only the candidate rows are scored: the other proposals are never used, and this halves the
-    # work on average in a single long block. Boolean indexing copies, so writing the mask column
-    # leaves the caller's logits (also handed to the callback) untouched.
-    scores = logits[candidates].to(torch.promote_types(logits.dtype, torch.float32))  # (N, V)
-    scores[:, mask_id] = -torch.inf
-    top, picked = scores.max(-1)
-    if temperature > 0:
-        picked = _gumbel_argmax(scores, temperature, generator)
-    picked_score = scores.gather(-1, picked[:, None]).squeeze(-1)
-    # Untempered softmax, in place on the copy: probs = exp(scores - top) / total.
-    probs = scores.sub_(top[:, None]).exp_()
-    total = probs.sum(-1)
-
-    if remasking == "low_confidence":
-        confidence = (picked_score - top).exp() / total
-    elif remasking == "margin":
-        top2 = probs.topk(2, dim=-1).values / total[:, None]
-        confidence = top2[:, 0] - top2[:, 1]
-    elif remasking == "entropy":
-        confidence = -torch.special.entr(probs.div_(total[:, None])).sum(-1)
-    else:  # "random"
-        confidence = torch.rand(
-            scores.shape[0], generator=generator, device=scores.device, dtype=torch.float64
-        )
-    if not bool((torch.isfinite(top) & torch.isfinite(confidence)).all()):
-        raise FloatingPointError(
-            f"generate: non-finite confidence at step {step}; "
-            "the model returned NaN or infinite logits"
-        )
-    predicted = tokens.masked_scatter(candidates, picked.to(tokens.dtype))
-    full_confidence = torch.full(
-        candidates.shape, -torch.inf, dtype=torch.float64, device=scores.device
+    proposal = propose(
+        logits,
+        candidates,
+        mask_id=cfg.mask_id,
+        temperature=cfg.temperature,
+        remasking=cfg.remasking,
+        generator=generator,
+        backend=backend,
     )
-    return predicted, full_confidence.masked_scatter(candidates, confidence.double())
+    if not bool(proposal.finite.all()):
+        raise _non_finite(step)
+    predicted = tokens.masked_scatter(candidates, proposal.token.to(tokens.dtype))
+    full_confidence = torch.full(
+        candidates.shape, -torch.inf, dtype=torch.float64, device=logits.device
+    )
+    confidence = full_confidence.masked_scatter(candidates, proposal.confidence)
+    return predicted, confidence, proposal.finite.all()
 
 
-def _gumbel_argmax(scores: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
-    """argmax_v(scores_v / T + G_v), G_v = -log(-log U_v) iid Gumbel(0, 1), in float64.
+def _step_randomness(logits: Tensor, block_length: int, cfg: _StepConfig, generator):
+    """The random inputs of a compiled commit, drawn from `generator` outside the graph:
+    float64 uniforms (B, Lb, V) for the Gumbel noise (T > 0) and (B, Lb) float64 uniforms for
+    "random" confidences; None when not needed."""
+    batch, _, vocab = logits.shape
+    noise = uniform = None
+    if cfg.temperature > 0:
+        noise = torch.rand(
+            (batch, block_length, vocab),
+            generator=generator,
+            device=logits.device,
+            dtype=torch.float64,
+        )
+    if cfg.remasking == "random":
+        uniform = torch.rand(
+            (batch, block_length), generator=generator, device=logits.device, dtype=torch.float64
+        )
+    return noise, uniform
 
-    This is an exact draw from softmax(scores / T) (Gumbel-max trick) that never exponentiates the
-    logits, so it cannot overflow; float64 keeps the noise's tail (arXiv 2409.02908 shows float32
-    Gumbel noise lowers the effective temperature). In place, one allocation.
+
+def _propose_dense(
+    logits: Tensor,
+    tokens: Tensor,
+    candidates: Tensor,
+    *,
+    cfg: _StepConfig,
+    noise: Tensor | None,
+    uniform: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`_propose` for every block position at once (static shapes, no sync, no generator).
+
+    The same formulas as `diffusion.kernels.propose_reference`; `noise` (B, Lb, V) and
+    `uniform` (B, Lb) are float64 U[0, 1) draws. Returns the same triple as `_propose`, with
+    `finite` a 0-d bool tensor to be checked by the caller.
     """
-    noise = torch.rand(scores.shape, generator=generator, device=scores.device, dtype=torch.float64)
-    # U in [tiny, 1): -log U in (0, 709], so the Gumbel noise is finite.
-    noise.clamp_(min=torch.finfo(torch.float64).tiny).log_().neg_().log_()  # log(-log U) = -G
-    return noise.sub_(scores, alpha=1.0 / temperature).argmin(-1)  # argmax(scores / T + G)
+    scores = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    is_mask = torch.arange(scores.shape[-1], device=scores.device) == cfg.mask_id
+    scores = scores.masked_fill(is_mask, -torch.inf)
+    top, picked = scores.max(-1)
+    if noise is not None:
+        gumbel = noise.clamp(min=torch.finfo(torch.float64).tiny).log().neg().log()  # -G
+        picked = (gumbel - scores / cfg.temperature).argmin(-1)  # argmax(scores / T + G)
+    picked_score = scores.gather(-1, picked[..., None]).squeeze(-1)
+    probs = (scores - top[..., None]).exp()
+    total = probs.sum(-1)
+    if cfg.remasking == "low_confidence":
+        confidence = (picked_score - top).exp() / total
+    elif cfg.remasking == "margin":
+        top2 = probs.topk(2, dim=-1).values / total[..., None]
+        confidence = top2[..., 0] - top2[..., 1]
+    elif cfg.remasking == "entropy":
+        confidence = -torch.special.entr(probs / total[..., None]).sum(-1)
+    else:  # "random"
+        confidence = uniform
+    finite = (torch.isfinite(top) & torch.isfinite(confidence)) | ~candidates
+    predicted = torch.where(candidates, picked.to(tokens.dtype), tokens)
+    confidence = torch.where(candidates, confidence.double(), -torch.inf)
+    return predicted, confidence, finite.all()
 
 
 def _top_k(confidence: Tensor, candidates: Tensor, count: Tensor) -> Tensor:
@@ -362,6 +467,8 @@ def _validate(
     eos_id,
     stop_at_eos,
     return_stats,
+    backend,
+    compiler,
 ) -> tuple[int, int, int]:
     fn = "generate"
     check_tensor(fn, "prompt", prompt, ndim=2, dtype="long")
@@ -420,4 +527,11 @@ def _validate(
             raise TypeError(f"{fn}: {name} must be a bool, got {type(flag).__name__}")
     if stop_at_eos and eos_id is None:
         raise ValueError(f"{fn}: stop_at_eos=True needs eos_id")
+    if backend not in BACKENDS:
+        raise ValueError(f"{fn}: backend must be one of {BACKENDS}, got {backend!r}")
+    if compiler is not None and not callable(compiler):
+        raise TypeError(
+            f"{fn}: compiler must be None or callable (e.g. torch.compile), "
+            f"got {type(compiler).__name__}"
+        )
     return num_blocks, steps_per_block, block_length

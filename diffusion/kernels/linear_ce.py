@@ -1,0 +1,237 @@
+"""Fused output projection + weighted cross-entropy, chunked over rows (Liger / Cut-Cross-Entropy).
+
+For rows h_i (N, D), an output projection W (V, D), targets y_i and row weights w_i:
+
+    loss = sum_i w_i * CE_i,   CE_i = logsumexp_v z_iv - z_{i, y_i},   z_i = W h_i   (V,)
+
+with the gradients (p_i = softmax(z_i), e_y the one-hot vector of y):
+
+    d loss / d h_i = w_i (p_i - e_{y_i}) W,
+    d loss / d W   = sum_i w_i (p_i - e_{y_i})^T h_i,
+    d loss / d w_i = CE_i.
+
+The rows are processed in chunks of C. For each chunk the logits (C, V) are formed in the compute
+dtype, a row kernel turns them into CE_i and, in place, into w_i (p_i - e_{y_i}), and two matmuls
+fold that into the gradients. The gradients are thus computed during the forward pass (Liger's
+fused linear cross-entropy), and the backward pass only scales them by the incoming gradient. Peak
+extra memory is one (C, V) chunk plus a float32 (V, D) accumulator, instead of the (N, V) logits,
+their float32 copy and their softmax. The result is not differentiable twice.
+
+The row kernel is the Triton kernel of `triton_ce.py` or `reference_rows` below; both have the
+same contract, so the chunking, the matmuls and the autograd plumbing are shared.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .._checks import check_int
+from .dispatch import resolve_backend
+
+__all__ = ["default_chunk_rows", "linear_cross_entropy", "reference_rows"]
+
+# (logits (C, V), targets (C,), row_weight (C,), with_grad) -> CE (C,), logits overwritten in
+# place with w_i (p_i - e_{y_i}) when with_grad.
+RowKernel = Callable[[Tensor, Tensor, Tensor, bool], Tensor]
+
+
+def reference_rows(logits: Tensor, targets: Tensor, row_weight: Tensor, with_grad: bool) -> Tensor:
+    """The row kernel in PyTorch: CE per row in float32 (float64 for float64 logits).
+
+    Args:
+        logits: (C, V) one chunk's logits; overwritten with w_i (p_i - e_{y_i}) if `with_grad`.
+        targets: (C,) integer targets in [0, V).
+        row_weight: (C,) float weights w_i.
+        with_grad: also write the logits' gradient.
+
+    Returns:
+        (C,) cross-entropies.
+    """
+    acc_dtype = torch.promote_types(logits.dtype, torch.float32)
+    z = logits.to(acc_dtype)  # the chunk itself when it is already float32
+    lse = torch.logsumexp(z, dim=-1)
+    ce = lse - z.gather(-1, targets[:, None]).squeeze(-1)
+    if not with_grad:
+        return ce
+    # In place on z: the chunk itself for float32 logits, else its upcast copy.
+    grad = z.sub_(lse[:, None]).exp_()  # softmax
+    grad.scatter_add_(-1, targets[:, None], -torch.ones_like(grad[:, :1]))
+    grad.mul_(row_weight.to(acc_dtype)[:, None])
+    if grad is not logits:
+        logits.copy_(grad)
+    return ce
+
+
+def default_chunk_rows(rows: int, vocab: int, dim: int) -> int:
+    """Rows per chunk so that a chunk's logits (C, V) are about as large as the rows (N, D).
+
+    Liger's rule: C = next_pow2(ceil(N / ceil(V / D))); a single chunk when V <= D.
+    """
+    if rows <= 1:
+        return 1
+    chunks = max(1, math.ceil(vocab / dim))
+    return min(rows, 1 << max(0, math.ceil(math.log2(math.ceil(rows / chunks)))))
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """loss = sum_i w_i CE_i with gradients computed chunk by chunk in the forward pass."""
+
+    @staticmethod
+    def forward(hidden, weight, targets, row_weight, chunk_rows, row_kernel, with_grad):
+        rows = hidden.shape[0]
+        acc_dtype = torch.promote_types(hidden.dtype, torch.float32)
+        ce = torch.empty(rows, dtype=acc_dtype, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if with_grad else hidden.new_empty(0)
+        grad_weight = (
+            torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
+            if with_grad
+            else weight.new_empty(0, dtype=acc_dtype)
+        )
+        for start in range(0, rows, chunk_rows):
+            stop = min(rows, start + chunk_rows)
+            h = hidden[start:stop]
+            logits = h @ weight.t()  # (C, V) in the compute dtype
+            ce[start:stop] = row_kernel(
+                logits, targets[start:stop], row_weight[start:stop], with_grad
+            )
+            if with_grad:  # logits now holds d loss / d logits
+                grad_hidden[start:stop] = logits @ weight
+                grad_weight += (logits.t() @ h).to(acc_dtype)
+        loss = (ce * row_weight.to(acc_dtype)).sum()
+        return loss, ce, grad_hidden, grad_weight
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        hidden, weight, _, row_weight, _, _, _ = inputs
+        _, ce, grad_hidden, grad_weight = output
+        ctx.mark_non_differentiable(ce, grad_hidden, grad_weight)
+        ctx.save_for_backward(ce, grad_hidden, grad_weight)
+        ctx.dtypes = (hidden.dtype, weight.dtype, row_weight.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, *unused):
+        ce, grad_hidden, grad_weight = ctx.saved_tensors
+        hidden_dtype, weight_dtype, row_weight_dtype = ctx.dtypes
+        needs = ctx.needs_input_grad
+        if (needs[0] or needs[1]) and grad_weight.numel() == 0:
+            raise RuntimeError(
+                "linear_cross_entropy: gradients were not computed in the forward pass "
+                "(it ran with grad disabled or with inputs that did not require grad)"
+            )
+        return (
+            (grad_hidden * grad_loss).to(hidden_dtype) if needs[0] else None,
+            (grad_weight * grad_loss).to(weight_dtype) if needs[1] else None,
+            None,
+            (ce * grad_loss).to(row_weight_dtype) if needs[3] else None,
+            None,
+            None,
+            None,
+        )
+
+
+def _row_kernel(backend: str) -> RowKernel:
+    if backend == "triton":
+        from .triton_ce import triton_rows
+
+        return triton_rows
+    return reference_rows
+
+
+def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
+    """The autocast dtype inside an autocast region, else the promoted input dtype."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+def linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    row_weight: Tensor | None = None,
+    *,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+) -> Tensor:
+    """sum_i w_i * CE(W h_i, y_i) without materialising the (N, V) logits (module docstring).
+
+    Args:
+        hidden: (N, D) rows, e.g. the final-norm hidden states of the masked positions.
+        weight: (V, D) output projection (`lm_head.weight`; no bias).
+        targets: (N,) integer targets in [0, V).
+        row_weight: (N,) float weights w_i (None = ones); differentiable.
+        backend: "auto", "reference" or "triton" (`diffusion.kernels.dispatch`).
+        chunk_size: rows per chunk; None = `default_chunk_rows(N, V, D)`.
+
+    Returns:
+        A 0-d tensor in float32 (float64 for float64 inputs). Under autocast the matmuls run in
+        the autocast dtype and the softmax in float32.
+    """
+    fn = "linear_cross_entropy"
+    _check_inputs(fn, hidden, weight, targets, row_weight)
+    rows, dim = hidden.shape
+    vocab = weight.shape[0]
+    if chunk_size is not None:
+        check_int(fn, "chunk_size", chunk_size, minimum=1)
+    if row_weight is None:
+        row_weight = torch.ones(rows, dtype=torch.float32, device=hidden.device)
+    if not torch.compiler.is_compiling() and targets.numel():
+        low, high = int(targets.min()), int(targets.max())
+        if low < 0 or high >= vocab:
+            raise ValueError(
+                f"{fn}: targets must lie in [0, {vocab}) (the rows of weight), got values in "
+                f"[{low}, {high}]"
+            )
+    kernel = _row_kernel(resolve_backend(backend, hidden.device, fn=fn))
+    dtype = _compute_dtype(hidden, weight)
+    with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        loss, *_ = _ChunkedLinearCrossEntropy.apply(
+            hidden.to(dtype),
+            weight.to(dtype),
+            targets.long(),
+            row_weight,
+            chunk_size or default_chunk_rows(rows, vocab, dim),
+            kernel,
+            with_grad,
+        )
+    return loss
+
+
+def _check_inputs(fn, hidden, weight, targets, row_weight) -> None:
+    for name, value in (("hidden", hidden), ("weight", weight)):
+        if not isinstance(value, Tensor) or value.dim() != 2 or not value.is_floating_point():
+            got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(f"{fn}: {name} must be a 2-D float tensor, got {got}")
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"{fn}: hidden (N, D) and weight (V, D) must share D, got {tuple(hidden.shape)} and "
+            f"{tuple(weight.shape)}"
+        )
+    rows = hidden.shape[0]
+    if (
+        not isinstance(targets, Tensor)
+        or targets.shape != (rows,)
+        or targets.is_floating_point()
+        or targets.dtype == torch.bool
+    ):
+        got = tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__
+        raise ValueError(f"{fn}: targets must be an integer tensor of shape ({rows},), got {got}")
+    if row_weight is not None and (
+        not isinstance(row_weight, Tensor)
+        or row_weight.shape != (rows,)
+        or not row_weight.is_floating_point()
+    ):
+        got = tuple(row_weight.shape) if isinstance(row_weight, Tensor) else type(row_weight)
+        raise ValueError(f"{fn}: row_weight must be a float tensor of shape ({rows},), got {got}")
+    devices = {hidden.device, weight.device, targets.device}
+    if row_weight is not None:
+        devices.add(row_weight.device)
+    if len(devices) > 1:
+        raise ValueError(f"{fn}: all inputs must be on one device, got {sorted(map(str, devices))}")
