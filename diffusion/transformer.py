@@ -196,14 +196,23 @@ class Transformer(nn.Module):
 
     def logits_from(self, h: Tensor, attention_mask: Tensor | None = None, *, start: int) -> Tensor:
         """`layers[start:]`, the final norm and `lm_head`: (B, L, D) -> (B, L, V)."""
+        return self.lm_head(self.features_from(h, attention_mask, start=start))
+
+    def features_from(
+        self, h: Tensor, attention_mask: Tensor | None = None, *, start: int
+    ) -> Tensor:
+        """`layers[start:]` and the final norm: (B, L, D) -> (B, L, D), the input of `lm_head`.
+
+        With `lm_head.weight` this feeds `diffusion.masked_diffusion_loss_from_hidden`, which
+        never forms the (B, L, V) logits.
+        """
         self._check_layer_index("start", start)
         if h.dim() != 3 or h.shape[1] > self.max_seq_len:
             raise ValueError(
-                f"Transformer.logits_from: h must be (B, L, D) with L <= {self.max_seq_len}, "
+                f"Transformer.features_from: h must be (B, L, D) with L <= {self.max_seq_len}, "
                 f"got shape {tuple(h.shape)}"
             )
-        h = self._run_layers(h, attention_mask, start, len(self.layers))
-        return self.lm_head(self.norm(h))
+        return self.norm(self._run_layers(h, attention_mask, start, len(self.layers)))
 
     def _run_layers(
         self, h: Tensor, attention_mask: Tensor | None, start: int, stop: int

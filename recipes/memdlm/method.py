@@ -12,6 +12,11 @@ MemDLM (arXiv 2603.22241; memdlm-method.md section 2.4) for one batch:
 
 Efficiency: layers before the first fast-weight layer do not depend on phi, so they run once per
 state without gradient, and the anchor's early hidden states are shared with the outer pass.
+With the reference Transformer, the losses go through `dd.masked_diffusion_loss_from_hidden`
+(`model.norm` output and `model.lm_head.weight`): only the masked rows are projected, and the
+(B, L, V) logits are never formed (`loss_backend`, docs/kernels.md). `memdlm_core` and
+`standard_loss` are the compile-clean parts of the steps (`compile_steps`): everything that draws
+from a generator or reads values back to Python stays outside them.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -82,8 +88,76 @@ def outer_loss(logits: torch.Tensor, batch: Batch, anchor: Anchor) -> torch.Tens
     )
 
 
-def standard_step(model, batch: Batch, anchor: Anchor) -> StepOutput:
-    loss = outer_loss(model(anchor.xt), batch, anchor)
+def fused_head(model, loss_backend: str | None) -> torch.Tensor | None:
+    """`model.lm_head.weight` when the fused loss applies, else None (the logits path).
+
+    It applies to the reference `dd.Transformer` whose bias-free `lm_head` carries no hooks
+    (a hook, e.g. fast weights on the head, must see the head's call), unless loss_backend is
+    None. loss_backend: None, "auto", "reference" or "triton" (`diffusion.kernels`).
+    """
+    if loss_backend is None or not isinstance(model, dd.Transformer):
+        return None
+    head = model.lm_head
+    if head.bias is not None or head._forward_hooks or head._forward_pre_hooks:
+        return None
+    return head.weight
+
+
+def head_loss(
+    model,
+    hidden: torch.Tensor,
+    start: int,
+    x0: torch.Tensor,
+    mask: torch.Tensor,
+    t: torch.Tensor,
+    maskable: torch.Tensor,
+    *,
+    normalize: str,
+    weight: torch.Tensor | None = None,
+    loss_backend: str | None = "auto",
+) -> torch.Tensor:
+    """The masked diffusion loss of `model.layers[start:]` and the head applied to `hidden`."""
+    head = fused_head(model, loss_backend)
+    common = dict(schedule=SCHEDULE, maskable=maskable, normalize=normalize, weight=weight)
+    if head is None:
+        return dd.masked_diffusion_loss(
+            model.logits_from(hidden, start=start), x0, mask, t, **common
+        )
+    features = model.features_from(hidden, start=start)
+    return dd.masked_diffusion_loss_from_hidden(
+        features, head, x0, mask, t, backend=loss_backend, **common
+    )
+
+
+def standard_loss(model, batch: Batch, anchor: Anchor, loss_backend: str | None = "auto"):
+    """The standard masked-diffusion loss on x_t (compile-clean)."""
+    if fused_head(model, loss_backend) is None:
+        return outer_loss(model(anchor.xt), batch, anchor)
+    hidden = model.hidden_states(anchor.xt, upto=0)
+    return head_loss(
+        model,
+        hidden,
+        0,
+        batch.x0,
+        anchor.mask,
+        anchor.t,
+        batch.maskable,
+        normalize="token",
+        loss_backend=loss_backend,
+    )
+
+
+def standard_step(
+    model,
+    batch: Batch,
+    anchor: Anchor,
+    *,
+    loss_backend: str | None = "auto",
+    compiled: dict[str, Callable] | None = None,
+) -> StepOutput:
+    """compiled: from `compile_steps` (None = eager)."""
+    loss_fn = compiled["standard"] if compiled is not None else standard_loss
+    loss = loss_fn(model, batch, anchor, loss_backend)
     return StepOutput(loss, {"loss": loss.item()})
 
 
@@ -165,7 +239,17 @@ def first_fast_layer(model, cfg: MemDLMConfig) -> int:
     return int(len(model.layers) * (1 - cfg.layer_fraction))
 
 
-def make_inner_loss(model, mem, x0, maskable, start: int, *, per_sample: bool, uniform: bool):
+def make_inner_loss(
+    model,
+    mem,
+    x0,
+    maskable,
+    start: int,
+    *,
+    per_sample: bool,
+    uniform: bool,
+    loss_backend: str | None = "auto",
+):
     """inner_loss(phi, meta, state) for bilevel.solve: the model from layer `start` with phi bound.
 
     Weighting: 1/r with r the state's realised mask ratio (training), or uniform (inference).
@@ -175,31 +259,22 @@ def make_inner_loss(model, mem, x0, maskable, start: int, *, per_sample: bool, u
 
     def inner_loss(phi, meta, state: InnerState) -> torch.Tensor:
         del meta  # the outer variables are the model's own parameters, closed over
+        weight = torch.ones_like(state.ratio) if uniform else SCHEDULE.weight(state.ratio)
+        if per_sample:  # sum_b (w_b / |M_b|) sum_{i in M_b} CE_bi
+            weight = weight / state.loss_mask.sum(1).clamp(min=1)
         with mem.bind(phi):
-            logits = model.logits_from(state.hidden, start=start)
-        weight = torch.ones_like(state.ratio) if uniform else None
-        if not per_sample:
-            return dd.masked_diffusion_loss(
-                logits,
+            return head_loss(
+                model,
+                state.hidden,
+                start,
                 x0,
                 state.loss_mask,
                 state.ratio,
-                schedule=SCHEDULE,
-                maskable=maskable,
-                normalize="masked",
+                maskable,
+                normalize="sum" if per_sample else "masked",
                 weight=weight,
+                loss_backend=loss_backend,
             )
-        per_token = dd.masked_diffusion_loss(
-            logits,
-            x0,
-            state.loss_mask,
-            state.ratio,
-            schedule=SCHEDULE,
-            maskable=maskable,
-            weight=weight,
-            reduction="none",
-        )
-        return (per_token.sum(1) / state.loss_mask.sum(1).clamp(min=1)).sum()
 
     return inner_loss
 
@@ -210,6 +285,85 @@ class Adaptation:
     losses: list[float]  # inner loss at each step
     grad_norms: list[float]  # global norm of the raw inner gradient at each step
     max_tensor_norms: list[float]  # the largest per-tensor norm (what the clip compares)
+
+
+def inner_states(
+    model,
+    x0: torch.Tensor,
+    maskable: torch.Tensor,
+    input_masks: list[torch.Tensor],
+    loss_masks_: list[torch.Tensor],
+    start: int,
+    *,
+    mask_id: int,
+    precomputed: dict[int, torch.Tensor] | None = None,
+) -> list[InnerState]:
+    """The inner steps' data: early hidden states (no gradient), loss masks and mask ratios.
+
+    precomputed: {state index: early hidden states} already computed by the caller (the anchor's,
+    shared with the outer pass); other states run the early layers here without gradient.
+    """
+    states = []
+    for i, (input_mask, loss_mask) in enumerate(zip(input_masks, loss_masks_)):
+        if precomputed is not None and i in precomputed:
+            hidden = precomputed[i].detach()
+        else:
+            with torch.no_grad():
+                hidden = model.hidden_states(torch.where(input_mask, mask_id, x0), upto=start)
+        # A row with nothing masked has no loss terms; the floor only keeps t inside (0, 1].
+        ratio = _ratio(input_mask, maskable).clamp(min=1e-6)
+        states.append(InnerState(hidden, loss_mask, ratio))
+    return states
+
+
+def init_fast_weights(model, mem, x0: torch.Tensor, *, per_sample: bool, generator):
+    """phi_0: A random (drawn from `generator`), B = 0; one per sample when per_sample."""
+    batch_size = x0.shape[0] if per_sample else None
+    # float32 fast weights under bf16 models (accurate updates), float64 for float64 models.
+    dtype = torch.promote_types(next(model.parameters()).dtype, torch.float32)
+    return mem.init(batch_size=batch_size, generator=generator, device=x0.device, dtype=dtype)
+
+
+def solve_inner(
+    model,
+    mem,
+    x0: torch.Tensor,
+    maskable: torch.Tensor,
+    states: list[InnerState],
+    phi0: dict[str, torch.Tensor],
+    cfg: MemDLMConfig,
+    *,
+    start: int,
+    per_sample: bool,
+    uniform: bool = False,
+    loss_backend: str | None = "auto",
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The inner loop through `bilevel.solve` in first-order mode (compile-clean).
+
+    Returns the detached adapted fast weights and solve's info dict (tensors).
+    """
+    inner_loss = make_inner_loss(
+        model,
+        mem,
+        x0,
+        maskable,
+        start,
+        per_sample=per_sample,
+        uniform=uniform,
+        loss_backend=loss_backend,
+    )
+    with torch.enable_grad():  # the inner loop needs gradients even inside evaluation code
+        phi, info = bl.solve(
+            inner_loss,
+            phi0,
+            None,
+            optimizer=inner_optimizer(cfg, per_sample),
+            steps=len(states),
+            mode=bl.FirstOrder(),
+            data=bl.PerStep(states),
+            return_info=True,
+        )
+    return mm.detach(phi), info
 
 
 def adapt(
@@ -226,6 +380,7 @@ def adapt(
     per_sample: bool,
     uniform: bool = False,
     precomputed: dict[int, torch.Tensor] | None = None,
+    loss_backend: str | None = "auto",
 ) -> Adaptation:
     """Run the inner loop through `bilevel.solve` in first-order mode.
 
@@ -233,38 +388,115 @@ def adapt(
     shared with the outer pass); other states run the early layers here without gradient.
     """
     start = first_fast_layer(model, cfg)
-    states = []
-    for i, (input_mask, loss_mask) in enumerate(zip(input_masks, loss_masks_)):
-        if precomputed is not None and i in precomputed:
-            hidden = precomputed[i].detach()
-        else:
-            with torch.no_grad():
-                hidden = model.hidden_states(torch.where(input_mask, mask_id, x0), upto=start)
-        # A row with nothing masked has no loss terms; the floor only keeps t inside (0, 1].
-        ratio = _ratio(input_mask, maskable).clamp(min=1e-6)
-        states.append(InnerState(hidden, loss_mask, ratio))
-    batch_size = x0.shape[0] if per_sample else None
-    # float32 fast weights under bf16 models (accurate updates), float64 for float64 models.
-    dtype = torch.promote_types(next(model.parameters()).dtype, torch.float32)
-    phi0 = mem.init(batch_size=batch_size, generator=generator, device=x0.device, dtype=dtype)
-    inner_loss = make_inner_loss(
-        model, mem, x0, maskable, start, per_sample=per_sample, uniform=uniform
+    states = inner_states(
+        model,
+        x0,
+        maskable,
+        input_masks,
+        loss_masks_,
+        start,
+        mask_id=mask_id,
+        precomputed=precomputed,
     )
-    with torch.enable_grad():  # the inner loop needs gradients even inside evaluation code
-        phi, info = bl.solve(
-            inner_loss,
-            phi0,
-            None,
-            optimizer=inner_optimizer(cfg, per_sample),
-            steps=len(states),
-            mode=bl.FirstOrder(),
-            data=bl.PerStep(states),
-            return_info=True,
-        )
+    phi0 = init_fast_weights(model, mem, x0, per_sample=per_sample, generator=generator)
+    phi, info = solve_inner(
+        model,
+        mem,
+        x0,
+        maskable,
+        states,
+        phi0,
+        cfg,
+        start=start,
+        per_sample=per_sample,
+        uniform=uniform,
+        loss_backend=loss_backend,
+    )
     largest = torch.stack(list(info["grad_norms"].values())).amax(0)
-    return Adaptation(
-        mm.detach(phi), info["loss"].tolist(), info["grad_norm"].tolist(), largest.tolist()
+    return Adaptation(phi, info["loss"].tolist(), info["grad_norm"].tolist(), largest.tolist())
+
+
+def _outer(model, mem, phi, hidden_t, start, batch, anchor, log_gap, loss_backend):
+    """The outer loss with phi bound, and (log_gap) the same loss with fast weights off."""
+
+    def loss_of(hidden):
+        return head_loss(
+            model,
+            hidden,
+            start,
+            batch.x0,
+            anchor.mask,
+            anchor.t,
+            batch.maskable,
+            normalize="token",
+            loss_backend=loss_backend,
+        )
+
+    with mem.bind(phi):
+        loss = loss_of(hidden_t)
+    off = None
+    if log_gap:
+        with torch.no_grad():
+            off = loss_of(hidden_t.detach())
+    return loss, off
+
+
+def _step_metrics(loss, off, losses, grad_norms, max_tensor_norms) -> dict[str, float]:
+    metrics = {"loss": loss.item()}
+    for k, (value, norm, largest) in enumerate(zip(losses, grad_norms, max_tensor_norms), 1):
+        metrics[f"inner_loss_{k}"] = value
+        metrics[f"inner_grad_norm_{k}"] = norm
+        metrics[f"inner_max_tensor_norm_{k}"] = largest
+    if off is not None:
+        metrics["loss_off"] = off.item()
+        metrics["gap"] = off.item() - loss.item()
+    return metrics
+
+
+def memdlm_core(
+    model,
+    mem,
+    batch: Batch,
+    anchor: Anchor,
+    input_masks: list[torch.Tensor],
+    loss_masks_: list[torch.Tensor],
+    phi0: dict[str, torch.Tensor],
+    cfg: MemDLMConfig,
+    mask_id: int,
+    log_gap: bool,
+    loss_backend: str | None = "auto",
+):
+    """The MemDLM step from drawn masks and phi_0 (compile-clean: no generator, no `.item()`).
+
+    Returns (loss, loss with fast weights off or None, inner info dict of tensors).
+    """
+    start = first_fast_layer(model, cfg)
+    hidden_t = model.hidden_states(anchor.xt, upto=start)  # with grad: reused by the outer pass
+    anchor_index = {len(input_masks) - 1: hidden_t} if input_masks[-1] is anchor.mask else {}
+    states = inner_states(
+        model,
+        batch.x0,
+        batch.maskable,
+        input_masks,
+        loss_masks_,
+        start,
+        mask_id=mask_id,
+        precomputed=anchor_index,
     )
+    phi, info = solve_inner(
+        model,
+        mem,
+        batch.x0,
+        batch.maskable,
+        states,
+        phi0,
+        cfg,
+        start=start,
+        per_sample=cfg.per_sample,
+        loss_backend=loss_backend,
+    )
+    loss, off = _outer(model, mem, phi, hidden_t, start, batch, anchor, log_gap, loss_backend)
+    return loss, off, info
 
 
 def memdlm_step(
@@ -277,11 +509,29 @@ def memdlm_step(
     mask_id: int,
     generator,
     log_gap: bool,
+    loss_backend: str | None = "auto",
+    compiled: dict[str, Callable] | None = None,
 ) -> StepOutput:
-    """One MemDLM training step (without the optimizer update). See the module docstring."""
-    start = first_fast_layer(model, cfg)
+    """One MemDLM training step (without the optimizer update). See the module docstring.
+
+    compiled: from `compile_steps`; the masks and phi_0 are then drawn here and the rest of the
+    step runs as one compiled graph (`memdlm_core`). None = eager.
+    """
     inputs = trajectory_masks(anchor.mask, batch.maskable, cfg, generator)
     targets = loss_masks(inputs, anchor.mask, cfg.inner_loss_mask)
+    if compiled is not None:
+        phi0 = init_fast_weights(
+            model, mem, batch.x0, per_sample=cfg.per_sample, generator=generator
+        )
+        loss, off, info = compiled["memdlm"](
+            model, mem, batch, anchor, inputs, targets, phi0, cfg, mask_id, log_gap, loss_backend
+        )
+        largest = torch.stack(list(info["grad_norms"].values())).amax(0)
+        metrics = _step_metrics(
+            loss, off, info["loss"].tolist(), info["grad_norm"].tolist(), largest.tolist()
+        )
+        return StepOutput(loss, metrics)
+    start = first_fast_layer(model, cfg)
     hidden_t = model.hidden_states(anchor.xt, upto=start)  # with grad: reused by the outer pass
     anchor_index = {len(inputs) - 1: hidden_t} if inputs[-1] is anchor.mask else {}
     adaptation = adapt(
@@ -296,21 +546,28 @@ def memdlm_step(
         generator=generator,
         per_sample=cfg.per_sample,
         precomputed=anchor_index,
+        loss_backend=loss_backend,
     )
-    with mem.bind(adaptation.phi):
-        loss = outer_loss(model.logits_from(hidden_t, start=start), batch, anchor)
-    metrics = {"loss": loss.item()}
-    rows = zip(adaptation.losses, adaptation.grad_norms, adaptation.max_tensor_norms)
-    for k, (value, norm, largest) in enumerate(rows, start=1):
-        metrics[f"inner_loss_{k}"] = value
-        metrics[f"inner_grad_norm_{k}"] = norm
-        metrics[f"inner_max_tensor_norm_{k}"] = largest
-    if log_gap:
-        with torch.no_grad():
-            off = outer_loss(model.logits_from(hidden_t.detach(), start=start), batch, anchor)
-        metrics["loss_off"] = off.item()
-        metrics["gap"] = off.item() - loss.item()
+    loss, off = _outer(
+        model, mem, adaptation.phi, hidden_t, start, batch, anchor, log_gap, loss_backend
+    )
+    metrics = _step_metrics(
+        loss, off, adaptation.losses, adaptation.grad_norms, adaptation.max_tensor_norms
+    )
     return StepOutput(loss, metrics)
+
+
+def compile_steps(compiler: Callable[[Callable], Callable] | None = None) -> dict[str, Callable]:
+    """The compile-clean step functions wrapped by `compiler` (default `torch.compile`), for
+    `standard_step(..., compiled=...)` and `memdlm_step(..., compiled=...)`.
+
+    Compiled: the whole standard loss; for MemDLM the anchor's early layers, the inner states,
+    the inner loop (bilevel.solve, through torch.func under the compiler), the outer loss and
+    the gap diagnostic, with backward graphs for both losses. Left eager: the mask and phi_0
+    draws (generators), the `.item()` metrics, backward calls and the optimizer.
+    """
+    compiler = torch.compile if compiler is None else compiler
+    return {"standard": compiler(standard_loss), "memdlm": compiler(memdlm_core)}
 
 
 def adapt_to_prompt(

@@ -23,6 +23,7 @@ from recipes.memdlm import checkpoint as ckpt
 from recipes.memdlm.batches import BatchSampler
 from recipes.memdlm.config import MemDLMConfig, PhaseConfig
 from recipes.memdlm.method import (
+    compile_steps,
     cosine_with_warmup,
     make_fast_weights,
     memdlm_step,
@@ -106,8 +107,15 @@ def train_phase(
     reporter: Reporter,
     mask_id: int,
     time_eps: float = 1e-3,
+    loss_backend: str | None = "auto",
+    compiled: bool = False,
 ) -> PhaseResult:
-    """Train `model` in place for `phase.steps` steps with `method` ("standard" or "memdlm")."""
+    """Train `model` in place for `phase.steps` steps with `method` ("standard" or "memdlm").
+
+    loss_backend: the fused loss's kernel ("auto", "reference", "triton") or None for the plain
+    logits path (`method.fused_head`). compiled: run the steps through `torch.compile`
+    (`method.compile_steps`; the first steps pay the compilation).
+    """
     folder.mkdir(parents=True, exist_ok=True)
     done = folder / "model.pt"
     if done.exists():
@@ -124,6 +132,12 @@ def train_phase(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     generators = _generators(seed, device)
     mem = make_fast_weights(model, memdlm) if method == "memdlm" else None
+    # Only non-default options are passed, so the step functions keep their plain signature.
+    step_options: dict[str, Any] = {}
+    if loss_backend != "auto":
+        step_options["loss_backend"] = loss_backend
+    if compiled:
+        step_options["compiled"] = compile_steps()
     counters = {"step": 0, "skipped": 0, "in_row": 0, "seconds": 0.0}
 
     def save_checkpoint() -> None:
@@ -167,7 +181,7 @@ def train_phase(
             )
             with _autocast(device):
                 if mem is None:
-                    out = standard_step(model, batch, anchor)
+                    out = standard_step(model, batch, anchor, **step_options)
                 else:
                     log_gap = step % memdlm.gap_every == 0
                     out = memdlm_step(
@@ -179,6 +193,7 @@ def train_phase(
                         mask_id=mask_id,
                         generator=generators["inner"],
                         log_gap=log_gap,
+                        **step_options,
                     )
             record: dict[str, Any] = {"step": step, **out.metrics}
             grad_norm = math.nan
