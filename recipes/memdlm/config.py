@@ -60,7 +60,7 @@ class DataConfig(_Strict):
     eval_context_lengths: list[int] = [96, 128, 192]
     eval_per_cell: int = Field(32, gt=0, description="held-out examples per (task, length)")
     continuation_response_len: int = Field(16, gt=0)
-    value_digits: int = Field(4, ge=1, le=8, description="digits of a needle's value")
+    value_len: int = Field(2, ge=1, le=8, description="needle value: digit, capital, digit...")
     examples_per_cell: int = Field(2000, gt=0, description="training examples per (task, length)")
     max_len_policy: Literal["filter", "truncate"] = "filter"
     seed: int = 0

@@ -1,8 +1,8 @@
 """Embedded data, the user's JSONL data, and the byte-level tokenizer.
 
 Nothing is downloaded. Filler text is real English prose from the standard library's
-`pydoc_data.topics` (the Python reference manual); digits are removed from it so that the
-only digits in a retrieval prompt are the needles' values. Tasks, after RULER and BABILong:
+`pydoc_data.topics` (the Python reference manual), lower-cased and without digits, so that the
+digits and capitals of a retrieval prompt belong to its needles. Tasks, after RULER and BABILong:
 
 - `single`: one needle "<key> code is <value>." hidden in filler, then "<key> code?".
 - `multikey`: the same with two distractor needles of other keys.
@@ -73,7 +73,7 @@ class Example:
 
 @functools.lru_cache(maxsize=1)
 def english_paragraphs() -> tuple[tuple[str, str], ...]:
-    """(topic, paragraph) pairs of prose from `pydoc_data.topics`, ASCII, digits removed."""
+    """(topic, paragraph) pairs of prose from `pydoc_data.topics`: ASCII, lower case, no digits."""
     from pydoc_data.topics import topics
 
     found = []
@@ -86,7 +86,7 @@ def english_paragraphs() -> tuple[tuple[str, str], ...]:
                 continue  # section underlines
             text = " ".join(line.strip() for line in lines)
             text = text.encode("ascii", "ignore").decode()
-            text = re.sub(r"\s+", " ", re.sub(r"[0-9]", "", text)).strip()
+            text = re.sub(r"\s+", " ", re.sub(r"[0-9]", "", text)).strip().lower()
             prose = sum(ch.isalpha() or ch == " " for ch in text)
             if len(text) >= 80 and prose / len(text) >= 0.9:
                 found.append((topic, text))
@@ -127,8 +127,15 @@ def _hide(rng: random.Random, filler: str, needles: list[str]) -> str:
     return "".join(pieces) + filler[last:]
 
 
-def _value(rng: random.Random, digits: int) -> str:
-    return "".join(rng.choice(string.digits) for _ in range(digits))
+def _value(rng: random.Random, length: int) -> str:
+    """A needle's value: a digit, then an upper-case letter, alternating ("7K", "7K3").
+
+    Filler holds neither digits nor capitals, so values stand out by content; alternating the
+    two classes makes the position of each character recoverable without learning to count,
+    which a tiny model needs thousands of steps for.
+    """
+    classes = (string.digits, string.ascii_uppercase)
+    return "".join(rng.choice(classes[i % 2]) for i in range(length))
 
 
 def _variable(rng: random.Random, taken: set[str]) -> str:
@@ -170,14 +177,14 @@ def make_example(
     rng: random.Random,
     split: str,
     response_len: int = 16,
-    value_digits: int = 4,
+    value_len: int = 2,
 ) -> Example:
     """One example of `task` whose prompt is exactly `context_len` bytes long."""
     corpus = filler_text(split)
     if task == "continuation":
         text = _filler(rng, corpus, context_len + response_len)
         return Example(text[:context_len], text[context_len:], task, context_len)
-    needles, question, answer = _needles_and_question(task, rng, value_digits)
+    needles, question, answer = _needles_and_question(task, rng, value_len)
     n_filler = context_len - len(question) - sum(len(n) + 1 for n in needles)
     if n_filler < 8:
         raise DataError(f"context length {context_len} is too short for task {task!r}")
@@ -194,7 +201,7 @@ def make_split(
     seed: int,
     split: str,
     response_len: int = 16,
-    value_digits: int = 4,
+    value_len: int = 2,
 ) -> list[Example]:
     """`per_cell` examples for every (task, context length), reproducible from `seed`."""
     examples = []
@@ -202,7 +209,7 @@ def make_split(
         for length in context_lengths:
             rng = random.Random(f"{split}:{task}:{length}:{seed}")
             examples += [
-                make_example(task, length, rng, split, response_len, value_digits)
+                make_example(task, length, rng, split, response_len, value_len)
                 for _ in range(per_cell)
             ]
     return examples

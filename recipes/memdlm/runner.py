@@ -53,7 +53,7 @@ def resolve_device(name: str) -> torch.device:
 def _builtin_examples(cfg: Config) -> dict[str, list[Example]]:
     d = cfg.data
     response_len = d.continuation_response_len
-    common = {"seed": d.seed, "response_len": response_len, "value_digits": d.value_digits}
+    common = {"seed": d.seed, "response_len": response_len, "value_len": d.value_len}
     retrieval = [t for t in d.eval_tasks if t in RETRIEVAL_TASKS]
     return {
         "pretrain": make_split(
