@@ -5,14 +5,13 @@ SGD inner loop (higher's Adam uses an older epsilon placement, so it is not an o
 
 from __future__ import annotations
 
+import higher  # peer oracles from the dev extra: a missing one must fail, not skip
 import pytest
 import torch
+import torchopt
 from torch import nn
 
 import bilevel as bl
-
-higher = pytest.importorskip("higher")
-torchopt = pytest.importorskip("torchopt")
 
 TASKS, SHOTS, STEPS, LR = 3, 6, 3, 0.1
 
