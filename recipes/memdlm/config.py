@@ -36,6 +36,18 @@ class ModelConfig(_Strict):
     n_heads: int = Field(4, gt=0)
     d_ff: int = Field(256, gt=0)
     max_seq_len: int = Field(512, gt=0)
+    # A Hugging Face backbone instead of the reference Transformer (recipes/memdlm/hf.py).
+    path: str | None = Field(None, description="local Hugging Face model folder")
+    trust_remote_code: bool = False
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    mask_token: str | None = Field(None, description="default: found in the tokenizer")
+    eos_token: str | None = Field(None, description="default: the tokenizer's EOS (or SEP)")
+    chat_template: bool = Field(False, description="wrap prompts in the tokenizer's template")
+    lora_rank: int = Field(0, ge=0, description="outer LoRA (peft) rank; 0 = full fine-tuning")
+    lora_alpha: float = Field(64.0, gt=0)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    lora_targets: list[str] = ["all-linear"]
+    load_in_4bit: bool = Field(False, description="NF4 base weights (QLoRA; CUDA, bitsandbytes)")
 
     @model_validator(mode="after")
     def _heads_divide(self) -> ModelConfig:
@@ -101,6 +113,14 @@ class MemDLMConfig(_Strict):
     gap_every: int = Field(1, ge=1, description="log the same-batch fast-weights-off gap")
 
 
+class DistributedConfig(_Strict):
+    """Multi-process training under torchrun (recipes/memdlm/distributed.py, docs/scaling.md)."""
+
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    sync_inner: bool = Field(False, description="all-reduce shared fast-weight gradients")
+
+
 class EvalConfig(_Strict):
     batch_size: int = Field(32, ge=1)
     exposure_examples: int = Field(32, ge=1, description="continuations for the R_EB curve")
@@ -119,6 +139,7 @@ class Config(_Strict):
     train: PhaseConfig = PhaseConfig()
     memdlm: MemDLMConfig = MemDLMConfig()
     eval: EvalConfig = EvalConfig()
+    distributed: DistributedConfig = DistributedConfig()
 
 
 def _preset_cpu_tiny() -> dict[str, Any]:
