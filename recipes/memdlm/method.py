@@ -217,18 +217,26 @@ def loss_masks(inputs: list[torch.Tensor], anchor_mask, mode: str) -> list[torch
 # --------------------------------------------------------------------------- inner loop
 
 
-def inner_optimizer(cfg: MemDLMConfig, per_sample: bool):
-    """SGD on phi after a per-tensor gradient transform (clip at cfg.inner_clip, or g/||g||)."""
+def inner_optimizer(cfg: MemDLMConfig, per_sample: bool, grad_sync=None):
+    """SGD on phi after a per-tensor gradient transform (clip at cfg.inner_clip, or g/||g||).
+
+    grad_sync: an optional transform applied to the raw gradients first (the all-reduce of shared
+    fast-weight gradients across data-parallel ranks, `distributed.inner_grad_sync`).
+    """
     batch_dims = 1 if per_sample else 0
     if cfg.grad_transform == "clip":
         transform = bl.clip_per_tensor(cfg.inner_clip, batch_dims=batch_dims)
     else:
         transform = bl.normalize_per_tensor(batch_dims=batch_dims)
-    return bl.chain(transform, bl.sgd(cfg.inner_lr))
+    first = () if grad_sync is None else (grad_sync,)
+    return bl.chain(*first, transform, bl.sgd(cfg.inner_lr))
 
 
 def make_fast_weights(model, cfg: MemDLMConfig):
-    targets = mm.last_layers(model, fraction=cfg.layer_fraction, modules=tuple(cfg.targets))
+    if hasattr(model, "fast_weight_targets"):  # a wrapped backbone (hf.HFDenoiser) knows its FFNs
+        targets = model.fast_weight_targets(cfg.layer_fraction, tuple(cfg.targets))
+    else:
+        targets = mm.last_layers(model, fraction=cfg.layer_fraction, modules=tuple(cfg.targets))
     if cfg.fast_weights == "full":
         return mm.FullFastWeights(model, targets)
     return mm.FastLoRA(model, targets, rank=cfg.rank, alpha=cfg.alpha)
@@ -337,10 +345,12 @@ def solve_inner(
     per_sample: bool,
     uniform: bool = False,
     loss_backend: str | None = "auto",
+    grad_sync=None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The inner loop through `bilevel.solve` in first-order mode (compile-clean).
 
-    Returns the detached adapted fast weights and solve's info dict (tensors).
+    Returns the detached adapted fast weights and solve's info dict (tensors). grad_sync: see
+    `inner_optimizer`.
     """
     inner_loss = make_inner_loss(
         model,
@@ -357,7 +367,7 @@ def solve_inner(
             inner_loss,
             phi0,
             None,
-            optimizer=inner_optimizer(cfg, per_sample),
+            optimizer=inner_optimizer(cfg, per_sample, grad_sync),
             steps=len(states),
             mode=bl.FirstOrder(),
             data=bl.PerStep(states),
@@ -465,10 +475,12 @@ def memdlm_core(
     mask_id: int,
     log_gap: bool,
     loss_backend: str | None = "auto",
+    grad_sync=None,
 ):
     """The MemDLM step from drawn masks and phi_0 (compile-clean: no generator, no `.item()`).
 
-    Returns (loss, loss with fast weights off or None, inner info dict of tensors).
+    Returns (loss, loss with fast weights off or None, inner info dict of tensors). grad_sync:
+    see `inner_optimizer` (data-parallel training with shared fast weights).
     """
     start = first_fast_layer(model, cfg)
     hidden_t = model.hidden_states(anchor.xt, upto=start)  # with grad: reused by the outer pass
@@ -494,6 +506,7 @@ def memdlm_core(
         start=start,
         per_sample=cfg.per_sample,
         loss_backend=loss_backend,
+        grad_sync=grad_sync,
     )
     loss, off = _outer(model, mem, phi, hidden_t, start, batch, anchor, log_gap, loss_backend)
     return loss, off, info
