@@ -12,9 +12,17 @@ import argparse
 import os
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
-from recipes.memdlm.config import PRESETS, Config, ConfigError, build_config, parse_overrides
+from recipes.memdlm.config import (
+    PRESETS,
+    Config,
+    ConfigError,
+    build_config,
+    deep_merge,
+    parse_overrides,
+)
 
 COMMANDS = ("train", "eval", "sample", "compare", "inner-lr")
 
@@ -169,9 +177,7 @@ def _checkpoint_config(args, extra, checkpoint: Path) -> Config:
         saved = folder / "config.json"
         if saved.is_file() and args.config is None:
             base = Config.model_validate_json(saved.read_text()).model_dump()
-            from recipes.memdlm.config import _deep_merge
-
-            merged = _deep_merge(base, parse_overrides(extra))
+            merged = deep_merge(base, parse_overrides(extra))
             try:
                 return Config.model_validate(merged)
             except ValueError as error:
@@ -314,7 +320,7 @@ def cmd_sample(args, extra, reporter) -> int:
                 model, mem, prompt, cfg.memdlm, mask_id=tok.mask_id, generator=generator
             )
         with torch.no_grad():
-            context = mem.bind(phi) if mem is not None else _null()
+            context = mem.bind(phi) if mem is not None else nullcontext()
             with context:
                 out = dd.generate(
                     model,
@@ -333,12 +339,6 @@ def cmd_sample(args, extra, reporter) -> int:
             mem.remove()
     print(tok.decode(out[0, len(ids) :].tolist()))
     return 0
-
-
-def _null():
-    from contextlib import nullcontext
-
-    return nullcontext()
 
 
 def cmd_inner_lr(args, extra, reporter) -> int:

@@ -26,7 +26,14 @@ from recipes.memdlm.config import Config
 from recipes.memdlm.evaluate import eval_loss, make_loss_set, niah_accuracy
 from recipes.memdlm.progress import Reporter
 from recipes.memdlm.report import method_summary, paired, per_seed_record, plot_all, print_report
-from recipes.memdlm.runner import Data, evaluate_model, load_weights, new_model, prepare_data
+from recipes.memdlm.runner import (
+    Data,
+    evaluate_model,
+    load_weights,
+    new_model,
+    prepare_data,
+    resolve_device,
+)
 from recipes.memdlm.train import MetricsLog, train_phase
 
 METHODS = ("standard", "memdlm")
@@ -100,8 +107,6 @@ def run_compare(
     cache: Path | None = None,
     reporter: Reporter,
 ) -> dict[str, Any]:
-    from recipes.memdlm.runner import resolve_device
-
     device = resolve_device(cfg.device)
     data = prepare_data(cfg)  # every user error surfaces here, before the run folder exists
     if base is not None and not base.is_file():

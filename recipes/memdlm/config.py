@@ -193,11 +193,11 @@ def _preset_smoke() -> dict[str, Any]:
 PRESETS = {"cpu-tiny": _preset_cpu_tiny, "gpu": _preset_gpu, "smoke": _preset_smoke}
 
 
-def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
+            merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -274,11 +274,11 @@ def build_config(
         raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     tree = PRESETS[preset]()
     if toml_file is not None:
-        tree = _deep_merge(tree, load_toml(toml_file))
+        tree = deep_merge(tree, load_toml(toml_file))
     if overrides:
-        tree = _deep_merge(tree, overrides)
+        tree = deep_merge(tree, overrides)
     tree["preset"] = preset
     try:
-        return Config.model_validate(_deep_merge(Config().model_dump(), tree))
+        return Config.model_validate(deep_merge(Config().model_dump(), tree))
     except ValidationError as error:
         raise ConfigError(_first_error(error)) from None

@@ -26,7 +26,6 @@ from recipes.memdlm.method import (
     Anchor,
     adapt,
     adapt_to_prompt,
-    first_fast_layer,
     loss_masks,
     outer_loss,
     sample_anchor,
@@ -250,8 +249,3 @@ def exposure_bias_curve(
     with torch.no_grad(), mem.bind(phi) if phi is not None else nullcontext():
         _generate(model, batch.x0[:, :prompt_len], gen_length, tok, callback=on_step)
     return [s / max(t, 1e-12) for s, t in zip(seq_nll, static_nll)]
-
-
-def early_layers_unused(model, cfg: MemDLMConfig) -> int:
-    """How many layers the inner loop never differentiates (reported in the summary)."""
-    return first_fast_layer(model, cfg)
