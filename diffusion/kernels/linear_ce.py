@@ -66,15 +66,20 @@ def reference_rows(logits: Tensor, targets: Tensor, row_weight: Tensor, with_gra
     return ce
 
 
-def default_chunk_rows(rows: int, vocab: int, dim: int) -> int:
-    """Rows per chunk so that a chunk's logits (C, V) are about as large as the rows (N, D).
+def default_chunk_rows(rows: int, vocab: int, dim: int, *, min_rows: int = 128) -> int:
+    """Rows per chunk: Liger's C = next_pow2(ceil(N / ceil(V / D))), so that a chunk's logits
+    (C, V) are about as large as the rows (N, D), but at least `min_rows` (or N).
 
-    Liger's rule: C = next_pow2(ceil(N / ceil(V / D))); a single chunk when V <= D.
+    The floor matters for small N and large V/D: every chunk reads and writes the whole (V, D)
+    weight-gradient accumulator, which dominates once chunks have fewer rows than about 128
+    (CPU) or 1024 (GPU, the default there) -- the arithmetic intensity of that update is C / 4
+    flops per byte in float32.
     """
     if rows <= 1:
         return 1
     chunks = max(1, math.ceil(vocab / dim))
-    return min(rows, 1 << max(0, math.ceil(math.log2(math.ceil(rows / chunks)))))
+    liger = 1 << max(0, math.ceil(math.log2(math.ceil(rows / chunks))))
+    return min(rows, max(liger, min_rows))
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -100,7 +105,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             )
             if with_grad:  # logits now holds d loss / d logits
                 grad_hidden[start:stop] = logits @ weight
-                grad_weight += (logits.t() @ h).to(acc_dtype)
+                _accumulate(grad_weight, logits.t(), h)
         loss = (ce * row_weight.to(acc_dtype)).sum()
         return loss, ce, grad_hidden, grad_weight
 
@@ -125,7 +130,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             )
         return (
             (grad_hidden * grad_loss).to(hidden_dtype) if needs[0] else None,
-            (grad_weight * grad_loss).to(weight_dtype) if needs[1] else None,
+            _scaled(grad_weight, grad_loss, weight_dtype) if needs[1] else None,
             None,
             (ce * grad_loss).to(row_weight_dtype) if needs[3] else None,
             None,
@@ -134,12 +139,41 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         )
 
 
+def _scaled(grad: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """grad * scale in `dtype` with one allocation; the saved `grad` is never modified, so the
+    graph may be differentiated again (retain_graph)."""
+    if grad.dtype == dtype:
+        return grad * scale
+    return grad.to(dtype).mul_(scale.to(dtype))
+
+
+_DTYPE_MM = {"cuda": True}  # torch.addmm(..., out_dtype=float32) for bf16/fp16 on CUDA
+
+
+def _accumulate(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc += a @ b, in place, with acc in float32/float64 and a, b maybe bf16/fp16."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    if acc.device.type == "cuda" and _DTYPE_MM["cuda"]:
+        try:  # cuBLAS accumulates into the float32 buffer: no (V, D) temporary
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (RuntimeError, TypeError):  # older torch or unsupported dtypes
+            _DTYPE_MM["cuda"] = False
+    acc.add_(a @ b)  # a half-precision (V, D) product, then a float32 in-place add
+
+
 def _row_kernel(backend: str) -> RowKernel:
     if backend == "triton":
         from .triton_ce import triton_rows
 
         return triton_rows
     return reference_rows
+
+
+def _min_rows(hidden: Tensor) -> int:
+    return 1024 if hidden.device.type == "cuda" else 128
 
 
 def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
@@ -167,7 +201,8 @@ def linear_cross_entropy(
         targets: (N,) integer targets in [0, V).
         row_weight: (N,) float weights w_i (None = ones); differentiable.
         backend: "auto", "reference" or "triton" (`diffusion.kernels.dispatch`).
-        chunk_size: rows per chunk; None = `default_chunk_rows(N, V, D)`.
+        chunk_size: rows per chunk; None = `default_chunk_rows(N, V, D)` with a floor of 1024
+            rows on CUDA and 128 elsewhere.
 
     Returns:
         A 0-d tensor in float32 (float64 for float64 inputs). Under autocast the matmuls run in
@@ -197,7 +232,7 @@ def linear_cross_entropy(
             weight.to(dtype),
             targets.long(),
             row_weight,
-            chunk_size or default_chunk_rows(rows, vocab, dim),
+            chunk_size or default_chunk_rows(rows, vocab, dim, min_rows=_min_rows(hidden)),
             kernel,
             with_grad,
         )

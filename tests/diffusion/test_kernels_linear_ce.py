@@ -133,9 +133,11 @@ def test_peak_tensor_is_one_chunk_of_logits_not_all_of_them():
     assert dense_probe.largest == rows * vocab  # the probe does see a full logits tensor
 
 
-def test_default_chunk_follows_liger_rule():
-    assert linear_ce.default_chunk_rows(1000, 32000, 4096) == 128  # ceil(1000 / 8) -> 128
+def test_default_chunk_follows_liger_rule_above_a_floor():
+    assert linear_ce.default_chunk_rows(8192, 126_464, 4096, min_rows=1) == 512
+    assert linear_ce.default_chunk_rows(8192, 126_464, 4096, min_rows=1024) == 1024
     assert linear_ce.default_chunk_rows(100, 50, 64) == 100  # V <= D: one chunk
+    assert linear_ce.default_chunk_rows(512, 126_464, 256) == 128  # the floor
     assert linear_ce.default_chunk_rows(0, 10, 4) == 1
 
 
