@@ -183,7 +183,7 @@ def op_table(cfg, data, model, sampler, steps: int, top: int):
         run_steps(cfg, data, model, sampler, steps)
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events)
-    return [
+    rows = [
         (
             e.key,
             e.self_cpu_time_total / steps / 1000,
@@ -191,7 +191,10 @@ def op_table(cfg, data, model, sampler, steps: int, top: int):
             e.count / steps,
         )
         for e in events[:top]
-    ], total / steps / 1000
+    ]
+    # Per-sample fast weights are the only batched matmuls of the model (forward and backward).
+    bmm = sum(e.self_cpu_time_total for e in events if e.key == "aten::bmm")
+    return rows, total / steps / 1000, bmm / steps / 1000, bmm / total
 
 
 def main() -> None:
@@ -214,11 +217,16 @@ def main() -> None:
         print("\n| phase | ms/step | share |\n|---|---|---|")
         for name, seconds in sorted(phases.items(), key=lambda kv: -kv[1]):
             print(f"| {name} | {1000 * seconds:.1f} | {seconds / per_step:.1%} |")
-        rows, total_ms = op_table(cfg, data, model, sampler, args.steps, args.top)
+        rows, total_ms, bmm_ms, bmm_share = op_table(
+            cfg, data, model, sampler, args.steps, args.top
+        )
         print("\n| operator (self CPU) | ms/step | share | calls/step |\n|---|---|---|---|")
         for name, ms, share, calls in rows:
             print(f"| `{name}` | {ms:.2f} | {share:.1%} | {calls:.0f} |")
         print(f"| (all operators, profiled) | {total_ms:.1f} | 100% | |")
+        if overrides.get("per_sample"):
+            print(f"\nper-sample LoRA matmuls (`aten::bmm`, forward and backward): "
+                  f"{bmm_ms:.2f} ms/step, {bmm_share:.1%} of operator time")  # fmt: skip
 
 
 if __name__ == "__main__":
