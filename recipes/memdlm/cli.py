@@ -202,6 +202,7 @@ def cmd_compare(args, extra, reporter) -> int:
 
 def cmd_train(args, extra, reporter) -> int:
     from recipes.memdlm import checkpoint as ckpt
+    from recipes.memdlm import distributed
     from recipes.memdlm.batches import BatchSampler
     from recipes.memdlm.report import per_seed_record
     from recipes.memdlm.runner import (
@@ -213,6 +214,8 @@ def cmd_train(args, extra, reporter) -> int:
     )
     from recipes.memdlm.train import MetricsLog, train_phase
 
+    if distributed.launched():  # under torchrun: one process per device (docs/scaling.md)
+        return distributed.cmd_train(args, extra, reporter)
     if args.resume is not None:
         if extra or args.method or args.out or args.config or args.base:
             raise UsageError("--resume takes the saved configuration; drop other options")

@@ -1,0 +1,727 @@
+"""Multi-process training under `torchrun`: DDP or FSDP2, with the semantics of one process.
+
+`torchrun --nproc-per-node N -m recipes.memdlm train ...` starts N copies of the CLI; the `train`
+command then comes here (`cmd_train`). Each process owns one device (CUDA + NCCL, or CPU + gloo).
+
+Exactness by design (tested to 1e-5 in float32 against the single-process loop, `train.py`):
+
+- `train.batch_size` is the GLOBAL batch. Every rank reads the whole data set, draws the same
+  global batch and every random draw for it (anchors, pre-anchor masks, fast-weight inits) from
+  identically seeded generators, then keeps its own contiguous block of rows (`Context.rows`).
+  Padding is that of the global batch, so each row is exactly the row a single process sees.
+- The outer loss is token-normalised by the GLOBAL maskable count (known on every rank, since
+  every rank holds the global batch): rank r's loss is S_r / N with S_r its rows' weighted CE
+  sum. DDP and FSDP average gradients over ranks, so the loss is multiplied by the world size
+  before `backward`; the synchronised gradient is then sum_r grad S_r / N, the one-process
+  gradient. Gradient clipping and AdamW see identical gradients on every rank.
+- Fast weights live per rank (phi is per batch, never a model parameter). Per-sample fast weights
+  (`memdlm.per_sample=true`) are row-local, so every row gets the phi it gets in one process.
+  Shared fast weights (the reference code's default) are adapted on the rank's rows only, so they
+  differ from one process's phi; `distributed.sync_inner=true` all-reduces their inner
+  gradients (weighted by each rank's share of the masked tokens), which restores the one-process
+  phi exactly. This is what the reference code's `mem_sync_inner` intends (docs/scaling.md).
+
+Checkpoints: DDP writes `checkpoint.pt` from rank 0, atomically, in the single-process format
+(so a run can resume with any number of processes); FSDP writes a sharded
+`torch.distributed.checkpoint` folder `checkpoint.dcp/` (renamed into place once every rank has
+written its shard) that any world size can load. `model.pt` always holds the full weights.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import bilevel as bl
+from recipes.memdlm import checkpoint as ckpt
+from recipes.memdlm.batches import Batch, BatchSampler
+from recipes.memdlm.config import DistributedConfig, MemDLMConfig, PhaseConfig
+from recipes.memdlm.method import (
+    Anchor,
+    cosine_with_warmup,
+    init_fast_weights,
+    loss_masks,
+    make_fast_weights,
+    memdlm_core,
+    sample_anchor,
+    standard_loss,
+    trajectory_masks,
+)
+from recipes.memdlm.progress import Reporter
+from recipes.memdlm.train import (
+    Interrupted,
+    MetricsLog,
+    PhaseResult,
+    TrainingError,
+    _autocast,
+    _generators,
+    _summarise,
+)
+
+DCP_FOLDER = "checkpoint.dcp"
+FORWARD_METHODS = ("hidden_states", "logits_from", "features_from")
+
+
+# --------------------------------------------------------------------------- process group
+
+
+@dataclass(frozen=True)
+class Context:
+    """This process's place in the job: rank, world size, device and sharding strategy."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    strategy: str = "ddp"  # "ddp" or "fsdp"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def rows(self, batch_size: int) -> slice:
+        """This rank's contiguous block of a global batch of `batch_size` rows."""
+        if batch_size % self.world_size:
+            raise ValueError(
+                f"train.batch_size={batch_size} (the global batch) must be divisible by the "
+                f"number of processes {self.world_size}"
+            )
+        per_rank = batch_size // self.world_size
+        return slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+
+
+def launched() -> bool:
+    """True inside a `torchrun` job of more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init(cfg: DistributedConfig, device: str = "auto") -> Context:
+    """Join the job `torchrun` started (env:// rendezvous) and pick this rank's device.
+
+    device: the recipe's `device` setting; "auto" means CUDA when available. CUDA ranks use
+    `cuda:LOCAL_RANK` and NCCL, CPU ranks gloo (`cfg.backend` may name either).
+    """
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        if name not in os.environ:
+            raise ValueError(f"environment variable {name} is not set; launch with torchrun")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if use_cuda else "gloo")
+    if backend == "nccl" and not use_cuda:
+        raise ValueError("distributed.backend='nccl' needs CUDA devices; use 'gloo' on CPU")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        target = torch.device("cuda", local_rank)
+    else:
+        target = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, device_id=target if use_cuda else None)
+    return Context(dist.get_rank(), dist.get_world_size(), local_rank, target, cfg.strategy)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- global draws
+
+
+@dataclass
+class Draws:
+    """One batch with every random draw of its training step."""
+
+    batch: Batch
+    anchor: Anchor
+    inputs: list[torch.Tensor]  # inner-step input masks (MemDLM)
+    targets: list[torch.Tensor]  # inner-step loss masks (MemDLM)
+    phi0: dict[str, torch.Tensor] | None  # fast weights before the inner loop (MemDLM)
+
+
+def draw_global(
+    sampler: BatchSampler,
+    generators: dict[str, torch.Generator],
+    *,
+    model,
+    mem,
+    memdlm: MemDLMConfig,
+    mask_id: int,
+    time_eps: float,
+    device: torch.device,
+) -> Draws:
+    """The global batch and its draws, in the order of the single-process loop (`train.py`,
+    `method.memdlm_step`): batch, anchor; then pre-anchor masks and phi_0 from the inner stream.
+    """
+    batch = sampler.next().to(device)
+    anchor = sample_anchor(batch, mask_id=mask_id, eps=time_eps, generator=generators["anchor"])
+    if mem is None:
+        return Draws(batch, anchor, [], [], None)
+    inputs = trajectory_masks(anchor.mask, batch.maskable, memdlm, generators["inner"])
+    targets = loss_masks(inputs, anchor.mask, memdlm.inner_loss_mask)
+    phi0 = init_fast_weights(
+        model, mem, batch.x0, per_sample=memdlm.per_sample, generator=generators["inner"]
+    )
+    return Draws(batch, anchor, inputs, targets, phi0)
+
+
+def take_rows(draws: Draws, rows: slice, *, per_sample: bool) -> Draws:
+    """The rows of `draws` that belong to one rank. Tensors that are one object stay one object
+    (the MemDLM step recognises the anchor mask among the inner inputs by identity)."""
+    cut: dict[int, torch.Tensor] = {}
+
+    def rows_of(tensor: torch.Tensor) -> torch.Tensor:
+        if id(tensor) not in cut:
+            cut[id(tensor)] = tensor[rows]
+        return cut[id(tensor)]
+
+    b, a = draws.batch, draws.anchor
+    batch = Batch(rows_of(b.x0), rows_of(b.maskable), rows_of(b.prompt_lengths))
+    anchor = Anchor(rows_of(a.t), rows_of(a.mask), rows_of(a.xt))
+    phi0 = draws.phi0
+    if phi0 is not None and per_sample:
+        phi0 = {k: rows_of(v) for k, v in phi0.items()}
+    return Draws(
+        batch, anchor, [rows_of(m) for m in draws.inputs], [rows_of(m) for m in draws.targets], phi0
+    )
+
+
+# --------------------------------------------------------------------------- inner sync
+
+
+def inner_grad_sync(shares: list[float], record: list[torch.Tensor] | None = None):
+    """A `bilevel` transform that all-reduces SHARED fast-weight gradients across ranks.
+
+    shares[k]: this rank's fraction of inner step k's loss-masked tokens, n_r^k / N^k. Each rank's
+    inner loss is the mean over its own masked tokens, so sum_r shares_r^k * grad_r^k is the
+    gradient of the mean over the global batch: every rank then clips and steps identically and
+    holds the single-process phi. One flat all-reduce per inner step. record: if given, receives
+    the global norm of each synchronised (raw, unclipped) gradient.
+    """
+
+    def init(params):
+        del params  # the state is the inner step index
+        return 0
+
+    def update(grads, state, params=None):
+        del params
+        keys = list(grads)
+        flat = torch.cat([grads[k].reshape(-1) for k in keys]) * shares[state]
+        dist.all_reduce(flat)
+        out, offset = {}, 0
+        for k in keys:
+            n = grads[k].numel()
+            out[k] = flat[offset : offset + n].view_as(grads[k])
+            offset += n
+        if record is not None:
+            record.append(torch.linalg.vector_norm(flat))
+        return out, state + 1
+
+    return bl.GradientTransformation(init, update)
+
+
+# --------------------------------------------------------------------------- one step
+
+
+class _StepModule(nn.Module):
+    """DDP needs its forward to run the step: `forward(step)` returns `step(model)`."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, step):
+        return step(self.model)
+
+
+def _local_step(model, mem, local: Draws, *, n_global: int, memdlm, mask_id, log_gap, options):
+    """Loss S_r / N of this rank's rows (differentiable) and the raw parts of its metrics."""
+    n_local = int(local.batch.maskable.sum())
+    share = n_local / max(1, n_global)  # token loss over N_r -> over the global N
+    if mem is None:
+        loss = standard_loss(model, local.batch, local.anchor, options["loss_backend"])
+        return loss * share, {}
+    loss, off, info = memdlm_core(
+        model,
+        mem,
+        local.batch,
+        local.anchor,
+        local.inputs,
+        local.targets,
+        local.phi0,
+        memdlm,
+        mask_id,
+        log_gap,
+        options["loss_backend"],
+        grad_sync=options.get("grad_sync"),
+    )
+    parts = {"info": info}
+    if off is not None:
+        parts["loss_off"] = off * share
+    return loss * share, parts
+
+
+def _inner_metrics(parts, *, per_sample: bool, sync: dict | None, ctx: Context) -> dict:
+    """Inner-loop metrics of the global batch where they are exact, else the mean over ranks.
+
+    Per-sample phi: inner losses add up over rows (sum over ranks), gradient norms are norms of
+    row-disjoint tensors (square root of the summed squares). Shared phi with sync: losses are
+    weighted by token shares; norms come from the synchronised gradients. Shared phi without sync:
+    each rank has its own phi, and the logged values are the mean over ranks.
+    """
+    info = parts["info"]
+    losses = info["loss"].detach().double()
+    per_key = torch.stack(list(info["grad_norms"].values())).double()  # (keys, steps)
+    if per_sample:
+        sq = per_key.square()
+        packed = torch.cat([losses, sq.reshape(-1)])
+        dist.all_reduce(packed)
+        losses = packed[: len(losses)]
+        per_key = packed[len(losses) :].view_as(sq).sqrt()
+        norms = per_key.square().sum(0).sqrt()
+    elif sync is not None:
+        losses = losses * torch.tensor(sync["shares"], dtype=torch.float64, device=losses.device)
+        dist.all_reduce(losses)
+        norms = torch.stack(sync["record"]).double()
+        per_key = None
+    else:
+        packed = torch.cat([losses, info["grad_norm"].detach().double(), per_key.amax(0)])
+        dist.all_reduce(packed)
+        packed = packed / ctx.world_size
+        k = len(losses)
+        losses, norms, largest = packed[:k], packed[k : 2 * k], packed[2 * k :]
+        return _inner_record(losses, norms, largest)
+    largest = per_key.amax(0) if per_key is not None else torch.full_like(norms, math.nan)
+    return _inner_record(losses, norms, largest)
+
+
+def _inner_record(losses, norms, largest) -> dict[str, float]:
+    record = {}
+    for k, (value, norm, big) in enumerate(zip(losses.tolist(), norms.tolist(), largest.tolist())):
+        record[f"inner_loss_{k + 1}"] = value
+        record[f"inner_grad_norm_{k + 1}"] = norm
+        if math.isfinite(big):
+            record[f"inner_max_tensor_norm_{k + 1}"] = big
+    return record
+
+
+def _sync_shares(local: Draws, draws: Draws) -> list[float]:
+    """n_r^k / N^k for each inner step's loss mask."""
+    return [
+        float(mine.sum()) / max(1.0, float(whole.sum()))
+        for mine, whole in zip(local.targets, draws.targets)
+    ]
+
+
+# --------------------------------------------------------------------------- wrapping
+
+
+def shard_model(model: nn.Module, ctx: Context) -> nn.Module:
+    """FSDP2: every layer of `model.layers` is one unit, the rest (embeddings, head) the root.
+
+    Mixed precision on CUDA: bf16 compute, float32 gradient reduction, float32 master weights.
+    The split-forward methods are registered so that calling them gathers the root's weights.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import (
+        MixedPrecisionPolicy,
+        fully_shard,
+        register_fsdp_forward_method,
+    )
+
+    mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+    options: dict[str, Any] = {"mesh": mesh}
+    if ctx.device.type == "cuda":
+        options["mp_policy"] = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32
+        )
+    head = getattr(model, "lm_head", None)
+    if isinstance(head, nn.Module):
+        # Outside its own call the head's weight is a shard, so the fused loss (which reads
+        # lm_head.weight directly) cannot run; a hook on the head makes `method.fused_head`
+        # choose the logits path, in training and in evaluation alike.
+        head.register_forward_pre_hook(_keep_head_call)
+    for layer in model.layers:
+        fully_shard(layer, **options)
+    fully_shard(model, **options)
+    for name in FORWARD_METHODS:
+        if hasattr(model, name):
+            register_fsdp_forward_method(model, name)
+    return model
+
+
+def _keep_head_call(module, args):
+    del module, args  # a no-op: its presence is the signal (see shard_model)
+
+
+def _find_unused(model: nn.Module) -> bool:
+    """Hugging Face models may hold weights a step does not use (unrouted MoE experts)."""
+    return not hasattr(model, "features_from")  # the reference Transformer uses every weight
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _resume_payload(optimizer, scheduler, sampler, generators, counters) -> dict[str, Any]:
+    return {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "sampler": sampler.state_dict(),
+        "generators": {k: g.get_state() for k, g in generators.items()},
+        "rng": ckpt.rng_state(),
+        "counters": dict(counters),
+    }
+
+
+def _restore(state, optimizer, scheduler, sampler, generators, counters) -> None:
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    sampler.load_state_dict(state["sampler"])
+    for name, generator in generators.items():
+        generator.set_state(state["generators"][name])
+    ckpt.set_rng_state(state["rng"])
+    counters.update(state["counters"])
+
+
+def save_dcp(folder: Path, model, optimizer, extra: dict[str, Any], ctx: Context) -> None:
+    """Sharded checkpoint: every rank writes its shards into a temporary folder, then rank 0
+    renames it into place, so a crash never leaves a half-written `checkpoint.dcp/` behind."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    final, tmp = folder / DCP_FOLDER, folder / f"{DCP_FOLDER}.tmp"
+    if ctx.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp))
+    if ctx.is_main:
+        ckpt.save(tmp / "extra.pt", extra)
+        old = folder / f"{DCP_FOLDER}.old"
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def load_dcp(folder: Path, model, optimizer) -> dict[str, Any]:
+    """Load a `save_dcp` checkpoint into sharded `model` and `optimizer` (any world size)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=str(folder / DCP_FOLDER))
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
+    )
+    return ckpt.load(folder / DCP_FOLDER / "extra.pt")
+
+
+def full_state_dict(model: nn.Module, ctx: Context) -> dict[str, torch.Tensor]:
+    """The unsharded weights on rank 0 (a collective under FSDP; other ranks get {})."""
+    if ctx.strategy != "fsdp":
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options)
+
+
+# --------------------------------------------------------------------------- training loop
+
+
+def train_phase(
+    model: nn.Module,
+    *,
+    method: str,
+    phase: PhaseConfig,
+    memdlm: MemDLMConfig,
+    sampler: BatchSampler,
+    seed: int,
+    folder: Path,
+    log: MetricsLog,
+    reporter: Reporter,
+    mask_id: int,
+    ctx: Context,
+    time_eps: float = 1e-3,
+    loss_backend: str | None = "auto",
+    sync_inner: bool = False,
+) -> PhaseResult:
+    """`train.train_phase` on `ctx.world_size` processes; same arguments, same files, same losses.
+
+    `model` is the unwrapped model on `ctx.device`, identical on every rank; it is wrapped here
+    (DDP, or sharded in place with FSDP2). Rank 0 writes the metrics and the checkpoints (FSDP:
+    every rank writes its shards). Returns the phase result on every rank.
+    """
+    if sync_inner and memdlm.per_sample and method == "memdlm":
+        raise ValueError(
+            "distributed.sync_inner applies to shared fast weights; per-sample "
+            "fast weights are already exact across ranks (memdlm.per_sample=true)"
+        )
+    rows = ctx.rows(phase.batch_size)
+    folder.mkdir(parents=True, exist_ok=True)
+    done = folder / "model.pt"
+    if done.exists():
+        state = ckpt.load(done)
+        model.load_state_dict(state["model"])
+        reporter.note(f"reusing finished phase {folder}")
+        return PhaseResult(**state["result"])
+
+    fsdp = ctx.strategy == "fsdp"
+    if fsdp and (folder / "checkpoint.pt").exists() and not (folder / DCP_FOLDER).exists():
+        raise ValueError(
+            f"{folder} holds a DDP/single-process checkpoint; resume it with "
+            "distributed.strategy=ddp (FSDP resumes from checkpoint.dcp/)"
+        )
+    resume_pt = None if fsdp else folder / "checkpoint.pt"
+    resume_state = ckpt.load(resume_pt) if resume_pt is not None and resume_pt.exists() else None
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model"])
+
+    mem = make_fast_weights(model, memdlm) if method == "memdlm" else None
+    if fsdp:
+        runner = shard_model(model, ctx)
+    else:
+        device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        runner = nn.parallel.DistributedDataParallel(
+            _StepModule(model),
+            device_ids=device_ids,
+            forward_sync_buffers=False,
+            find_unused_parameters=_find_unused(model),
+        )
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=phase.lr, betas=(0.9, 0.999), weight_decay=phase.weight_decay
+    )
+    factor = cosine_with_warmup(phase.steps, phase.warmup_ratio, phase.min_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    generators = _generators(seed, ctx.device)
+    counters = {"step": 0, "skipped": 0, "in_row": 0, "seconds": 0.0}
+
+    def save_checkpoint() -> None:
+        extra = _resume_payload(optimizer, scheduler, sampler, generators, counters)
+        if fsdp:
+            del extra["optimizer"]  # in the sharded part
+            save_dcp(folder, model, optimizer, extra, ctx)
+            return
+        if ctx.is_main:
+            ckpt.save(folder / "checkpoint.pt", {"model": model.state_dict(), **extra})
+        dist.barrier()
+
+    if resume_state is not None:
+        _restore(resume_state, optimizer, scheduler, sampler, generators, counters)
+    elif fsdp and (folder / DCP_FOLDER).exists():
+        _restore(load_dcp(folder, model, optimizer), None, scheduler, sampler, generators, counters)
+    if counters["step"]:
+        if ctx.is_main:
+            log.drop_after(counters["step"] - 1)
+        reporter.note(f"resuming {folder} at step {counters['step']} on {ctx.world_size} ranks")
+
+    model.train()
+    task = reporter.start(f"{log.tags.get('phase')}/{method}", total=phase.steps)
+    reporter.advance(task, counters["step"])
+    try:
+        while counters["step"] < phase.steps:
+            step = counters["step"]
+            started = time.perf_counter()
+            draws = draw_global(
+                sampler,
+                generators,
+                model=model,
+                mem=mem,
+                memdlm=memdlm,
+                mask_id=mask_id,
+                time_eps=time_eps,
+                device=ctx.device,
+            )
+            local = take_rows(draws, rows, per_sample=memdlm.per_sample)
+            n_global = int(draws.batch.maskable.sum())
+            log_gap = mem is not None and step % memdlm.gap_every == 0
+            options: dict[str, Any] = {"loss_backend": loss_backend}
+            sync = None
+            if mem is not None and sync_inner:
+                sync = {"shares": _sync_shares(local, draws), "record": []}
+                options["grad_sync"] = inner_grad_sync(sync["shares"], sync["record"])
+
+            def step_fn(net, local=local, n_global=n_global, log_gap=log_gap, options=options):
+                return _local_step(
+                    net,
+                    mem,
+                    local,
+                    n_global=n_global,
+                    memdlm=memdlm,
+                    mask_id=mask_id,
+                    log_gap=log_gap,
+                    options=options,
+                )
+
+            with _autocast(ctx.device):
+                loss, parts = runner(step_fn) if not fsdp else step_fn(model)
+            record = _reduce_metrics(step, loss, parts, memdlm.per_sample, sync, ctx)
+            grad_norm = math.nan
+            if math.isfinite(record["loss"]):
+                (loss * ctx.world_size).backward()  # undo the mean over ranks of DDP / FSDP
+                grad_norm = _clip(model, phase.grad_clip)
+            if math.isfinite(grad_norm):
+                optimizer.step()
+                counters["in_row"] = 0
+            else:
+                counters["skipped"] += 1
+                counters["in_row"] += 1
+                record["skipped"] = True
+            optimizer.zero_grad(set_to_none=True)
+            record.update(lr=scheduler.get_last_lr()[0], grad_norm=grad_norm)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # skipped steps, as in train.py
+                scheduler.step()
+            elapsed = time.perf_counter() - started
+            counters["seconds"] += elapsed
+            counters["step"] = step + 1
+            record.update(seconds=elapsed, tokens=int(draws.batch.x0.numel()))
+            if ctx.is_main:
+                log.write(record)
+            reporter.step(task, record, every=phase.log_every)
+            if counters["in_row"] >= phase.max_nonfinite_in_row:
+                save_checkpoint()
+                raise TrainingError(
+                    f"{counters['in_row']} non-finite losses or gradients in a row at step {step}"
+                    f" ({counters['skipped']} skipped in total); lower the learning rate"
+                    " (train.lr / memdlm.inner_lr) or raise train.max_nonfinite_in_row"
+                )
+            if counters["step"] % phase.ckpt_every == 0:
+                save_checkpoint()
+    except KeyboardInterrupt:
+        save_checkpoint()
+        raise Interrupted(f"interrupted at step {counters['step']} of {folder}") from None
+    finally:
+        reporter.stop(task)
+        if mem is not None:
+            mem.remove()
+
+    save_checkpoint()
+    weights = full_state_dict(model, ctx)
+    result = _summarise(log.records(), counters) if ctx.is_main else None
+    result = _broadcast(result)
+    if ctx.is_main:
+        ckpt.save(done, {"model": weights, "result": result.__dict__})
+    dist.barrier()
+    return result
+
+
+def _reduce_metrics(step, loss, parts, per_sample, sync, ctx: Context) -> dict[str, Any]:
+    """The step's record: loss (and the fast-weights-off loss) summed over ranks, inner metrics."""
+    values = [loss.detach().double().reshape(())]
+    if "loss_off" in parts:
+        values.append(parts["loss_off"].detach().double().reshape(()))
+    packed = torch.stack(values)
+    dist.all_reduce(packed)
+    record: dict[str, Any] = {"step": step, "loss": float(packed[0])}
+    if "info" in parts:
+        record.update(_inner_metrics(parts, per_sample=per_sample, sync=sync, ctx=ctx))
+    if len(values) > 1:
+        record["loss_off"] = float(packed[1])
+        record["gap"] = record["loss_off"] - record["loss"]
+    return record
+
+
+def _clip(model: nn.Module, max_norm: float) -> float:
+    """Global gradient-norm clip; under FSDP the norm is a DTensor over all shards."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def _broadcast(value):
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# --------------------------------------------------------------------------- the CLI command
+
+
+def cmd_train(args, extra: list[str], reporter: Reporter) -> int:
+    """`python -m recipes.memdlm train` under torchrun (called by cli.cmd_train).
+
+    Every rank builds the configuration, data and model; rank 0 writes the run folder. After
+    training, DDP ranks other than 0 stop and rank 0 evaluates the plain model; FSDP ranks
+    evaluate together (the weights are sharded) and rank 0 writes the summary.
+    """
+    from recipes.memdlm import cli
+    from recipes.memdlm.report import per_seed_record
+    from recipes.memdlm.runner import evaluate_model, load_weights, new_model, prepare_data
+
+    if args.resume is not None:
+        if extra or args.method or args.out or args.config or args.base:
+            raise cli.UsageError("--resume takes the saved configuration; drop other options")
+        cfg, out = cli._resumed_config(args.resume), args.resume
+    else:
+        cfg, out = cli._config(args, extra, method=args.method), args.out
+    ctx = init(cfg.distributed, cfg.device)
+    try:
+        if out is None:  # one time stamp for every rank
+            out = _broadcast(Path("runs") / f"train-{cfg.method}-{cli._stamp()}")
+        if args.resume is None:
+            cli._fresh_folder(out)
+            if args.base is not None:
+                cli._checkpoint_file(args.base)
+        dist.barrier()  # every rank has checked the folder before rank 0 writes into it
+        if not ctx.is_main:
+            reporter = Reporter(quiet=True)
+        data = prepare_data(cfg)
+        model = new_model(cfg, data.tokenizer, seed=cfg.seed, device=ctx.device)
+        if args.resume is None and args.base is not None:
+            load_weights(model, cli._checkpoint_file(args.base))
+        if ctx.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            if args.resume is None:
+                ckpt.write_json(out / "config.json", cfg.model_dump())
+        dist.barrier()
+        sampler = BatchSampler(
+            data.train, cfg.train.batch_size, seed=cfg.seed, eos_id=data.tokenizer.eos_id
+        )
+        tags = {"phase": "train", "method": cfg.method, "seed": cfg.seed}
+        result = train_phase(
+            model,
+            method=cfg.method,
+            phase=cfg.train,
+            memdlm=cfg.memdlm,
+            sampler=sampler,
+            seed=cfg.seed,
+            folder=out,
+            log=MetricsLog(out / "metrics.jsonl", tags),
+            reporter=reporter,
+            mask_id=data.tokenizer.mask_id,
+            ctx=ctx,
+            time_eps=cfg.time_eps,
+            sync_inner=cfg.distributed.sync_inner,
+        )
+        if ctx.strategy == "ddp" and not ctx.is_main:
+            return 0
+        evaluation = evaluate_model(model, data, cfg, method=cfg.method, device=ctx.device)
+        if ctx.is_main:
+            summary = {cfg.method: per_seed_record(cfg.seed, result, evaluation)}
+            summary["distributed"] = {"world_size": ctx.world_size, "strategy": ctx.strategy}
+            ckpt.write_json(out / "summary.json", summary)
+            record = summary[cfg.method]
+            reporter.out.print(
+                f"{cfg.method}: train loss {record['train_loss_final']:.4f}, eval loss "
+                f"{record['eval_loss']:.4f} on {ctx.world_size} ranks; run folder {out}"
+            )
+        return 0
+    finally:
+        shutdown()
