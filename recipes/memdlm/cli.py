@@ -269,9 +269,9 @@ def _load_model(args, extra):
     checkpoint = _checkpoint_file(args.checkpoint)
     cfg = _checkpoint_config(args, extra, checkpoint)
     device = resolve_device(cfg.device)
-    from recipes.memdlm.data import ByteTokenizer
+    from recipes.memdlm.runner import tokenizer_for
 
-    tok = ByteTokenizer()
+    tok = tokenizer_for(cfg)
     model = new_model(cfg, tok, seed=0, device=device)
     load_weights(model, checkpoint)
     model.eval()

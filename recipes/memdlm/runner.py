@@ -124,6 +124,10 @@ def _common_shape(examples: list[Example]) -> list[Example]:
 
 
 def prepare_data(cfg: Config) -> Data:
+    if cfg.model.path:  # a Hugging Face backbone brings its tokenizer (hf.py)
+        from recipes.memdlm import hf
+
+        return hf.prepare_data(cfg)
     tok = ByteTokenizer()
     raw = _user_examples(cfg) if cfg.data.train_file else _builtin_examples(cfg)
     max_len, policy = cfg.model.max_seq_len, cfg.data.max_len_policy
@@ -151,6 +155,10 @@ def _fits(example: Example, tok: ByteTokenizer, max_len: int) -> bool:
 
 def new_model(cfg: Config, tok: ByteTokenizer, *, seed: int, device) -> torch.nn.Module:
     torch.manual_seed(seed)
+    if cfg.model.path:
+        from recipes.memdlm import hf
+
+        return hf.load_model(cfg, device=device)
     m = cfg.model
     model = dd.Transformer(
         tok.vocab_size,
@@ -161,6 +169,21 @@ def new_model(cfg: Config, tok: ByteTokenizer, *, seed: int, device) -> torch.nn
         max_seq_len=m.max_seq_len,
     )
     return model.to(device)
+
+
+def tokenizer_for(cfg: Config):
+    """The run's tokenizer: bytes, or the Hugging Face model's own (`model.path`)."""
+    if not cfg.model.path:
+        return ByteTokenizer()
+    from recipes.memdlm import hf
+
+    m = cfg.model
+    return hf.load_tokenizer(
+        m.path,
+        mask_token=m.mask_token,
+        eos_token=m.eos_token,
+        trust_remote_code=m.trust_remote_code,
+    )
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
@@ -178,6 +201,10 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """All held-out metrics of one trained model. MemDLM gets the adapted variants too."""
     tok = data.tokenizer
+    if loss_set is None and cfg.model.path:  # batches of one prompt length (hf.loss_set)
+        from recipes.memdlm import hf
+
+        loss_set = hf.loss_set(data.loss_eval, cfg.eval.batch_size, tok, device)
     loss_set = loss_set or make_loss_set(data.loss_eval, cfg.eval.batch_size, tok, device)
     common = {"batch_size": cfg.eval.batch_size, "device": device}
     result: dict[str, Any] = {
