@@ -38,6 +38,10 @@ SCENARIOS = {
     "fsdp_standard": ("standard", {}, "fsdp", False),
     "fsdp_memdlm_per_sample": ("memdlm", {"per_sample": True}, "fsdp", False),
 }
+HF_SCENARIOS = {  # a tiny Qwen2-MoE from test_hf.py: unfused experts with fast weights
+    "hf_ddp_per_sample": ("memdlm", {"per_sample": True}, "ddp", False),
+    "hf_fsdp_shared_sync": ("memdlm", {}, "fsdp", True),
+}
 INTERRUPTED = {  # stopped by Ctrl-C before the batch of step 2, then resumed (or not)
     "ddp_resumed": ("memdlm", {"per_sample": True}, "ddp", False),
     "fsdp_resumed": ("memdlm", {"per_sample": True}, "fsdp", False),
@@ -45,10 +49,13 @@ INTERRUPTED = {  # stopped by Ctrl-C before the batch of step 2, then resumed (o
 }
 
 
-def config(method_name: str, memdlm: dict):
+def config(method_name: str, memdlm: dict, model_path: str | None = None):
     # A strong inner loop, so that fast weights change the losses visibly.
     overrides = {"memdlm": {"inner_lr": 2.0, **memdlm}, "method": method_name}
     overrides["train"] = {"steps": STEPS, "batch_size": 8, "ckpt_every": 2}
+    if model_path is not None:
+        overrides["model"] = {"path": model_path}
+        overrides["memdlm"]["layer_fraction"] = 0.5
     return build_config("smoke", overrides=overrides)
 
 
@@ -78,10 +85,10 @@ def sampler_for(cfg, interrupt_at: int | None = None) -> BatchSampler:
     return sampler
 
 
-def run(scenario, folder: Path, *, ctx=None, interrupt_at=None):
+def run(scenario, folder: Path, *, ctx=None, interrupt_at=None, model_path=None):
     """One training phase; `ctx` None = the single-process loop of train.py."""
     method_name, memdlm, strategy, sync = scenario
-    cfg = config(method_name, memdlm)
+    cfg = config(method_name, memdlm, model_path)
     model = new_model(cfg, ByteTokenizer(), seed=cfg.seed, device="cpu")
     common = dict(
         method=method_name,
@@ -100,12 +107,15 @@ def run(scenario, folder: Path, *, ctx=None, interrupt_at=None):
     return model, distributed.train_phase(model, ctx=ctx, sync_inner=sync, **common)
 
 
-def worker(out: Path) -> None:
+def worker(out: Path, hf_model: str | None) -> None:
     torch.set_num_threads(1)
     ctx = distributed.init(build_config("smoke").distributed, "cpu")
     try:
         for name, scenario in SCENARIOS.items():
             run(scenario, out / name, ctx=ctx)
+        if hf_model is not None:
+            for name, scenario in HF_SCENARIOS.items():
+                run(scenario, out / name, ctx=ctx, model_path=hf_model)
         for name, scenario in INTERRUPTED.items():
             with contextlib.suppress(train.Interrupted):
                 run(scenario, out / name, ctx=ctx, interrupt_at=2)
@@ -129,9 +139,19 @@ def launch(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory) -> Path:
+def hf_model(tmp_path_factory) -> str | None:
+    """A tiny Hugging Face MoE model folder, or None without the `hf` extra."""
+    try:
+        from tests.recipes.test_hf import build
+    except pytest.skip.Exception:
+        return None
+    return str(build("moe", tmp_path_factory.mktemp("hf") / "moe"))
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory, hf_model) -> Path:
     out = tmp_path_factory.mktemp("ranks")
-    launch([__file__, str(out)], cwd=out)
+    launch([__file__, str(out), *([hf_model] if hf_model else [])], cwd=out)
     return out
 
 
@@ -176,6 +196,19 @@ def assert_same_weights(folder: Path, model: torch.nn.Module) -> None:
 def test_two_processes_give_the_losses_and_weights_of_one(two_ranks, one_process, name):
     model, expected, _ = one_process[name]
     got = losses_in(two_ranks / name)
+    assert len(got) == STEPS
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), **TOLERANCE)
+    assert_same_weights(two_ranks / name, model)
+
+
+@pytest.mark.parametrize("name", sorted(HF_SCENARIOS))
+def test_a_hugging_face_moe_backbone_trains_exactly_on_two_processes(
+    two_ranks, hf_model, tmp_path, name
+):
+    if hf_model is None:
+        pytest.skip("needs the optional extra 'hf' (transformers)")
+    model, _ = run(HF_SCENARIOS[name], tmp_path, model_path=hf_model)
+    got, expected = losses_in(two_ranks / name), losses_in(tmp_path)
     assert len(got) == STEPS
     torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), **TOLERANCE)
     assert_same_weights(two_ranks / name, model)
@@ -264,4 +297,4 @@ def test_global_batch_must_divide_among_ranks():
 
 
 if __name__ == "__main__":
-    worker(Path(sys.argv[1]))
+    worker(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else None)
