@@ -429,8 +429,10 @@ def _propose_dense(
 def _top_k(confidence: Tensor, candidates: Tensor, count: Tensor) -> Tensor:
     """Per row, the count[b] most confident candidates (ties: lower position first)."""
     order = confidence.argsort(dim=1, descending=True, stable=True)
-    positions = torch.arange(confidence.shape[1], device=confidence.device).expand_as(order)
-    rank = torch.empty_like(order).scatter_(1, order, positions)
+    # The inverse permutation, as the argsort of a permutation (exact: no ties). A scatter into
+    # an empty tensor is equivalent, but inductor (torch 2.13, CPU) miscompiled it inside the
+    # fused commit graph (every candidate came out chosen).
+    rank = order.argsort(dim=1)
     return candidates & (rank < count[:, None])
 
 

@@ -159,3 +159,28 @@ def test_compiled_sampler_step_has_no_graph_breaks_and_matches_eager():
         sampling._dense_commit, logits, x, 8, 12, candidates, count, noise, None, cfg
     )
     assert breaks == 0, reasons
+
+
+@pytest.mark.parametrize("threshold", [None, 0.5])
+def test_inductor_compiled_commit_equals_the_eager_commit(threshold):
+    """A real inductor build of the sampler's commit step (it once miscompiled a scatter-based
+    ranking: every candidate came out chosen)."""
+    from diffusion import sampling
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, MASK_ID, (3, 24), generator=g)
+    x[:, 8:] = MASK_ID
+    x[0, 10] = 3  # one committed position inside the block
+    logits = 4 * torch.randn(3, 24, VOCAB, generator=g)
+    candidates = x[:, 8:16] == MASK_ID
+    count = torch.tensor([2, 1, 3])
+    noise = torch.rand(3, 8, VOCAB, generator=g, dtype=torch.float64)
+    cfg = sampling._StepConfig(MASK_ID, None, 1.0, "low_confidence", threshold, False, 8)
+    args = (logits, x, 8, 16, candidates, count, noise, None, cfg)
+    ours = torch.compile(sampling._dense_commit)(*args)
+    eager = sampling._dense_commit(*args)
+    for name in ("x", "predicted", "chosen"):
+        assert torch.equal(getattr(ours, name), getattr(eager, name)), name
+    torch.testing.assert_close(ours.confidence, eager.confidence)
+    if threshold is None:
+        assert ours.chosen.sum(1).tolist() == [2, 1, 3]
