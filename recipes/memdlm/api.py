@@ -1,0 +1,204 @@
+"""MemDLM at inference, for a model you loaded yourself: adapt fast weights to a prompt, sample.
+
+    import recipes.memdlm as memdlm
+    out = memdlm.generate(model, prompt_ids, mask_id=126336, gen_length=64, steps=64)
+
+"Train & Inference" (arXiv 2603.22241, memdlm-method.md section 3.2): before sampling, fresh
+fast weights (LoRA on the FFN of the last layers) take the training-time inner steps on the
+prompt alone: a random `prompt_anchor_ratio` (20%) of the prompt is masked (the anchor), a nested
+noisier pre-anchor state adds more, and each step predicts the clean prompt tokens at the masked
+positions (uniform weights, mean over masked tokens). The adapted weights stay bound while the
+answer is sampled and are dropped afterwards; every prompt of a batch gets its own.
+
+The model may be the reference `diffusion.Transformer`, an `hf.HFDenoiser` (`hf.wrap(model)` of a
+Hugging Face model), or any module mapping tokens (B, L) to logits (B, L, V) (or to an output
+with `.logits`) that has a `layers` stack or comes with `fast_weights`. Models without the split
+forward of the first two run whole forward passes in the inner loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+import diffusion as dd
+import memory as mm
+from recipes.memdlm.config import MemDLMConfig
+from recipes.memdlm.method import adapt_to_prompt, make_fast_weights
+
+
+class FullForward:
+    """A tokens -> logits model seen through the recipe's split-forward interface, unsplit:
+    `hidden_states` returns the tokens and `logits_from` runs the whole model."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    @property
+    def layers(self):
+        return getattr(self.model, "layers", ())
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def __call__(self, x, attention_mask=None):
+        out = self.model(x) if attention_mask is None else self.model(x, attention_mask)
+        return out.logits if hasattr(out, "logits") else out
+
+    def hidden_states(self, x, attention_mask=None, *, upto: int):
+        del attention_mask, upto
+        return x
+
+    def logits_from(self, h, attention_mask=None, *, start: int):
+        del start
+        return self(h, attention_mask)
+
+
+def _denoiser(model):
+    """`model` itself when it has the split forward, else a `FullForward` view of it."""
+    if not callable(model):
+        raise TypeError(f"model must be callable (tokens -> logits), got {type(model).__name__}")
+    if hasattr(model, "hidden_states") and hasattr(model, "logits_from"):
+        return model
+    return FullForward(model)
+
+
+def memdlm_config(config: MemDLMConfig | Mapping[str, Any] | None) -> MemDLMConfig:
+    """A `MemDLMConfig` from None (the paper's values), a config, or a dict of its fields."""
+    if config is None:
+        return MemDLMConfig()
+    if isinstance(config, MemDLMConfig):
+        return config
+    if isinstance(config, Mapping):
+        unknown = sorted(set(config) - set(MemDLMConfig.model_fields))
+        if unknown:
+            raise ValueError(
+                f"config has unknown keys {unknown}; expected fields of MemDLMConfig "
+                f"({sorted(MemDLMConfig.model_fields)})"
+            )
+        return MemDLMConfig(**config)
+    raise TypeError(f"config must be a MemDLMConfig, a dict or None, got {type(config).__name__}")
+
+
+def fast_weights_for(model, config: MemDLMConfig | Mapping[str, Any] | None = None):
+    """Fast weights on `model` as the recipe places them: LoRA (`rank`, `alpha`) or full deltas on
+    the FFN projections (`targets`) of the last `layer_fraction` of `model.layers`. The caller
+    owns them: `mem.remove()` takes the hooks off."""
+    cfg = memdlm_config(config)
+    if not hasattr(model, "fast_weight_targets") and not isinstance(
+        getattr(model, "layers", None), (nn.ModuleList, nn.Sequential)
+    ):
+        raise TypeError(
+            f"{type(model).__name__} has no `layers` stack to place fast weights on; pass "
+            "fast_weights=mm.FastLoRA(model, targets, ...) (or hf.wrap a Hugging Face model)"
+        )
+    return make_fast_weights(model, cfg)
+
+
+def adapt_prompt(
+    model,
+    prompt_ids: torch.Tensor,
+    *,
+    mask_id: int,
+    fast_weights: mm.FastWeights,
+    config: MemDLMConfig | Mapping[str, Any] | None = None,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """Fast weights adapted to each prompt: the inner loop on the prompt alone (module doc).
+
+    prompt_ids: (B, P) long, no `mask_id`. fast_weights: attached to `model` (`fast_weights_for`).
+    config: inner-loop settings (`MemDLMConfig` fields: inner_lr, inner_steps, s_pre,
+    grad_transform, inner_clip, prompt_anchor_ratio, ...). Returns the detached state, one set per
+    prompt (leading dim B), to bind with `fast_weights.bind(state)`.
+    """
+    if (
+        not isinstance(prompt_ids, torch.Tensor)
+        or prompt_ids.dim() != 2
+        or prompt_ids.is_floating_point()
+    ):
+        raise ValueError(
+            f"prompt_ids must be a (B, P) integer tensor, got "
+            f"{getattr(prompt_ids, 'shape', type(prompt_ids).__name__)}"
+        )
+    if prompt_ids.shape[1] == 0:
+        raise ValueError("prompt_ids is empty: there is no prompt to adapt to (use adapt=False)")
+    if bool((prompt_ids == mask_id).any()):
+        raise ValueError(f"prompt_ids contains the mask id {mask_id}")
+    if generator is None:
+        generator = torch.Generator(device=prompt_ids.device).manual_seed(0)
+    cfg = memdlm_config(config)
+    return adapt_to_prompt(
+        _denoiser(model), fast_weights, prompt_ids, cfg, mask_id=mask_id, generator=generator
+    )
+
+
+def generate(
+    model,
+    prompt_ids: torch.Tensor,
+    *,
+    mask_id: int,
+    gen_length: int,
+    steps: int,
+    adapt: bool = True,
+    fast_weights: mm.FastWeights | None = None,
+    config: MemDLMConfig | Mapping[str, Any] | None = None,
+    generator: torch.Generator | None = None,
+    **sampler_options,
+) -> torch.Tensor:
+    """Sample `gen_length` tokens after each prompt, after adapting fast weights to it.
+
+    Args:
+        model: see the module doc.
+        prompt_ids: (B, P) long prompts (one length; no left padding when adapting).
+        mask_id, gen_length, steps: as `diffusion.generate`.
+        adapt: run inference-time adaptation first (False = plain sampling).
+        fast_weights: fast weights attached to `model` (kept afterwards); None = made here from
+            `config` (`fast_weights_for`) and removed when done.
+        config: `MemDLMConfig` or a dict of its fields; None = the paper's values (LoRA rank 32,
+            alpha 64 on gate/up/down_proj of the last 10% of layers; two inner SGD steps, lr
+            0.1, per-tensor clip 1; anchor 20% of the prompt).
+        generator: random source of the adaptation masks, the LoRA init and the sampler noise
+            (None = seeded with 0, reproducible).
+        **sampler_options: passed to `diffusion.generate` (block_length, remasking,
+            temperature, threshold, callback, eos_id, stop_at_eos, ...).
+
+    Returns:
+        (B, P + gen_length) tokens without `mask_id`; the prompt is unchanged.
+    """
+    if adapt and sampler_options.get("attention_mask") is not None:
+        raise ValueError("adapt=True needs unpadded prompts of one length (no attention_mask)")
+    denoiser = _denoiser(model)
+    if generator is None:
+        generator = torch.Generator(device=prompt_ids.device).manual_seed(0)
+    if not adapt:
+        return dd.generate(
+            denoiser,
+            prompt_ids,
+            mask_id=mask_id,
+            gen_length=gen_length,
+            steps=steps,
+            generator=generator,
+            **sampler_options,
+        )
+    owned = fast_weights is None
+    mem = fast_weights_for(model, config) if owned else fast_weights
+    try:
+        phi = adapt_prompt(
+            model, prompt_ids, mask_id=mask_id, fast_weights=mem, config=config, generator=generator
+        )
+        with torch.no_grad(), mem.bind(phi):
+            return dd.generate(
+                denoiser,
+                prompt_ids,
+                mask_id=mask_id,
+                gen_length=gen_length,
+                steps=steps,
+                generator=generator,
+                **sampler_options,
+            )
+    finally:
+        if owned:
+            mem.remove()
