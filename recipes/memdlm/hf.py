@@ -526,7 +526,9 @@ def add_outer_lora(model, *, rank: int, alpha: float, dropout: float, targets, k
     except ImportError:  # pragma: no cover - exercised only without the extra
         raise ImportError("model.lora_rank > 0 needs peft (the optional extra 'hf')") from None
     if kbit:
-        model = peft.prepare_model_for_kbit_training(model)
+        # No activation checkpointing: fast weights are bound only during the forward pass, so a
+        # recomputation in backward would run without them (silently wrong gradients).
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     target_modules = "all-linear" if list(targets) == ["all-linear"] else list(targets)
     config = peft.LoraConfig(
         r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, bias="none"
