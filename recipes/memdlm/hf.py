@@ -222,6 +222,12 @@ class HFDenoiser(nn.Module):
 
     def __init__(self, model: nn.Module, *, verify_split: bool = True):
         super().__init__()
+        if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
+            raise ValueError(
+                "the model has activation checkpointing on; fast weights are bound only during "
+                "the forward pass, so a recomputation in backward would not see them: call "
+                "model.gradient_checkpointing_disable() first"
+            )
         self.hf = model
         self.layers_path = find_layer_stack(model)
         self.split = False

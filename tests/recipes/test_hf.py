@@ -252,6 +252,13 @@ def test_fast_weight_targets_follow_each_layout(folders):
         load(folders, "bert").fast_weight_targets(0.5, ("gate_proj",))
 
 
+def test_activation_checkpointing_is_refused(folders):
+    model = transformers.AutoModelForMaskedLM.from_pretrained(folders["bert"])
+    model.gradient_checkpointing_enable()
+    with pytest.raises(ValueError, match="gradient_checkpointing_disable"):
+        hf.wrap(model)
+
+
 def test_tokens_come_from_the_tokenizer(folders):
     bpe = hf.load_tokenizer(folders["moe"])
     vocab = bpe.tokenizer.get_vocab()
