@@ -36,6 +36,9 @@ KEYS = (
 # fmt: on
 
 
+MIN_FILLER = 8  # bytes of prose at least, so that the needle is hidden in something
+
+
 class DataError(ValueError):
     """A user error in the data (malformed file, impossible task length)."""
 
@@ -186,8 +189,11 @@ def make_example(
         return Example(text[:context_len], text[context_len:], task, context_len)
     needles, question, answer = _needles_and_question(task, rng, value_len)
     n_filler = context_len - len(question) - sum(len(n) + 1 for n in needles)
-    if n_filler < 8:
-        raise DataError(f"context length {context_len} is too short for task {task!r}")
+    if n_filler < MIN_FILLER:
+        raise DataError(
+            f"context length {context_len} is too short for task {task!r}: this example needs "
+            f"at least {context_len - n_filler + MIN_FILLER} bytes"
+        )
     prompt = _hide(rng, _filler(rng, corpus, n_filler), needles) + question
     assert len(prompt) == context_len, (len(prompt), context_len)
     return Example(prompt, answer, task, context_len)
