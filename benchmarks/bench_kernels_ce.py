@@ -40,16 +40,16 @@ import torch.nn.functional as F
 import diffusion as dd
 
 VOCABS = (32_000, 126_464)  # a LLaMA-size vocabulary and LLaDA's
-SHAPES = {  # masked rows N and hidden size D
-    "cpu": dict(rows=512, dim=256, dtype=torch.float32),
-    "cuda": dict(rows=8192, dim=4096, dtype=torch.bfloat16),  # LLaDA-8B hidden size
+SHAPES = {  # (masked rows N, hidden size D) per device, and the dtype of h and W
+    "cpu": ((512, 256), (2048, 256)),
+    "cuda": ((8192, 4096), (16384, 2048)),  # LLaDA-8B's hidden size; a 1B-size model
 }
+DTYPES = {"cpu": torch.float32, "cuda": torch.bfloat16}
 
 
-def make_inputs(device: str, vocab: int, seed: int = 0):
-    shape = SHAPES[device]
+def make_inputs(device: str, vocab: int, rows: int = 512, dim: int = 256, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    rows, dim, dtype = shape["rows"], shape["dim"], shape["dtype"]
+    dtype = DTYPES[device]
     hidden = (torch.randn(rows, dim, generator=g) / dim**0.5).to(device, dtype)
     weight = (torch.randn(vocab, dim, generator=g) * 0.02).to(device, dtype)
     targets = torch.randint(0, vocab, (rows,), generator=g).to(device)
@@ -118,9 +118,9 @@ def _status_kib(field: str) -> int:
     return int(line.split()[1])
 
 
-def measure_rss_peak(name: str, vocab: int) -> int:
+def measure_rss_peak(name: str, vocab: int, rows: int, dim: int) -> int:
     """In this process: the peak resident-set growth of one forward + backward (Linux)."""
-    inputs = make_inputs("cpu", vocab)
+    inputs = make_inputs("cpu", vocab, rows, dim)
     fn = variants("cpu")[name]
     step(fn, make_inputs("cpu", 64))  # load the code paths once
     with open("/proc/self/clear_refs", "w") as handle:
@@ -130,11 +130,11 @@ def measure_rss_peak(name: str, vocab: int) -> int:
     return (_status_kib("VmHWM") - before) * 1024
 
 
-def cpu_peak_bytes(name: str, vocab: int) -> int:
+def cpu_peak_bytes(name: str, vocab: int, rows: int, dim: int) -> int:
     """`measure_rss_peak` in a fresh subprocess, so that no memory freed earlier is reused."""
     code = (
         "import sys; sys.path.insert(0, 'benchmarks'); import bench_kernels_ce as b; "
-        f"print(b.measure_rss_peak({name!r}, {vocab}))"
+        f"print(b.measure_rss_peak({name!r}, {vocab}, {rows}, {dim}))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=os.environ
@@ -142,9 +142,9 @@ def cpu_peak_bytes(name: str, vocab: int) -> int:
     return int(out.stdout.strip().splitlines()[-1])
 
 
-def max_error(device: str, vocab: int) -> dict:
+def max_error(device: str, vocab: int, rows: int, dim: int) -> dict:
     """|loss - baseline| / baseline and the largest relative gradient error, per variant."""
-    inputs = make_inputs(device, vocab)
+    inputs = make_inputs(device, vocab, rows, dim)
     ref_loss = baseline_loss(*inputs)
     ref_grads = torch.autograd.grad(ref_loss, inputs[:2])
     errors = {}
@@ -160,6 +160,39 @@ def max_error(device: str, vocab: int) -> dict:
     return errors
 
 
+def measure_case(device: str, rows: int, dim: int, vocab: int, repeats: int) -> list[dict]:
+    inputs = make_inputs(device, vocab, rows, dim)
+    functions = variants(device)
+    times = time_round_robin(functions, inputs, device, repeats)
+    if device == "cuda":
+        peaks = {name: cuda_peak_bytes(fn, inputs) for name, fn in functions.items()}
+    else:
+        peaks = {name: cpu_peak_bytes(name, vocab, rows, dim) for name in functions}
+    del inputs
+    errors = max_error(device, vocab, rows, dim)
+    out = []
+    for name in functions:
+        row = dict(
+            rows=rows,
+            dim=dim,
+            vocab=vocab,
+            variant=name,
+            ms=1000 * times[name],
+            speedup=times["baseline"] / times[name],
+            peak_mib=peaks[name] / 2**20,
+            memory_ratio=peaks["baseline"] / max(peaks[name], 1),
+            loss_rel_err=errors[name][0],
+            grad_rel_err=errors[name][1],
+        )
+        out.append(row)
+        print(
+            f"{rows:6d} {dim:5d} {vocab:7d} {name:10s} {row['ms']:9.1f} {row['speedup']:8.2f}x "
+            f"{row['peak_mib']:9.1f} {row['memory_ratio']:8.2f}x "
+            f"{row['loss_rel_err']:12.2e} {row['grad_rel_err']:12.2e}"
+        )
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -167,43 +200,19 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     device = args.device
-    shape = SHAPES[device]
     hardware = torch.cuda.get_device_name() if device == "cuda" else platform.processor()
     print(
         f"torch {torch.__version__}, {hardware or platform.machine()}, "
-        f"threads {torch.get_num_threads()}, N={shape['rows']} masked rows, D={shape['dim']}, "
-        f"{shape['dtype']}"
+        f"threads {torch.get_num_threads()}, {DTYPES[device]}"
     )
-    print(f"{'V':>7s} {'variant':10s} {'ms':>9s} {'speed-up':>9s} {'peak MiB':>9s} "
-          f"{'mem ratio':>9s} {'loss rel err':>12s} {'grad rel err':>12s}")  # fmt: skip
+    columns = ("N", "D", "V", "variant", "ms", "speed-up", "peak MiB", "mem ratio")
+    widths = (6, 5, 7, -10, 9, 9, 9, 9)
+    header = " ".join(f"{c:>{w}s}" if w > 0 else f"{c:{-w}s}" for c, w in zip(columns, widths))
+    print(f"{header} {'loss rel err':>12s} {'grad rel err':>12s}")
     results = []
-    for vocab in VOCABS:
-        inputs = make_inputs(device, vocab)
-        functions = variants(device)
-        times = time_round_robin(functions, inputs, device, args.repeats)
-        if device == "cuda":
-            peaks = {name: cuda_peak_bytes(fn, inputs) for name, fn in functions.items()}
-        else:
-            peaks = {name: cpu_peak_bytes(name, vocab) for name in functions}
-        del inputs
-        errors = max_error(device, vocab)
-        for name in functions:
-            row = dict(
-                vocab=vocab,
-                variant=name,
-                ms=1000 * times[name],
-                speedup=times["baseline"] / times[name],
-                peak_mib=peaks[name] / 2**20,
-                memory_ratio=peaks["baseline"] / max(peaks[name], 1),
-                loss_rel_err=errors[name][0],
-                grad_rel_err=errors[name][1],
-            )
-            results.append(row)
-            print(
-                f"{vocab:7d} {name:10s} {row['ms']:9.1f} {row['speedup']:8.2f}x "
-                f"{row['peak_mib']:9.1f} {row['memory_ratio']:8.2f}x "
-                f"{row['loss_rel_err']:12.2e} {row['grad_rel_err']:12.2e}"
-            )
+    for rows, dim in SHAPES[device]:
+        for vocab in VOCABS:
+            results += measure_case(device, rows, dim, vocab, args.repeats)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=1)
@@ -211,7 +220,7 @@ def main() -> None:
 
 # pytest-benchmark: the CPU shapes at V = 32k (the reference path; no GPU needed)
 def _bench(benchmark, name):
-    inputs = make_inputs("cpu", VOCABS[0])
+    inputs = make_inputs("cpu", VOCABS[0], *SHAPES["cpu"][0])
     fn = variants("cpu")[name]
     benchmark.pedantic(step, args=(fn, inputs), rounds=3, warmup_rounds=1)
 
