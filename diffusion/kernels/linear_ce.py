@@ -155,7 +155,7 @@ def _accumulate(acc: Tensor, a: Tensor, b: Tensor) -> None:
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
         return
-    if acc.device.type == "cuda" and _DTYPE_MM["cuda"]:
+    if acc.device.type == "cuda" and _DTYPE_MM["cuda"] and not torch.compiler.is_compiling():
         try:  # cuBLAS accumulates into the float32 buffer: no (V, D) temporary
             torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
             return

@@ -115,8 +115,13 @@ def head_loss(
     normalize: str,
     weight: torch.Tensor | None = None,
     loss_backend: str | None = "auto",
+    head_grad: bool = True,
 ) -> torch.Tensor:
-    """The masked diffusion loss of `model.layers[start:]` and the head applied to `hidden`."""
+    """The masked diffusion loss of `model.layers[start:]` and the head applied to `hidden`.
+
+    head_grad=False: the fused loss treats the head's weight as a constant, so it skips the
+    (V, D) weight-gradient products (the first-order inner loop differentiates phi only).
+    """
     head = fused_head(model, loss_backend)
     common = dict(schedule=SCHEDULE, maskable=maskable, normalize=normalize, weight=weight)
     if head is None:
@@ -125,7 +130,7 @@ def head_loss(
         )
     features = model.features_from(hidden, start=start)
     return dd.masked_diffusion_loss_from_hidden(
-        features, head, x0, mask, t, backend=loss_backend, **common
+        features, head if head_grad else head.detach(), x0, mask, t, backend=loss_backend, **common
     )
 
 
@@ -262,7 +267,8 @@ def make_inner_loss(
 
     Weighting: 1/r with r the state's realised mask ratio (training), or uniform (inference).
     Normalisation: mean over the state's loss-masked tokens, per row when per_sample (so each
-    sample's fast weights see exactly the loss they would see alone).
+    sample's fast weights see exactly the loss they would see alone). For the first-order inner
+    loop only: the fused loss gets no gradient path to the output head's weight.
     """
 
     def inner_loss(phi, meta, state: InnerState) -> torch.Tensor:
@@ -282,6 +288,7 @@ def make_inner_loss(
                 normalize="sum" if per_sample else "masked",
                 weight=weight,
                 loss_backend=loss_backend,
+                head_grad=False,  # first order: the inner gradient is taken for phi only
             )
 
     return inner_loss
