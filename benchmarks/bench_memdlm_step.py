@@ -27,8 +27,9 @@ from recipes.memdlm.config import build_config
 from recipes.memdlm.runner import new_model, prepare_data
 
 
-def make_setup(preset: str = "cpu-tiny", batch_size: int = 32):
-    cfg = build_config(preset)
+def make_setup(preset: str = "cpu-tiny", batch_size: int = 32, n_layers: int | None = None):
+    overrides = {"model": {"n_layers": n_layers}} if n_layers else None
+    cfg = build_config(preset, overrides=overrides)
     data = prepare_data(cfg)
     model = new_model(cfg, data.tokenizer, seed=0, device="cpu")
     sampler = BatchSampler(data.train, batch_size, seed=0, eos_id=data.tokenizer.eos_id)
@@ -101,8 +102,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", default="cpu-tiny")
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--layers", type=int, help="override model.n_layers")
     args = parser.parse_args()
-    cfg, data, model, batch, anchor = make_setup(args.preset)
+    cfg, data, model, batch, anchor = make_setup(args.preset, n_layers=args.layers)
     times = time_round_robin(step_functions(cfg, data, model, batch, anchor), args.repeats)
     base = statistics.median(times["standard"])
     print(

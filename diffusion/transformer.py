@@ -107,7 +107,14 @@ class Block(nn.Module):
         self.mlp = SwiGLU(d_model, d_ff)
 
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor | None) -> Tensor:
-        h = h + self.attn(self.attn_norm(h), cos, sin, key_mask)
+        return self.feed_forward(self.attend(h, cos, sin, key_mask))
+
+    def attend(self, h: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor | None) -> Tensor:
+        """The attention sub-block: h + attn(norm(h))."""
+        return h + self.attn(self.attn_norm(h), cos, sin, key_mask)
+
+    def feed_forward(self, h: Tensor) -> Tensor:
+        """The feed-forward sub-block: h + mlp(norm(h))."""
         return h + self.mlp(self.mlp_norm(h))
 
 
@@ -187,42 +194,83 @@ class Transformer(nn.Module):
         )
 
     def hidden_states(
-        self, x: Tensor, attention_mask: Tensor | None = None, *, upto: int
+        self,
+        x: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        upto: int,
+        mid_layer: bool = False,
     ) -> Tensor:
-        """Embedding followed by `layers[:upto]`: (B, L) tokens -> (B, L, D)."""
-        self._check_inputs(x, attention_mask)
-        self._check_layer_index("upto", upto)
-        return self._run_layers(self.embed(x), attention_mask, 0, upto)
+        """Embedding followed by `layers[:upto]`: (B, L) tokens -> (B, L, D).
 
-    def logits_from(self, h: Tensor, attention_mask: Tensor | None = None, *, start: int) -> Tensor:
-        """`layers[start:]`, the final norm and `lm_head`: (B, L, D) -> (B, L, V)."""
-        return self.lm_head(self.features_from(h, attention_mask, start=start))
+        mid_layer: also run the attention sub-block of `layers[upto]`, stopping before its
+        feed-forward (a caller whose per-step changes live only in that FFN, as fast weights on
+        `mlp.*_proj`, computes the attention once and reuses it).
+        """
+        self._check_inputs(x, attention_mask)
+        self._check_split("upto", upto, mid_layer)
+        return self._run(self.embed(x), attention_mask, 0, 2 * upto + mid_layer)
+
+    def logits_from(
+        self,
+        h: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        start: int,
+        mid_layer: bool = False,
+    ) -> Tensor:
+        """`layers[start:]`, the final norm and `lm_head`: (B, L, D) -> (B, L, V).
+
+        mid_layer: `h` comes from `hidden_states(..., upto=start, mid_layer=True)`; start with
+        the feed-forward sub-block of `layers[start]`.
+        """
+        return self.lm_head(self.features_from(h, attention_mask, start=start, mid_layer=mid_layer))
 
     def features_from(
-        self, h: Tensor, attention_mask: Tensor | None = None, *, start: int
+        self,
+        h: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        start: int,
+        mid_layer: bool = False,
     ) -> Tensor:
         """`layers[start:]` and the final norm: (B, L, D) -> (B, L, D), the input of `lm_head`.
 
         With `lm_head.weight` this feeds `diffusion.masked_diffusion_loss_from_hidden`, which
-        never forms the (B, L, V) logits.
+        never forms the (B, L, V) logits. mid_layer: as in `logits_from`.
         """
-        self._check_layer_index("start", start)
+        self._check_split("start", start, mid_layer)
         if h.dim() != 3 or h.shape[1] > self.max_seq_len:
             raise ValueError(
                 f"Transformer.features_from: h must be (B, L, D) with L <= {self.max_seq_len}, "
                 f"got shape {tuple(h.shape)}"
             )
-        return self.norm(self._run_layers(h, attention_mask, start, len(self.layers)))
+        return self.norm(self._run(h, attention_mask, 2 * start + mid_layer, 2 * len(self.layers)))
 
-    def _run_layers(
-        self, h: Tensor, attention_mask: Tensor | None, start: int, stop: int
-    ) -> Tensor:
+    def _check_split(self, name: str, index: int, mid_layer: bool) -> None:
+        self._check_layer_index(name, index)
+        if mid_layer and index >= len(self.layers):
+            raise ValueError(
+                f"Transformer: mid_layer=True needs {name} < n_layers={len(self.layers)}, "
+                f"got {name}={index}"
+            )
+
+    def _run(self, h: Tensor, attention_mask: Tensor | None, start: int, stop: int) -> Tensor:
+        """Sub-blocks [start, stop) of the network: sub-block 2i is layer i's attention,
+        2i + 1 its feed-forward."""
         if start == stop:
             return h
         cos, sin, key_mask = self._positions(attention_mask, h.shape[1])
+        index = start
         with self._attention_context():
-            for layer in self.layers[start:stop]:
-                h = layer(h, cos, sin, key_mask)
+            while index < stop:
+                layer = self.layers[index // 2]
+                if index % 2 == 1:  # starting inside a layer: its feed-forward only
+                    h, index = layer.feed_forward(h), index + 1
+                elif index + 1 < stop:  # a whole layer
+                    h, index = layer(h, cos, sin, key_mask), index + 2
+                else:  # stopping inside a layer: its attention only
+                    h, index = layer.attend(h, cos, sin, key_mask), index + 1
         return h
 
     def _positions(self, attention_mask: Tensor | None, length: int):

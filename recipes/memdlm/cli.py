@@ -251,6 +251,8 @@ def cmd_train(args, extra, reporter) -> int:
         reporter=reporter,
         mask_id=data.tokenizer.mask_id,
         time_eps=cfg.time_eps,
+        loss_backend=cfg.loss_backend,
+        compiled=cfg.compile,
     )
     evaluation = evaluate_model(model, data, cfg, method=cfg.method, device=device)
     summary = {cfg.method: per_seed_record(cfg.seed, result, evaluation)}
@@ -320,7 +322,13 @@ def cmd_sample(args, extra, reporter) -> int:
         phi = None
         if mem is not None:
             phi = adapt_to_prompt(
-                model, mem, prompt, cfg.memdlm, mask_id=tok.mask_id, generator=generator
+                model,
+                mem,
+                prompt,
+                cfg.memdlm,
+                mask_id=tok.mask_id,
+                generator=generator,
+                loss_backend=cfg.loss_backend,
             )
         with torch.no_grad():
             context = mem.bind(phi) if mem is not None else nullcontext()
@@ -336,6 +344,7 @@ def cmd_sample(args, extra, reporter) -> int:
                     temperature=args.temperature,
                     threshold=args.threshold,
                     generator=generator,
+                    **cfg.generate_options(),
                 )
     finally:
         if mem is not None:

@@ -83,6 +83,8 @@ def obtain_base(
         reporter=reporter,
         mask_id=data.tokenizer.mask_id,
         time_eps=cfg.time_eps,
+        loss_backend=cfg.loss_backend,
+        compiled=cfg.compile,
     )
     if cached is not None and not cached.is_file():
         cached.parent.mkdir(parents=True, exist_ok=True)
@@ -162,6 +164,8 @@ def run_compare(
                 reporter=reporter,
                 mask_id=data.tokenizer.mask_id,
                 time_eps=cfg.time_eps,
+                loss_backend=cfg.loss_backend,
+                compiled=cfg.compile,
             )
             reporter.note(f"evaluating seed {seed} {method}")
             evaluation = _cached_eval(

@@ -64,10 +64,10 @@ class DataConfig(_Strict):
 
     train_file: str | None = Field(None, description="JSONL with {prompt, response} per line")
     eval_file: str | None = Field(None, description="held-out JSONL; default: 5% of train_file")
-    pretrain_tasks: list[TaskName] = ["continuation", "single", "multikey", "multivalue", "vt"]
-    pretrain_context_lengths: list[int] = [96]
-    train_tasks: list[TaskName] = ["single", "multikey", "multivalue", "vt"]
-    train_context_lengths: list[int] = [128]
+    pretrain_tasks: list[TaskName] = ["single"]
+    pretrain_context_lengths: list[int] = [48, 64]
+    train_tasks: list[TaskName] = ["single", "multikey", "multivalue", "vt", "continuation"]
+    train_context_lengths: list[int] = [96, 128]
     eval_tasks: list[TaskName] = ["single", "multikey", "multivalue", "vt"]
     eval_context_lengths: list[int] = [96, 128, 192]
     eval_per_cell: int = Field(32, gt=0, description="held-out examples per (task, length)")
@@ -133,10 +133,25 @@ class Config(_Strict):
     seeds: int = Field(1, ge=1, description="compare: paired seeds seed, seed+1, ...")
     device: str = "auto"
     time_eps: float = Field(1e-3, gt=0, lt=1, description="t ~ U[time_eps, 1] per sequence")
+    kernels: Literal["auto", "reference", "triton", "off"] = "auto"
+    compile: bool = False
+
+    @property
+    def loss_backend(self) -> str | None:
+        """The fused loss's backend for the step functions; None = the plain logits path."""
+        return None if self.kernels == "off" else self.kernels
+
+    def generate_options(self) -> dict[str, Any]:
+        """Keyword arguments of `diffusion.generate` that follow `kernels` and `compile`."""
+        import torch
+
+        backend = "reference" if self.kernels == "off" else self.kernels
+        return {"backend": backend, "compiler": torch.compile if self.compile else None}
+
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
-    pretrain: PhaseConfig = PhaseConfig(steps=600, lr=2e-3, log_every=25, ckpt_every=200)
-    train: PhaseConfig = PhaseConfig()
+    pretrain: PhaseConfig = PhaseConfig(steps=2000, lr=3e-3, log_every=50, ckpt_every=250)
+    train: PhaseConfig = PhaseConfig(steps=300, lr=5e-4, log_every=25, ckpt_every=100)
     memdlm: MemDLMConfig = MemDLMConfig()
     eval: EvalConfig = EvalConfig()
     distributed: DistributedConfig = DistributedConfig()
@@ -184,7 +199,7 @@ def _preset_smoke() -> dict[str, Any]:
             "examples_per_cell": 64,
         },
         "pretrain": {"steps": 6, "batch_size": 8, "lr": 2e-3, "log_every": 2, "ckpt_every": 3},
-        "train": {"steps": 4, "batch_size": 8, "log_every": 2, "ckpt_every": 2},
+        "train": {"steps": 4, "batch_size": 8, "lr": 3e-4, "log_every": 2, "ckpt_every": 2},
         "memdlm": {"rank": 4, "alpha": 8.0},
         "eval": {"batch_size": 8, "exposure_examples": 4},
     }

@@ -708,6 +708,7 @@ def cmd_train(args, extra: list[str], reporter: Reporter) -> int:
             mask_id=data.tokenizer.mask_id,
             ctx=ctx,
             time_eps=cfg.time_eps,
+            loss_backend=cfg.loss_backend,
             sync_inner=cfg.distributed.sync_inner,
         )
         if ctx.strategy == "ddp" and not ctx.is_main:

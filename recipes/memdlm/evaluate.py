@@ -27,8 +27,8 @@ from recipes.memdlm.method import (
     adapt,
     adapt_to_prompt,
     loss_masks,
-    outer_loss,
     sample_anchor,
+    standard_loss,
     trajectory_masks,
 )
 
@@ -56,8 +56,20 @@ def _weighted_mean(values: list[float], weights: list[int]) -> float:
     return sum(v * w for v, w in zip(values, weights)) / max(1, sum(weights))
 
 
-def eval_loss(model, loss_set: LossSet, *, mode: str = "off", mem=None, cfg=None, mask_id=None):
-    """Mean outer loss over the held-out set, weighted by maskable tokens per batch."""
+def eval_loss(
+    model,
+    loss_set: LossSet,
+    *,
+    mode: str = "off",
+    mem=None,
+    cfg=None,
+    mask_id=None,
+    loss_backend: str | None = "auto",
+):
+    """Mean outer loss over the held-out set, weighted by maskable tokens per batch.
+
+    loss_backend: the fused loss from hidden states (`method.standard_loss`), None for logits.
+    """
     if mode != "off" and (mem is None or cfg is None):
         raise ValueError(f"mode {mode!r} needs fast weights and their config")
     generator = torch.Generator(device=loss_set.batches[0].x0.device).manual_seed(EVAL_SEED + 1)
@@ -66,16 +78,16 @@ def eval_loss(model, loss_set: LossSet, *, mode: str = "off", mem=None, cfg=None
     for batch, anchor in zip(loss_set.batches, loss_set.anchors):
         phi = None
         if mode == "adapted":
-            phi = _gold_adaptation(model, mem, batch, anchor, cfg, mask_id, generator)
+            phi = _gold_adaptation(model, mem, batch, anchor, cfg, mask_id, generator, loss_backend)
         elif mode == "prompt":
-            phi = _prompt_adaptation(model, mem, batch, cfg, mask_id, generator)
+            phi = _prompt_adaptation(model, mem, batch, cfg, mask_id, generator, loss_backend)
         with torch.no_grad(), mem.bind(phi) if phi is not None else nullcontext():
-            values.append(outer_loss(model(anchor.xt), batch, anchor).item())
+            values.append(standard_loss(model, batch, anchor, loss_backend).item())
         weights.append(int(batch.maskable.sum()))
     return _weighted_mean(values, weights)
 
 
-def _gold_adaptation(model, mem, batch, anchor, cfg: MemDLMConfig, mask_id, generator):
+def _gold_adaptation(model, mem, batch, anchor, cfg: MemDLMConfig, mask_id, generator, backend):
     """The training-time inner loop on the example's own answer (memdlm-method.md 2.2)."""
     inputs = trajectory_masks(anchor.mask, batch.maskable, cfg, generator)
     targets = loss_masks(inputs, anchor.mask, cfg.inner_loss_mask)
@@ -90,21 +102,22 @@ def _gold_adaptation(model, mem, batch, anchor, cfg: MemDLMConfig, mask_id, gene
         mask_id=mask_id,
         generator=generator,
         per_sample=cfg.per_sample,
+        loss_backend=backend,
     ).phi
 
 
-def _prompt_adaptation(model, mem, batch: Batch, cfg, mask_id, generator):
+def _prompt_adaptation(model, mem, batch: Batch, cfg, mask_id, generator, backend):
     """Prompt-only adaptation; rows of a batch share one prompt length (equal-length cells)."""
     prompt_len = int(batch.prompt_lengths[0])
     if not bool((batch.prompt_lengths == prompt_len).all()):
         raise ValueError("prompt adaptation needs rows of equal prompt length")
-    phi = adapt_to_prompt(
-        model, mem, batch.x0[:, :prompt_len], cfg, mask_id=mask_id, generator=generator
+    prompt = batch.x0[:, :prompt_len]
+    return adapt_to_prompt(
+        model, mem, prompt, cfg, mask_id=mask_id, generator=generator, loss_backend=backend
     )
-    return phi
 
 
-def _generate(model, prompt, gen_length, tok: ByteTokenizer, callback=None):
+def _generate(model, prompt, gen_length, tok: ByteTokenizer, callback=None, options=None):
     return dd.generate(
         model,
         prompt,
@@ -114,6 +127,7 @@ def _generate(model, prompt, gen_length, tok: ByteTokenizer, callback=None):
         remasking="low_confidence",
         temperature=0.0,
         callback=callback,
+        **(options or {}),
     )
 
 
@@ -127,6 +141,8 @@ def niah_accuracy(
     mem=None,
     cfg: MemDLMConfig | None = None,
     adapt_prompt: bool = False,
+    generate_options: dict | None = None,
+    loss_backend: str | None = "auto",
 ) -> dict[str, dict]:
     """Exact-match accuracy of greedy low-confidence sampling, one token per step.
 
@@ -152,10 +168,16 @@ def niah_accuracy(
             phi = None
             if adapt_prompt:
                 phi = adapt_to_prompt(
-                    model, mem, prompt, cfg, mask_id=tok.mask_id, generator=generator
+                    model,
+                    mem,
+                    prompt,
+                    cfg,
+                    mask_id=tok.mask_id,
+                    generator=generator,
+                    loss_backend=loss_backend,
                 )
             with torch.no_grad(), mem.bind(phi) if phi is not None else nullcontext():
-                out = _generate(model, prompt, gen_length, tok)
+                out = _generate(model, prompt, gen_length, tok, options=generate_options)
             for example, row in zip(chunk, out[:, prompt.shape[1] :].tolist()):
                 answer = tok.decode(row)
                 hits += answer == example.response
@@ -208,6 +230,8 @@ def exposure_bias_curve(
     mem=None,
     cfg: MemDLMConfig | None = None,
     adapt_prompt: bool = False,
+    generate_options: dict | None = None,
+    loss_backend: str | None = "auto",
 ) -> list[float]:
     """R_EB(k) = L_seq(k) / L_static(k) at each denoising step k (paper Fig. 3).
 
@@ -231,7 +255,13 @@ def exposure_bias_curve(
     phi = None
     if adapt_prompt:
         phi = adapt_to_prompt(
-            model, mem, batch.x0[:, :prompt_len], cfg, mask_id=tok.mask_id, generator=generator
+            model,
+            mem,
+            batch.x0[:, :prompt_len],
+            cfg,
+            mask_id=tok.mask_id,
+            generator=generator,
+            loss_backend=loss_backend,
         )
 
     def nll(logits: torch.Tensor, masked: torch.Tensor) -> float:
@@ -247,5 +277,6 @@ def exposure_bias_curve(
 
     model.eval()
     with torch.no_grad(), mem.bind(phi) if phi is not None else nullcontext():
-        _generate(model, batch.x0[:, :prompt_len], gen_length, tok, callback=on_step)
+        prompt = batch.x0[:, :prompt_len]
+        _generate(model, prompt, gen_length, tok, callback=on_step, options=generate_options)
     return [s / max(t, 1e-12) for s, t in zip(seq_nll, static_nll)]

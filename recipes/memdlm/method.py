@@ -11,7 +11,9 @@ MemDLM (arXiv 2603.22241; memdlm-method.md section 2.4) for one batch:
    its gradient trains the base model theta only.
 
 Efficiency: layers before the first fast-weight layer do not depend on phi, so they run once per
-state without gradient, and the anchor's early hidden states are shared with the outer pass.
+state without gradient, and the anchor's early hidden states are shared with the outer pass. With
+fast weights only on the FFN of that layer (the default), its attention sub-block is part of the
+shared early computation too (`Split`).
 With the reference Transformer, the losses go through `dd.masked_diffusion_loss_from_hidden`
 (`model.norm` output and `model.lm_head.weight`): only the masked rows are projected, and the
 (B, L, V) logits are never formed (`loss_backend`, docs/kernels.md). `memdlm_core` and
@@ -106,7 +108,7 @@ def fused_head(model, loss_backend: str | None) -> torch.Tensor | None:
 def head_loss(
     model,
     hidden: torch.Tensor,
-    start: int,
+    split: Split,
     x0: torch.Tensor,
     mask: torch.Tensor,
     t: torch.Tensor,
@@ -117,7 +119,7 @@ def head_loss(
     loss_backend: str | None = "auto",
     head_grad: bool = True,
 ) -> torch.Tensor:
-    """The masked diffusion loss of `model.layers[start:]` and the head applied to `hidden`.
+    """The masked diffusion loss of the network after `split` and the head applied to `hidden`.
 
     head_grad=False: the fused loss treats the head's weight as a constant, so it skips the
     (V, D) weight-gradient products (the first-order inner loop differentiates phi only).
@@ -125,10 +127,8 @@ def head_loss(
     head = fused_head(model, loss_backend)
     common = dict(schedule=SCHEDULE, maskable=maskable, normalize=normalize, weight=weight)
     if head is None:
-        return dd.masked_diffusion_loss(
-            model.logits_from(hidden, start=start), x0, mask, t, **common
-        )
-    features = model.features_from(hidden, start=start)
+        return dd.masked_diffusion_loss(split.logits(model, hidden), x0, mask, t, **common)
+    features = split.features(model, hidden)
     return dd.masked_diffusion_loss_from_hidden(
         features, head if head_grad else head.detach(), x0, mask, t, backend=loss_backend, **common
     )
@@ -142,7 +142,7 @@ def standard_loss(model, batch: Batch, anchor: Anchor, loss_backend: str | None 
     return head_loss(
         model,
         hidden,
-        0,
+        Split(0),
         batch.x0,
         anchor.mask,
         anchor.t,
@@ -252,18 +252,56 @@ def first_fast_layer(model, cfg: MemDLMConfig) -> int:
     return int(len(model.layers) * (1 - cfg.layer_fraction))
 
 
+@dataclass(frozen=True)
+class Split:
+    """Where the part of the network that depends on the fast weights begins.
+
+    Before `layers[layer]`, or, with `mid`, between that layer's attention and its feed-forward:
+    when the fast weights of the first fast layer sit only in its FFN (the default targets), the
+    layer's attention does not depend on them and is computed once per input.
+    """
+
+    layer: int
+    mid: bool = False
+
+    def early(self, model, x: torch.Tensor) -> torch.Tensor:
+        """Everything before the split: (B, L) tokens -> (B, L, D)."""
+        return model.hidden_states(x, upto=self.layer, **self._kwargs())
+
+    def features(self, model, hidden: torch.Tensor) -> torch.Tensor:
+        return model.features_from(hidden, start=self.layer, **self._kwargs())
+
+    def logits(self, model, hidden: torch.Tensor) -> torch.Tensor:
+        return model.logits_from(hidden, start=self.layer, **self._kwargs())
+
+    def _kwargs(self) -> dict[str, bool]:
+        return {"mid_layer": True} if self.mid else {}
+
+
+def split_point(model, mem, cfg: MemDLMConfig) -> Split:
+    """The split for `mem`'s targets: mid-layer for the reference Transformer when every target
+    of the first fast layer is one of its FFN projections (`layers.k.mlp.*`)."""
+    layer = first_fast_layer(model, cfg)
+    prefix = f"layers.{layer}."
+    ffn_only = all(
+        not name.startswith(prefix) or name.startswith(prefix + "mlp.") for name in mem.targets
+    )
+    mid = isinstance(model, dd.Transformer) and layer < len(model.layers) and ffn_only
+    return Split(layer, mid)
+
+
 def make_inner_loss(
     model,
     mem,
     x0,
     maskable,
-    start: int,
+    split: Split,
     *,
     per_sample: bool,
     uniform: bool,
     loss_backend: str | None = "auto",
 ):
-    """inner_loss(phi, meta, state) for bilevel.solve: the model from layer `start` with phi bound.
+    """inner_loss(phi, meta, state) for bilevel.solve: the model after `split` with phi bound.
 
     Weighting: 1/r with r the state's realised mask ratio (training), or uniform (inference).
     Normalisation: mean over the state's loss-masked tokens, per row when per_sample (so each
@@ -280,7 +318,7 @@ def make_inner_loss(
             return head_loss(
                 model,
                 state.hidden,
-                start,
+                split,
                 x0,
                 state.loss_mask,
                 state.ratio,
@@ -308,7 +346,7 @@ def inner_states(
     maskable: torch.Tensor,
     input_masks: list[torch.Tensor],
     loss_masks_: list[torch.Tensor],
-    start: int,
+    split: Split,
     *,
     mask_id: int,
     precomputed: dict[int, torch.Tensor] | None = None,
@@ -324,7 +362,7 @@ def inner_states(
             hidden = precomputed[i].detach()
         else:
             with torch.no_grad():
-                hidden = model.hidden_states(torch.where(input_mask, mask_id, x0), upto=start)
+                hidden = split.early(model, torch.where(input_mask, mask_id, x0))
         # A row with nothing masked has no loss terms; the floor only keeps t inside (0, 1].
         ratio = _ratio(input_mask, maskable).clamp(min=1e-6)
         states.append(InnerState(hidden, loss_mask, ratio))
@@ -348,7 +386,7 @@ def solve_inner(
     phi0: dict[str, torch.Tensor],
     cfg: MemDLMConfig,
     *,
-    start: int,
+    split: Split,
     per_sample: bool,
     uniform: bool = False,
     loss_backend: str | None = "auto",
@@ -364,7 +402,7 @@ def solve_inner(
         mem,
         x0,
         maskable,
-        start,
+        split,
         per_sample=per_sample,
         uniform=uniform,
         loss_backend=loss_backend,
@@ -404,14 +442,14 @@ def adapt(
     precomputed: {state index: early hidden states} already computed by the caller (the anchor's,
     shared with the outer pass); other states run the early layers here without gradient.
     """
-    start = first_fast_layer(model, cfg)
+    split = split_point(model, mem, cfg)
     states = inner_states(
         model,
         x0,
         maskable,
         input_masks,
         loss_masks_,
-        start,
+        split,
         mask_id=mask_id,
         precomputed=precomputed,
     )
@@ -424,7 +462,7 @@ def adapt(
         states,
         phi0,
         cfg,
-        start=start,
+        split=split,
         per_sample=per_sample,
         uniform=uniform,
         loss_backend=loss_backend,
@@ -433,14 +471,14 @@ def adapt(
     return Adaptation(phi, info["loss"].tolist(), info["grad_norm"].tolist(), largest.tolist())
 
 
-def _outer(model, mem, phi, hidden_t, start, batch, anchor, log_gap, loss_backend):
+def _outer(model, mem, phi, hidden_t, split, batch, anchor, log_gap, loss_backend):
     """The outer loss with phi bound, and (log_gap) the same loss with fast weights off."""
 
     def loss_of(hidden):
         return head_loss(
             model,
             hidden,
-            start,
+            split,
             batch.x0,
             anchor.mask,
             anchor.t,
@@ -489,8 +527,8 @@ def memdlm_core(
     Returns (loss, loss with fast weights off or None, inner info dict of tensors). grad_sync:
     see `inner_optimizer` (data-parallel training with shared fast weights).
     """
-    start = first_fast_layer(model, cfg)
-    hidden_t = model.hidden_states(anchor.xt, upto=start)  # with grad: reused by the outer pass
+    split = split_point(model, mem, cfg)
+    hidden_t = split.early(model, anchor.xt)  # with grad: reused by the outer pass
     anchor_index = {len(input_masks) - 1: hidden_t} if input_masks[-1] is anchor.mask else {}
     states = inner_states(
         model,
@@ -498,7 +536,7 @@ def memdlm_core(
         batch.maskable,
         input_masks,
         loss_masks_,
-        start,
+        split,
         mask_id=mask_id,
         precomputed=anchor_index,
     )
@@ -510,12 +548,12 @@ def memdlm_core(
         states,
         phi0,
         cfg,
-        start=start,
+        split=split,
         per_sample=cfg.per_sample,
         loss_backend=loss_backend,
         grad_sync=grad_sync,
     )
-    loss, off = _outer(model, mem, phi, hidden_t, start, batch, anchor, log_gap, loss_backend)
+    loss, off = _outer(model, mem, phi, hidden_t, split, batch, anchor, log_gap, loss_backend)
     return loss, off, info
 
 
@@ -551,8 +589,8 @@ def memdlm_step(
             loss, off, info["loss"].tolist(), info["grad_norm"].tolist(), largest.tolist()
         )
         return StepOutput(loss, metrics)
-    start = first_fast_layer(model, cfg)
-    hidden_t = model.hidden_states(anchor.xt, upto=start)  # with grad: reused by the outer pass
+    split = split_point(model, mem, cfg)
+    hidden_t = split.early(model, anchor.xt)  # with grad: reused by the outer pass
     anchor_index = {len(inputs) - 1: hidden_t} if inputs[-1] is anchor.mask else {}
     adaptation = adapt(
         model,
@@ -569,7 +607,7 @@ def memdlm_step(
         loss_backend=loss_backend,
     )
     loss, off = _outer(
-        model, mem, adaptation.phi, hidden_t, start, batch, anchor, log_gap, loss_backend
+        model, mem, adaptation.phi, hidden_t, split, batch, anchor, log_gap, loss_backend
     )
     metrics = _step_metrics(
         loss, off, adaptation.losses, adaptation.grad_norms, adaptation.max_tensor_norms
@@ -591,7 +629,14 @@ def compile_steps(compiler: Callable[[Callable], Callable] | None = None) -> dic
 
 
 def adapt_to_prompt(
-    model, mem, prompt: torch.Tensor, cfg: MemDLMConfig, *, mask_id: int, generator
+    model,
+    mem,
+    prompt: torch.Tensor,
+    cfg: MemDLMConfig,
+    *,
+    mask_id: int,
+    generator,
+    loss_backend: str | None = "auto",
 ) -> dict[str, torch.Tensor]:
     """Inference-time adaptation ("Train & Inference", memdlm-method.md section 3.2).
 
@@ -619,6 +664,7 @@ def adapt_to_prompt(
         generator=generator,
         per_sample=True,
         uniform=True,
+        loss_backend=loss_backend,
     )
     return adaptation.phi
 

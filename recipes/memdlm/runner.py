@@ -25,7 +25,6 @@ from recipes.memdlm.evaluate import (
 from recipes.memdlm.method import make_fast_weights
 
 RETRIEVAL_TASKS = ("single", "multikey", "multivalue", "vt")
-EXPOSURE_PROMPT_LEN = 64
 
 
 @dataclass
@@ -74,7 +73,7 @@ def _builtin_examples(cfg: Config) -> dict[str, list[Example]]:
         ),
         "exposure_eval": make_split(
             ["continuation"],
-            [EXPOSURE_PROMPT_LEN],
+            [min(d.train_context_lengths)],
             cfg.eval.exposure_examples,
             split="eval",
             **common,
@@ -206,27 +205,37 @@ def evaluate_model(
 
         loss_set = hf.loss_set(data.loss_eval, cfg.eval.batch_size, tok, device)
     loss_set = loss_set or make_loss_set(data.loss_eval, cfg.eval.batch_size, tok, device)
-    common = {"batch_size": cfg.eval.batch_size, "device": device}
+    backend = {"loss_backend": cfg.loss_backend}
+    sampling = {"generate_options": cfg.generate_options(), **backend}
+    common = {"batch_size": cfg.eval.batch_size, "device": device, **sampling}
     result: dict[str, Any] = {
-        "eval_loss": eval_loss(model, loss_set),
+        "eval_loss": eval_loss(model, loss_set, **backend),
         "niah": niah_accuracy(model, data.accuracy_eval, tok, **common),
-        "exposure_bias": exposure_bias_curve(model, data.exposure_eval, tok, device=device),
+        "exposure_bias": exposure_bias_curve(
+            model, data.exposure_eval, tok, device=device, **sampling
+        ),
     }
     if method == "memdlm":
         mem = make_fast_weights(model, cfg.memdlm)
         try:
             fast = {"mem": mem, "cfg": cfg.memdlm}
             result["eval_loss_adapted"] = eval_loss(
-                model, loss_set, mode="adapted", mask_id=tok.mask_id, **fast
+                model, loss_set, mode="adapted", mask_id=tok.mask_id, **fast, **backend
             )
             result["eval_loss_prompt_adapted"] = eval_loss(
-                model, loss_set, mode="prompt", mask_id=tok.mask_id, **fast
+                model, loss_set, mode="prompt", mask_id=tok.mask_id, **fast, **backend
             )
             result["niah_adapted"] = niah_accuracy(
                 model, data.accuracy_eval, tok, adapt_prompt=True, **common, **fast
             )
             result["exposure_bias_adapted"] = exposure_bias_curve(
-                model, data.exposure_eval, tok, device=device, adapt_prompt=True, **fast
+                model,
+                data.exposure_eval,
+                tok,
+                device=device,
+                adapt_prompt=True,
+                **fast,
+                **sampling,
             )
         finally:
             mem.remove()

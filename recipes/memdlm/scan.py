@@ -26,7 +26,9 @@ from recipes.memdlm.progress import Reporter
 from recipes.memdlm.runner import prepare_data, resolve_device
 
 
-def probe_gaps(model, batches, anchors, cfg, *, mask_id: int) -> dict[str, float]:
+def probe_gaps(
+    model, batches, anchors, cfg, *, mask_id: int, loss_backend: str | None = "auto"
+) -> dict[str, float]:
     """Mean same-batch gap and inner gradient norm of one inner-loop configuration."""
     mem = make_fast_weights(model, cfg)
     generator = torch.Generator(device=batches[0].x0.device).manual_seed(EVAL_SEED + 4)
@@ -43,6 +45,7 @@ def probe_gaps(model, batches, anchors, cfg, *, mask_id: int) -> dict[str, float
                     mask_id=mask_id,
                     generator=generator,
                     log_gap=True,
+                    loss_backend=loss_backend,
                 )
             gaps.append(out.metrics["gap"])
             norms.append(max(v for k, v in out.metrics.items() if k.startswith("inner_grad_norm")))
@@ -86,7 +89,14 @@ def run_scan(
     rows = []
     for lr in lrs:
         inner = cfg.memdlm.model_copy(update={"inner_lr": lr})
-        stats = probe_gaps(model, batches, anchors, inner, mask_id=data.tokenizer.mask_id)
+        stats = probe_gaps(
+            model,
+            batches,
+            anchors,
+            inner,
+            mask_id=data.tokenizer.mask_id,
+            loss_backend=cfg.loss_backend,
+        )
         rows.append({"inner_lr": lr, **stats})
         reporter.note(f"inner lr {lr:g}: gap {stats['gap']:+.5f} nats")
     eligible = [r["inner_lr"] for r in rows if 0 < r["gap"] <= target_gap]

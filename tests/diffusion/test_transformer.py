@@ -71,6 +71,23 @@ def test_split_forward_equals_forward_for_every_layer(with_mask):
         h = model.hidden_states(x, mask, upto=k)
         assert h.shape == (3, 9, 32)
         torch.testing.assert_close(model.logits_from(h, mask, start=k), full, rtol=0, atol=0)
+    for k in range(len(model.layers)):  # split between layer k's attention and feed-forward
+        h = model.hidden_states(x, mask, upto=k, mid_layer=True)
+        after_attention = model.layers[k].attend(
+            model.hidden_states(x, mask, upto=k), *model._positions(mask, 9)
+        )
+        torch.testing.assert_close(h, after_attention, rtol=0, atol=0)
+        out = model.logits_from(h, mask, start=k, mid_layer=True)
+        torch.testing.assert_close(out, full, rtol=0, atol=0)
+
+
+def test_mid_layer_split_needs_a_layer():
+    model = _model()
+    n = len(model.layers)
+    with pytest.raises(ValueError, match="mid_layer=True needs upto < n_layers"):
+        model.hidden_states(torch.zeros(1, 3, dtype=torch.long), upto=n, mid_layer=True)
+    with pytest.raises(ValueError, match="mid_layer=True needs start < n_layers"):
+        model.features_from(torch.zeros(1, 3, 32), start=n, mid_layer=True)
 
 
 def test_left_and_right_padding_leave_real_token_logits_unchanged():
