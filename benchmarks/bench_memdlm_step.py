@@ -86,15 +86,17 @@ def step_functions(cfg, data, model, batch, anchor):
 
 
 def time_round_robin(functions, repeats: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Process (CPU) time per call: on a shared VM it is far less disturbed by preemption than
+    wall time, and with one thread it is the work done."""
     for fn in functions.values():
         for _ in range(warmup):
             fn()
     times = {name: [] for name in functions}
     for _ in range(repeats):
         for name, fn in functions.items():
-            start = time.perf_counter()
+            start = time.process_time()
             fn()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(time.process_time() - start)
     return times
 
 
@@ -113,10 +115,14 @@ def main() -> None:
         f"preset {args.preset}, fast layers from {method.first_fast_layer(model, cfg.memdlm)}"
         f" of {len(model.layers)}"
     )
-    print(f"{'step':32s} {'median ms':>10s} {'ratio':>7s}")
+    print(f"{'step':32s} {'median ms':>10s} {'ratio':>7s} {'IQR of ratio':>14s}")
     for name, values in times.items():
         median = statistics.median(values)
-        print(f"{name:32s} {1000 * median:10.1f} {median / base:7.2f}")
+        q1, _, q3 = statistics.quantiles(values, n=4)
+        print(
+            f"{name:32s} {1000 * median:10.1f} {median / base:7.2f}   "
+            f"{q1 / base:.2f}-{q3 / base:.2f}"
+        )
 
 
 def test_standard_step(benchmark):
