@@ -209,6 +209,7 @@ def cmd_train(args, extra, reporter) -> int:
         evaluate_model,
         load_weights,
         new_model,
+        phase_options,
         prepare_data,
         resolve_device,
     )
@@ -243,16 +244,12 @@ def cmd_train(args, extra, reporter) -> int:
         model,
         method=cfg.method,
         phase=cfg.train,
-        memdlm=cfg.memdlm,
         sampler=sampler,
         seed=cfg.seed,
         folder=out,
         log=log,
         reporter=reporter,
-        mask_id=data.tokenizer.mask_id,
-        time_eps=cfg.time_eps,
-        loss_backend=cfg.loss_backend,
-        compiled=cfg.compile,
+        **phase_options(cfg, data),
     )
     evaluation = evaluate_model(model, data, cfg, method=cfg.method, device=device)
     summary = {cfg.method: per_seed_record(cfg.seed, result, evaluation)}
@@ -266,13 +263,11 @@ def cmd_train(args, extra, reporter) -> int:
 
 
 def _load_model(args, extra):
-    from recipes.memdlm.runner import load_weights, new_model, resolve_device
+    from recipes.memdlm.runner import load_weights, new_model, resolve_device, tokenizer_for
 
     checkpoint = _checkpoint_file(args.checkpoint)
     cfg = _checkpoint_config(args, extra, checkpoint)
     device = resolve_device(cfg.device)
-    from recipes.memdlm.runner import tokenizer_for
-
     tok = tokenizer_for(cfg)
     model = new_model(cfg, tok, seed=0, device=device)
     load_weights(model, checkpoint)

@@ -31,6 +31,7 @@ from recipes.memdlm.runner import (
     evaluate_model,
     load_weights,
     new_model,
+    phase_options,
     prepare_data,
     resolve_device,
 )
@@ -75,16 +76,12 @@ def obtain_base(
         model,
         method="standard",
         phase=cfg.pretrain,
-        memdlm=cfg.memdlm,
         sampler=sampler,
         seed=cfg.seed,
         folder=folder,
         log=log,
         reporter=reporter,
-        mask_id=data.tokenizer.mask_id,
-        time_eps=cfg.time_eps,
-        loss_backend=cfg.loss_backend,
-        compiled=cfg.compile,
+        **phase_options(cfg, data),
     )
     if cached is not None and not cached.is_file():
         cached.parent.mkdir(parents=True, exist_ok=True)
@@ -156,16 +153,12 @@ def run_compare(
                 model,
                 method=method,
                 phase=cfg.train,
-                memdlm=cfg.memdlm,
                 sampler=sampler,
                 seed=seed,
                 folder=folder,
                 log=log,
                 reporter=reporter,
-                mask_id=data.tokenizer.mask_id,
-                time_eps=cfg.time_eps,
-                loss_backend=cfg.loss_backend,
-                compiled=cfg.compile,
+                **phase_options(cfg, data),
             )
             reporter.note(f"evaluating seed {seed} {method}")
             evaluation = _cached_eval(

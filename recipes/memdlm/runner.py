@@ -40,6 +40,17 @@ class Data:
     reports: dict[str, LengthReport]
 
 
+def phase_options(cfg: Config, data: Data) -> dict[str, Any]:
+    """The keyword arguments of `train.train_phase` that follow from the configuration."""
+    return {
+        "memdlm": cfg.memdlm,
+        "mask_id": data.tokenizer.mask_id,
+        "time_eps": cfg.time_eps,
+        "loss_backend": cfg.loss_backend,
+        "compiled": cfg.compile,
+    }
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

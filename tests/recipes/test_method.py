@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import diffusion as dd
 from recipes.memdlm import method
-from recipes.memdlm.batches import Batch
+from recipes.memdlm.batches import Batch, Encoded, collate
 from recipes.memdlm.config import MemDLMConfig
 
 MASK_ID, VOCAB = 13, 14
@@ -235,3 +235,19 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert factor(99) == pytest.approx(0.1, abs=2e-3)
     values = [factor(s) for s in range(10, 100)]
     assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_the_prompt_is_never_masked_by_the_anchor_or_the_inner_states():
+    rows = [
+        Encoded(tuple(range(1, 1 + p)), tuple(range(1, 1 + r)) + (12,))
+        for p, r in [(3, 9), (7, 2), (1, 11), (10, 1)]
+    ]
+    batch = collate(rows, eos_id=12)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        anchor = method.sample_anchor(batch, mask_id=MASK_ID, eps=1e-3, generator=g)
+        prompt = ~batch.maskable
+        assert not (anchor.mask & prompt).any()
+        assert torch.equal(anchor.xt[prompt], batch.x0[prompt])
+        for state in method.trajectory_masks(anchor.mask, batch.maskable, MemDLMConfig(), g):
+            assert not (state & prompt).any()
