@@ -286,8 +286,23 @@ def split_point(model, mem, cfg: MemDLMConfig) -> Split:
     ffn_only = all(
         not name.startswith(prefix) or name.startswith(prefix + "mlp.") for name in mem.targets
     )
-    mid = isinstance(model, dd.Transformer) and layer < len(model.layers) and ffn_only
+    mid = (
+        isinstance(model, dd.Transformer)
+        and layer < len(model.layers)
+        and ffn_only
+        and not _wrapped(model.layers[layer])
+    )
     return Split(layer, mid)
+
+
+def _wrapped(module: torch.nn.Module) -> bool:
+    """True when the layer must be entered through its own call: FSDP2 gathers a sharded layer's
+    parameters in its forward hooks, which running its sub-blocks directly would bypass."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule) or bool(
+        module._forward_pre_hooks or module._forward_hooks
+    )
 
 
 def make_inner_loss(

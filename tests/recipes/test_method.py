@@ -251,3 +251,19 @@ def test_the_prompt_is_never_masked_by_the_anchor_or_the_inner_states():
         assert torch.equal(anchor.xt[prompt], batch.x0[prompt])
         for state in method.trajectory_masks(anchor.mask, batch.maskable, MemDLMConfig(), g):
             assert not (state & prompt).any()
+
+
+def test_split_point_is_mid_layer_only_when_the_layer_may_be_split():
+    model = tiny_model()
+    ffn = method.make_fast_weights(model, MemDLMConfig(rank=2, alpha=4.0))
+    assert method.split_point(model, ffn, MemDLMConfig()) == method.Split(1, mid=True)
+    ffn.remove()
+    attention = MemDLMConfig(rank=2, alpha=4.0, targets=["q_proj", "gate_proj"])
+    mem = method.make_fast_weights(model, attention)
+    assert method.split_point(model, mem, attention) == method.Split(1, mid=False)
+    mem.remove()
+    handle = model.layers[1].register_forward_pre_hook(lambda module, args: None)
+    mem = method.make_fast_weights(model, MemDLMConfig(rank=2, alpha=4.0))
+    assert method.split_point(model, mem, MemDLMConfig()) == method.Split(1, mid=False)
+    handle.remove()
+    mem.remove()
