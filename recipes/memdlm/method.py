@@ -35,6 +35,7 @@ import diffusion as dd
 import memory as mm
 from recipes.memdlm.batches import Batch
 from recipes.memdlm.config import MemDLMConfig
+from recipes.memdlm.trajectory import loss_masks, realised_ratio, trajectory_masks
 
 SCHEDULE = dd.LinearSchedule()  # alpha(t) = 1 - t, weight 1/t (LLaDA, MemDLM)
 
@@ -164,59 +165,6 @@ def standard_step(
     loss_fn = compiled["standard"] if compiled is not None else standard_loss
     loss = loss_fn(model, batch, anchor, loss_backend)
     return StepOutput(loss, {"loss": loss.item()})
-
-
-# --------------------------------------------------------------------------- trajectory
-
-
-def _ratio(mask: torch.Tensor, maskable: torch.Tensor) -> torch.Tensor:
-    """Realised mask ratio per row, in float64 so floor(n * s_pre * r) matches exact arithmetic."""
-    return mask.sum(1).double() / maskable.sum(1).clamp(min=1).double()
-
-
-def _nested_exact(mask, count, within, generator) -> torch.Tensor:
-    """A superset of `mask` inside `within` with exactly `count` (B,) masked positions per row."""
-    n_within = within.sum(1).clamp(min=1)
-    # nested_mask takes floor(n * ratio); the half-token offset makes the floor land on `count`.
-    ratio = (count.to(torch.float64) + 0.5) / n_within
-    return dd.nested_mask(mask, ratio, maskable=within, generator=generator)
-
-
-def trajectory_masks(
-    anchor_mask: torch.Tensor,
-    maskable: torch.Tensor,
-    cfg: MemDLMConfig,
-    generator,
-) -> list[torch.Tensor]:
-    """Input masks of the inner steps, noisiest first, each a superset of the next.
-
-    pmc: pre-anchor (ratio min(1, max(s_pre r, r)), exact count floor(n r_pre)), then for K > 2
-    evenly spaced reveals of ceil(remaining / steps_left) positions, then the anchor itself
-    (K = 1 is the anchor alone). pre_only: the pre-anchor state alone; anchor_only: the anchor.
-    """
-    if cfg.strategy == "anchor_only" or (cfg.strategy == "pmc" and cfg.inner_steps == 1):
-        return [anchor_mask]
-    r = _ratio(anchor_mask, maskable)
-    r_pre = torch.clamp(torch.maximum(cfg.s_pre * r, r), max=1.0)
-    pre = dd.nested_mask(anchor_mask, r_pre, maskable=maskable, generator=generator)
-    if cfg.strategy == "pre_only":
-        return [pre]
-    masks = [pre]
-    n_anchor = anchor_mask.sum(1)
-    for steps_left in range(cfg.inner_steps - 1, 1, -1):
-        current = masks[-1]
-        reveal = torch.ceil((current.sum(1) - n_anchor) / steps_left).long()
-        masks.append(_nested_exact(anchor_mask, current.sum(1) - reveal, current, generator))
-    return [*masks, anchor_mask]
-
-
-def loss_masks(inputs: list[torch.Tensor], anchor_mask, mode: str) -> list[torch.Tensor]:
-    """What each inner step predicts: every masked input position ("student_masked", the code's
-    default), or only those revealed by the next state ("newly_revealed", paper Eq. 7)."""
-    if mode == "student_masked":
-        return inputs
-    nexts = [*inputs[1:], torch.zeros_like(anchor_mask)]
-    return [current & ~following for current, following in zip(inputs, nexts)]
 
 
 # --------------------------------------------------------------------------- inner loop
@@ -379,7 +327,7 @@ def inner_states(
             with torch.no_grad():
                 hidden = split.early(model, torch.where(input_mask, mask_id, x0))
         # A row with nothing masked has no loss terms; the floor only keeps t inside (0, 1].
-        ratio = _ratio(input_mask, maskable).clamp(min=1e-6)
+        ratio = realised_ratio(input_mask, maskable).clamp(min=1e-6)
         states.append(InnerState(hidden, loss_mask, ratio))
     return states
 
