@@ -230,10 +230,10 @@ def evaluate_model(
         mem = make_fast_weights(model, cfg.memdlm)
         try:
             fast = {"mem": mem, "cfg": cfg.memdlm}
-            result["eval_loss_adapted"] = eval_loss(
+            result["eval_loss_answer_adapted"] = eval_loss(
                 model, loss_set, mode="adapted", mask_id=tok.mask_id, **fast, **backend
             )
-            result["eval_loss_prompt_adapted"] = eval_loss(
+            result["eval_loss_adapted"] = eval_loss(
                 model, loss_set, mode="prompt", mask_id=tok.mask_id, **fast, **backend
             )
             result["niah_adapted"] = niah_accuracy(

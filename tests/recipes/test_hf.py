@@ -344,7 +344,7 @@ def test_train_eval_and_sample_from_the_command_line(folders, tmp_path, capsys):
     args = ["train", *common, "--model.path", str(folders["moe"]), "--method", "memdlm"]
     assert main([*args, "--train.steps", "2", "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())["memdlm"]
-    for key in ("eval_loss", "eval_loss_adapted", "eval_loss_prompt_adapted"):
+    for key in ("eval_loss", "eval_loss_answer_adapted", "eval_loss_adapted"):
         assert 0 < summary[key] < 20, key
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1] and all(r["gap"] == r["gap"] for r in records)
