@@ -17,6 +17,7 @@ from pathlib import Path
 
 from recipes.memdlm.config import (
     PRESETS,
+    SHORTHANDS,
     Config,
     ConfigError,
     build_config,
@@ -25,6 +26,10 @@ from recipes.memdlm.config import (
 )
 
 COMMANDS = ("train", "eval", "sample", "compare", "inner-lr")
+CHECKPOINT_HELP = (
+    "model.pt, or a run folder holding one; may be left out with --model PATH, "
+    "which then uses the Hugging Face model's own weights"
+)
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
@@ -43,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m recipes.memdlm",
         description="Train, evaluate and compare MemDLM against the standard MDLM baseline. "
         "With no command, runs `compare` on the default preset. Options of the form "
-        "--section.key VALUE override the configuration (e.g. --train.steps 100).",
+        "--section.key VALUE override the configuration (e.g. --train.steps 100); "
+        "--model PATH (short for --model.path) uses a local Hugging Face model.",
         allow_abbrev=False,
     )
     sub = parser.add_subparsers(dest="command", metavar="command")
@@ -89,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         "of a checkpoint; with --method memdlm also the adapted variants.",
     )
     _add_config_options(p)
-    p.add_argument("checkpoint", type=Path, help="model.pt, or a run folder holding one")
+    p.add_argument("checkpoint", type=Path, nargs="?", help=CHECKPOINT_HELP)
     p.add_argument("--method", choices=("standard", "memdlm"), default="standard")
 
     p = sub.add_parser(
@@ -100,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         "adaptation of fast weights on the prompt.",
     )
     _add_config_options(p)
-    p.add_argument("checkpoint", type=Path, help="model.pt, or a run folder holding one")
+    p.add_argument("checkpoint", type=Path, nargs="?", help=CHECKPOINT_HELP)
     p.add_argument("--prompt", required=True, help="prompt text")
     p.add_argument("--adapt", action="store_true", help="adapt fast weights on the prompt first")
     p.add_argument("--gen-length", type=int, default=16)
@@ -265,12 +271,19 @@ def cmd_train(args, extra, reporter) -> int:
 def _load_model(args, extra):
     from recipes.memdlm.runner import load_weights, new_model, resolve_device, tokenizer_for
 
-    checkpoint = _checkpoint_file(args.checkpoint)
-    cfg = _checkpoint_config(args, extra, checkpoint)
+    if args.checkpoint is None:  # a pretrained Hugging Face model as it is
+        cfg = _config(args, extra)
+        if not cfg.model.path:
+            raise UsageError("give a checkpoint (model.pt or a run folder), or --model PATH")
+        checkpoint = None
+    else:
+        checkpoint = _checkpoint_file(args.checkpoint)
+        cfg = _checkpoint_config(args, extra, checkpoint)
     device = resolve_device(cfg.device)
     tok = tokenizer_for(cfg)
     model = new_model(cfg, tok, seed=0, device=device)
-    load_weights(model, checkpoint)
+    if checkpoint is not None:
+        load_weights(model, checkpoint)
     model.eval()
     return cfg, tok, model, device
 
@@ -372,6 +385,27 @@ def cmd_inner_lr(args, extra, reporter) -> int:
     return 0
 
 
+def split_section_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Take the `--section.key VALUE` options (and shorthands such as `--model PATH`) out of argv.
+
+    argparse would otherwise read the VALUE of an option it does not know as the command's
+    positional argument (`eval --data.eval_per_cell 2 run/` would look for a checkpoint '2').
+    """
+    rest, overrides = [], []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        key = token[2:].partition("=")[0]
+        if token.startswith("--") and ("." in key or key in SHORTHANDS):
+            takes_next = "=" not in token and i + 1 < len(argv)
+            overrides += argv[i : i + 1 + takes_next]
+            i += 1 + takes_next
+        else:
+            rest.append(token)
+            i += 1
+    return rest, overrides
+
+
 HANDLERS = {
     "compare": cmd_compare,
     "train": cmd_train,
@@ -385,8 +419,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["compare", *argv]
+    argv, section_overrides = split_section_overrides(argv)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    extra += section_overrides
     from recipes.memdlm.data import DataError
     from recipes.memdlm.progress import Reporter
     from recipes.memdlm.train import Interrupted, TrainingError

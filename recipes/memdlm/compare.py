@@ -1,6 +1,7 @@
 """`compare`: one base, then Standard and MemDLM fine-tuned from it with paired seeds.
 
-1. Pretrain a base with the standard objective, or reuse one (`--base CKPT`, or the cache).
+1. Pretrain a base with the standard objective, or reuse one (`--base CKPT`, or the cache). A
+   Hugging Face backbone (`model.path`) is its own base: its pretrained weights, no pretraining.
 2. For each seed: fine-tune a copy of the base with Standard and with MemDLM. Both runs see the
    same batches in the same order and the same anchor masks (see `train._generators`).
 3. Evaluate every model on the same held-out data and anchors, print the table, write
@@ -23,13 +24,14 @@ import torch
 from recipes.memdlm import checkpoint as ckpt
 from recipes.memdlm.batches import BatchSampler
 from recipes.memdlm.config import Config
-from recipes.memdlm.evaluate import eval_loss, make_loss_set, niah_accuracy
+from recipes.memdlm.evaluate import eval_loss, niah_accuracy
 from recipes.memdlm.progress import Reporter
 from recipes.memdlm.report import method_summary, paired, per_seed_record, plot_all, print_report
 from recipes.memdlm.runner import (
     Data,
     evaluate_model,
     load_weights,
+    loss_set_for,
     new_model,
     phase_options,
     prepare_data,
@@ -59,6 +61,9 @@ def obtain_base(
     if base is not None:
         load_weights(model, base)
         reporter.note(f"base model from {base}")
+        return model, None
+    if cfg.model.path:  # a pretrained Hugging Face backbone is the base, as in the paper
+        reporter.note(f"base model: the pretrained weights in {cfg.model.path}")
         return model, None
     folder = out / "base"
     cached = cache / f"base-{base_key(cfg)}.pt" if cache is not None else None
@@ -119,11 +124,11 @@ def run_compare(
     base_model, base_result = obtain_base(
         cfg, data, out, base=base, cache=cache, reporter=reporter, device=device
     )
-    loss_set = make_loss_set(data.loss_eval, cfg.eval.batch_size, data.tokenizer, device)
+    loss_set = loss_set_for(data, cfg, device)
     base_eval = _cached_eval(
         out / "base",
         lambda: {
-            "eval_loss": eval_loss(base_model, loss_set),
+            "eval_loss": eval_loss(base_model, loss_set, loss_backend=cfg.loss_backend),
             "niah_accuracy": {
                 str(k): v
                 for k, v in niah_accuracy(
@@ -132,6 +137,8 @@ def run_compare(
                     data.tokenizer,
                     batch_size=cfg.eval.batch_size,
                     device=device,
+                    generate_options=cfg.generate_options(),
+                    loss_backend=cfg.loss_backend,
                 )["by_length"].items()
             },
         },

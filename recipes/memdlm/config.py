@@ -237,8 +237,12 @@ def _parse_value(text: str) -> Any:
     return text
 
 
+# Options that name a config key by a shorter name: `--model PATH` is `--model.path PATH`.
+SHORTHANDS = {"model": "model.path"}
+
+
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """`["--memdlm.inner_lr", "0.3", "--seed=2"]` -> nested dict of overrides."""
+    """`["--memdlm.inner_lr", "0.3", "--seed=2"]` -> nested dict of overrides (see SHORTHANDS)."""
     tree: dict[str, Any] = {}
     i = 0
     while i < len(pairs):
@@ -253,7 +257,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             i += 1
         i += 1
         node = tree
-        parts = key.replace("-", "_").split(".")
+        parts = SHORTHANDS.get(key, key).replace("-", "_").split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):

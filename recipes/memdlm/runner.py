@@ -206,16 +206,21 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
         raise ValueError(f"checkpoint {str(path)!r} does not fit this model: {error}") from None
 
 
+def loss_set_for(data: Data, cfg: Config, device) -> LossSet:
+    """The held-out loss batches with their fixed anchors, for either kind of backbone."""
+    if cfg.model.path:  # batches of one prompt length (hf.loss_set)
+        from recipes.memdlm import hf
+
+        return hf.loss_set(data.loss_eval, cfg.eval.batch_size, data.tokenizer, device)
+    return make_loss_set(data.loss_eval, cfg.eval.batch_size, data.tokenizer, device)
+
+
 def evaluate_model(
     model, data: Data, cfg: Config, *, method: str, device, loss_set: LossSet | None = None
 ) -> dict[str, Any]:
     """All held-out metrics of one trained model. MemDLM gets the adapted variants too."""
     tok = data.tokenizer
-    if loss_set is None and cfg.model.path:  # batches of one prompt length (hf.loss_set)
-        from recipes.memdlm import hf
-
-        loss_set = hf.loss_set(data.loss_eval, cfg.eval.batch_size, tok, device)
-    loss_set = loss_set or make_loss_set(data.loss_eval, cfg.eval.batch_size, tok, device)
+    loss_set = loss_set or loss_set_for(data, cfg, device)
     backend = {"loss_backend": cfg.loss_backend}
     sampling = {"generate_options": cfg.generate_options(), **backend}
     common = {"batch_size": cfg.eval.batch_size, "device": device, **sampling}

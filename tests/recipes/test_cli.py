@@ -60,6 +60,12 @@ def test_user_errors_are_one_line_and_leave_no_run_folder(tmp_path, args, expect
     assert not out.exists()
 
 
+@pytest.mark.parametrize("command", [["eval"], ["sample", "--prompt", "hi"]])
+def test_a_checkpoint_or_a_model_path_is_required(tmp_path, command):
+    result = run(*command, "--preset", "smoke", cwd=tmp_path)
+    assert "give a checkpoint (model.pt or a run folder), or --model PATH" in one_line_error(result)
+
+
 def test_malformed_jsonl_names_the_line(tmp_path):
     data = tmp_path / "data.jsonl"
     data.write_text('{"prompt": "hi", "response": "there"}\n{"prompt": 3, "response": "x"}\n')
@@ -144,7 +150,16 @@ def test_smoke_compare_writes_the_documented_run_folder(tmp_path):
     assert "reusing the cached base" in again.stderr
 
     # eval and sample read the run folder's checkpoints.
-    evaluated = run("eval", str(out / "seed1" / "memdlm"), "--method", "memdlm", cwd=tmp_path)
+    # An override's value before the checkpoint is not taken for the checkpoint.
+    evaluated = run(
+        "eval",
+        "--eval.batch_size",
+        "4",
+        str(out / "seed1" / "memdlm"),
+        "--method",
+        "memdlm",
+        cwd=tmp_path,
+    )
     assert evaluated.returncode == 0, evaluated.stderr
     assert "eval_loss_adapted" in json.loads(evaluated.stdout)
     sampled = run(

@@ -65,6 +65,12 @@ def test_bad_values_name_the_key(args, message):
         build_config(overrides=parse_overrides(args))
 
 
+def test_model_shorthand_names_the_model_path():
+    assert parse_overrides(["--model", "/m", "--model.dtype=bfloat16"]) == {
+        "model": {"path": "/m", "dtype": "bfloat16"}
+    }
+
+
 def test_malformed_override_syntax():
     with pytest.raises(ConfigError, match="needs a value"):
         parse_overrides(["--seed"])

@@ -356,6 +356,39 @@ def test_train_eval_and_sample_from_the_command_line(folders, tmp_path, capsys):
     assert isinstance(capsys.readouterr().out, str)
 
 
+def test_compare_fine_tunes_the_pretrained_backbone_without_pretraining(folders, tmp_path, capsys):
+    out = tmp_path / "compare"
+    common = ["--preset", "smoke", "--quiet", "--data.eval_per_cell", "2"]
+    common += [
+        "--model",
+        str(folders["bert"]),
+        "--eval.exposure_examples",
+        "4",
+        "--memdlm.layer_fraction",
+        "0.5",
+    ]
+    assert main(["compare", *common, "--train.steps", "2", "--out", str(out), "--no-cache"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert (
+        summary["standard"]["train_loss_final"] > 0 and summary["memdlm"]["eval_loss_adapted"] > 0
+    )
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {r["phase"] for r in records} == {"train"}  # the backbone is the base: no pretraining
+    assert not (out / "base" / "model.pt").exists()
+    # `eval --model PATH` with no checkpoint evaluates the backbone as loaded: the compare's base.
+    capsys.readouterr()
+    assert main(["eval", *common]) == 0
+    evaluation = json.loads(capsys.readouterr().out)
+    assert evaluation["eval_loss"] == pytest.approx(summary["base"]["eval_loss"], rel=1e-6)
+    assert evaluation["niah_accuracy"] == summary["base"]["niah_accuracy"]
+
+
+def test_sample_from_the_backbone_as_loaded(folders, capsys):
+    args = ["sample", "--preset", "smoke", "--model", str(folders["bert"]), "--quiet"]
+    assert main([*args, "--prompt", "lynx code is 7K. lynx code? ", "--gen-length", "3"]) == 0
+    assert capsys.readouterr().out.endswith("\n")
+
+
 @pytest.mark.gpu
 def test_a_bf16_backbone_trains_on_cuda(folders):
     cfg = recipe_config(folders["moe"], model__dtype="bfloat16", memdlm__per_sample=True)

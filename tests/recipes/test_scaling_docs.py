@@ -7,7 +7,7 @@ import pathlib
 import re
 
 from recipes.memdlm.cli import build_parser
-from recipes.memdlm.config import Config
+from recipes.memdlm.config import SHORTHANDS, Config
 from recipes.memdlm.estimate import table
 from tests.recipes.test_docs import leaf_keys
 
@@ -23,6 +23,7 @@ def test_commands_use_existing_options():
     keys = set(leaf_keys(Config))
     commands = build_parser()._subparsers._group_actions[0].choices.values()
     flags = {o for command in commands for a in command._actions for o in a.option_strings}
+    flags |= {f"--{name}" for name in SHORTHANDS}
     text = "\n".join(COMMANDS)
     assert "-m recipes.memdlm train" in text
     dotted = set(re.findall(r"--([a-z_]+\.[a-z_0-9]+)", text))
