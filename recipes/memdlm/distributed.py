@@ -32,8 +32,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,13 +57,17 @@ from recipes.memdlm.method import (
 )
 from recipes.memdlm.progress import Reporter
 from recipes.memdlm.train import (
-    Interrupted,
     MetricsLog,
     PhaseResult,
-    TrainingError,
+    StepOutcome,
     _autocast,
     _generators,
     _summarise,
+    finished_phase,
+    new_counters,
+    restore,
+    resume_payload,
+    run_steps,
 )
 
 DCP_FOLDER = "checkpoint.dcp"
@@ -373,28 +375,6 @@ def _find_unused(model: nn.Module) -> bool:
 # --------------------------------------------------------------------------- checkpoints
 
 
-def _resume_payload(optimizer, scheduler, sampler, generators, counters) -> dict[str, Any]:
-    return {
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "sampler": sampler.state_dict(),
-        "generators": {k: g.get_state() for k, g in generators.items()},
-        "rng": ckpt.rng_state(),
-        "counters": dict(counters),
-    }
-
-
-def _restore(state, optimizer, scheduler, sampler, generators, counters) -> None:
-    if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    sampler.load_state_dict(state["sampler"])
-    for name, generator in generators.items():
-        generator.set_state(state["generators"][name])
-    ckpt.set_rng_state(state["rng"])
-    counters.update(state["counters"])
-
-
 def save_dcp(folder: Path, model, optimizer, extra: dict[str, Any], ctx: Context) -> None:
     """Sharded checkpoint: every rank writes its shards into a temporary folder, then rank 0
     renames it into place, so a crash never leaves a half-written `checkpoint.dcp/` behind."""
@@ -475,11 +455,8 @@ def train_phase(
     rows = ctx.rows(phase.batch_size)
     folder.mkdir(parents=True, exist_ok=True)
     done = folder / "model.pt"
-    if done.exists():
-        state = ckpt.load(done)
-        model.load_state_dict(state["model"])
-        reporter.note(f"reusing finished phase {folder}")
-        return PhaseResult(**state["result"])
+    if (finished := finished_phase(folder, model, reporter)) is not None:
+        return finished
 
     fsdp = ctx.strategy == "fsdp"
     if fsdp and (folder / "checkpoint.pt").exists() and not (folder / DCP_FOLDER).exists():
@@ -509,10 +486,10 @@ def train_phase(
     factor = cosine_with_warmup(phase.steps, phase.warmup_ratio, phase.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     generators = _generators(seed, ctx.device)
-    counters = {"step": 0, "skipped": 0, "in_row": 0, "seconds": 0.0}
+    counters = new_counters()
 
     def save_checkpoint() -> None:
-        extra = _resume_payload(optimizer, scheduler, sampler, generators, counters)
+        extra = resume_payload(optimizer, scheduler, sampler, generators, counters)
         if fsdp:
             del extra["optimizer"]  # in the sharded part
             save_dcp(folder, model, optimizer, extra, ctx)
@@ -522,92 +499,72 @@ def train_phase(
         dist.barrier()
 
     if resume_state is not None:
-        _restore(resume_state, optimizer, scheduler, sampler, generators, counters)
+        restore(resume_state, optimizer, scheduler, sampler, generators, counters)
     elif fsdp and (folder / DCP_FOLDER).exists():
-        _restore(load_dcp(folder, model, optimizer), None, scheduler, sampler, generators, counters)
+        restore(load_dcp(folder, model, optimizer), None, scheduler, sampler, generators, counters)
     if counters["step"]:
         if ctx.is_main:
             log.drop_after(counters["step"] - 1)
         reporter.note(f"resuming {folder} at step {counters['step']} on {ctx.world_size} ranks")
 
-    model.train()
-    task = reporter.start(f"{log.tags.get('phase')}/{method}", total=phase.steps)
-    reporter.advance(task, counters["step"])
-    try:
-        while counters["step"] < phase.steps:
-            step = counters["step"]
-            started = time.perf_counter()
-            draws = draw_global(
-                sampler,
-                generators,
-                model=model,
-                mem=mem,
+    def one_step(step: int) -> StepOutcome:
+        draws = draw_global(
+            sampler,
+            generators,
+            model=model,
+            mem=mem,
+            memdlm=memdlm,
+            mask_id=mask_id,
+            time_eps=time_eps,
+            device=ctx.device,
+        )
+        local = take_rows(draws, rows, per_sample=memdlm.per_sample)
+        n_global = int(draws.batch.maskable.sum())
+        log_gap = mem is not None and step % memdlm.gap_every == 0
+        options: dict[str, Any] = {"loss_backend": loss_backend}
+        sync = None
+        if mem is not None and sync_inner:
+            sync = {"shares": _sync_shares(local, draws), "record": []}
+            options["grad_sync"] = inner_grad_sync(sync["shares"], sync["record"])
+
+        def step_fn(net):
+            return _local_step(
+                net,
+                mem,
+                local,
+                n_global=n_global,
                 memdlm=memdlm,
                 mask_id=mask_id,
-                time_eps=time_eps,
-                device=ctx.device,
+                log_gap=log_gap,
+                options=options,
             )
-            local = take_rows(draws, rows, per_sample=memdlm.per_sample)
-            n_global = int(draws.batch.maskable.sum())
-            log_gap = mem is not None and step % memdlm.gap_every == 0
-            options: dict[str, Any] = {"loss_backend": loss_backend}
-            sync = None
-            if mem is not None and sync_inner:
-                sync = {"shares": _sync_shares(local, draws), "record": []}
-                options["grad_sync"] = inner_grad_sync(sync["shares"], sync["record"])
 
-            def step_fn(net, local=local, n_global=n_global, log_gap=log_gap, options=options):
-                return _local_step(
-                    net,
-                    mem,
-                    local,
-                    n_global=n_global,
-                    memdlm=memdlm,
-                    mask_id=mask_id,
-                    log_gap=log_gap,
-                    options=options,
-                )
+        with _autocast(ctx.device):
+            loss, parts = runner(step_fn) if not fsdp else step_fn(model)
+        record = _reduce_metrics(step, loss, parts, memdlm.per_sample, sync, ctx)
 
-            with _autocast(ctx.device):
-                loss, parts = runner(step_fn) if not fsdp else step_fn(model)
-            record = _reduce_metrics(step, loss, parts, memdlm.per_sample, sync, ctx)
-            grad_norm = math.nan
-            if math.isfinite(record["loss"]):
-                (loss * ctx.world_size).backward()  # undo the mean over ranks of DDP / FSDP
-                grad_norm = _clip(model, phase.grad_clip)
-            if math.isfinite(grad_norm):
-                optimizer.step()
-                counters["in_row"] = 0
-            else:
-                counters["skipped"] += 1
-                counters["in_row"] += 1
-                record["skipped"] = True
-            optimizer.zero_grad(set_to_none=True)
-            record.update(lr=scheduler.get_last_lr()[0], grad_norm=grad_norm)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # skipped steps, as in train.py
-                scheduler.step()
-            elapsed = time.perf_counter() - started
-            counters["seconds"] += elapsed
-            counters["step"] = step + 1
-            record.update(seconds=elapsed, tokens=int(draws.batch.x0.numel()))
-            if ctx.is_main:
-                log.write(record)
-            reporter.step(task, record, every=phase.log_every)
-            if counters["in_row"] >= phase.max_nonfinite_in_row:
-                save_checkpoint()
-                raise TrainingError(
-                    f"{counters['in_row']} non-finite losses or gradients in a row at step {step}"
-                    f" ({counters['skipped']} skipped in total); lower the learning rate"
-                    " (train.lr / memdlm.inner_lr) or raise train.max_nonfinite_in_row"
-                )
-            if counters["step"] % phase.ckpt_every == 0:
-                save_checkpoint()
-    except KeyboardInterrupt:
-        save_checkpoint()
-        raise Interrupted(f"interrupted at step {counters['step']} of {folder}") from None
+        def backward() -> float:
+            (loss * ctx.world_size).backward()  # undo the mean over ranks of DDP / FSDP
+            return _clip(model, phase.grad_clip)
+
+        return StepOutcome(record, backward, int(draws.batch.x0.numel()))
+
+    model.train()
+    try:
+        run_steps(
+            one_step,
+            phase=phase,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            counters=counters,
+            save_checkpoint=save_checkpoint,
+            log=log,
+            reporter=reporter,
+            label=f"{log.tags.get('phase')}/{method}",
+            folder=folder,
+            write_log=ctx.is_main,
+        )
     finally:
-        reporter.stop(task)
         if mem is not None:
             mem.remove()
 

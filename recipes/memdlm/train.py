@@ -12,6 +12,7 @@ import json
 import math
 import time
 import warnings
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,11 +119,8 @@ def train_phase(
     """
     folder.mkdir(parents=True, exist_ok=True)
     done = folder / "model.pt"
-    if done.exists():
-        state = ckpt.load(done)
-        model.load_state_dict(state["model"])
-        reporter.note(f"reusing finished phase {folder}")
-        return PhaseResult(**state["result"])
+    if (finished := finished_phase(folder, model, reporter)) is not None:
+        return finished
 
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(
@@ -138,88 +136,161 @@ def train_phase(
         step_options["loss_backend"] = loss_backend
     if compiled:
         step_options["compiled"] = compile_steps()
-    counters = {"step": 0, "skipped": 0, "in_row": 0, "seconds": 0.0}
+    counters = new_counters()
 
     def save_checkpoint() -> None:
-        ckpt.save(
-            folder / "checkpoint.pt",
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "sampler": sampler.state_dict(),
-                "generators": {k: g.get_state() for k, g in generators.items()},
-                "rng": ckpt.rng_state(),
-                "counters": dict(counters),
-            },
-        )
+        payload = resume_payload(optimizer, scheduler, sampler, generators, counters)
+        ckpt.save(folder / "checkpoint.pt", {"model": model.state_dict(), **payload})
 
     resume = folder / "checkpoint.pt"
     if resume.exists():
         state = ckpt.load(resume)
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        sampler.load_state_dict(state["sampler"])
-        for name, generator in generators.items():
-            generator.set_state(state["generators"][name])
-        ckpt.set_rng_state(state["rng"])
-        counters.update(state["counters"])
+        restore(state, optimizer, scheduler, sampler, generators, counters)
         log.drop_after(counters["step"] - 1)
         reporter.note(f"resuming {folder} at step {counters['step']}")
 
+    def one_step(step: int) -> StepOutcome:
+        batch = sampler.next().to(device)
+        anchor = sample_anchor(batch, mask_id=mask_id, eps=time_eps, generator=generators["anchor"])
+        with _autocast(device):
+            if mem is None:
+                out = standard_step(model, batch, anchor, **step_options)
+            else:
+                out = memdlm_step(
+                    model,
+                    mem,
+                    batch,
+                    anchor,
+                    memdlm,
+                    mask_id=mask_id,
+                    generator=generators["inner"],
+                    log_gap=step % memdlm.gap_every == 0,
+                    **step_options,
+                )
+
+        def backward() -> float:
+            out.loss.backward()
+            return float(torch.nn.utils.clip_grad_norm_(model.parameters(), phase.grad_clip))
+
+        return StepOutcome({"step": step, **out.metrics}, backward, int(batch.x0.numel()))
+
     model.train()
-    task = reporter.start(f"{log.tags.get('phase')}/{method}", total=phase.steps)
+    try:
+        run_steps(
+            one_step,
+            phase=phase,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            counters=counters,
+            save_checkpoint=save_checkpoint,
+            log=log,
+            reporter=reporter,
+            label=f"{log.tags.get('phase')}/{method}",
+            folder=folder,
+        )
+    finally:
+        if mem is not None:
+            mem.remove()
+
+    save_checkpoint()
+    result = _summarise(log.records(), counters)
+    ckpt.save(done, {"model": model.state_dict(), "result": result.__dict__})
+    return result
+
+
+# ------------------------------------------------------------------ shared by both trainers
+
+
+def finished_phase(folder: Path, model: torch.nn.Module, reporter: Reporter) -> PhaseResult | None:
+    """The result of a phase already finished in `folder` (its weights loaded), else None."""
+    done = folder / "model.pt"
+    if not done.exists():
+        return None
+    state = ckpt.load(done)
+    model.load_state_dict(state["model"])
+    reporter.note(f"reusing finished phase {folder}")
+    return PhaseResult(**state["result"])
+
+
+def new_counters() -> dict[str, Any]:
+    """Progress of a phase, saved in its checkpoints: steps done, skipped, skipped in a row."""
+    return {"step": 0, "skipped": 0, "in_row": 0, "seconds": 0.0}
+
+
+def resume_payload(optimizer, scheduler, sampler, generators, counters) -> dict[str, Any]:
+    """Everything but the weights that a resumed phase needs to repeat the same steps."""
+    return {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "sampler": sampler.state_dict(),
+        "generators": {k: g.get_state() for k, g in generators.items()},
+        "rng": ckpt.rng_state(),
+        "counters": dict(counters),
+    }
+
+
+def restore(state, optimizer, scheduler, sampler, generators, counters) -> None:
+    """Inverse of `resume_payload`; `optimizer` None when its state is loaded elsewhere (FSDP)."""
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    sampler.load_state_dict(state["sampler"])
+    for name, generator in generators.items():
+        generator.set_state(state["generators"][name])
+    ckpt.set_rng_state(state["rng"])
+    counters.update(state["counters"])
+
+
+@dataclass
+class StepOutcome:
+    """One step's forward result, before its update.
+
+    record: the step's metrics, with at least "step" and "loss" (a float, possibly non-finite).
+    backward: runs the backward pass and gradient clipping, returns the global gradient norm.
+    tokens: tokens in the (global) batch, for the throughput shown and logged.
+    """
+
+    record: dict[str, Any]
+    backward: Callable[[], float]
+    tokens: int
+
+
+def run_steps(
+    one_step: Callable[[int], StepOutcome],
+    *,
+    phase: PhaseConfig,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    counters: dict[str, Any],
+    save_checkpoint: Callable[[], None],
+    log: MetricsLog,
+    reporter: Reporter,
+    label: str,
+    folder: Path,
+    write_log: bool = True,
+) -> None:
+    """Run `one_step` from `counters["step"]` to `phase.steps`: update or skip, log, checkpoint.
+
+    A non-finite loss or gradient norm skips the update (counted; the schedule still advances);
+    `phase.max_nonfinite_in_row` of them in a row checkpoint and raise TrainingError. A checkpoint
+    is written every `phase.ckpt_every` steps and on Ctrl-C (then Interrupted is raised).
+    """
+    task = reporter.start(label, total=phase.steps)
     reporter.advance(task, counters["step"])
     try:
         while counters["step"] < phase.steps:
             step = counters["step"]
             started = time.perf_counter()
-            batch = sampler.next().to(device)
-            anchor = sample_anchor(
-                batch, mask_id=mask_id, eps=time_eps, generator=generators["anchor"]
-            )
-            with _autocast(device):
-                if mem is None:
-                    out = standard_step(model, batch, anchor, **step_options)
-                else:
-                    log_gap = step % memdlm.gap_every == 0
-                    out = memdlm_step(
-                        model,
-                        mem,
-                        batch,
-                        anchor,
-                        memdlm,
-                        mask_id=mask_id,
-                        generator=generators["inner"],
-                        log_gap=log_gap,
-                        **step_options,
-                    )
-            record: dict[str, Any] = {"step": step, **out.metrics}
-            grad_norm = math.nan
-            if math.isfinite(out.metrics["loss"]):
-                out.loss.backward()
-                grad_norm = float(
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), phase.grad_clip)
-                )
-            if math.isfinite(grad_norm):
-                optimizer.step()
-                counters["in_row"] = 0
-            else:
-                counters["skipped"] += 1
-                counters["in_row"] += 1
-                record["skipped"] = True
-            optimizer.zero_grad(set_to_none=True)
-            record.update(lr=scheduler.get_last_lr()[0], grad_norm=grad_norm)
-            with warnings.catch_warnings():
-                # A skipped step still advances the schedule; torch warns about the order.
-                warnings.simplefilter("ignore", UserWarning)
-                scheduler.step()
+            outcome = one_step(step)
+            record = outcome.record
+            _update(record, outcome.backward, optimizer, scheduler, counters)
             elapsed = time.perf_counter() - started
             counters["seconds"] += elapsed
             counters["step"] = step + 1
-            record.update(seconds=elapsed, tokens=int(batch.x0.numel()))
-            log.write(record)
+            record.update(seconds=elapsed, tokens=outcome.tokens)
+            if write_log:
+                log.write(record)
             reporter.step(task, record, every=phase.log_every)
             if counters["in_row"] >= phase.max_nonfinite_in_row:
                 save_checkpoint()
@@ -235,13 +306,25 @@ def train_phase(
         raise Interrupted(f"interrupted at step {counters['step']} of {folder}") from None
     finally:
         reporter.stop(task)
-        if mem is not None:
-            mem.remove()
 
-    save_checkpoint()
-    result = _summarise(log.records(), counters)
-    ckpt.save(done, {"model": model.state_dict(), "result": result.__dict__})
-    return result
+
+def _update(record, backward, optimizer, scheduler, counters) -> None:
+    grad_norm = math.nan
+    if math.isfinite(record["loss"]):
+        grad_norm = backward()
+    if math.isfinite(grad_norm):
+        optimizer.step()
+        counters["in_row"] = 0
+    else:
+        counters["skipped"] += 1
+        counters["in_row"] += 1
+        record["skipped"] = True
+    optimizer.zero_grad(set_to_none=True)
+    record.update(lr=scheduler.get_last_lr()[0], grad_norm=grad_norm)
+    with warnings.catch_warnings():
+        # A skipped step still advances the schedule; torch warns about the order.
+        warnings.simplefilter("ignore", UserWarning)
+        scheduler.step()
 
 
 def _summarise(records: list[dict[str, Any]], counters: dict[str, Any]) -> PhaseResult:
