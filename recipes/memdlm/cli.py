@@ -17,7 +17,6 @@ from pathlib import Path
 
 from recipes.memdlm.config import (
     PRESETS,
-    SHORTHANDS,
     Config,
     ConfigError,
     build_config,
@@ -385,8 +384,9 @@ def cmd_inner_lr(args, extra, reporter) -> int:
     return 0
 
 
-def split_section_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
-    """Take the `--section.key VALUE` options (and shorthands such as `--model PATH`) out of argv.
+def split_overrides(argv: list[str], flags: set[str]) -> tuple[list[str], list[str]]:
+    """Take the configuration overrides out of argv: every `--key VALUE` (or `--key=VALUE`) whose
+    `--key` is not one of the command's own `flags`.
 
     argparse would otherwise read the VALUE of an option it does not know as the command's
     positional argument (`eval --data.eval_per_cell 2 run/` would look for a checkpoint '2').
@@ -395,8 +395,7 @@ def split_section_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     i = 0
     while i < len(argv):
         token = argv[i]
-        key = token[2:].partition("=")[0]
-        if token.startswith("--") and ("." in key or key in SHORTHANDS):
+        if token.startswith("--") and token.partition("=")[0] not in flags:
             takes_next = "=" not in token and i + 1 < len(argv)
             overrides += argv[i : i + 1 + takes_next]
             i += 1 + takes_next
@@ -404,6 +403,13 @@ def split_section_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
             rest.append(token)
             i += 1
     return rest, overrides
+
+
+def command_flags(parser: argparse.ArgumentParser, command: str) -> set[str]:
+    """The option strings of one subcommand (empty for an unknown command)."""
+    choices = parser._subparsers._group_actions[0].choices  # argparse keeps no public accessor
+    sub = choices.get(command)
+    return {o for a in sub._actions for o in a.option_strings} if sub is not None else set()
 
 
 HANDLERS = {
@@ -419,10 +425,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["compare", *argv]
-    argv, section_overrides = split_section_overrides(argv)
     parser = build_parser()
+    flags = command_flags(parser, argv[0])
+    overrides: list[str] = []
+    if flags:
+        rest, overrides = split_overrides(argv[1:], flags)
+        argv = [argv[0], *rest]
     args, extra = parser.parse_known_args(argv)
-    extra += section_overrides
+    extra += overrides
     from recipes.memdlm.data import DataError
     from recipes.memdlm.progress import Reporter
     from recipes.memdlm.train import Interrupted, TrainingError

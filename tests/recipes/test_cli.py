@@ -150,9 +150,11 @@ def test_smoke_compare_writes_the_documented_run_folder(tmp_path):
     assert "reusing the cached base" in again.stderr
 
     # eval and sample read the run folder's checkpoints.
-    # An override's value before the checkpoint is not taken for the checkpoint.
+    # Overrides' values before the checkpoint are not taken for the checkpoint.
     evaluated = run(
         "eval",
+        "--seed",
+        "1",
         "--eval.batch_size",
         "4",
         str(out / "seed1" / "memdlm"),
