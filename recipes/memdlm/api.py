@@ -173,7 +173,8 @@ def generate(
     denoiser = _denoiser(model)
     if generator is None:
         generator = torch.Generator(device=prompt_ids.device).manual_seed(0)
-    if not adapt:
+
+    def sample() -> torch.Tensor:
         return dd.generate(
             denoiser,
             prompt_ids,
@@ -183,6 +184,9 @@ def generate(
             generator=generator,
             **sampler_options,
         )
+
+    if not adapt:
+        return sample()
     owned = fast_weights is None
     mem = fast_weights_for(model, config) if owned else fast_weights
     try:
@@ -190,15 +194,7 @@ def generate(
             model, prompt_ids, mask_id=mask_id, fast_weights=mem, config=config, generator=generator
         )
         with torch.no_grad(), mem.bind(phi):
-            return dd.generate(
-                denoiser,
-                prompt_ids,
-                mask_id=mask_id,
-                gen_length=gen_length,
-                steps=steps,
-                generator=generator,
-                **sampler_options,
-            )
+            return sample()
     finally:
         if owned:
             mem.remove()

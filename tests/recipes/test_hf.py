@@ -24,12 +24,14 @@ pytest.importorskip("tokenizers")
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers  # noqa: E402
 
+import diffusion as dd  # noqa: E402
 import memory as mm  # noqa: E402
 from recipes.memdlm import hf, method  # noqa: E402
 from recipes.memdlm.batches import Batch  # noqa: E402
 from recipes.memdlm.cli import main  # noqa: E402
 from recipes.memdlm.config import build_config  # noqa: E402
 from recipes.memdlm.data import filler_text  # noqa: E402
+from recipes.memdlm.runner import tokenizer_for  # noqa: E402
 
 KINDS = ("moe", "bert", "modernbert")
 
@@ -384,9 +386,17 @@ def test_compare_fine_tunes_the_pretrained_backbone_without_pretraining(folders,
 
 
 def test_sample_from_the_backbone_as_loaded(folders, capsys):
+    prompt = "lynx code is 7K. lynx code? "
     args = ["sample", "--preset", "smoke", "--model", str(folders["bert"]), "--quiet"]
-    assert main([*args, "--prompt", "lynx code is 7K. lynx code? ", "--gen-length", "3"]) == 0
-    assert capsys.readouterr().out.endswith("\n")
+    assert main([*args, "--prompt", prompt, "--gen-length", "3"]) == 0
+    # The same greedy decoding through the Python API, on the weights as loaded.
+    cfg = recipe_config(folders["bert"])
+    tok = tokenizer_for(cfg)
+    ids = torch.tensor([tok.encode(prompt)])
+    out = dd.generate(
+        hf.load_model(cfg, device="cpu").eval(), ids, mask_id=tok.mask_id, gen_length=3, steps=3
+    )
+    assert capsys.readouterr().out == tok.decode(out[0, ids.shape[1] :].tolist()) + "\n"
 
 
 @pytest.mark.gpu
