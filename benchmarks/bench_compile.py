@@ -32,9 +32,9 @@ import time
 import torch
 
 from recipes.memdlm import method
-from recipes.memdlm.batches import BatchSampler
 from recipes.memdlm.config import build_config
-from recipes.memdlm.runner import new_model, prepare_data
+from recipes.memdlm.data.batches import BatchSampler
+from recipes.memdlm.data.prepare import new_model, prepare_data
 
 
 def make_setup(device: str = "cpu", preset: str = "cpu-tiny", batch_size: int = 32):

@@ -30,9 +30,10 @@ try:
 except ImportError:  # the optional extra 'hf'
     transformers = None
 
-from recipes.memdlm import hf, method
-from recipes.memdlm.batches import Batch
+from recipes.memdlm import method
+from recipes.memdlm.backbones import hf
 from recipes.memdlm.config import MemDLMConfig
+from recipes.memdlm.data.batches import Batch
 
 LAYERS, BATCH, LENGTH, VOCAB = 8, 8, 128, 512
 

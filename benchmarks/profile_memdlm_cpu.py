@@ -37,9 +37,11 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from recipes.memdlm import method
-from recipes.memdlm.batches import BatchSampler
 from recipes.memdlm.config import build_config
-from recipes.memdlm.runner import new_model, prepare_data
+from recipes.memdlm.data.batches import BatchSampler
+from recipes.memdlm.data.prepare import new_model, prepare_data
+from recipes.memdlm.method import inner as method_inner
+from recipes.memdlm.method import step as method_step
 
 CONFIGS = {
     "default (shared LoRA r=8)": {},
@@ -112,12 +114,14 @@ def instrument(timer: PhaseTimer, model, mem, monkey: list):
     def make_inner_loss(*args, **kwargs):
         return timer.wrap(original_make(*args, **kwargs), "inner forward")
 
-    monkey.append((method, "make_inner_loss", original_make))
-    method.make_inner_loss = make_inner_loss
+    monkey.append((method_inner, "make_inner_loss", original_make))
+    method_inner.make_inner_loss = make_inner_loss
     patch(model, "hidden_states", "early layers")
-    patch(method, "solve_inner", "inner backward + update")
-    patch(method, "head_loss", head_label)
-    patch(method, "_step_metrics", "diagnostics")
+    patch(method_inner, "solve_inner", "inner backward + update")
+    patch(method_step, "solve_inner", "inner backward + update")
+    patch(method_inner, "head_loss", head_label)
+    patch(method_step, "head_loss", head_label)
+    patch(method_step, "step_metrics", "diagnostics")
     patch(mem, "_output_delta", "fast-weight application")
 
 

@@ -191,7 +191,7 @@ def _checkpoint_config(args, extra, checkpoint: Path) -> Config:
 
 
 def cmd_compare(args, extra, reporter) -> int:
-    from recipes.memdlm.compare import run_compare
+    from recipes.memdlm.commands.compare import run_compare
 
     if args.resume is not None:
         if extra or args.seeds or args.out or args.config:
@@ -206,11 +206,8 @@ def cmd_compare(args, extra, reporter) -> int:
 
 
 def cmd_train(args, extra, reporter) -> int:
-    from recipes.memdlm import checkpoint as ckpt
-    from recipes.memdlm import distributed
-    from recipes.memdlm.batches import BatchSampler
-    from recipes.memdlm.report import per_seed_record
-    from recipes.memdlm.runner import (
+    from recipes.memdlm.data.batches import BatchSampler
+    from recipes.memdlm.data.prepare import (
         evaluate_model,
         load_weights,
         new_model,
@@ -218,7 +215,10 @@ def cmd_train(args, extra, reporter) -> int:
         prepare_data,
         resolve_device,
     )
-    from recipes.memdlm.train import MetricsLog, train_phase
+    from recipes.memdlm.eval.report import per_seed_record
+    from recipes.memdlm.loop import checkpoint as ckpt
+    from recipes.memdlm.loop import parallel as distributed
+    from recipes.memdlm.loop.phase import MetricsLog, train_phase
 
     if distributed.launched():  # under torchrun: one process per device (docs/scaling.md)
         return distributed.cmd_train(args, extra, reporter)
@@ -268,7 +268,7 @@ def cmd_train(args, extra, reporter) -> int:
 
 
 def _load_model(args, extra):
-    from recipes.memdlm.runner import load_weights, new_model, resolve_device, tokenizer_for
+    from recipes.memdlm.data.prepare import load_weights, new_model, resolve_device, tokenizer_for
 
     if args.checkpoint is None:  # a pretrained Hugging Face model as it is
         cfg = _config(args, extra)
@@ -290,7 +290,7 @@ def _load_model(args, extra):
 def cmd_eval(args, extra, reporter) -> int:
     import json
 
-    from recipes.memdlm.runner import evaluate_model, prepare_data
+    from recipes.memdlm.data.prepare import evaluate_model, prepare_data
 
     cfg, _, model, device = _load_model(args, extra)
     data = prepare_data(cfg)
@@ -361,7 +361,7 @@ def cmd_sample(args, extra, reporter) -> int:
 
 
 def cmd_inner_lr(args, extra, reporter) -> int:
-    from recipes.memdlm.scan import run_scan
+    from recipes.memdlm.commands.inner_lr import run_scan
 
     cfg = _config(args, extra)
     try:
@@ -433,9 +433,9 @@ def main(argv: list[str] | None = None) -> int:
         argv = [argv[0], *rest]
     args, extra = parser.parse_known_args(argv)
     extra += overrides
-    from recipes.memdlm.data import DataError
-    from recipes.memdlm.progress import Reporter
-    from recipes.memdlm.train import Interrupted, TrainingError
+    from recipes.memdlm.data.tasks import DataError
+    from recipes.memdlm.loop.phase import Interrupted, TrainingError
+    from recipes.memdlm.loop.progress import Reporter
 
     reporter = Reporter(quiet=getattr(args, "quiet", False))
     try:

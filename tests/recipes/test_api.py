@@ -155,7 +155,7 @@ def test_errors_name_the_problem(model, prompts):
 
 def test_a_hugging_face_model_generates_with_adaptation(tmp_path, prompts):
     transformers = pytest.importorskip("transformers")
-    from recipes.memdlm import hf
+    from recipes.memdlm.backbones import hf
 
     torch.manual_seed(0)
     config = transformers.BertConfig(

@@ -15,8 +15,8 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import diffusion as dd
 from recipes.memdlm import method
-from recipes.memdlm.batches import Batch
 from recipes.memdlm.config import MemDLMConfig
+from recipes.memdlm.data.batches import Batch
 
 pytestmark = pytest.mark.slow
 

@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from recipes.memdlm.batches import BatchSampler, collate, encode, fixed_batches
-from recipes.memdlm.data import (
+from recipes.memdlm.data.batches import BatchSampler, collate, encode, fixed_batches
+from recipes.memdlm.data.tasks import (
     ByteTokenizer,
     DataError,
     Example,

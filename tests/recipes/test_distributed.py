@@ -19,12 +19,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from recipes.memdlm import distributed, train
-from recipes.memdlm.batches import BatchSampler, Encoded
 from recipes.memdlm.config import build_config
-from recipes.memdlm.data import ByteTokenizer
-from recipes.memdlm.progress import Reporter
-from recipes.memdlm.runner import new_model
+from recipes.memdlm.data.batches import BatchSampler, Encoded
+from recipes.memdlm.data.prepare import new_model
+from recipes.memdlm.data.tasks import ByteTokenizer
+from recipes.memdlm.loop import parallel as distributed
+from recipes.memdlm.loop import phase as train
+from recipes.memdlm.loop.progress import Reporter
 
 STEPS = 5
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)  # float32, reductions in a different order
@@ -264,7 +265,7 @@ def test_the_cli_trains_under_torchrun_and_writes_one_run_folder(tmp_path):
     assert summary["distributed"] == {"world_size": 2, "strategy": "ddp"}
     # The same two steps in one process, from the same configuration and data.
     from recipes.memdlm.cli import _resumed_config
-    from recipes.memdlm.runner import prepare_data
+    from recipes.memdlm.data.prepare import prepare_data
 
     cfg = _resumed_config(run_folder)
     data = prepare_data(cfg)

@@ -43,7 +43,7 @@ def test_parameters_of_hugging_face_models_from_their_config(kind):
     shape = Shape.from_config(config.to_dict())
     assert shape.parameters() == count(model)
     if kind == "qwen2_moe":  # one fast LoRA per routed expert, as hf.fast_weight_targets places
-        from recipes.memdlm import hf
+        from recipes.memdlm.backbones import hf
 
         wrapped = hf.wrap(model, layer_fraction=0.4, verify_split=False)
         names = [n for n in wrapped.fast_weight_targets(0.4) if ".experts." in n]

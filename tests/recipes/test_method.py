@@ -15,8 +15,10 @@ import torch.nn.functional as F
 
 import diffusion as dd
 from recipes.memdlm import method
-from recipes.memdlm.batches import Batch, Encoded, collate
 from recipes.memdlm.config import MemDLMConfig
+from recipes.memdlm.data.batches import Batch, Encoded, collate
+from recipes.memdlm.loop.schedule import cosine_with_warmup
+from recipes.memdlm.method import step as method_step
 
 MASK_ID, VOCAB = 13, 14
 
@@ -90,7 +92,7 @@ def reference_step(model, batch, anchor, pre_mask, phi0, cfg: MemDLMConfig, name
 def test_memdlm_step_equals_reference_pseudocode(cfg, monkeypatch):
     model = tiny_model()
     batch, anchor, pre_mask = fixed_batch()
-    monkeypatch.setattr(method, "trajectory_masks", lambda *args: [pre_mask, anchor.mask])
+    monkeypatch.setattr(method_step, "trajectory_masks", lambda *args: [pre_mask, anchor.mask])
     mem = method.make_fast_weights(model, cfg)
     assert mem.targets == (
         "layers.1.mlp.gate_proj",
@@ -124,7 +126,7 @@ def test_inner_loop_is_first_order_and_leaves_no_fast_weight_gradient(monkeypatc
     cfg = MemDLMConfig(rank=4, alpha=8.0, inner_lr=0.5)
     model = tiny_model()
     batch, anchor, pre_mask = fixed_batch()
-    monkeypatch.setattr(method, "trajectory_masks", lambda *args: [pre_mask, anchor.mask])
+    monkeypatch.setattr(method_step, "trajectory_masks", lambda *args: [pre_mask, anchor.mask])
     mem = method.make_fast_weights(model, cfg)
     captured = {}
     real_adapt = method.adapt
@@ -133,7 +135,7 @@ def test_inner_loop_is_first_order_and_leaves_no_fast_weight_gradient(monkeypatc
         captured["adaptation"] = real_adapt(*args, **kwargs)
         return captured["adaptation"]
 
-    monkeypatch.setattr(method, "adapt", spy)
+    monkeypatch.setattr(method_step, "adapt", spy)
     out = method.memdlm_step(
         model,
         mem,
@@ -188,7 +190,7 @@ def test_prompt_adaptation_masks_only_the_prompt_and_is_per_prompt():
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
-    factor = method.cosine_with_warmup(100, 0.1, 0.1)
+    factor = cosine_with_warmup(100, 0.1, 0.1)
     assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
     assert factor(10) == pytest.approx(1.0)
     assert factor(99) == pytest.approx(0.1, abs=2e-3)

@@ -9,11 +9,12 @@ import math
 import pytest
 import torch
 
-from recipes.memdlm import method, train
-from recipes.memdlm.batches import BatchSampler, Encoded
+from recipes.memdlm import method
 from recipes.memdlm.config import build_config
-from recipes.memdlm.progress import Reporter
-from recipes.memdlm.runner import new_model, prepare_data
+from recipes.memdlm.data.batches import BatchSampler, Encoded
+from recipes.memdlm.data.prepare import new_model, prepare_data
+from recipes.memdlm.loop import phase as train
+from recipes.memdlm.loop.progress import Reporter
 
 # Losses of the four steps of the smoke preset (seed 1) on synthetic rows, recorded from this
 # implementation (torch 2.13 CPU, float32). A change means the numerics of a training step changed.

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from recipes.memdlm.config import MemDLMConfig
-from recipes.memdlm.trajectory import loss_masks, trajectory_masks
+from recipes.memdlm.method.trajectory import loss_masks, trajectory_masks
 
 
 @pytest.mark.parametrize("steps", [2, 3, 4])

@@ -20,18 +20,18 @@ from typing import Any
 
 import torch
 
-from recipes.memdlm import checkpoint as ckpt
-from recipes.memdlm.batches import BatchSampler
 from recipes.memdlm.config import MemDLMConfig, PhaseConfig
+from recipes.memdlm.data.batches import BatchSampler
+from recipes.memdlm.loop import checkpoint as ckpt
+from recipes.memdlm.loop.progress import Reporter
+from recipes.memdlm.loop.schedule import cosine_with_warmup
 from recipes.memdlm.method import (
     compile_steps,
-    cosine_with_warmup,
     make_fast_weights,
     memdlm_step,
     sample_anchor,
     standard_step,
 )
-from recipes.memdlm.progress import Reporter
 
 
 class TrainingError(RuntimeError):

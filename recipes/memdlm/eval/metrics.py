@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import torch
 
 import diffusion as dd
-from recipes.memdlm.batches import Batch, Encoded, collate, fixed_batches
 from recipes.memdlm.config import MemDLMConfig
-from recipes.memdlm.data import ByteTokenizer, Example
+from recipes.memdlm.data.batches import Batch, Encoded, collate, fixed_batches
+from recipes.memdlm.data.tasks import ByteTokenizer, Example
 from recipes.memdlm.method import (
     Anchor,
     adapt,

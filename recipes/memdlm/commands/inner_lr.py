@@ -16,14 +16,14 @@ from typing import Any
 import torch
 from rich.table import Table
 
-from recipes.memdlm import checkpoint as ckpt
-from recipes.memdlm.batches import BatchSampler
-from recipes.memdlm.compare import obtain_base
+from recipes.memdlm.commands.compare import obtain_base
 from recipes.memdlm.config import Config
-from recipes.memdlm.evaluate import EVAL_SEED
+from recipes.memdlm.data.batches import BatchSampler
+from recipes.memdlm.data.prepare import prepare_data, resolve_device
+from recipes.memdlm.eval.metrics import EVAL_SEED
+from recipes.memdlm.loop import checkpoint as ckpt
+from recipes.memdlm.loop.progress import Reporter
 from recipes.memdlm.method import make_fast_weights, memdlm_step, sample_anchor
-from recipes.memdlm.progress import Reporter
-from recipes.memdlm.runner import prepare_data, resolve_device
 
 
 def probe_gaps(

@@ -11,17 +11,17 @@ from typing import Any
 import torch
 
 import diffusion as dd
-from recipes.memdlm import checkpoint as ckpt
-from recipes.memdlm.batches import Encoded, LengthReport, encode
 from recipes.memdlm.config import Config
-from recipes.memdlm.data import ByteTokenizer, DataError, Example, load_jsonl, make_split
-from recipes.memdlm.evaluate import (
+from recipes.memdlm.data.batches import Encoded, LengthReport, encode
+from recipes.memdlm.data.tasks import ByteTokenizer, DataError, Example, load_jsonl, make_split
+from recipes.memdlm.eval.metrics import (
     LossSet,
     eval_loss,
     exposure_bias_curve,
     make_loss_set,
     niah_accuracy,
 )
+from recipes.memdlm.loop import checkpoint as ckpt
 from recipes.memdlm.method import make_fast_weights
 
 RETRIEVAL_TASKS = ("single", "multikey", "multivalue", "vt")
@@ -135,7 +135,7 @@ def _common_shape(examples: list[Example]) -> list[Example]:
 
 def prepare_data(cfg: Config) -> Data:
     if cfg.model.path:  # a Hugging Face backbone brings its tokenizer (hf.py)
-        from recipes.memdlm import hf
+        from recipes.memdlm.backbones import hf
 
         return hf.prepare_data(cfg)
     tok = ByteTokenizer()
@@ -166,7 +166,7 @@ def _fits(example: Example, tok: ByteTokenizer, max_len: int) -> bool:
 def new_model(cfg: Config, tok: ByteTokenizer, *, seed: int, device) -> torch.nn.Module:
     torch.manual_seed(seed)
     if cfg.model.path:
-        from recipes.memdlm import hf
+        from recipes.memdlm.backbones import hf
 
         return hf.load_model(cfg, device=device)
     m = cfg.model
@@ -185,7 +185,7 @@ def tokenizer_for(cfg: Config):
     """The run's tokenizer: bytes, or the Hugging Face model's own (`model.path`)."""
     if not cfg.model.path:
         return ByteTokenizer()
-    from recipes.memdlm import hf
+    from recipes.memdlm.backbones import hf
 
     m = cfg.model
     return hf.load_tokenizer(
@@ -209,7 +209,7 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
 def loss_set_for(data: Data, cfg: Config, device) -> LossSet:
     """The held-out loss batches with their fixed anchors, for either kind of backbone."""
     if cfg.model.path:  # batches of one prompt length (hf.loss_set)
-        from recipes.memdlm import hf
+        from recipes.memdlm.backbones import hf
 
         return hf.loss_set(data.loss_eval, cfg.eval.batch_size, data.tokenizer, device)
     return make_loss_set(data.loss_eval, cfg.eval.batch_size, data.tokenizer, device)

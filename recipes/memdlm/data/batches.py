@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from recipes.memdlm.data import ByteTokenizer, DataError, Example
+from recipes.memdlm.data.tasks import ByteTokenizer, DataError, Example
 
 
 @dataclass(frozen=True)

@@ -41,22 +41,10 @@ import torch.distributed as dist
 from torch import nn
 
 import bilevel as bl
-from recipes.memdlm import checkpoint as ckpt
-from recipes.memdlm.batches import Batch, BatchSampler
 from recipes.memdlm.config import DistributedConfig, MemDLMConfig, PhaseConfig
-from recipes.memdlm.method import (
-    Anchor,
-    cosine_with_warmup,
-    init_fast_weights,
-    loss_masks,
-    make_fast_weights,
-    memdlm_core,
-    sample_anchor,
-    standard_loss,
-    trajectory_masks,
-)
-from recipes.memdlm.progress import Reporter
-from recipes.memdlm.train import (
+from recipes.memdlm.data.batches import Batch, BatchSampler
+from recipes.memdlm.loop import checkpoint as ckpt
+from recipes.memdlm.loop.phase import (
     MetricsLog,
     PhaseResult,
     StepOutcome,
@@ -68,6 +56,18 @@ from recipes.memdlm.train import (
     restore,
     resume_payload,
     run_steps,
+)
+from recipes.memdlm.loop.progress import Reporter
+from recipes.memdlm.loop.schedule import cosine_with_warmup
+from recipes.memdlm.method import (
+    Anchor,
+    init_fast_weights,
+    loss_masks,
+    make_fast_weights,
+    memdlm_core,
+    sample_anchor,
+    standard_loss,
+    trajectory_masks,
 )
 
 DCP_FOLDER = "checkpoint.dcp"
@@ -619,8 +619,8 @@ def cmd_train(args, extra: list[str], reporter: Reporter) -> int:
     evaluate together (the weights are sharded) and rank 0 writes the summary.
     """
     from recipes.memdlm import cli
-    from recipes.memdlm.report import per_seed_record
-    from recipes.memdlm.runner import evaluate_model, load_weights, new_model, prepare_data
+    from recipes.memdlm.data.prepare import evaluate_model, load_weights, new_model, prepare_data
+    from recipes.memdlm.eval.report import per_seed_record
 
     if args.resume is not None:
         if extra or args.method or args.out or args.config or args.base:

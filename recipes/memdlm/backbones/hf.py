@@ -38,8 +38,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from recipes.memdlm.batches import Encoded, collate, encode
-from recipes.memdlm.data import DataError, Example
+from recipes.memdlm.data.batches import Encoded, collate, encode
+from recipes.memdlm.data.tasks import DataError, Example
 
 DEFAULT_FFN = ("gate_proj", "up_proj", "down_proj")
 # The FFN projections of a layer, relative to the layer, for the layouts we know: Llama, Qwen,
@@ -559,7 +559,7 @@ def prepare_data(cfg):
     cell's most common token length (the sampler decodes one length per batch). Exposure-bias
     examples are cut to a common token shape.
     """
-    from recipes.memdlm import runner
+    from recipes.memdlm.data import prepare as runner
 
     tok = runner.tokenizer_for(cfg)
     raw = runner._user_examples(cfg) if cfg.data.train_file else runner._builtin_examples(cfg)
@@ -624,7 +624,7 @@ def common_token_shape(examples: Sequence[Example], tok: HFTokenizer, response_c
 def loss_set(rows: Sequence[Encoded], batch_size: int, tok: HFTokenizer, device):
     """`evaluate.LossSet` whose batches share one prompt length (prompt-only adaptation needs it)
     and one total length; anchors from the evaluation seed, as `evaluate.make_loss_set`."""
-    from recipes.memdlm.evaluate import EVAL_SEED, LossSet
+    from recipes.memdlm.eval.metrics import EVAL_SEED, LossSet
     from recipes.memdlm.method import sample_anchor
 
     groups: dict[tuple[int, int], list[Encoded]] = collections.defaultdict(list)

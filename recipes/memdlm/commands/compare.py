@@ -21,13 +21,9 @@ from typing import Any
 
 import torch
 
-from recipes.memdlm import checkpoint as ckpt
-from recipes.memdlm.batches import BatchSampler
 from recipes.memdlm.config import Config
-from recipes.memdlm.evaluate import eval_loss, niah_accuracy
-from recipes.memdlm.progress import Reporter
-from recipes.memdlm.report import method_summary, paired, per_seed_record, plot_all, print_report
-from recipes.memdlm.runner import (
+from recipes.memdlm.data.batches import BatchSampler
+from recipes.memdlm.data.prepare import (
     Data,
     evaluate_model,
     load_weights,
@@ -37,7 +33,17 @@ from recipes.memdlm.runner import (
     prepare_data,
     resolve_device,
 )
-from recipes.memdlm.train import MetricsLog, train_phase
+from recipes.memdlm.eval.metrics import eval_loss, niah_accuracy
+from recipes.memdlm.eval.report import (
+    method_summary,
+    paired,
+    per_seed_record,
+    plot_all,
+    print_report,
+)
+from recipes.memdlm.loop import checkpoint as ckpt
+from recipes.memdlm.loop.phase import MetricsLog, train_phase
+from recipes.memdlm.loop.progress import Reporter
 
 METHODS = ("standard", "memdlm")
 

@@ -1,0 +1,138 @@
+"""The standard masked-diffusion objective on an anchor x_t: draws, losses and the fused head.
+
+Outer objective of both methods (memdlm-method.md section 2.1): t ~ U[eps, 1], M_t ~ Bernoulli(t)
+over the response, weight 1/t, token normalisation by the maskable count. With the reference
+Transformer the loss goes through `dd.masked_diffusion_loss_from_hidden` (only masked rows are
+projected, docs/kernels.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+import diffusion as dd
+from recipes.memdlm.data.batches import Batch
+from recipes.memdlm.method.split import Split
+
+SCHEDULE = dd.LinearSchedule()  # alpha(t) = 1 - t, weight 1/t (LLaDA, MemDLM)
+
+
+@dataclass
+class Anchor:
+    """The sampled noisy state x_t shared by the inner and the outer loop."""
+
+    t: torch.Tensor  # (B,) float
+    mask: torch.Tensor  # (B, L) bool, M_t
+    xt: torch.Tensor  # (B, L) long
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor  # scalar, differentiable w.r.t. the base model
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def sample_anchor(batch: Batch, *, mask_id: int, eps: float, generator) -> Anchor:
+    t = dd.sample_t(batch.x0.shape[0], eps=eps, antithetic=False, generator=generator)
+    t = t.to(batch.x0.device)
+    xt, mask = dd.corrupt(
+        batch.x0,
+        t,
+        mask_id=mask_id,
+        schedule=SCHEDULE,
+        maskable=batch.maskable,
+        generator=generator,
+    )
+    return Anchor(t, mask, xt)
+
+
+def outer_loss(logits: torch.Tensor, batch: Batch, anchor: Anchor) -> torch.Tensor:
+    """weight(t) * CE on M_t, divided by the number of maskable tokens (LLaDA SFT)."""
+    return dd.masked_diffusion_loss(
+        logits,
+        batch.x0,
+        anchor.mask,
+        anchor.t,
+        schedule=SCHEDULE,
+        maskable=batch.maskable,
+        normalize="token",
+    )
+
+
+def fused_head(model, loss_backend: str | None) -> torch.Tensor | None:
+    """`model.lm_head.weight` when the fused loss applies, else None (the logits path).
+
+    It applies to the reference `dd.Transformer` whose bias-free `lm_head` carries no hooks
+    (a hook, e.g. fast weights on the head, must see the head's call), unless loss_backend is
+    None. loss_backend: None, "auto", "reference" or "triton" (`diffusion.kernels`).
+    """
+    if loss_backend is None or not isinstance(model, dd.Transformer):
+        return None
+    head = model.lm_head
+    if head.bias is not None or head._forward_hooks or head._forward_pre_hooks:
+        return None
+    return head.weight
+
+
+def head_loss(
+    model,
+    hidden: torch.Tensor,
+    split: Split,
+    x0: torch.Tensor,
+    mask: torch.Tensor,
+    t: torch.Tensor,
+    maskable: torch.Tensor,
+    *,
+    normalize: str,
+    weight: torch.Tensor | None = None,
+    loss_backend: str | None = "auto",
+    head_grad: bool = True,
+) -> torch.Tensor:
+    """The masked diffusion loss of the network after `split` and the head applied to `hidden`.
+
+    head_grad=False: the fused loss treats the head's weight as a constant, so it skips the
+    (V, D) weight-gradient products (the first-order inner loop differentiates phi only).
+    """
+    head = fused_head(model, loss_backend)
+    common = dict(schedule=SCHEDULE, maskable=maskable, normalize=normalize, weight=weight)
+    if head is None:
+        return dd.masked_diffusion_loss(split.logits(model, hidden), x0, mask, t, **common)
+    features = split.features(model, hidden)
+    return dd.masked_diffusion_loss_from_hidden(
+        features, head if head_grad else head.detach(), x0, mask, t, backend=loss_backend, **common
+    )
+
+
+def standard_loss(model, batch: Batch, anchor: Anchor, loss_backend: str | None = "auto"):
+    """The standard masked-diffusion loss on x_t (compile-clean)."""
+    if fused_head(model, loss_backend) is None:
+        return outer_loss(model(anchor.xt), batch, anchor)
+    hidden = model.hidden_states(anchor.xt, upto=0)
+    return head_loss(
+        model,
+        hidden,
+        Split(0),
+        batch.x0,
+        anchor.mask,
+        anchor.t,
+        batch.maskable,
+        normalize="token",
+        loss_backend=loss_backend,
+    )
+
+
+def standard_step(
+    model,
+    batch: Batch,
+    anchor: Anchor,
+    *,
+    loss_backend: str | None = "auto",
+    compiled: dict[str, Callable] | None = None,
+) -> StepOutput:
+    """compiled: from `compile_steps` (None = eager)."""
+    loss_fn = compiled["standard"] if compiled is not None else standard_loss
+    loss = loss_fn(model, batch, anchor, loss_backend)
+    return StepOutput(loss, {"loss": loss.item()})
