@@ -23,7 +23,7 @@ from bilevel.optimizers import (
     safe_sqrt,
     sgd,
 )
-from bilevel.solve import PerStep, solve
+from bilevel.solve import NonFiniteReport, PerStep, solve
 from bilevel.transform import GradientTransformation, apply_updates, chain, scale
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "Implicit",
     "LinsolveInfo",
     "Neumann",
+    "NonFiniteReport",
     "NormalCG",
     "PerStep",
     "RmspropState",

@@ -28,6 +28,19 @@ def check_tree(tree: Any, name: str) -> None:
             raise TypeError(f"{name}[{key!r}] must be a Tensor, got {type(value).__name__}")
 
 
+def is_empty_tree(obj: Any) -> bool:
+    """True for a container that holds no tensor at any depth: ``{}``, ``()``, ``[]``,
+    ``{"a": ()}``, ``(None,)``. Like a JAX pytree with no leaves (``None`` is an empty node).
+
+    A bare ``None`` is *not* a container and returns False; a Tensor returns False.
+    """
+    if isinstance(obj, Mapping):
+        return all(v is None or is_empty_tree(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return all(v is None or is_empty_tree(v) for v in obj)
+    return False
+
+
 def check_matching(tree: Mapping, like: Mapping, name: str, like_name: str) -> None:
     """Raise ``ValueError`` unless ``tree`` has exactly the keys and shapes of ``like``."""
     if tree.keys() != like.keys():

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bilevel._tree import Tree, check_tree, detach, global_norm
+from bilevel._tree import Tree, check_tree, detach, global_norm, is_empty_tree
 from bilevel._warn import is_concrete, under_functorch_transform, warn
 from bilevel.implicit import implicit_root
 from bilevel.linsolve import LinsolveInfo
@@ -51,6 +51,51 @@ class PerStep:
 
     def __repr__(self) -> str:
         return f"PerStep(<{len(self.items)} steps>)"
+
+
+class NonFiniteReport:
+    """Opt-out of :func:`solve`'s non-finite-loss error: ``solve`` records the step instead.
+
+    By default ``solve`` raises ``ValueError("inner_loss returned nan at step k ...")`` when an
+    inner loss is not finite. Pass ``nonfinite=report`` to get the signal back instead and
+    decide by your own policy (e.g. skip the training step)::
+
+        report = bl.NonFiniteReport()
+        params_K = bl.solve(..., nonfinite=report)
+        if report.found:
+            ...  # params_K is not usable (non-finite values propagate); skip this step
+
+    ``solve`` resets the report when it starts and fills it in when the loop is done, so one
+    report can be reused across calls. Attributes:
+
+    - ``checked``: True when the losses were inspected. False under ``vmap`` and while
+      ``torch.compile`` traces, where a tensor cannot steer Python control flow and the check
+      is skipped (as the default error is); there, use ``return_info=True`` and
+      ``torch.isfinite(info["loss"])``, which is batched per task.
+    - ``step``: index of the first inner step whose loss was not finite, else None.
+    - ``value``: that loss as a float (``nan``, ``inf`` or ``-inf``), else None.
+
+    Only the ``steps`` losses the loop evaluates are checked, not ``params_K`` after the last
+    update. The computation is the same with and without a report (one device sync per
+    solve either way).
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the previous solve: ``checked=False``, ``step=None``, ``value=None``."""
+        self.checked = False
+        self.step: int | None = None
+        self.value: float | None = None
+
+    @property
+    def found(self) -> bool:
+        """Whether the last solve met a non-finite inner loss."""
+        return self.step is not None
+
+    def __repr__(self) -> str:
+        return f"NonFiniteReport(checked={self.checked}, step={self.step}, value={self.value})"
 
 
 def _check_loss(loss: Any, step: int) -> None:
@@ -128,17 +173,30 @@ class _InnerLoop:
                 params = apply_updates(params, updates)
         return params, state
 
-    def check_finite(self) -> None:
-        """One device sync per solve: a non-finite loss anywhere makes the sum non-finite."""
+    def check_finite(self, report: NonFiniteReport | None) -> None:
+        """Raise on a non-finite loss, or record it in ``report`` when one is given.
+
+        One device sync per solve: a non-finite loss anywhere makes the sum non-finite.
+        Skipped where values cannot steer Python (``vmap``, compile): ``report.checked`` stays
+        False there.
+        """
         if not is_concrete():
             return
         losses = torch.stack(self.losses)
-        if not math.isfinite(float(losses.sum())):
-            step = int((~torch.isfinite(losses)).nonzero()[0])
-            raise ValueError(
-                f"inner_loss returned {float(losses[step])} at step {step}; expected a finite "
-                "value (lower the inner learning rate, clip gradients, or check the data)"
-            )
+        finite = math.isfinite(float(losses.sum()))
+        if report is not None:
+            report.checked = True
+        if finite:
+            return
+        step = int((~torch.isfinite(losses)).nonzero()[0])
+        value = float(losses[step])
+        if report is not None:
+            report.step, report.value = step, value
+            return
+        raise ValueError(
+            f"inner_loss returned {value} at step {step}; expected a finite "
+            "value (lower the inner learning rate, clip gradients, or check the data)"
+        )
 
     def info(self) -> dict[str, Any]:
         info: dict[str, Any] = {"loss": torch.stack(self.losses)}
@@ -150,16 +208,22 @@ class _InnerLoop:
         return info
 
 
-def _check_arguments(inner_loss, params0, meta, optimizer, steps, mode, data) -> None:
+def _check_arguments(inner_loss, params0, meta, optimizer, steps, mode, data, nonfinite) -> None:
     if not callable(inner_loss):
         raise TypeError(f"inner_loss must be callable, got {type(inner_loss).__name__}")
     check_tree(params0, "params0")
-    if meta is not None and not isinstance(meta, Tensor):
+    if _outer_variables(meta) is not None and not isinstance(meta, Tensor):
         if not isinstance(meta, Mapping):
             raise TypeError(
-                f"meta must be None, a Tensor or a dict[str, Tensor], got {type(meta).__name__}"
+                "meta must be None, a Tensor or a dict[str, Tensor] (an empty container such "
+                f"as {{}}, (), [] also means no outer variables), got {type(meta).__name__}"
             )
         check_tree(meta, "meta")
+    if nonfinite is not None and not isinstance(nonfinite, NonFiniteReport):
+        raise TypeError(
+            f"nonfinite must be None (raise on a non-finite inner loss) or a "
+            f"bl.NonFiniteReport(), got {type(nonfinite).__name__}"
+        )
     if not isinstance(optimizer, GradientTransformation):
         raise TypeError(
             f"optimizer must be a GradientTransformation such as bl.sgd(0.1), got "
@@ -182,10 +246,19 @@ def _check_arguments(inner_loss, params0, meta, optimizer, steps, mode, data) ->
         )
 
 
+def _outer_variables(meta: Any) -> Any:
+    """``meta``, or None when it holds no outer variable: None or an empty container."""
+    if meta is None or (not isinstance(meta, Tensor) and is_empty_tree(meta)):
+        return None
+    return meta
+
+
 def _meta_tensors(meta: Any) -> list[Tensor]:
-    if meta is None:
+    """The tensors of an already checked ``meta`` (none for None or an empty container)."""
+    outer = _outer_variables(meta)
+    if outer is None:
         return []
-    return [meta] if isinstance(meta, Tensor) else list(meta.values())
+    return [outer] if isinstance(outer, Tensor) else list(outer.values())
 
 
 def _straight_through(params_K: Tree, params0: Tree) -> Tree:
@@ -215,8 +288,12 @@ def _implicit(
                 "steps or raise the inner learning rate)",
                 depth=2,
             )
-    if meta is None:
-        warn("Implicit mode with meta=None: nothing can receive an implicit gradient", depth=2)
+    if _outer_variables(meta) is None:
+        warn(
+            "Implicit mode with no outer variables (meta=None or empty): nothing can receive "
+            "an implicit gradient",
+            depth=2,
+        )
         return params_K
     data = loop.data_at(steps - 1)
     inner_loss = loop.inner_loss
@@ -245,6 +322,7 @@ def solve(
     data: Any = None,
     return_info: bool = False,
     final_grad_norm: bool = False,
+    nonfinite: NonFiniteReport | None = None,
 ) -> Tree | tuple[Tree, dict[str, Any]]:
     """Run ``steps`` optimizer steps on ``inner_loss`` from ``params0``; differentiate per ``mode``.
 
@@ -253,7 +331,9 @@ def solve(
             ``nn.Module`` through ``torch.func.functional_call`` or hooks that read ``params``,
             and may close over outer tensors (then pass ``meta=None``).
         params0: ``dict[str, Tensor]``, the initial inner variables ``w_0``.
-        meta: the outer variables ``theta``: ``None``, a Tensor or ``dict[str, Tensor]``.
+        meta: the outer variables ``theta``: ``None``, a Tensor or ``dict[str, Tensor]``. An
+            empty container (``{}``, ``()``, ``[]``, nested ones) means "no outer variables"
+            exactly as ``None`` does, in every mode; ``inner_loss`` receives it as given.
         optimizer: a ``GradientTransformation`` (``bl.sgd(0.1)``, ``bl.chain(...)``).
         steps: ``K >= 1``.
         mode: ``Unrolled()``, ``Truncated(T)``, ``FirstOrder()`` or ``Implicit(linsolve=...)``;
@@ -269,15 +349,22 @@ def solve(
             detached.
         final_grad_norm: with ``return_info``, evaluate ``||grad f(w_K)||`` with the last
             step's data in every mode (one extra gradient evaluation).
+        nonfinite: None (default) raises ``ValueError`` on a non-finite inner loss. A
+            :class:`NonFiniteReport` turns the error off: ``solve`` returns as usual (non-finite
+            values propagate into ``params_K``) and the report says whether and at which step
+            a loss was not finite. Results are identical with and without a report.
 
     Returns:
         ``params_K`` (same keys as ``params0``), or ``(params_K, info)``.
 
     Raises:
         TypeError, ValueError: bad arguments, a non-scalar loss, mismatched keys or shapes,
-        or a non-finite inner loss (checked outside ``vmap`` and ``torch.compile``).
+        or a non-finite inner loss (checked outside ``vmap`` and ``torch.compile``; not raised
+        when ``nonfinite`` is a report).
     """
-    _check_arguments(inner_loss, params0, meta, optimizer, steps, mode, data)
+    _check_arguments(inner_loss, params0, meta, optimizer, steps, mode, data, nonfinite)
+    if nonfinite is not None:
+        nonfinite.reset()
     if final_grad_norm and not return_info:
         raise ValueError("final_grad_norm=True only has an effect with return_info=True")
     data_at = data.__getitem__ if isinstance(data, PerStep) else (lambda step: data)
@@ -300,7 +387,7 @@ def solve(
             )
         start = detach(dict(params0))
         params_K, _ = loop.run(start, optimizer.init(start), range(steps), differentiable=False)
-    loop.check_finite()
+    loop.check_finite(nonfinite)
 
     info = loop.info() if return_info else {}
     if isinstance(mode, FirstOrder):

@@ -88,7 +88,7 @@ class FastWeights:
         batch_size: int | None = None,
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
     ) -> dict[str, torch.Tensor]:
         """A fresh state: one tensor per key of `state_shapes`.
 
@@ -97,20 +97,26 @@ class FastWeights:
                 (every tensor gets a leading dim B; samples are drawn independently).
             generator: random source for random parts (LoRA's A); draws happen on its device.
             device: where the state lives; by default each target weight's device.
-            dtype: a floating dtype; float32 by default whatever the model's dtype, so that
-                fast weights stay accurate under bf16 autocast.
+            dtype: a floating dtype for every state tensor. By default (None), per target, the
+                target weight's dtype promoted to at least float32 (`default_dtype`): bf16 and
+                float16 weights get float32 fast weights, so they stay accurate under low
+                precision; float32 stays float32; float64 gets float64, so a float64 gradient
+                check keeps its precision.
         """
         if batch_size is not None and (
             isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
         ):
             raise ValueError(f"batch_size must be None or an int >= 1, got {batch_size!r}")
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        if dtype is not None and (
+            not isinstance(dtype, torch.dtype) or not dtype.is_floating_point
+        ):
+            raise TypeError(f"dtype must be None or a floating-point torch.dtype, got {dtype!r}")
         batch = () if batch_size is None else (batch_size,)
         state = {}
         for name, linear in self._linears.items():
             where = linear.weight.device if device is None else torch.device(device)
-            params = self._init_params(linear, batch, generator, where, dtype)
+            kind = default_dtype(linear.weight.dtype) if dtype is None else dtype
+            params = self._init_params(linear, batch, generator, where, kind)
             state.update({f"{name}.{s}": p for s, p in zip(self._suffixes, params)})
         return state
 
@@ -245,6 +251,17 @@ def batched_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out.reshape(*x.shape[:-1], weight.shape[1])
 
 
+def default_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """The state dtype `init` picks for a target weight of `weight_dtype`: at least float32.
+
+    bfloat16, float16 -> float32; float32 -> float32; float64 -> float64. A weight that is not
+    floating point (a quantized or integer layout) gets float32.
+    """
+    if not weight_dtype.is_floating_point:
+        return torch.float32
+    return torch.promote_types(weight_dtype, torch.float32)
+
+
 def _resolve_targets(model: nn.Module, targets: Iterable[str]) -> dict[str, nn.Linear]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -285,7 +302,7 @@ def _check_tensor(key: str, tensor: torch.Tensor, shape: Shape) -> int | None:
     if not tensor.dtype.is_floating_point:
         raise TypeError(
             f"state[{key!r}] has dtype {tensor.dtype}; expected a floating-point dtype "
-            "(fast weights are float32 by default)"
+            "(by default fast weights take the target weight's dtype, at least float32)"
         )
     actual = tuple(tensor.shape)
     if actual == shape:

@@ -3,6 +3,8 @@ warnings, and composition with vmap / torch.func.grad / torch.compile."""
 
 from __future__ import annotations
 
+import math
+import warnings
 import weakref
 
 import pytest
@@ -51,6 +53,7 @@ def _w0():
             ValueError,
             "final_grad_norm=True only has an effect",
         ),
+        (dict(steps=3, nonfinite="ignore"), TypeError, "nonfinite must be None .* got str"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(kwargs, error, match):
@@ -69,6 +72,10 @@ def test_bad_params_meta_and_losses_raise_clear_errors():
         bl.solve(_quadratic, {"w": [1.0]}, None, **opt)
     with pytest.raises(TypeError, match="meta must be None, a Tensor or a dict"):
         bl.solve(_quadratic, _w0(), 2.0, **opt)
+    with pytest.raises(TypeError, match="meta must be None, a Tensor or a dict.*got list"):
+        bl.solve(_quadratic, _w0(), [torch.ones(())], **opt)  # only an *empty* list means none
+    with pytest.raises(TypeError, match=r"meta\['b'\] must be a Tensor, got dict"):
+        bl.solve(_quadratic, _w0(), {"a": torch.ones(()), "b": {}}, **opt)
     with pytest.raises(ValueError, match=r"scalar \(0-d\) Tensor, got shape \(3,\) at step 0"):
         bl.solve(lambda p, m, d: p["w"] ** 2, _w0(), None, **opt)
     with pytest.raises(TypeError, match="inner_loss must return a Tensor, got float"):
@@ -85,6 +92,215 @@ def test_non_finite_loss_names_the_step(mode):
     w0 = {"w": torch.tensor([700.0], dtype=torch.float64)}
     with pytest.raises(ValueError, match=r"inner_loss returned -inf at step 1; expected a finite"):
         bl.solve(loss, w0, None, optimizer=bl.sgd(1.0), steps=3, mode=mode)
+
+
+_ALL_MODES = [bl.Unrolled(), bl.Truncated(2), bl.FirstOrder(), bl.Implicit(bl.CG(tol=1e-12))]
+_MODE_IDS = ["unrolled", "truncated", "first_order", "implicit"]
+
+
+def _nan_at(step: int, steps: int = 4) -> bl.PerStep:
+    """Per-step targets for ``_quadratic``: zero, except a nan entry at ``step``."""
+    targets = [torch.zeros(3, dtype=torch.float64) for _ in range(steps)]
+    targets[step] = torch.tensor([0.0, math.nan, 0.0], dtype=torch.float64)
+    return bl.PerStep(targets)
+
+
+@pytest.mark.parametrize("mode", _ALL_MODES, ids=_MODE_IDS)
+@pytest.mark.parametrize("bad_step", [0, 2])
+def test_a_nonfinite_report_replaces_the_error_and_names_the_first_bad_step(mode, bad_step):
+    """A nan target at ``bad_step`` makes that loss nan and every later one (the iterate is nan
+    from then on): the default raises naming ``bad_step``; a report records it instead."""
+    scale = torch.tensor(1.0, dtype=torch.float64)  # no grad: FirstOrder does not warn
+    kwargs = dict(optimizer=bl.sgd(0.5), steps=4, mode=mode, data=_nan_at(bad_step))
+    with pytest.raises(ValueError, match=rf"inner_loss returned nan at step {bad_step}; expected"):
+        bl.solve(_quadratic, _w0(), scale, **kwargs)
+    report = bl.NonFiniteReport()
+    params, info = bl.solve(_quadratic, _w0(), scale, return_info=True, nonfinite=report, **kwargs)
+    assert report.checked and report.found and report.step == bad_step
+    assert math.isnan(report.value)
+    assert torch.isfinite(info["loss"]).tolist() == [k < bad_step for k in range(4)]
+    assert torch.isnan(params["w"]).any()  # the non-finite value propagated to the caller
+
+
+def test_a_nonfinite_report_records_an_overflow_to_minus_inf():
+    report = bl.NonFiniteReport()
+    w0 = {"w": torch.tensor([700.0], dtype=torch.float64)}
+    params = bl.solve(
+        lambda p, m, d: -torch.exp(p["w"]).sum(),
+        w0,
+        None,
+        optimizer=bl.sgd(1.0),
+        steps=3,
+        nonfinite=report,
+    )
+    assert (report.checked, report.step, report.value) == (True, 1, -math.inf)
+    assert params["w"].item() == math.inf
+    assert repr(report) == "NonFiniteReport(checked=True, step=1, value=-inf)"
+
+
+@pytest.mark.filterwarnings("ignore::bilevel.BilevelWarning")  # FirstOrder: meta gets nothing
+@pytest.mark.parametrize("mode", _ALL_MODES, ids=_MODE_IDS)
+def test_a_nonfinite_report_leaves_finite_runs_bit_identical(mode):
+    """Same iterate, info and outer gradients to the last bit; a reused report is reset."""
+    target = torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64)
+
+    def loss(p, m, d):
+        return _quadratic(p, m, d) + 0.05 * (p["w"] ** 4).sum()
+
+    report = bl.NonFiniteReport()
+    kwargs = dict(optimizer=bl.sgd(0.5), steps=4, data=_nan_at(1), nonfinite=report)
+    bl.solve(_quadratic, _w0(), None, **kwargs)
+    assert report.step == 1  # stale, from the previous solve
+
+    def run(nonfinite):
+        w0 = _w0()["w"].requires_grad_()
+        meta = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
+        params, info = bl.solve(
+            loss,
+            {"w": w0},
+            meta,
+            optimizer=bl.adam(0.1),
+            steps=30,
+            mode=mode,
+            data=target,
+            return_info=True,
+            nonfinite=nonfinite,
+        )
+        outer = ((params["w"] - 1.0) ** 2).sum()
+        return params["w"], info, torch.autograd.grad(outer, [w0, meta], allow_unused=True)
+
+    (w_a, info_a, grads_a), (w_b, info_b, grads_b) = run(None), run(report)
+    assert torch.equal(w_a, w_b)
+    for key in ("loss", "grad_norm"):
+        assert torch.equal(info_a[key], info_b[key])
+    assert any(g is not None for g in grads_a)
+    for a, b in zip(grads_a, grads_b):
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert report.checked and not report.found and report.step is None and report.value is None
+
+
+def test_under_vmap_a_report_stays_unchecked_and_info_loss_carries_the_signal():
+    """Values cannot steer Python under vmap: neither policy looks at them, nothing raises."""
+    targets = torch.randn(3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    targets[1, 0] = math.nan
+    report = bl.NonFiniteReport()
+
+    def task(target, nonfinite):
+        params, info = bl.solve(
+            _quadratic,
+            _w0(),
+            None,
+            optimizer=bl.sgd(0.5),
+            steps=3,
+            data=target,
+            return_info=True,
+            nonfinite=nonfinite,
+        )
+        return params["w"], info["loss"]
+
+    for nonfinite in (None, report):
+        w, losses = torch.func.vmap(task, in_dims=(0, None))(targets, nonfinite)
+        assert torch.isfinite(losses).all(dim=1).tolist() == [True, False, True]
+        torch.testing.assert_close(w[2], task(targets[2], None)[0], rtol=1e-12, atol=1e-14)
+    assert not report.checked and not report.found
+
+
+@pytest.mark.slow
+def test_under_torch_compile_a_report_stays_unchecked():
+    report = bl.NonFiniteReport()
+
+    def adapt(w0, target):
+        kwargs = dict(optimizer=bl.sgd(0.5), steps=2, data=target, nonfinite=report)
+        return bl.solve(_quadratic, {"w": w0}, None, **kwargs)["w"]
+
+    compiled = torch.compile(adapt, backend="aot_eager", fullgraph=True)
+    w = compiled(torch.zeros(3), torch.tensor([math.nan, 1.0, 1.0]))
+    assert torch.isnan(w[0]) and torch.equal(w[1:], torch.full((2,), 0.75))
+    assert not report.checked and not report.found
+
+
+# --- meta: an empty container means no outer variables ------------------------------------
+
+
+def _record_warnings(fn):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = fn()
+    return result, [(w.category, str(w.message)) for w in caught]
+
+
+@pytest.mark.parametrize("mode", _ALL_MODES, ids=_MODE_IDS)
+@pytest.mark.parametrize("empty", [{}, (), [], {"a": (), "b": {}}, (None,)], ids=repr)
+def test_an_empty_meta_is_no_outer_variables_exactly_like_none(mode, empty):
+    """MAML's shape: the outer variable is params0. f = 1/2 sum c w^2 with SGD(lr) gives
+    w_K = (1 - lr c)^K w_0, so for L = v . w_K: dL/dw_0 = v (1 - lr c)^K (Unrolled),
+    v (FirstOrder, straight-through), none (Truncated with T < K, Implicit)."""
+    c = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    v = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+    lr, K = 0.1, 3
+    seen = []
+
+    def loss(p, meta, data):
+        seen.append(meta)
+        return 0.5 * (c * p["w"] ** 2).sum()
+
+    def run(meta):
+        w0 = _w0()["w"].requires_grad_()
+        w = bl.solve(loss, {"w": w0}, meta, optimizer=bl.sgd(lr), steps=K, mode=mode)["w"]
+        if not w.requires_grad:
+            return w, None
+        (g,) = torch.autograd.grad((v * w).sum(), w0, allow_unused=True)
+        return w, g
+
+    (w_none, g_none), warned_none = _record_warnings(lambda: run(None))
+    seen.clear()
+    (w_empty, g_empty), warned_empty = _record_warnings(lambda: run(empty))
+    assert seen and all(m is empty for m in seen)  # inner_loss receives meta as given
+    assert warned_empty == warned_none  # Implicit: the same "no outer variables" warning
+    if isinstance(mode, bl.Implicit):
+        assert any("no outer variables" in message for _, message in warned_empty)
+    assert torch.equal(w_empty, w_none)
+    torch.testing.assert_close(w_empty.detach(), (1 - lr * c) ** K * _w0()["w"])
+    expected = {
+        bl.Unrolled: v * (1 - lr * c) ** K,
+        bl.FirstOrder: v,
+        bl.Truncated: None,
+        bl.Implicit: None,
+    }[type(mode)]
+    if expected is None:
+        assert g_none is None and g_empty is None
+    else:
+        assert torch.equal(g_empty, g_none)
+        torch.testing.assert_close(g_empty, expected, rtol=1e-14, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore::bilevel.BilevelWarning")  # Implicit: nothing to receive
+@pytest.mark.parametrize("mode", _ALL_MODES, ids=_MODE_IDS)
+def test_an_empty_meta_under_vmap_and_func_grad_matches_none(mode):
+    gen = torch.Generator().manual_seed(0)
+    targets = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    w0 = torch.randn(3, generator=gen, dtype=torch.float64)
+
+    def task(w_init, target, meta):
+        params = bl.solve(
+            lambda p, m, d: 0.5 * ((p["w"] - d) ** 2).sum() + 0.1 * (p["w"] ** 4).sum(),
+            {"w": w_init},
+            meta,
+            optimizer=bl.sgd(0.3, momentum=0.5),
+            steps=4,
+            mode=mode,
+            data=target,
+        )
+        return ((params["w"] - 1.0) ** 2).sum()
+
+    per_task = torch.func.vmap(torch.func.grad_and_value(task), in_dims=(None, 0, None))
+    reference = per_task(w0, targets, None)
+    for empty in ({}, (), []):
+        for got, want in zip(per_task(w0, targets, empty), reference):
+            assert torch.equal(got, want)
+    grads = reference[0]
+    if isinstance(mode, (bl.Unrolled, bl.FirstOrder)):
+        assert grads.abs().min() > 0  # a real gradient reaches params0, not a zero placeholder
 
 
 # --- diagnostics ---------------------------------------------------------------------------

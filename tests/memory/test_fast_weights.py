@@ -242,12 +242,13 @@ def test_nested_bind_is_an_error_and_keeps_the_outer_state():
 
 
 # ------------------------------------------------------------------- gradients, torch.func
-def gradcheck_setup(kind, batch_size):
+def gradcheck_setup(kind, batch_size, dtype=torch.float64):
+    """A float64 model, its state from `init(dtype=dtype)` and a function of that state."""
     model = tiny_model(torch.float64, vocab=7, dim=8, hidden=12, num_layers=2)
     # A full delta has out * in entries per target: one target keeps the Jacobian small.
     targets = mm.last_layers(model, 0.5, modules=("down_proj",) if kind == "full" else FFN)
     mem = KINDS[kind](model, targets)
-    state = randomize(mem.init(batch_size=batch_size, dtype=torch.float64))
+    state = randomize(mem.init(batch_size=batch_size, dtype=dtype))
     keys = list(state)
     x = tokens(2, 4, vocab=7)
     readout = torch.randn(4, 2 * 4 * 7, dtype=torch.float64)  # 4 fixed projections of logits
@@ -262,6 +263,15 @@ def gradcheck_setup(kind, batch_size):
 @pytest.mark.parametrize(("kind", "batch_size"), [("lora", None), ("lora", 2), ("full", 2)])
 def test_gradients_wrt_the_state_match_finite_differences(kind, batch_size):
     fn, inputs = gradcheck_setup(kind, batch_size)
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("kind", "batch_size"), [("lora", None), ("lora", 2), ("full", None)])
+def test_a_float64_model_gets_a_float64_state_that_passes_gradcheck_by_default(kind, batch_size):
+    """No dtype argument: the state follows the float64 model, so finite differences at
+    eps=1e-6 agree with autograd to 1e-7 (a float32 state fails this same check)."""
+    fn, inputs = gradcheck_setup(kind, batch_size, dtype=None)
+    assert all(t.dtype == torch.float64 for t in inputs)
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
@@ -393,6 +403,67 @@ def test_a_bf16_model_with_a_float32_state_runs_in_bf16():
     assert logits.dtype == torch.bfloat16
     (grad,) = torch.autograd.grad(logits.float().sum(), [state["layers.3.mlp.down_proj.delta"]])
     assert grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("batch_size", [None, 3])
+@pytest.mark.parametrize(
+    ("model_dtype", "expected"),
+    [
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.float32),
+        (torch.float32, torch.float32),
+        (torch.float64, torch.float64),
+    ],
+)
+def test_init_defaults_to_the_weight_dtype_promoted_to_at_least_float32(
+    kind, batch_size, model_dtype, expected
+):
+    model = tiny_model(model_dtype)
+    mem = attach(kind, model)
+    state = mem.init(batch_size=batch_size, generator=torch.Generator().manual_seed(4))
+    assert {v.dtype for v in state.values()} == {expected}
+    # the default is exactly `dtype=expected`: same draws from the same generator
+    explicit = mem.init(batch_size, torch.Generator().manual_seed(4), dtype=expected)
+    assert all(torch.equal(state[k], explicit[k]) for k in state)
+
+
+def test_init_picks_the_dtype_per_target_and_an_explicit_dtype_wins():
+    model = nn.ModuleDict(
+        {
+            "bf16": nn.Linear(4, 3).to(torch.bfloat16),
+            "fp16": nn.Linear(4, 3).to(torch.float16),
+            "fp32": nn.Linear(4, 3),
+            "fp64": nn.Linear(4, 3).double(),
+        }
+    )
+    expected = {
+        "bf16": torch.float32,
+        "fp16": torch.float32,
+        "fp32": torch.float32,
+        "fp64": torch.float64,
+    }
+    for kind in KINDS:
+        mem = KINDS[kind](model, list(model))
+        state = mem.init(batch_size=2)
+        assert {k: v.dtype for k, v in state.items()} == {
+            key: expected[key.split(".")[0]] for key in mem.state_shapes
+        }
+        for dtype in (torch.float64, torch.bfloat16):
+            assert {v.dtype for v in mem.init(dtype=dtype).values()} == {dtype}
+        # each target computes in its own activation dtype with its promoted state
+        state = randomize(state)
+        for name, linear in model.items():
+            x = torch.randn(2, 5, 4, dtype=torch.float64).to(linear.weight.dtype)
+            with mem.bind(state):
+                out = linear(x)
+            merged = mem.merged_weight(name, state).to(linear.weight.dtype)
+            tolerance = 1e-12 if name == "fp64" else 2e-2
+            expected_out = torch.einsum("bli,boi->blo", x, merged) + linear.bias
+            torch.testing.assert_close(out, expected_out, atol=tolerance, rtol=tolerance)
+        with pytest.raises(TypeError, match="dtype must be None or a floating-point"):
+            mem.init(dtype=torch.int64)
+        mem.remove()
 
 
 # ----------------------------------------------------------------------- torch.compile

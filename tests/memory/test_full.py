@@ -26,7 +26,8 @@ def test_init_is_zero_with_the_weight_shape():
     for name in mem.targets:
         delta = state[f"{name}.delta"]
         assert delta.shape == (2, *model.get_submodule(name).weight.shape)
-        assert delta.dtype == torch.float32 and torch.count_nonzero(delta) == 0
+        # the float64 model's dtype (at least float32 by default)
+        assert delta.dtype == torch.float64 and torch.count_nonzero(delta) == 0
     assert mem.state_shapes == {
         f"{t}.delta": tuple(model.get_submodule(t).weight.shape) for t in mem.targets
     }

@@ -33,9 +33,9 @@ def test_init_shapes_dtype_and_zero_b():
         assert state[f"{name}.A"].shape == (5, linear.in_features)
         assert state[f"{name}.B"].shape == (linear.out_features, 5)
         assert torch.count_nonzero(state[f"{name}.B"]) == 0
-    # float32 by default even on a float64 model, so fast weights stay float32 under bf16.
-    assert all(t.dtype == torch.float32 for t in state.values())
-    assert mem.init(dtype=torch.float64)[f"{name}.A"].dtype == torch.float64
+    # the weight dtype promoted to at least float32 by default: float64 here; dtype= wins
+    assert all(t.dtype == torch.float64 for t in state.values())
+    assert mem.init(dtype=torch.float32)[f"{name}.A"].dtype == torch.float32
     batched = mem.init(batch_size=3)
     assert batched[f"{name}.A"].shape == (3, 5, linear.in_features)
     assert batched[f"{name}.B"].shape == (3, linear.out_features, 5)
