@@ -290,7 +290,7 @@ def routed_forward(block: nn.Module, routing: Routing, hidden: torch.Tensor):
     if routing.output == "logits":
         return y, logits
     if routing.output == "llada2":
-        return y, (logits, index)
+        return y, (logits.reshape(*hidden.shape[:-1], -1), index)
     return y
 
 
