@@ -765,6 +765,26 @@ class HFDenoiser(nn.Module):
         )
 
 
+def broadcast_state(mem, state: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
+    """A per-sample fast-weight state of ONE sample (leading dim 1) for `rows` rows of it
+    (e.g. the B x mc rows of `diffusion.elbo_log_likelihood` for one adapted prompt): every
+    tensor expanded (a view, no copy) to leading dim `rows`, so each row, and each routed
+    expert row of it, meets the same fast weights. mem: the `memory.FastWeights` the state
+    belongs to (its `state_shapes`). A shared state (no batch dim) needs none."""
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        raise ValueError(f"rows must be an int >= 1, got {rows!r}")
+    out = {}
+    shapes = mem.state_shapes
+    for key, value in state.items():
+        if key not in shapes or tuple(value.shape) != (1, *shapes[key]):
+            raise ValueError(
+                f"state[{key!r}] has shape {tuple(value.shape)}; broadcast_state takes the "
+                f"per-sample state of one sample, (1, *{shapes.get(key)})"
+            )
+        out[key] = value.expand(rows, *value.shape[1:])
+    return out
+
+
 def _has_expert_list(layer: nn.Module) -> bool:
     mlp = getattr(layer, "mlp", None)
     return isinstance(getattr(mlp, "experts", None), (nn.ModuleList, UnfusedExperts))
