@@ -20,6 +20,16 @@ gives any of them the interface the recipe uses (method.py, evaluate.py):
   fused 3-D tensors (transformers >= 5) are first rewritten as one `nn.Linear` per projection and
   expert (`UnfusedExperts`), in those layers only.
 
+The LLaDA family's remote code (transformers 4.57 line) is recognised by `config.model_type`
+(`detect_family`): each family gets the mask it needs (`MASK_STYLE`: LLaDA2 and causal decoders
+always an additive 4-D mask, so no causal mask is ever built; Dream a bool one), Dream's logits
+are shifted back so that position i predicts token i, LLaDA2 (and any family taking a 4-D
+mask) can sample block-causally (`attention="block_causal"`), and MoE blocks with an
+`nn.ModuleList` of experts get the adapter's own dispatch in the fast-weight layers
+(`take_over_routing`, checked against the block's own forward): each expert sees its tokens as
+(B, n, H) rows grouped by sample, in train and eval mode. `HFDenoiser.describe()` /
+`description()` say which path is taken.
+
 Outer LoRA (`model.lora_rank > 0`) goes through `peft`; fast weights then sit on the frozen base
 projection (`...gate_proj.base_layer`) under the outer LoRA, as in the reference code.
 """
