@@ -564,6 +564,24 @@ class HFDenoiser(nn.Module):
             inputs["attention_mask"] = additive_mask(allowed, x.shape, dtype, x.device)
         return inputs
 
+    @contextlib.contextmanager
+    def attention_mode(self, attention: str, block_size: int | None = None):
+        """Within the block, forwards use `attention` (e.g. "block_causal" for LLaDA2's
+        sampler while training stays bidirectional); the previous mode is restored after."""
+        previous = (self.attention, self.block_size)
+        if attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
+        if attention == "block_causal" and self.mask_style == "padding":
+            raise ValueError(f"attention='block_causal' is not available for {self.family}")
+        if block_size is not None and (isinstance(block_size, bool) or block_size < 1):
+            raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+        self.attention = attention
+        self.block_size = previous[1] if block_size is None else block_size
+        try:
+            yield self
+        finally:
+            self.attention, self.block_size = previous
+
     def _compute_dtype(self) -> torch.dtype:
         """The attention's dtype: the autocast dtype when autocast is on, else the weights'."""
         device = next(self.hf.parameters()).device

@@ -201,6 +201,13 @@ def test_block_causal_attention_sees_its_block_and_the_blocks_before(folders, na
     assert early[int(model.shift)] > 1e-5 and early[10] > 1e-5
     with pytest.raises(ValueError, match="block_causal"):
         load(folders, "llada_moe", attention="block_causal")
+    # The same mode switched on for sampling only, on a bidirectional model.
+    bidirectional = load(folders, name).eval()
+    with torch.no_grad():
+        with bidirectional.attention_mode("block_causal", block_size=4):
+            torch.testing.assert_close(bidirectional(x), model(x), rtol=0, atol=0)
+        assert bidirectional.attention == "bidirectional"
+        assert (bidirectional(x) - model(x)).abs().max() > 1e-5
 
 
 @pytest.mark.parametrize("name", MOE)
