@@ -195,10 +195,35 @@ def test_the_decoder_made_bidirectional_matches_transformers_own_bidirectional_m
         torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_unfused_experts_compute_what_the_fused_experts_compute(folders):
-    fused_model = transformers.AutoModelForCausalLM.from_pretrained(folders["moe"]).double()
-    fused_model.set_experts_implementation("eager")  # grouped_mm has no float64 kernel
-    fused = fused_model.model.layers[2].mlp.experts
+class FusedExperts(torch.nn.Module):
+    """transformers 5's fused-experts layout (`gate_up_proj` (E, 2I, H), `down_proj` (E, H, I)),
+    written out here since the pinned 4.57 line has no fused experts; eager forward."""
+
+    is_concatenated, is_transposed, has_bias = True, False, False
+
+    def __init__(self, experts=4, hidden=32, inner=16, seed=1):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.gate_up_proj = torch.nn.Parameter(
+            torch.randn(experts, 2 * inner, hidden, generator=g, dtype=torch.float64)
+        )
+        self.down_proj = torch.nn.Parameter(
+            torch.randn(experts, hidden, inner, generator=g, dtype=torch.float64)
+        )
+        self.act_fn = torch.nn.SiLU()
+
+    def forward(self, hidden, index, weights):
+        out = torch.zeros_like(hidden)
+        for t in range(hidden.shape[0]):
+            for slot in range(index.shape[1]):
+                e = int(index[t, slot])
+                gate, up = (self.gate_up_proj[e] @ hidden[t]).chunk(2)
+                out[t] += weights[t, slot] * (self.down_proj[e] @ (self.act_fn(gate) * up))
+        return out
+
+
+def test_unfused_experts_compute_what_the_fused_experts_compute():
+    fused = FusedExperts()
     unfused = hf.UnfusedExperts(fused)
     assert isinstance(unfused.get_submodule("3.down_proj"), torch.nn.Linear)
     assert len(unfused.experts()) == 4
@@ -206,14 +231,30 @@ def test_unfused_experts_compute_what_the_fused_experts_compute(folders):
     hidden = torch.randn(10, 32, generator=g, dtype=torch.float64)
     index = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(10)])
     weights = torch.rand(10, 2, generator=g, dtype=torch.float64)
-    torch.testing.assert_close(unfused(hidden, index, weights), fused(hidden, index, weights))
-    # The whole model: wrapping (unfusing layers 2..3) leaves the logits unchanged.
-    x = tokens(fused_model.config.vocab_size)
-    hf.make_bidirectional(fused_model)
     with torch.no_grad():
-        before = fused_model(x).logits
-        after = hf.wrap(fused_model, layer_fraction=0.5)(x)
+        torch.testing.assert_close(unfused(hidden, index, weights), fused(hidden, index, weights))
+
+
+def test_the_adapter_dispatch_computes_what_the_moe_block_computes(folders):
+    """Qwen2-MoE's ModuleList experts: the taken-over block equals transformers' own, and
+    the whole model's logits do not change (float64)."""
+    original = transformers.AutoModelForCausalLM.from_pretrained(folders["moe"]).double()
+    x = tokens(original.config.vocab_size)
+    hf.make_bidirectional(original)
+    full = torch.zeros(x.shape[0], 1, x.shape[1], x.shape[1], dtype=torch.float64)
+    with torch.no_grad():
+        before = original(input_ids=x, attention_mask=full).logits
+        block = original.model.layers[2].mlp
+        hidden = torch.randn(3, 5, 32, dtype=torch.float64)
+        own = block(hidden)
+        wrapped = hf.wrap(original, layer_fraction=0.5)
+        assert hf.Routing("softmax", shared="gated", output="logits") == block.memdlm_routing
+        taken = block(hidden)
+        after = wrapped(x)
+    torch.testing.assert_close(taken[0], own[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(taken[1], own[1], rtol=0, atol=0)
     torch.testing.assert_close(after, before, rtol=1e-12, atol=1e-12)
+    assert wrapped.describe(0.5)["routing"] == {2: "softmax"}  # layer 3 is dense
 
 
 def test_per_sample_fast_weights_in_moe_experts_equal_each_sample_alone(folders):

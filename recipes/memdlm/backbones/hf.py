@@ -20,6 +20,16 @@ gives any of them the interface the recipe uses (method.py, evaluate.py):
   fused 3-D tensors (transformers >= 5) are first rewritten as one `nn.Linear` per projection and
   expert (`UnfusedExperts`), in those layers only.
 
+The LLaDA family's remote code (transformers 4.57 line) is recognised by `config.model_type`
+(`detect_family`): each family gets the mask it needs (`MASK_STYLE`: LLaDA2 and causal decoders
+always an additive 4-D mask, so no causal mask is ever built; Dream a bool one), Dream's logits
+are shifted back so that position i predicts token i, LLaDA2 (and any family taking a 4-D
+mask) can sample block-causally (`attention="block_causal"`), and MoE blocks with an
+`nn.ModuleList` of experts get the adapter's own dispatch in the fast-weight layers
+(`take_over_routing`, checked against the block's own forward): each expert sees its tokens as
+(B, n, H) rows grouped by sample, in train and eval mode. `HFDenoiser.describe()` /
+`description()` say which path is taken.
+
 Outer LoRA (`model.lora_rank > 0`) goes through `peft`; fast weights then sit on the frozen base
 projection (`...gate_proj.base_layer`) under the outer LoRA, as in the reference code.
 """
@@ -30,6 +40,7 @@ import collections
 import contextlib
 import dataclasses
 import re
+import types
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,20 +218,289 @@ def first_fast_index(num_layers: int, fraction: float) -> int:
     return min(int(num_layers * (1 - fraction)), num_layers - 1)
 
 
+# --------------------------------------------------------------------------- routed experts
+
+
+def routed_sum(experts, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor):
+    """sum_k weights[t, k] expert_{index[t, k]}(hidden_t) for every token t, by sample.
+
+    hidden (B, L, H); index, weights (B L, k). Each expert e is called once, on its tokens
+    grouped by sample as (B, n, H) (zero-padded to the sample with the most tokens routed to
+    e), so a per-sample fast weight at any linear inside an expert meets sample b's tokens in
+    row b, whatever the batch size. Experts that get no token are not called (the padded rows
+    are computed and dropped). Returns (B L, H) in hidden's dtype.
+    """
+    rows, length, width = hidden.shape
+    flat = hidden.reshape(rows * length, width)
+    out = torch.zeros_like(flat)
+    for e, expert in enumerate(experts):
+        token, slot = torch.where(index == e)  # token ids ascending
+        if token.numel() == 0:
+            continue
+        sample = token // length
+        counts = torch.bincount(sample, minlength=rows)
+        position = torch.arange(len(token), device=token.device)
+        position = position - (counts.cumsum(0) - counts)[sample]  # index within its sample
+        x = flat.new_zeros(rows, int(counts.max()), width)
+        x[sample, position] = flat[token]
+        y = expert(x)[sample, position] * weights[token, slot, None].to(flat.dtype)
+        out.index_add_(0, token, y.to(out.dtype))
+    return out
+
+
+@dataclass(frozen=True)
+class Routing:
+    """How a MoE block with an `nn.ModuleList` of experts routes, as found by `take_over_routing`.
+
+    router: "softmax" (`gate` is an nn.Linear: top-k of the softmax, LLaDA-MoE / Qwen2-MoE /
+    OLMoE) or "module" (`gate(hidden)` returns (index, weights, logits) itself, LLaDA2.x).
+    normalize: divide the top-k softmax weights by their sum. bias: add `expert_bias` to the
+    softmax before the top-k (and keep it in the weights, as LLaDA-MoE). shared: "none",
+    "gated" (Qwen2-MoE's `shared_expert` times sigmoid(`shared_expert_gate`)) or "plain"
+    (LLaDA2's `shared_experts`). output: what the block returns: "tensor", "logits"
+    ((y, router logits)) or "llada2" ((y, (router logits, index))).
+    """
+
+    router: str
+    normalize: bool = False
+    bias: bool = False
+    shared: str = "none"
+    output: str = "tensor"
+
+
+def _route(block: nn.Module, routing: Routing, hidden: torch.Tensor):
+    """(index (T, k), weights (T, k), router logits) of hidden (B, L, H) under `routing`."""
+    if routing.router == "module":
+        index, weights, logits = block.gate(hidden)
+        return index.reshape(-1, index.shape[-1]), weights.reshape(index.shape), logits
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    logits = block.gate(flat)
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    if routing.bias:
+        probs = probs + block.expert_bias
+    weights, index = torch.topk(probs, block.top_k, dim=-1)
+    if routing.normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return index, weights.to(hidden.dtype), logits
+
+
+def routed_forward(block: nn.Module, routing: Routing, hidden: torch.Tensor):
+    """The MoE block's forward with the adapter's own dispatch (`routed_sum`); hidden (B, L, H).
+
+    Same value as the block's own forward (checked by `take_over_routing`), but every expert
+    sees (B, n, H) rows grouped by sample, in train and eval mode alike (LLaDA2's eval-mode
+    dispatch runs under no_grad, which would cut the inner loop's gradient to the experts).
+    """
+    index, weights, logits = _route(block, routing, hidden)
+    y = routed_sum(block.experts, hidden, index, weights).reshape(hidden.shape)
+    if routing.shared == "gated":
+        y = y + torch.sigmoid(block.shared_expert_gate(hidden)) * block.shared_expert(hidden)
+    elif routing.shared == "plain":
+        y = y + block.shared_experts(hidden)
+    if routing.output == "logits":
+        return y, logits
+    if routing.output == "llada2":
+        return y, (logits.reshape(*hidden.shape[:-1], -1), index)
+    return y
+
+
+def _routing_candidates(block: nn.Module, output: str) -> list[Routing]:
+    """The routings a block's structure allows, most likely first."""
+    if isinstance(getattr(block, "shared_expert_gate", None), nn.Module):
+        shared = "gated"
+    elif isinstance(getattr(block, "shared_experts", None), nn.Module):
+        shared = "plain"
+    else:
+        shared = "none"
+    if not isinstance(block.gate, nn.Linear):
+        return [Routing("module", shared=shared, output=output)]
+    if not isinstance(getattr(block, "top_k", None), int):
+        return []
+    flag = bool(getattr(block, "norm_topk_prob", False))
+    has_bias = isinstance(getattr(block, "expert_bias", None), torch.Tensor)
+    biases = [True, False] if has_bias else [False]
+    return [
+        Routing("softmax", normalize=n, bias=b, shared=shared, output=output)
+        for b in biases
+        for n in (flag, not flag)
+    ]
+
+
+def _output_kind(out) -> str | None:
+    if isinstance(out, torch.Tensor):
+        return "tensor"
+    if isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], torch.Tensor):
+        return "llada2" if isinstance(out[1], tuple) else "logits"
+    return None
+
+
+def _same(a, b, dtype) -> bool:
+    if isinstance(a, tuple):
+        return (
+            isinstance(b, tuple)
+            and len(a) == len(b)
+            and all(_same(x, y, dtype) for x, y in zip(a, b))
+        )
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or a.shape != b.shape:
+        return False
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    tol = 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
+    return torch.allclose(a.float(), b.float(), rtol=tol, atol=tol)
+
+
+def find_routing(block: nn.Module) -> Routing | None:
+    """The `Routing` whose `routed_forward` reproduces `block`'s own forward on a random probe
+    (eval mode, no gradient), or None (then the block is left as it is)."""
+    experts = getattr(block, "experts", None)
+    gate = getattr(block, "gate", None)
+    if not isinstance(experts, nn.ModuleList) or not isinstance(gate, nn.Module):
+        return None
+    weight = next(block.parameters())
+    generator = torch.Generator().manual_seed(0)
+    width = experts[0].gate_proj.in_features if hasattr(experts[0], "gate_proj") else None
+    if width is None:
+        return None
+    probe = torch.randn(2, 7, width, generator=generator).to(weight.device, weight.dtype)
+    was_training = block.training
+    block.eval()
+    try:
+        with torch.no_grad():
+            expected = block(probe)
+            kind = _output_kind(expected)
+            if kind is None:
+                return None
+            for routing in _routing_candidates(block, kind):
+                try:
+                    if _same(expected, routed_forward(block, routing, probe), weight.dtype):
+                        return routing
+                except Exception:  # a candidate that does not fit this block's structure
+                    continue
+        return None
+    finally:
+        block.train(was_training)
+
+
+def take_over_routing(layers: nn.ModuleList, indices: Sequence[int]) -> list[int]:
+    """Give the MoE blocks (`mlp` with an `nn.ModuleList` of experts) of `layers[i]`, i in
+    `indices`, the adapter's dispatch (`routed_forward`) when it reproduces their own forward;
+    returns the indices of the layers taken over. Module names and weights do not change."""
+    taken = []
+    for index in indices:
+        block = getattr(layers[index], "mlp", None)
+        if block is None or isinstance(getattr(block, "experts", None), UnfusedExperts):
+            continue
+        routing = find_routing(block)
+        if routing is None:
+            continue
+        block.memdlm_routing = routing
+        block.forward = types.MethodType(_routed_block_forward, block)
+        taken.append(index)
+    return taken
+
+
+def _routed_block_forward(block: nn.Module, hidden_states: torch.Tensor, *args, **kwargs):
+    """The forward installed on a taken-over block (MoE blocks take the hidden states only)."""
+    del args, kwargs
+    return routed_forward(block, block.memdlm_routing, hidden_states)
+
+
+# --------------------------------------------------------------------------- families
+
+FAMILIES = ("llada", "llada_moe", "llada2", "dream", "decoder", "encoder")
+ATTENTION = ("bidirectional", "block_causal")
+
+
+def detect_family(model: nn.Module) -> str:
+    """The backbone family, from `config.model_type` (the LLaDA family's remote code) or the
+    architecture: "decoder" for a causal LM made bidirectional, else "encoder" (masked LM)."""
+    config = getattr(model, "config", None)
+    kind = str(getattr(config, "model_type", "") or "").lower().replace("-", "_")
+    if kind.startswith("llada2"):
+        return "llada2"
+    if kind in ("lladamoe", "llada_moe"):
+        return "llada_moe"
+    if kind == "llada":
+        return "llada"
+    if kind == "dream":
+        return "dream"
+    names = [type(m).__name__ for m in model.modules()][:3]  # a peft wrapper, then the model
+    return "decoder" if any(n.endswith("ForCausalLM") for n in names) else "encoder"
+
+
+# How each family takes an attention mask (llada-family-backbones.md section 2):
+# "padding": a 2-D (B, L) 0/1 mask or None (LLaDA, LLaDA-MoE, BERT-likes);
+# "bool": None, or a 4-D bool (B, 1, L, L) of allowed keys (Dream casts any 3-D/4-D mask to bool,
+#   so an additive mask would be inverted; from a 2-D mask it would also hide pad queries);
+# "additive": a 4-D additive float mask (B, 1, L, L), always given, so that the model never
+#   builds its own mask (LLaDA2 turns a 2-D mask with padding into a causal one; transformers
+#   4.57's decoders build a causal mask whatever `is_causal` says).
+MASK_STYLE = {
+    "llada": "padding",
+    "llada_moe": "padding",
+    "llada2": "additive",
+    "dream": "bool",
+    "decoder": "additive",
+    "encoder": "padding",
+}
+
+
+def allowed_keys(
+    attention_mask: torch.Tensor | None, shape, *, attention: str, block_size: int, device
+) -> torch.Tensor | None:
+    """(B, L, L) bool: query i may attend to key j; None when everything is visible.
+
+    attention_mask (B, L) 1 = real token, or None. "block_causal": bidirectional inside blocks
+    of `block_size` positions, causal across blocks (key block <= query block)."""
+    rows, length = shape
+    allowed = None
+    if attention == "block_causal":
+        block = torch.arange(length, device=device) // block_size
+        allowed = (block[None, :] <= block[:, None]).expand(rows, length, length)
+    if attention_mask is not None and not bool(attention_mask.bool().all()):
+        keys = attention_mask.bool()[:, None, :].expand(rows, length, length)
+        allowed = keys if allowed is None else allowed & keys
+    return allowed
+
+
+def additive_mask(allowed: torch.Tensor | None, shape, dtype, device) -> torch.Tensor:
+    """(B, 1, L, L) additive float mask: 0 where allowed, the dtype's minimum elsewhere."""
+    rows, length = shape
+    if allowed is None:
+        return torch.zeros(rows, 1, length, length, dtype=dtype, device=device)
+    zero = torch.zeros((), dtype=dtype, device=device)
+    low = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=device)
+    return torch.where(allowed[:, None], zero, low)
+
+
 # --------------------------------------------------------------------------- the wrapper
 
 
 class HFDenoiser(nn.Module):
     """A Hugging Face model as a denoiser, tokens (B, L) -> logits (B, L, V); see module doc.
 
+    Position i's logits predict token i for every family: Dream's logits (position i - 1
+    predicts token i) are shifted back here, in `forward` and hence in `logits_from`.
+
     Args:
-        model: a loaded model (masked LM, bidirectional decoder, or a `peft` model of either)
-            whose output has `.logits`.
+        model: a loaded model (masked LM, bidirectional decoder, the LLaDA family's remote code,
+            or a `peft` model of either) whose output has `.logits`.
         verify_split: check the split forward against the full forward now (one short forward
             per checked split point); if it does not match, use full forwards (`split` False).
+        attention: "bidirectional" (training, and LLaDA/LLaDA-MoE/Dream sampling) or
+            "block_causal" (LLaDA2.x's sampler: bidirectional inside blocks of `block_size`,
+            causal across blocks), for the families that take a 4-D mask.
+        block_size: positions per block of "block_causal".
     """
 
-    def __init__(self, model: nn.Module, *, verify_split: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        verify_split: bool = True,
+        attention: str = "bidirectional",
+        block_size: int = 32,
+    ):
         super().__init__()
         if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
             raise ValueError(
@@ -229,8 +509,25 @@ class HFDenoiser(nn.Module):
                 "model.gradient_checkpointing_disable() first"
             )
         self.hf = model
+        config = getattr(model, "config", None)
+        if getattr(config, "use_cache", None):  # LLaDA2's default True builds a cache per call
+            config.use_cache = False
+        self.family = detect_family(model)
+        self.mask_style = MASK_STYLE[self.family]
+        if attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
+        if attention == "block_causal" and self.mask_style == "padding":
+            raise ValueError(
+                f"attention='block_causal' needs a model that takes a 4-D mask; the {self.family} "
+                "family takes only a 2-D padding mask (use attention='bidirectional')"
+            )
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+        self.attention, self.block_size = attention, block_size
+        self.shift = self.family == "dream"  # its logits at i - 1 predict token i
         self.layers_path = find_layer_stack(model)
         self.split = False
+        self.split_note = "not verified (verify_split=False)"
         self._embedding: nn.Module | None = None
         if verify_split:
             self.split = self._setup_split()
@@ -240,8 +537,57 @@ class HFDenoiser(nn.Module):
         return self.hf.get_submodule(self.layers_path)
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None):
-        out = self.hf(input_ids=x, attention_mask=attention_mask)
-        return out.logits if hasattr(out, "logits") else out[0]
+        """Logits (B, L, V) of tokens x (B, L); attention_mask (B, L), 1 = real token."""
+        out = self.hf(input_ids=x, **self.model_inputs(x, attention_mask))
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        if self.shift:  # Dream: the output at i - 1 predicts token i; position 0 keeps its own
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        return logits
+
+    def model_inputs(self, x: torch.Tensor, attention_mask: torch.Tensor | None) -> dict:
+        """The keyword arguments that give the model this wrapper's attention (`mask_style`)."""
+        inputs: dict[str, Any] = {}
+        if self.mask_style == "padding":
+            inputs["attention_mask"] = attention_mask
+            return inputs
+        allowed = allowed_keys(
+            attention_mask,
+            x.shape,
+            attention=self.attention,
+            block_size=self.block_size,
+            device=x.device,
+        )
+        if self.mask_style == "bool":
+            inputs["attention_mask"] = None if allowed is None else allowed[:, None]
+        else:
+            dtype = self._compute_dtype()
+            inputs["attention_mask"] = additive_mask(allowed, x.shape, dtype, x.device)
+        return inputs
+
+    @contextlib.contextmanager
+    def attention_mode(self, attention: str, block_size: int | None = None):
+        """Within the block, forwards use `attention` (e.g. "block_causal" for LLaDA2's
+        sampler while training stays bidirectional); the previous mode is restored after."""
+        previous = (self.attention, self.block_size)
+        if attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
+        if attention == "block_causal" and self.mask_style == "padding":
+            raise ValueError(f"attention='block_causal' is not available for {self.family}")
+        if block_size is not None and (isinstance(block_size, bool) or block_size < 1):
+            raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+        self.attention = attention
+        self.block_size = previous[1] if block_size is None else block_size
+        try:
+            yield self
+        finally:
+            self.attention, self.block_size = previous
+
+    def _compute_dtype(self) -> torch.dtype:
+        """The attention's dtype: the autocast dtype when autocast is on, else the weights'."""
+        device = next(self.hf.parameters()).device
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+        return next(p.dtype for p in self.hf.parameters() if p.is_floating_point())
 
     # ----------------------------------------------------------------- split forward
     def hidden_states(self, x, attention_mask=None, *, upto: int):
@@ -286,7 +632,8 @@ class HFDenoiser(nn.Module):
             raise ValueError(f"{name} must be in [0, {len(self.layers)}), got {value}")
 
     def _setup_split(self) -> bool:
-        """Find the module whose output enters layer 0, then compare split and full forwards."""
+        """Find the module whose output enters layer 0, then compare split and full forwards;
+        `split_note` says what was found (or why the full forward is used)."""
         was_training = self.training
         self.eval()
         try:
@@ -294,24 +641,32 @@ class HFDenoiser(nn.Module):
             with torch.no_grad():
                 self._embedding = self._embedding_module(probe)
                 if self._embedding is None:
+                    self.split_note = "no module's output is exactly layer 0's input"
                     return False
                 self.split = True
                 full = self(probe)
-                for start in sorted({len(self.layers) // 2, len(self.layers) - 1}):
+                points = sorted({len(self.layers) // 2, len(self.layers) - 1})
+                for start in points:
                     hidden = self.hidden_states(probe, upto=start)
                     if not torch.allclose(
                         self.logits_from(hidden, start=start), full, rtol=1e-3, atol=1e-4
                     ):
+                        self.split_note = f"resuming at layer {start} changed the logits"
                         return False
+                self.split_note = f"checked against the full forward at layers {points}"
                 return True
-        except Exception:
+        except Exception as error:  # a model the hooks cannot drive: full forwards are correct
+            self.split_note = f"the split forward raised {type(error).__name__}: {error}"[:200]
             return False
         finally:
             self.split = False
             self.train(was_training)
 
     def _probe_input(self) -> torch.Tensor:
-        vocab = self.hf.get_input_embeddings().num_embeddings
+        """(1, 12) random tokens below the vocabulary size (config's, else the embedding's)."""
+        vocab = getattr(getattr(self.hf, "config", None), "vocab_size", None)
+        if not isinstance(vocab, int) or vocab < 1:
+            vocab = self.hf.get_input_embeddings().num_embeddings
         device = next(self.hf.parameters()).device
         generator = torch.Generator().manual_seed(0)
         return torch.randint(0, vocab, (1, 12), generator=generator).to(device)
@@ -383,19 +738,97 @@ class HFDenoiser(nn.Module):
             )
         return names
 
+    # ----------------------------------------------------------------- description
+    def describe(self, fraction: float = 0.1, modules: Sequence[str] = DEFAULT_FFN) -> dict:
+        """What the recipe runs on: family, forward path, attention, fast-weight modules.
+
+        Returns {"family", "forward", "split", "split_note", "attention", "logit_shift",
+        "mask_style", "fast_weights": count, "fast_weight_layers": [indices],
+        "fast_weight_kinds": {relative name pattern: count}, "routing": {layer: router}}.
+        """
+        targets = self.fast_weight_targets(fraction, modules)
+        prefix = f"hf.{self.layers_path}."
+        layers, kinds = [], collections.Counter()
+        for name in targets:
+            index, _, rest = name[len(prefix) :].partition(".")
+            if int(index) not in layers:
+                layers.append(int(index))
+            kinds[re.sub(r"\.\d+\.", ".*.", rest)] += 1
+        routing = {
+            i: layer.mlp.memdlm_routing.router
+            for i, layer in enumerate(self.layers)
+            if hasattr(getattr(layer, "mlp", None), "memdlm_routing")
+        }
+        first = first_fast_index(len(self.layers), fraction)
+        forward = (
+            f"split at layer {first} (layers < {first} once per inner state)"
+            if self.split
+            else f"full forward ({self.split_note})"
+        )
+        return {
+            "family": self.family,
+            "forward": forward,
+            "split": self.split,
+            "split_note": self.split_note,
+            "attention": self.attention
+            + (f" (blocks of {self.block_size})" if self.attention == "block_causal" else ""),
+            "logit_shift": self.shift,
+            "mask_style": self.mask_style,
+            "fast_weights": len(targets),
+            "fast_weight_layers": layers,
+            "fast_weight_kinds": dict(kinds),
+            "routing": routing,
+        }
+
+    def description(self, fraction: float = 0.1, modules: Sequence[str] = DEFAULT_FFN) -> str:
+        """`describe` as one line, for the recipe to print at start."""
+        d = self.describe(fraction, modules)
+        kinds = ", ".join(f"{n} {k}" for k, n in d["fast_weight_kinds"].items())
+        routed = f"; adapter MoE dispatch in layers {sorted(d['routing'])}" if d["routing"] else ""
+        shift = "; logits shifted back by one (Dream)" if d["logit_shift"] else ""
+        return (
+            f"backbone {d['family']} ({type(self.hf).__name__}): {d['forward']}; "
+            f"attention {d['attention']}{shift}; {d['fast_weights']} fast-weight modules in "
+            f"layers {d['fast_weight_layers']} of {self.layers_path} ({kinds}){routed}"
+        )
+
+
+def broadcast_state(mem, state: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
+    """A per-sample fast-weight state of ONE sample (leading dim 1) for `rows` rows of it
+    (e.g. the B x mc rows of `diffusion.elbo_log_likelihood` for one adapted prompt): every
+    tensor expanded (a view, no copy) to leading dim `rows`, so each row, and each routed
+    expert row of it, meets the same fast weights. mem: the `memory.FastWeights` the state
+    belongs to (its `state_shapes`). A shared state (no batch dim) needs none."""
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        raise ValueError(f"rows must be an int >= 1, got {rows!r}")
+    out = {}
+    shapes = mem.state_shapes
+    for key, value in state.items():
+        if key not in shapes or tuple(value.shape) != (1, *shapes[key]):
+            raise ValueError(
+                f"state[{key!r}] has shape {tuple(value.shape)}; broadcast_state takes the "
+                f"per-sample state of one sample, (1, *{shapes.get(key)})"
+            )
+        out[key] = value.expand(rows, *value.shape[1:])
+    return out
+
 
 def _has_expert_list(layer: nn.Module) -> bool:
     mlp = getattr(layer, "mlp", None)
     return isinstance(getattr(mlp, "experts", None), (nn.ModuleList, UnfusedExperts))
 
 
-def wrap(model: nn.Module, *, layer_fraction: float = 0.1, verify_split: bool = True):
+def wrap(model: nn.Module, *, layer_fraction: float = 0.1, verify_split: bool = True, **options):
     """An already loaded Hugging Face model as an `HFDenoiser`: bidirectional attention, fused
-    experts of the last `layer_fraction` of layers unfused (for per-expert fast weights)."""
+    experts of the last `layer_fraction` of layers unfused and ModuleList experts given the
+    adapter's per-sample dispatch (`take_over_routing`), for per-expert fast weights.
+    options: `HFDenoiser`'s (attention, block_size)."""
     make_bidirectional(model)
     stack = model.get_submodule(find_layer_stack(model))
-    unfuse_experts(stack, range(first_fast_index(len(stack), layer_fraction), len(stack)))
-    return HFDenoiser(model, verify_split=verify_split)
+    fast = range(first_fast_index(len(stack), layer_fraction), len(stack))
+    unfuse_experts(stack, fast)
+    take_over_routing(stack, fast)
+    return HFDenoiser(model, verify_split=verify_split, **options)
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -510,8 +943,9 @@ def load_model(cfg, *, device) -> HFDenoiser:
         model = model.to(device)
     make_bidirectional(model)
     stack = model.get_submodule(find_layer_stack(model))
-    start = first_fast_index(len(stack), cfg.memdlm.layer_fraction)
-    unfuse_experts(stack, range(start, len(stack)))
+    fast = range(first_fast_index(len(stack), cfg.memdlm.layer_fraction), len(stack))
+    unfuse_experts(stack, fast)
+    take_over_routing(stack, fast)
     if m.lora_rank > 0:
         model = add_outer_lora(
             model,
@@ -521,7 +955,8 @@ def load_model(cfg, *, device) -> HFDenoiser:
             targets=m.lora_targets,
             kbit=m.load_in_4bit,
         )
-    return HFDenoiser(model)
+    attention = getattr(m, "attention", "bidirectional")  # ModelConfig fields, when present
+    return HFDenoiser(model, attention=attention, block_size=getattr(m, "block_size", 32))
 
 
 def add_outer_lora(model, *, rank: int, alpha: float, dropout: float, targets, kbit=False):
