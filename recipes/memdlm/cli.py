@@ -423,6 +423,10 @@ HANDLERS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["harness"]:  # lm-eval's own CLI with the `memdlm` model (docs/evaluation.md)
+        from recipes.memdlm.harness import main as harness_main
+
+        return harness_main(argv[1:])
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["compare", *argv]
     parser = build_parser()
