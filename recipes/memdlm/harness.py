@@ -106,6 +106,12 @@ _KINDS = {
 }
 
 
+# The inner-loop settings a model arg may override (MemDLMConfig fields that act at inference).
+INNER_FIELDS = tuple(
+    name for name in MemDLMConfig.model_fields if name not in ("per_sample", "gap_every")
+)
+
+
 def _coerce(name: str, value: Any, kind: str) -> Any:
     """`value` of model arg `name` as `kind` (lm-eval hands over str, int, float or bool)."""
     if kind.endswith("?") and value is None:
@@ -145,14 +151,15 @@ def parse_model_args(args: Mapping[str, Any]) -> tuple[Options, dict[str, Any]]:
     ValueError names the arg: an unknown key, a bad value, both or neither of run/pretrained,
     inner-loop overrides without adapt=true.
     """
-    known = set(_KINDS) | set(MemDLMConfig.model_fields)
+    inner = set(INNER_FIELDS)
+    known = set(_KINDS) | inner
     unknown = sorted(set(args) - known)
     if unknown:
         raise ValueError(
             f"memdlm model_args: unknown key {unknown[0]!r}; expected one of {sorted(known)}"
         )
     values = {k: _coerce(k, v, _KINDS[k]) for k, v in args.items() if k in _KINDS}
-    overrides = {k: v for k, v in args.items() if k in MemDLMConfig.model_fields}
+    overrides = {k: v for k, v in args.items() if k in inner}
     options = Options(**values)
     if (options.run is None) == (options.pretrained is None):
         raise ValueError(
@@ -623,6 +630,31 @@ class MemDLMLM(LM):
 # --------------------------------------------------------------------------- command line
 
 
+def option_value(argv: Sequence[str], name: str) -> str | None:
+    """The value of `--name VALUE` or `--name=VALUE` in argv (the last one), else None."""
+    value = None
+    for i, token in enumerate(argv):
+        if token == name and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif token.startswith(name + "="):
+            value = token[len(name) + 1 :]
+    return value
+
+
+def check_cli_model_args(argv: Sequence[str]) -> None:
+    """With --model memdlm, check --model_args (key=value,... or a JSON object, as lm-eval
+    reads them) before lm-eval indexes its tasks, so a bad arg fails in seconds."""
+    import json
+
+    from lm_eval.utils import simple_parse_args_string
+
+    if option_value(argv, "--model") != "memdlm":
+        return
+    text = option_value(argv, "--model_args") or ""
+    args = json.loads(text) if text.strip().startswith("{") else simple_parse_args_string(text)
+    parse_model_args(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m recipes.memdlm harness ARGS`: lm-eval's own command line (ARGS exactly as for
     `lm-eval`), with the `memdlm` model registered. User errors (ValueError) print one line and
@@ -633,6 +665,7 @@ def main(argv: list[str] | None = None) -> int:
     saved = sys.argv
     sys.argv = ["lm-eval", *argv]  # lm-eval's parser reads sys.argv
     try:
+        check_cli_model_args(argv)
         cli_evaluate()
     except ValueError as error:
         if os.environ.get("MEMDLM_DEBUG"):

@@ -174,6 +174,7 @@ def expected_score(lm: MemDLMLM, context: str, continuation: str) -> float:
         ({"run": "x", "remasking": "best"}, "remasking='best'"),
         ({"run": "x", "inner_lr": 0.3}, "inner_lr sets the inner loop"),
         ({"run": "x", "load_in_4bit": True}, "load_in_4bit"),
+        ({"run": "x", "adapt": True, "gap_every": 2}, "'gap_every'"),  # training only
     ],
 )
 def test_bad_model_args_raise_value_errors_naming_the_arg(args, named):
