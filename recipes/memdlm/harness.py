@@ -79,6 +79,7 @@ class Options:
     device: str | None = None
     batch_size: int = 1
     max_batch_size: int | None = None
+    tokenizer: str | None = None  # for tasks only: RULER sizes its data with this HF tokenizer
 
 
 _KINDS = {
@@ -103,6 +104,7 @@ _KINDS = {
     "device": "str?",
     "batch_size": "batch",
     "max_batch_size": "int?",
+    "tokenizer": "str?",
 }
 
 
