@@ -198,3 +198,84 @@ def generate(
     finally:
         if owned:
             mem.remove()
+
+
+def shared_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One prompt's per-sample fast-weight state (every tensor with a leading dim of 1, as
+    `adapt_prompt` returns for a (1, P) prompt) as a shared state (that dim dropped).
+
+    `FastWeights.bind` applies a shared state to every row of the input, whatever the batch
+    size; a per-sample state must match the input's batch size exactly (it is not broadcast).
+    Binding the shared state equals binding the state repeated along dim 0 to the batch size.
+    """
+    out = {}
+    for key, value in state.items():
+        if value.dim() < 1 or value.shape[0] != 1:
+            raise ValueError(
+                f"state[{key!r}] has shape {tuple(value.shape)}; expected a leading dim of 1 "
+                "(the adapted state of a single prompt)"
+            )
+        out[key] = value[0]
+    return out
+
+
+def log_likelihood(
+    model,
+    prompt_ids: torch.Tensor,
+    response_ids: torch.Tensor,
+    *,
+    mask_id: int,
+    state: Mapping[str, torch.Tensor] | None = None,
+    fast_weights: mm.FastWeights | None = None,
+    mc_num: int = 128,
+    mc_batch: int = 32,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Monte Carlo ELBO of log p(response | prompt) for B responses after one prompt, with
+    that prompt's adapted fast weights bound (or none).
+
+    The estimator is `diffusion.elbo_log_likelihood` (stratified numbers of masked tokens,
+    unbiased): each forward pass runs B * mc_batch rows (the prompt repeated, the response
+    partly masked). `state` is one prompt's state (`adapt_prompt` on a (1, P) prompt, leading
+    dim 1) or a shared state; it is bound as a shared state (`shared_state`), so all
+    B * mc_batch rows see the same adapted weights.
+
+    Args:
+        prompt_ids: (P,) or (1, P) long, P >= 0, no `mask_id`.
+        response_ids: (B, R) long, R >= 1, no `mask_id`; every row follows the same prompt.
+        state, fast_weights: the adapted state and the fast weights it belongs to (both or
+            neither).
+        mc_num: Monte Carlo samples per response; mc_batch: samples per response per forward.
+        generator: random source of the masks (None = seeded with 0).
+
+    Returns:
+        (B,) float64 ELBO estimates in nats (a lower bound on log p for an exact denoiser).
+    """
+    if (state is None) != (fast_weights is None):
+        raise ValueError("state and fast_weights go together: pass both or neither")
+    if not isinstance(prompt_ids, torch.Tensor) or prompt_ids.dim() not in (1, 2):
+        raise ValueError(f"prompt_ids must be a (P,) or (1, P) tensor, got {prompt_ids!r}")
+    prompt = prompt_ids.reshape(1, -1)
+    if not isinstance(response_ids, torch.Tensor) or response_ids.dim() != 2:
+        raise ValueError("response_ids must be a (B, R) tensor")
+    if generator is None:
+        generator = torch.Generator(device=prompt.device).manual_seed(0)
+    rows = prompt.expand(response_ids.shape[0], -1)
+
+    def estimate() -> torch.Tensor:
+        return dd.elbo_log_likelihood(
+            _denoiser(model),
+            rows,
+            response_ids,
+            mask_id=mask_id,
+            mc_num=mc_num,
+            batch_size=mc_batch,
+            generator=generator,
+        )
+
+    if state is None:
+        return estimate()
+    shapes = fast_weights.state_shapes
+    is_shared = all(tuple(state[k].shape) == shapes[k] for k in shapes if k in state)
+    with torch.no_grad(), fast_weights.bind(state if is_shared else shared_state(state)):
+        return estimate()

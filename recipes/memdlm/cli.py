@@ -206,8 +206,8 @@ def cmd_compare(args, extra, reporter) -> int:
 
 
 def cmd_train(args, extra, reporter) -> int:
-    from recipes.memdlm.data.batches import BatchSampler
-    from recipes.memdlm.data.prepare import (
+    from recipes.memdlm.data.tasks.batches import BatchSampler
+    from recipes.memdlm.data.tasks.prepare import (
         evaluate_model,
         load_weights,
         new_model,
@@ -268,7 +268,7 @@ def cmd_train(args, extra, reporter) -> int:
 
 
 def _load_model(args, extra):
-    from recipes.memdlm.data.prepare import load_weights, new_model, resolve_device, tokenizer_for
+    from recipes.memdlm.data.tasks.prepare import load_weights, new_model, resolve_device, tokenizer_for
 
     if args.checkpoint is None:  # a pretrained Hugging Face model as it is
         cfg = _config(args, extra)
@@ -290,7 +290,7 @@ def _load_model(args, extra):
 def cmd_eval(args, extra, reporter) -> int:
     import json
 
-    from recipes.memdlm.data.prepare import evaluate_model, prepare_data
+    from recipes.memdlm.data.tasks.prepare import evaluate_model, prepare_data
 
     cfg, _, model, device = _load_model(args, extra)
     data = prepare_data(cfg)
@@ -423,6 +423,10 @@ HANDLERS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["harness"]:  # lm-eval's own CLI with the `memdlm` model (docs/evaluation.md)
+        from recipes.memdlm.eval.harness import main as harness_main
+
+        return harness_main(argv[1:])
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["compare", *argv]
     parser = build_parser()
@@ -433,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         argv = [argv[0], *rest]
     args, extra = parser.parse_known_args(argv)
     extra += overrides
-    from recipes.memdlm.data.tasks import DataError
+    from recipes.memdlm.data.tasks.tasks import DataError
     from recipes.memdlm.loop.phase import Interrupted, TrainingError
     from recipes.memdlm.loop.progress import Reporter
 

@@ -133,7 +133,7 @@ FAMILIES = {
 
 def corpus() -> list[str]:
     """Training text for the tokenizer: the recipe's own filler and the needle alphabet."""
-    from recipes.memdlm.data import filler_text
+    from recipes.memdlm.data.tasks import filler_text
 
     text = filler_text("train")[:20000]
     extra = ["0123456789 ABCDEFGHIJKLMNOPQRSTUVWXYZ code is VAR = ? ."] * 5

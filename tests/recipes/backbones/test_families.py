@@ -1,4 +1,4 @@
-"""The LLaDA family through `recipes.memdlm.hf`, on tiny remote-code stand-ins (`standins.py`).
+"""The LLaDA family through `recipes.memdlm.backbones.hf`, on tiny remote-code stand-ins (`standins.py`).
 
 Each stand-in reproduces its family's quirk (checked on the raw model), and the adapter
 undoes it (checked against an oracle: a loop over samples, the model's own explicit mask, the
@@ -22,7 +22,7 @@ pytest.importorskip("tokenizers")
 
 import diffusion as dd  # noqa: E402
 import memory as mm  # noqa: E402
-from recipes.memdlm import hf  # noqa: E402
+from recipes.memdlm.backbones import hf  # noqa: E402
 from recipes.memdlm.cli import main  # noqa: E402
 from recipes.memdlm.config import build_config  # noqa: E402
 from tests.recipes.backbones import standins  # noqa: E402
