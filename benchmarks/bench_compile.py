@@ -32,9 +32,10 @@ import time
 import torch
 
 from recipes.memdlm import method
+from recipes.memdlm.backbones.load import new_model
 from recipes.memdlm.config import build_config
 from recipes.memdlm.data.batches import BatchSampler
-from recipes.memdlm.data.prepare import new_model, prepare_data
+from recipes.memdlm.data.prepare import prepare_data
 
 
 def make_setup(device: str = "cpu", preset: str = "cpu-tiny", batch_size: int = 32):

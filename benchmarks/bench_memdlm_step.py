@@ -22,9 +22,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch
 
 from recipes.memdlm import method
+from recipes.memdlm.backbones.load import new_model
 from recipes.memdlm.config import build_config
 from recipes.memdlm.data.batches import BatchSampler
-from recipes.memdlm.data.prepare import new_model, prepare_data
+from recipes.memdlm.data.prepare import prepare_data
 
 
 def make_setup(preset: str = "cpu-tiny", batch_size: int = 32, n_layers: int | None = None):

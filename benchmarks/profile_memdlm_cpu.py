@@ -37,9 +37,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from recipes.memdlm import method
+from recipes.memdlm.backbones.load import new_model
 from recipes.memdlm.config import build_config
 from recipes.memdlm.data.batches import BatchSampler
-from recipes.memdlm.data.prepare import new_model, prepare_data
+from recipes.memdlm.data.prepare import prepare_data
 from recipes.memdlm.method import inner as method_inner
 from recipes.memdlm.method import step as method_step
 

@@ -46,3 +46,104 @@ def test_checker_catches_a_cross_import(tmp_path):
     bad.write_text("import os\nfrom memory import FastLoRA\nimport recipes.memdlm\n")
     roots = [module for _, module in imported_roots(bad)]
     assert roots == ["os", "memory", "recipes"]
+
+
+# --------------------------------------------------------------------------- the import graph
+
+PACKAGES = ("bilevel", "diffusion", "memory", "recipes")
+
+
+def module_name(path: pathlib.Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def absolute(node: ast.ImportFrom, path: pathlib.Path) -> str:
+    """The absolute module of a `from ... import` (relative ones resolved against `path`)."""
+    if node.level == 0:
+        return node.module or ""
+    package = module_name(path).split(".")
+    if path.name != "__init__.py":
+        package = package[:-1]
+    base = package[: len(package) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def first_party_imports(path: pathlib.Path, known: set[str]) -> list[tuple[str, list[str]]]:
+    """(module, imported names) for every first-party import in a file, at any depth (a lazy
+    import inside a function is an edge too: it closes a circle as soon as it runs)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, []) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            module = absolute(node, path)
+            names = [alias.name for alias in node.names]
+            found.append((module, names))
+            # `from pkg import sub` imports the submodule pkg.sub
+            found += [(f"{module}.{n}", []) for n in names if f"{module}.{n}" in known]
+    return [(m, names) for m, names in found if m.split(".")[0] in PACKAGES and m in known]
+
+
+def import_graph() -> dict[str, set[str]]:
+    files = [p for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py"))]
+    known = {module_name(p) for p in files}
+    graph = {}
+    for path in files:
+        me = module_name(path)
+        # a package's own __init__ re-exporting its submodules is not a circle
+        graph[me] = {
+            m for m, _ in first_party_imports(path, known) if m != me and not me.startswith(m + ".")
+        }
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle as a path [a, b, ..., a], or None (depth-first search)."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node], _ = 1, stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt) :] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        state[node], _ = 2, stack.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_no_import_circle_anywhere():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import circle: " + " -> ".join(cycle)
+
+
+def test_cycle_finder_finds_a_circle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert find_cycle(graph) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_module_imports_another_modules_private_names():
+    files = [p for pkg in PACKAGES + ("tests", "benchmarks") for p in (ROOT / pkg).rglob("*.py")]
+    known = {module_name(p) for p in files}
+    offences = [
+        f"{path.relative_to(ROOT)} imports {name} from {module}"
+        for path in files
+        for module, names in first_party_imports(path, known | {m.rsplit(".", 1)[0] for m in known})
+        for name in names
+        if name.startswith("_")
+        and not name.startswith("__")
+        # a library may use its own internals; the recipe's modules and every test may not
+        and (
+            module.split(".")[0] != module_name(path).split(".")[0] or module.startswith("recipes")
+        )
+    ]
+    assert not offences, "\n".join(offences)

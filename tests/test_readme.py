@@ -8,7 +8,8 @@ import shlex
 
 import pytest
 
-from recipes.memdlm.cli import _config, build_parser
+from recipes.memdlm.cli import build_parser
+from recipes.memdlm.commands.folders import config_from_args
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -50,6 +51,6 @@ def test_recipe_commands_parse_and_validate(command):
     args, extra = build_parser().parse_known_args(argv)
     assert args.command in {"compare", "train", "eval", "sample", "inner-lr"}
     if args.command in {"compare", "train", "inner-lr"}:
-        _config(args, extra)  # every override names a real key with a valid value
+        config_from_args(args, extra)  # every override names a real key with a valid value
     else:
         assert not extra, f"unknown options {extra}"

@@ -21,28 +21,15 @@ different random streams, so samples agree in law, not bit for bit; at temperatu
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 from torch import Tensor
 
 from .dispatch import resolve_backend
+from .proposal import Proposal, random_confidence
 
 __all__ = ["REMASKING", "Proposal", "propose", "propose_reference"]
 
 REMASKING = ("low_confidence", "random", "margin", "entropy")
-
-
-class Proposal(NamedTuple):
-    """Per candidate, in the row-major order of the candidates mask (that of `logits[mask]`).
-
-    token: (N,) long; confidence: (N,) float64; finite: (N,) bool, False where the row's logits
-    hold a NaN or infinity that makes the scores meaningless.
-    """
-
-    token: Tensor
-    confidence: Tensor
-    finite: Tensor
 
 
 def propose(
@@ -108,11 +95,6 @@ def propose_reference(
         confidence = random_confidence(scores.shape[0], generator, scores.device)
     finite = torch.isfinite(top) & torch.isfinite(confidence)
     return Proposal(picked, confidence.double(), finite)
-
-
-def random_confidence(rows: int, generator: torch.Generator | None, device) -> Tensor:
-    """(rows,) float64 U(0, 1) confidences ("random" remasking)."""
-    return torch.rand(rows, generator=generator, device=device, dtype=torch.float64)
 
 
 def _gumbel_argmax(scores: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:

@@ -23,7 +23,7 @@ import functools
 import torch
 from torch import Tensor
 
-from .sampler import Proposal, random_confidence
+from .proposal import Proposal, random_confidence
 
 __all__ = ["propose_triton"]
 

@@ -22,48 +22,19 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import nn
 
 import diffusion as dd
 import memory as mm
+from recipes.memdlm.backbones import adapter, split_forward
 from recipes.memdlm.config import MemDLMConfig
 from recipes.memdlm.method import adapt_to_prompt, make_fast_weights
 
 
-class FullForward:
-    """A tokens -> logits model seen through the recipe's split-forward interface, unsplit:
-    `hidden_states` returns the tokens and `logits_from` runs the whole model."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    @property
-    def layers(self):
-        return getattr(self.model, "layers", ())
-
-    def parameters(self):
-        return self.model.parameters()
-
-    def __call__(self, x, attention_mask=None):
-        out = self.model(x) if attention_mask is None else self.model(x, attention_mask)
-        return out.logits if hasattr(out, "logits") else out
-
-    def hidden_states(self, x, attention_mask=None, *, upto: int):
-        del attention_mask, upto
-        return x
-
-    def logits_from(self, h, attention_mask=None, *, start: int):
-        del start
-        return self(h, attention_mask)
-
-
 def _denoiser(model):
-    """`model` itself when it has the split forward, else a `FullForward` view of it."""
+    """`model` with the recipe's split-forward calls (`backbones.split_forward`)."""
     if not callable(model):
         raise TypeError(f"model must be callable (tokens -> logits), got {type(model).__name__}")
-    if hasattr(model, "hidden_states") and hasattr(model, "logits_from"):
-        return model
-    return FullForward(model)
+    return split_forward(model)
 
 
 def memdlm_config(config: MemDLMConfig | Mapping[str, Any] | None) -> MemDLMConfig:
@@ -88,13 +59,7 @@ def fast_weights_for(model, config: MemDLMConfig | Mapping[str, Any] | None = No
     the FFN projections (`targets`) of the last `layer_fraction` of `model.layers`. The caller
     owns them: `mem.remove()` takes the hooks off."""
     cfg = memdlm_config(config)
-    if not hasattr(model, "fast_weight_targets") and not isinstance(
-        getattr(model, "layers", None), (nn.ModuleList, nn.Sequential)
-    ):
-        raise TypeError(
-            f"{type(model).__name__} has no `layers` stack to place fast weights on; pass "
-            "fast_weights=mm.FastLoRA(model, targets, ...) (or hf.wrap a Hugging Face model)"
-        )
+    adapter(model).fast_weight_targets(cfg.layer_fraction, tuple(cfg.targets))  # TypeError
     return make_fast_weights(model, cfg)
 
 

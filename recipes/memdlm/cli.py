@@ -9,19 +9,15 @@ Ctrl-C checkpoints and exits with 130.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
-import time
-from contextlib import nullcontext
 from pathlib import Path
 
+from recipes.memdlm.commands.folders import UsageError
 from recipes.memdlm.config import (
     PRESETS,
-    Config,
     ConfigError,
-    build_config,
-    deep_merge,
-    parse_overrides,
 )
 
 COMMANDS = ("train", "eval", "sample", "compare", "inner-lr")
@@ -137,253 +133,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class UsageError(ValueError):
-    """A command-line mistake reported in one line with exit code 2."""
-
-
-def _stamp() -> str:
-    return time.strftime("%Y%m%d-%H%M%S")
-
-
-def _fresh_folder(path: Path) -> Path:
-    if path.exists() and any(path.iterdir()):
-        raise UsageError(f"run folder {str(path)!r} exists and is not empty; use --resume or --out")
-    return path
-
-
-def _config(args, extra: list[str], **fixed) -> Config:
-    overrides = parse_overrides(extra)
-    for key, value in fixed.items():
-        if value is not None:
-            overrides[key] = value
-    return build_config(args.preset, args.config, overrides)
-
-
-def _resumed_config(folder: Path) -> Config:
-    path = folder / "config.json"
-    if not path.is_file():
-        raise UsageError(f"cannot resume: {str(path)!r} does not exist")
-    try:
-        return Config.model_validate_json(path.read_text())
-    except ValueError as error:
-        raise UsageError(f"cannot resume: {path} is not a valid config ({error})") from None
-
-
-def _checkpoint_file(path: Path) -> Path:
-    candidate = path / "model.pt" if path.is_dir() else path
-    if not candidate.is_file():
-        raise UsageError(f"checkpoint {str(path)!r} not found (expected model.pt)")
-    return candidate
-
-
-def _checkpoint_config(args, extra, checkpoint: Path) -> Config:
-    """The config saved beside a checkpoint (its run folder), else the preset, plus overrides."""
-    for folder in (checkpoint.parent, checkpoint.parent.parent, checkpoint.parent.parent.parent):
-        saved = folder / "config.json"
-        if saved.is_file() and args.config is None:
-            base = Config.model_validate_json(saved.read_text()).model_dump()
-            merged = deep_merge(base, parse_overrides(extra))
-            try:
-                return Config.model_validate(merged)
-            except ValueError as error:
-                raise ConfigError(str(error).splitlines()[0]) from None
-    return _config(args, extra)
-
-
-def cmd_compare(args, extra, reporter) -> int:
-    from recipes.memdlm.commands.compare import run_compare
-
-    if args.resume is not None:
-        if extra or args.seeds or args.out or args.config:
-            raise UsageError("--resume takes the saved configuration; drop other options")
-        cfg, out = _resumed_config(args.resume), args.resume
-    else:
-        cfg = _config(args, extra, seeds=args.seeds)
-        out = _fresh_folder(args.out or Path("runs") / f"compare-{cfg.preset}-{_stamp()}")
-    cache = None if args.no_cache else args.cache
-    run_compare(cfg, out, base=args.base, cache=cache, reporter=reporter)
-    return 0
-
-
-def cmd_train(args, extra, reporter) -> int:
-    from recipes.memdlm.data.tasks.batches import BatchSampler
-    from recipes.memdlm.data.tasks.prepare import (
-        evaluate_model,
-        load_weights,
-        new_model,
-        phase_options,
-        prepare_data,
-        resolve_device,
-    )
-    from recipes.memdlm.eval.report import per_seed_record
-    from recipes.memdlm.loop import checkpoint as ckpt
-    from recipes.memdlm.loop import parallel as distributed
-    from recipes.memdlm.loop.phase import MetricsLog, train_phase
-
-    if distributed.launched():  # under torchrun: one process per device (docs/scaling.md)
-        return distributed.cmd_train(args, extra, reporter)
-    if args.resume is not None:
-        if extra or args.method or args.out or args.config or args.base:
-            raise UsageError("--resume takes the saved configuration; drop other options")
-        cfg, out = _resumed_config(args.resume), args.resume
-    else:
-        cfg = _config(args, extra, method=args.method)
-        out = _fresh_folder(args.out or Path("runs") / f"train-{cfg.method}-{_stamp()}")
-        if args.base is not None:
-            _checkpoint_file(args.base)
-    device = resolve_device(cfg.device)
-    data = prepare_data(cfg)
-    model = new_model(cfg, data.tokenizer, seed=cfg.seed, device=device)
-    out.mkdir(parents=True, exist_ok=True)
-    if args.resume is None:
-        ckpt.write_json(out / "config.json", cfg.model_dump())
-        if args.base is not None:
-            load_weights(model, _checkpoint_file(args.base))
-    sampler = BatchSampler(
-        data.train, cfg.train.batch_size, seed=cfg.seed, eos_id=data.tokenizer.eos_id
-    )
-    log = MetricsLog(
-        out / "metrics.jsonl", {"phase": "train", "method": cfg.method, "seed": cfg.seed}
-    )
-    result = train_phase(
-        model,
-        method=cfg.method,
-        phase=cfg.train,
-        sampler=sampler,
-        seed=cfg.seed,
-        folder=out,
-        log=log,
-        reporter=reporter,
-        **phase_options(cfg, data),
-    )
-    evaluation = evaluate_model(model, data, cfg, method=cfg.method, device=device)
-    summary = {cfg.method: per_seed_record(cfg.seed, result, evaluation)}
-    ckpt.write_json(out / "summary.json", summary)
-    record = summary[cfg.method]
-    reporter.out.print(
-        f"{cfg.method}: train loss {record['train_loss_final']:.4f}, eval loss "
-        f"{record['eval_loss']:.4f}, NIAH {record['niah_accuracy']}; run folder {out}"
-    )
-    return 0
-
-
-def _load_model(args, extra):
-    from recipes.memdlm.data.tasks.prepare import load_weights, new_model, resolve_device, tokenizer_for
-
-    if args.checkpoint is None:  # a pretrained Hugging Face model as it is
-        cfg = _config(args, extra)
-        if not cfg.model.path:
-            raise UsageError("give a checkpoint (model.pt or a run folder), or --model PATH")
-        checkpoint = None
-    else:
-        checkpoint = _checkpoint_file(args.checkpoint)
-        cfg = _checkpoint_config(args, extra, checkpoint)
-    device = resolve_device(cfg.device)
-    tok = tokenizer_for(cfg)
-    model = new_model(cfg, tok, seed=0, device=device)
-    if checkpoint is not None:
-        load_weights(model, checkpoint)
-    model.eval()
-    return cfg, tok, model, device
-
-
-def cmd_eval(args, extra, reporter) -> int:
-    import json
-
-    from recipes.memdlm.data.tasks.prepare import evaluate_model, prepare_data
-
-    cfg, _, model, device = _load_model(args, extra)
-    data = prepare_data(cfg)
-    result = evaluate_model(model, data, cfg, method=args.method, device=device)
-    result = {k: v for k, v in result.items() if not k.startswith("niah")} | {
-        "niah_accuracy": result["niah"]["by_length"],
-        **(
-            {"niah_accuracy_adapted": result["niah_adapted"]["by_length"]}
-            if "niah_adapted" in result
-            else {}
-        ),
-    }
-    print(json.dumps(result, indent=2, default=str))
-    return 0
-
-
-def cmd_sample(args, extra, reporter) -> int:
-    import torch
-
-    import diffusion as dd
-    from recipes.memdlm.method import adapt_to_prompt, make_fast_weights
-
-    cfg, tok, model, device = _load_model(args, extra)
-    ids = tok.encode(args.prompt)
-    if not ids:
-        raise UsageError("--prompt is empty")
-    if len(ids) + args.gen_length > cfg.model.max_seq_len:
-        raise UsageError(
-            f"prompt ({len(ids)} tokens) + gen-length {args.gen_length} exceeds the model's "
-            f"maximum length {cfg.model.max_seq_len}"
-        )
-    prompt = torch.tensor([ids], device=device)
-    generator = torch.Generator(device=device).manual_seed(args.sample_seed)
-    mem = make_fast_weights(model, cfg.memdlm) if args.adapt else None
-    try:
-        phi = None
-        if mem is not None:
-            phi = adapt_to_prompt(
-                model,
-                mem,
-                prompt,
-                cfg.memdlm,
-                mask_id=tok.mask_id,
-                generator=generator,
-                loss_backend=cfg.loss_backend,
-            )
-        with torch.no_grad():
-            context = mem.bind(phi) if mem is not None else nullcontext()
-            with context:
-                out = dd.generate(
-                    model,
-                    prompt,
-                    mask_id=tok.mask_id,
-                    gen_length=args.gen_length,
-                    steps=args.steps or args.gen_length,
-                    block_length=args.block_length,
-                    remasking=args.remasking,
-                    temperature=args.temperature,
-                    threshold=args.threshold,
-                    generator=generator,
-                    **cfg.generate_options(),
-                )
-    finally:
-        if mem is not None:
-            mem.remove()
-    print(tok.decode(out[0, len(ids) :].tolist()))
-    return 0
-
-
-def cmd_inner_lr(args, extra, reporter) -> int:
-    from recipes.memdlm.commands.inner_lr import run_scan
-
-    cfg = _config(args, extra)
-    try:
-        lrs = [float(x) for x in args.lrs.split(",") if x.strip()]
-    except ValueError:
-        raise UsageError(f"--lrs must be comma-separated numbers, got {args.lrs!r}") from None
-    if not lrs or any(lr < 0 for lr in lrs):
-        raise UsageError(f"--lrs needs non-negative numbers, got {args.lrs!r}")
-    out = _fresh_folder(args.out or Path("runs") / f"inner-lr-{cfg.preset}-{_stamp()}")
-    run_scan(
-        cfg,
-        out,
-        lrs,
-        target_gap=args.target_gap,
-        n_batches=args.batches,
-        base=args.base,
-        cache=args.cache,
-        reporter=reporter,
-    )
-    return 0
-
-
 def split_overrides(argv: list[str], flags: set[str]) -> tuple[list[str], list[str]]:
     """Take the configuration overrides out of argv: every `--key VALUE` (or `--key=VALUE`) whose
     `--key` is not one of the command's own `flags`.
@@ -412,13 +161,21 @@ def command_flags(parser: argparse.ArgumentParser, command: str) -> set[str]:
     return {o for a in sub._actions for o in a.option_strings} if sub is not None else set()
 
 
+# command -> (module under recipes.memdlm.commands, handler); imported on use, so that `--help`
+# and argument errors answer without importing torch.
 HANDLERS = {
-    "compare": cmd_compare,
-    "train": cmd_train,
-    "eval": cmd_eval,
-    "sample": cmd_sample,
-    "inner-lr": cmd_inner_lr,
+    "compare": ("compare", "cmd_compare"),
+    "train": ("train", "cmd_train"),
+    "eval": ("evaluate", "cmd_eval"),
+    "sample": ("sample", "cmd_sample"),
+    "inner-lr": ("inner_lr", "cmd_inner_lr"),
 }
+
+
+def handler(command: str):
+    """The function that runs `command` (args, extra, reporter) -> exit code."""
+    module, name = HANDLERS[command]
+    return getattr(importlib.import_module(f"recipes.memdlm.commands.{module}"), name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -437,13 +194,13 @@ def main(argv: list[str] | None = None) -> int:
         argv = [argv[0], *rest]
     args, extra = parser.parse_known_args(argv)
     extra += overrides
-    from recipes.memdlm.data.tasks.tasks import DataError
+    from recipes.memdlm.data.tasks import DataError
     from recipes.memdlm.loop.phase import Interrupted, TrainingError
     from recipes.memdlm.loop.progress import Reporter
 
     reporter = Reporter(quiet=getattr(args, "quiet", False))
     try:
-        return HANDLERS[args.command](args, extra, reporter)
+        return handler(args.command)(args, extra, reporter)
     except (ConfigError, DataError, UsageError, FileNotFoundError, ValueError, TypeError) as error:
         if os.environ.get("MEMDLM_DEBUG"):
             raise
@@ -454,4 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except Interrupted as error:
         print(f"{error}; continue with --resume", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # outside a training loop (data preparation, evaluation, sampling)
+        print("interrupted", file=sys.stderr)
         return 130

@@ -48,11 +48,20 @@ class ModelConfig(_Strict):
     lora_dropout: float = Field(0.05, ge=0, lt=1)
     lora_targets: list[str] = ["all-linear"]
     load_in_4bit: bool = Field(False, description="NF4 base weights (QLoRA; CUDA, bitsandbytes)")
+    # Attention while sampling (training is always bidirectional): LLaDA2.1's sampler attends
+    # bidirectionally inside blocks of `sample_block_size` and causally across them.
+    sample_attention: Literal["bidirectional", "block_causal"] = "bidirectional"
+    sample_block_size: int = Field(32, gt=0)
 
     @model_validator(mode="after")
     def _heads_divide(self) -> ModelConfig:
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if self.sample_attention != "bidirectional" and not self.path:
+            raise ValueError(
+                "model.sample_attention='block_causal' needs a Hugging Face model (model.path) "
+                "whose attention takes 4-D masks (LLaDA2.x, Dream)"
+            )
         return self
 
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import re
 import types
 from collections.abc import Sequence
@@ -48,9 +47,6 @@ from typing import Any
 
 import torch
 from torch import nn
-
-from recipes.memdlm.data.batches import Encoded, collate, encode
-from recipes.memdlm.data.tasks import DataError, Example
 
 DEFAULT_FFN = ("gate_proj", "up_proj", "down_proj")
 # The FFN projections of a layer, relative to the layer, for the layouts we know: Llama, Qwen,
@@ -955,8 +951,9 @@ def load_model(cfg, *, device) -> HFDenoiser:
             targets=m.lora_targets,
             kbit=m.load_in_4bit,
         )
-    attention = getattr(m, "attention", "bidirectional")  # ModelConfig fields, when present
-    return HFDenoiser(model, attention=attention, block_size=getattr(m, "block_size", 32))
+    # Bidirectional for training and likelihoods; `model.sample_attention` applies while
+    # sampling only (`HFBackbone.sampling_attention`).
+    return HFDenoiser(model, block_size=m.sample_block_size)
 
 
 def add_outer_lora(model, *, rank: int, alpha: float, dropout: float, targets, kbit=False):
@@ -980,98 +977,35 @@ def add_outer_lora(model, *, rank: int, alpha: float, dropout: float, targets, k
 # --------------------------------------------------------------------------- data
 
 
-def _prompt_text(tok: HFTokenizer, prompt: str) -> str:
-    """The prompt as the user turn of the tokenizer's chat template, ready for the answer."""
-    messages = [{"role": "user", "content": prompt}]
-    return tok.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+class HFBackbone:
+    """`Backbone` (base.py) view of an `HFDenoiser`: the split forward lives on the denoiser,
+    the fused loss does not apply (logits path), and routed experts may stay unused in a step."""
 
+    def __init__(self, denoiser: HFDenoiser):
+        self.module = denoiser
 
-def prepare_data(cfg):
-    """`runner.Data` for a Hugging Face tokenizer (runner.prepare_data calls this).
+    def fast_weight_targets(self, fraction: float, modules: Sequence[str]) -> tuple[str, ...]:
+        return tuple(self.module.fast_weight_targets(fraction, tuple(modules)))
 
-    Same examples as the byte-level recipe, encoded with the model's tokenizer. Generation cells
-    are keyed by the prompt length in tokens, and a cell keeps the examples whose answer has the
-    cell's most common token length (the sampler decodes one length per batch). Exposure-bias
-    examples are cut to a common token shape.
-    """
-    from recipes.memdlm.data import prepare as runner
+    def num_layers(self) -> int:
+        return len(self.module.layers)
 
-    tok = runner.tokenizer_for(cfg)
-    raw = runner._user_examples(cfg) if cfg.data.train_file else runner._builtin_examples(cfg)
-    if cfg.model.chat_template:
-        raw = {
-            name: [dataclasses.replace(e, prompt=_prompt_text(tok, e.prompt)) for e in examples]
-            for name, examples in raw.items()
-        }
-    max_len, policy = cfg.model.max_seq_len, cfg.data.max_len_policy
-    encoded, reports = {}, {}
-    for name in ("pretrain", "train", "loss_eval"):
-        encoded[name], reports[name] = encode(raw[name], tok, max_len=max_len, policy=policy)
-    accuracy = token_cells(raw["accuracy_eval"], tok, max_len)
-    exposure = common_token_shape(raw["exposure_eval"], tok)
-    if not exposure:
-        raise DataError("no exposure-bias example keeps its token shape after cutting")
-    return runner.Data(
-        tok,
-        encoded["pretrain"],
-        encoded["train"],
-        encoded["loss_eval"],
-        accuracy,
-        exposure,
-        reports,
-    )
+    def head_weight(self, loss_backend: str | None) -> torch.Tensor | None:
+        del loss_backend
+        return None
 
+    def can_split_mid_layer(self, layer: int, targets: Sequence[str]) -> bool:
+        del layer, targets
+        return False
 
-def token_cells(examples: Sequence[Example], tok: HFTokenizer, max_len: int) -> list[Example]:
-    """Examples relabelled with their prompt length in tokens; per (task, prompt length) cell,
-    only those whose answer has the cell's most common token length."""
-    cells: dict[tuple[str, int], list[tuple[Example, int]]] = collections.defaultdict(list)
-    for e in examples:
-        p, r = len(tok.encode(e.prompt)), len(tok.encode(e.response)) + 1
-        if p + r <= max_len:
-            cells[(e.task, p)].append((e, r))
-    kept = []
-    for (task, p), members in sorted(cells.items()):
-        modal = collections.Counter(r for _, r in members).most_common(1)[0][0]
-        kept += [Example(e.prompt, e.response, task, p) for e, r in members if r == modal]
-    return kept
+    def uses_every_parameter(self) -> bool:
+        return False
 
+    def sampling_attention(self, attention: str, block_size: int):
+        return self.module.attention_mode(attention, block_size)
 
-def common_token_shape(examples: Sequence[Example], tok: HFTokenizer, response_cap: int = 16):
-    """Examples cut to the last P prompt tokens and the first R answer tokens (P, R the minima,
-    R <= response_cap), kept only when the cut text re-encodes to exactly those tokens."""
-    pairs = [(tok.encode(e.prompt), tok.encode(e.response)) for e in examples]
-    pairs = [(p, r) for p, r in pairs if p and r]
-    if not pairs:
-        return []
-    prompt_len = min(len(p) for p, _ in pairs)
-    response_len = min(response_cap, min(len(r) for _, r in pairs))
-    out = []
-    for p, r in pairs:
-        prompt, response = p[len(p) - prompt_len :], r[:response_len]
-        text_p = tok.tokenizer.decode(prompt)
-        text_r = tok.tokenizer.decode(response)
-        if tok.encode(text_p) == prompt and tok.encode(text_r) == response:
-            out.append(Example(text_p, text_r))
-    return out
-
-
-def loss_set(rows: Sequence[Encoded], batch_size: int, tok: HFTokenizer, device):
-    """`evaluate.LossSet` whose batches share one prompt length (prompt-only adaptation needs it)
-    and one total length; anchors from the evaluation seed, as `evaluate.make_loss_set`."""
-    from recipes.memdlm.eval.metrics import EVAL_SEED, LossSet
-    from recipes.memdlm.method import sample_anchor
-
-    groups: dict[tuple[int, int], list[Encoded]] = collections.defaultdict(list)
-    for row in rows:
-        groups[(len(row.prompt), len(row))].append(row)
-    batches = []
-    for key in sorted(groups):
-        group = groups[key]
-        for i in range(0, len(group), batch_size):
-            batches.append(collate(group[i : i + batch_size], tok.eos_id).to(device))
-    generator = torch.Generator(device=device).manual_seed(EVAL_SEED)
-    anchors = [
-        sample_anchor(b, mask_id=tok.mask_id, eps=1e-3, generator=generator) for b in batches
-    ]
-    return LossSet(batches, anchors)
+    def describe(self, fraction: float, modules: Sequence[str]) -> dict[str, Any]:
+        info = self.module.describe(fraction, tuple(modules))
+        info["fast_weight_modules"] = info["fast_weights"]
+        info["line"] = self.module.description(fraction, tuple(modules))
+        return info

@@ -3,7 +3,7 @@
 1. Pretrain a base with the standard objective, or reuse one (`--base CKPT`, or the cache). A
    Hugging Face backbone (`model.path`) is its own base: its pretrained weights, no pretraining.
 2. For each seed: fine-tune a copy of the base with Standard and with MemDLM. Both runs see the
-   same batches in the same order and the same anchor masks (see `train._generators`).
+   same batches in the same order and the same anchor masks (see `train.phase_generators`).
 3. Evaluate every model on the same held-out data and anchors, print the table, write
    summary.json and plots. The summary is rewritten after every run, so results appear as they
    come out and an interrupted comparison keeps what it finished.
@@ -21,18 +21,17 @@ from typing import Any
 
 import torch
 
+from recipes.memdlm.backbones.load import announce, load_weights, new_model, resolve_device
+from recipes.memdlm.commands.folders import (
+    UsageError,
+    config_from_args,
+    fresh_folder,
+    resumed_config,
+    stamp,
+)
 from recipes.memdlm.config import Config
 from recipes.memdlm.data.batches import BatchSampler
-from recipes.memdlm.data.prepare import (
-    Data,
-    evaluate_model,
-    load_weights,
-    loss_set_for,
-    new_model,
-    phase_options,
-    prepare_data,
-    resolve_device,
-)
+from recipes.memdlm.data.prepare import Data, prepare_data
 from recipes.memdlm.eval.metrics import eval_loss, niah_accuracy
 from recipes.memdlm.eval.report import (
     method_summary,
@@ -41,8 +40,9 @@ from recipes.memdlm.eval.report import (
     plot_all,
     print_report,
 )
+from recipes.memdlm.eval.suite import evaluate_model, loss_set_for
 from recipes.memdlm.loop import checkpoint as ckpt
-from recipes.memdlm.loop.phase import MetricsLog, train_phase
+from recipes.memdlm.loop.phase import MetricsLog, phase_options, train_phase
 from recipes.memdlm.loop.progress import Reporter
 
 METHODS = ("standard", "memdlm")
@@ -130,6 +130,7 @@ def run_compare(
     base_model, base_result = obtain_base(
         cfg, data, out, base=base, cache=cache, reporter=reporter, device=device
     )
+    backbone = announce(base_model, cfg, reporter)
     loss_set = loss_set_for(data, cfg, device)
     base_eval = _cached_eval(
         out / "base",
@@ -182,6 +183,7 @@ def run_compare(
             )
             records[method].append(per_seed_record(seed, result, evaluation))
             summary = _summary(cfg, seeds, device, base_result, base_eval, records)
+            summary["backbone"] = backbone
             ckpt.write_json(out / "summary.json", summary)
     print_report(summary, reporter.out)
     metrics = MetricsLog(out / "metrics.jsonl", {}).records()
@@ -208,3 +210,18 @@ def _summary(cfg, seeds, device, base_result, base_eval, records) -> dict[str, A
     if not summary["memdlm"]:
         summary["memdlm"] = {}
     return summary
+
+
+def cmd_compare(args, extra, reporter) -> int:
+    from recipes.memdlm.commands.compare import run_compare
+
+    if args.resume is not None:
+        if extra or args.seeds or args.out or args.config:
+            raise UsageError("--resume takes the saved configuration; drop other options")
+        cfg, out = resumed_config(args.resume), args.resume
+    else:
+        cfg = config_from_args(args, extra, seeds=args.seeds)
+        out = fresh_folder(args.out or Path("runs") / f"compare-{cfg.preset}-{stamp()}")
+    cache = None if args.no_cache else args.cache
+    run_compare(cfg, out, base=args.base, cache=cache, reporter=reporter)
+    return 0

@@ -16,10 +16,17 @@ from typing import Any
 import torch
 from rich.table import Table
 
+from recipes.memdlm.backbones.load import resolve_device
 from recipes.memdlm.commands.compare import obtain_base
+from recipes.memdlm.commands.folders import (
+    UsageError,
+    config_from_args,
+    fresh_folder,
+    stamp,
+)
 from recipes.memdlm.config import Config
 from recipes.memdlm.data.batches import BatchSampler
-from recipes.memdlm.data.prepare import prepare_data, resolve_device
+from recipes.memdlm.data.prepare import prepare_data
 from recipes.memdlm.eval.metrics import EVAL_SEED
 from recipes.memdlm.loop import checkpoint as ckpt
 from recipes.memdlm.loop.progress import Reporter
@@ -126,3 +133,27 @@ def run_scan(
         else f"no candidate gives 0 < gap <= {target_gap}"
     )
     return result
+
+
+def cmd_inner_lr(args, extra, reporter) -> int:
+    from recipes.memdlm.commands.inner_lr import run_scan
+
+    cfg = config_from_args(args, extra)
+    try:
+        lrs = [float(x) for x in args.lrs.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--lrs must be comma-separated numbers, got {args.lrs!r}") from None
+    if not lrs or any(lr < 0 for lr in lrs):
+        raise UsageError(f"--lrs needs non-negative numbers, got {args.lrs!r}")
+    out = fresh_folder(args.out or Path("runs") / f"inner-lr-{cfg.preset}-{stamp()}")
+    run_scan(
+        cfg,
+        out,
+        lrs,
+        target_gap=args.target_gap,
+        n_batches=args.batches,
+        base=args.base,
+        cache=args.cache,
+        reporter=reporter,
+    )
+    return 0

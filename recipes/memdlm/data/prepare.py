@@ -3,26 +3,15 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-import torch
-
-import diffusion as dd
+from recipes.memdlm.backbones.load import tokenizer_for
 from recipes.memdlm.config import Config
 from recipes.memdlm.data.batches import Encoded, LengthReport, encode
 from recipes.memdlm.data.tasks import ByteTokenizer, DataError, Example, load_jsonl, make_split
-from recipes.memdlm.eval.metrics import (
-    LossSet,
-    eval_loss,
-    exposure_bias_curve,
-    make_loss_set,
-    niah_accuracy,
-)
-from recipes.memdlm.loop import checkpoint as ckpt
-from recipes.memdlm.method import make_fast_weights
 
 RETRIEVAL_TASKS = ("single", "multikey", "multivalue", "vt")
 
@@ -40,27 +29,7 @@ class Data:
     reports: dict[str, LengthReport]
 
 
-def phase_options(cfg: Config, data: Data) -> dict[str, Any]:
-    """The keyword arguments of `train.train_phase` that follow from the configuration."""
-    return {
-        "memdlm": cfg.memdlm,
-        "mask_id": data.tokenizer.mask_id,
-        "time_eps": cfg.time_eps,
-        "loss_backend": cfg.loss_backend,
-        "compiled": cfg.compile,
-    }
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
-    return device
-
-
-def _builtin_examples(cfg: Config) -> dict[str, list[Example]]:
+def builtin_examples(cfg: Config) -> dict[str, list[Example]]:
     d = cfg.data
     response_len = d.continuation_response_len
     common = {"seed": d.seed, "response_len": response_len, "value_len": d.value_len}
@@ -92,7 +61,7 @@ def _builtin_examples(cfg: Config) -> dict[str, list[Example]]:
     }
 
 
-def _user_examples(cfg: Config) -> dict[str, list[Example]]:
+def user_examples(cfg: Config) -> dict[str, list[Example]]:
     train = load_jsonl(cfg.data.train_file)
     if cfg.data.eval_file:
         held_out = load_jsonl(cfg.data.eval_file)
@@ -133,21 +102,43 @@ def _common_shape(examples: list[Example]) -> list[Example]:
     return cut
 
 
-def prepare_data(cfg: Config) -> Data:
-    if cfg.model.path:  # a Hugging Face backbone brings its tokenizer (hf.py)
-        from recipes.memdlm.backbones import hf
+def _prompt_text(tok, prompt: str) -> str:
+    """The prompt as the user turn of the tokenizer's chat template, ready for the answer."""
+    messages = [{"role": "user", "content": prompt}]
+    return tok.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-        return hf.prepare_data(cfg)
-    tok = ByteTokenizer()
-    raw = _user_examples(cfg) if cfg.data.train_file else _builtin_examples(cfg)
+
+def prepare_data(cfg: Config) -> Data:
+    """Everything a run reads, for any backbone, validated before any folder is written.
+
+    The same examples for every backbone, encoded with the run's tokenizer (`tokenizer_for`).
+    Bytes: generation cells keep their context-length labels, and every example that fits is
+    kept. A model's own tokenizer (Hugging Face): generation cells are keyed by the prompt length
+    in tokens, a cell keeps the examples whose answer has the cell's most common token length
+    (the sampler decodes one length per batch), and exposure-bias examples are cut to a common
+    token shape.
+    """
+    tok = tokenizer_for(cfg)
+    raw = user_examples(cfg) if cfg.data.train_file else builtin_examples(cfg)
+    if cfg.model.chat_template:
+        raw = {
+            name: [dataclasses.replace(e, prompt=_prompt_text(tok, e.prompt)) for e in examples]
+            for name, examples in raw.items()
+        }
     max_len, policy = cfg.model.max_seq_len, cfg.data.max_len_policy
     encoded, reports = {}, {}
     for name in ("pretrain", "train", "loss_eval"):
         encoded[name], reports[name] = encode(raw[name], tok, max_len=max_len, policy=policy)
-    accuracy = [e for e in raw["accuracy_eval"] if _fits(e, tok, max_len)]
-    exposure = [e for e in raw["exposure_eval"] if _fits(e, tok, max_len)]
-    if not exposure:
-        raise DataError(f"no exposure-bias example fits model.max_seq_len={max_len}")
+    if isinstance(tok, ByteTokenizer):
+        accuracy = [e for e in raw["accuracy_eval"] if _fits(e, tok, max_len)]
+        exposure = [e for e in raw["exposure_eval"] if _fits(e, tok, max_len)]
+        if not exposure:
+            raise DataError(f"no exposure-bias example fits model.max_seq_len={max_len}")
+    else:
+        accuracy = token_cells(raw["accuracy_eval"], tok, max_len)
+        exposure = common_token_shape(raw["exposure_eval"], tok)
+        if not exposure:
+            raise DataError("no exposure-bias example keeps its token shape after cutting")
     return Data(
         tok,
         encoded["pretrain"],
@@ -159,100 +150,39 @@ def prepare_data(cfg: Config) -> Data:
     )
 
 
+def token_cells(examples: Sequence[Example], tok, max_len: int) -> list[Example]:
+    """Examples relabelled with their prompt length in tokens; per (task, prompt length) cell,
+    only those whose answer has the cell's most common token length."""
+    cells: dict[tuple[str, int], list[tuple[Example, int]]] = collections.defaultdict(list)
+    for e in examples:
+        p, r = len(tok.encode(e.prompt)), len(tok.encode(e.response)) + 1
+        if p + r <= max_len:
+            cells[(e.task, p)].append((e, r))
+    kept = []
+    for (task, p), members in sorted(cells.items()):
+        modal = collections.Counter(r for _, r in members).most_common(1)[0][0]
+        kept += [Example(e.prompt, e.response, task, p) for e, r in members if r == modal]
+    return kept
+
+
+def common_token_shape(examples: Sequence[Example], tok, response_cap: int = 16):
+    """Examples cut to the last P prompt tokens and the first R answer tokens (P, R the minima,
+    R <= response_cap), kept only when the cut text re-encodes to exactly those tokens."""
+    pairs = [(tok.encode(e.prompt), tok.encode(e.response)) for e in examples]
+    pairs = [(p, r) for p, r in pairs if p and r]
+    if not pairs:
+        return []
+    prompt_len = min(len(p) for p, _ in pairs)
+    response_len = min(response_cap, min(len(r) for _, r in pairs))
+    out = []
+    for p, r in pairs:
+        prompt, response = p[len(p) - prompt_len :], r[:response_len]
+        text_p = tok.tokenizer.decode(prompt)
+        text_r = tok.tokenizer.decode(response)
+        if tok.encode(text_p) == prompt and tok.encode(text_r) == response:
+            out.append(Example(text_p, text_r))
+    return out
+
+
 def _fits(example: Example, tok: ByteTokenizer, max_len: int) -> bool:
     return len(tok.encode(example.prompt)) + len(tok.encode(example.response)) + 1 <= max_len
-
-
-def new_model(cfg: Config, tok: ByteTokenizer, *, seed: int, device) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    if cfg.model.path:
-        from recipes.memdlm.backbones import hf
-
-        return hf.load_model(cfg, device=device)
-    m = cfg.model
-    model = dd.Transformer(
-        tok.vocab_size,
-        d_model=m.d_model,
-        n_layers=m.n_layers,
-        n_heads=m.n_heads,
-        d_ff=m.d_ff,
-        max_seq_len=m.max_seq_len,
-    )
-    return model.to(device)
-
-
-def tokenizer_for(cfg: Config):
-    """The run's tokenizer: bytes, or the Hugging Face model's own (`model.path`)."""
-    if not cfg.model.path:
-        return ByteTokenizer()
-    from recipes.memdlm.backbones import hf
-
-    m = cfg.model
-    return hf.load_tokenizer(
-        m.path,
-        mask_token=m.mask_token,
-        eos_token=m.eos_token,
-        trust_remote_code=m.trust_remote_code,
-    )
-
-
-def load_weights(model: torch.nn.Module, path: Path) -> None:
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    state = ckpt.load(path)
-    try:
-        model.load_state_dict(state["model"])
-    except (KeyError, RuntimeError) as error:
-        raise ValueError(f"checkpoint {str(path)!r} does not fit this model: {error}") from None
-
-
-def loss_set_for(data: Data, cfg: Config, device) -> LossSet:
-    """The held-out loss batches with their fixed anchors, for either kind of backbone."""
-    if cfg.model.path:  # batches of one prompt length (hf.loss_set)
-        from recipes.memdlm.backbones import hf
-
-        return hf.loss_set(data.loss_eval, cfg.eval.batch_size, data.tokenizer, device)
-    return make_loss_set(data.loss_eval, cfg.eval.batch_size, data.tokenizer, device)
-
-
-def evaluate_model(
-    model, data: Data, cfg: Config, *, method: str, device, loss_set: LossSet | None = None
-) -> dict[str, Any]:
-    """All held-out metrics of one trained model. MemDLM gets the adapted variants too."""
-    tok = data.tokenizer
-    loss_set = loss_set or loss_set_for(data, cfg, device)
-    backend = {"loss_backend": cfg.loss_backend}
-    sampling = {"generate_options": cfg.generate_options(), **backend}
-    common = {"batch_size": cfg.eval.batch_size, "device": device, **sampling}
-    result: dict[str, Any] = {
-        "eval_loss": eval_loss(model, loss_set, **backend),
-        "niah": niah_accuracy(model, data.accuracy_eval, tok, **common),
-        "exposure_bias": exposure_bias_curve(
-            model, data.exposure_eval, tok, device=device, **sampling
-        ),
-    }
-    if method == "memdlm":
-        mem = make_fast_weights(model, cfg.memdlm)
-        try:
-            fast = {"mem": mem, "cfg": cfg.memdlm}
-            result["eval_loss_answer_adapted"] = eval_loss(
-                model, loss_set, mode="adapted", mask_id=tok.mask_id, **fast, **backend
-            )
-            result["eval_loss_adapted"] = eval_loss(
-                model, loss_set, mode="prompt", mask_id=tok.mask_id, **fast, **backend
-            )
-            result["niah_adapted"] = niah_accuracy(
-                model, data.accuracy_eval, tok, adapt_prompt=True, **common, **fast
-            )
-            result["exposure_bias_adapted"] = exposure_bias_curve(
-                model,
-                data.exposure_eval,
-                tok,
-                device=device,
-                adapt_prompt=True,
-                **fast,
-                **sampling,
-            )
-        finally:
-            mem.remove()
-    return result

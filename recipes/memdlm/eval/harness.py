@@ -41,8 +41,9 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from pydantic import ValidationError
 
-import diffusion as dd
 from recipes.memdlm import api
+from recipes.memdlm.backbones import FullForward, adapter
+from recipes.memdlm.backbones.reference import ReferenceBackbone
 from recipes.memdlm.config import Config, MemDLMConfig, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -259,7 +260,7 @@ def load_run(
     """A run of this recipe (its folder, or its model.pt; the config from config.json beside
     it) or, with `path_or_none=None`, the Hugging Face model in folder `pretrained` with its own
     weights and the paper's inner-loop settings. The model is in eval mode on `device`."""
-    from recipes.memdlm.data.prepare import load_weights, new_model, tokenizer_for
+    from recipes.memdlm.backbones.load import load_weights, new_model, tokenizer_for
 
     where = pick_device(None if device is None else str(device))
     if path_or_none is not None:
@@ -294,7 +295,7 @@ def load_run(
 def default_max_length(loaded: LoadedRun) -> int:
     """The reference Transformer's max_seq_len; for Hugging Face models the authors' 4096, or
     less when the model's position embeddings are shorter."""
-    if isinstance(loaded.model, dd.Transformer):
+    if isinstance(adapter(loaded.model), ReferenceBackbone):  # learned length: the run's
         return loaded.config.model.max_seq_len
     hf_config = getattr(getattr(loaded.model, "hf", None), "config", None)
     positions = getattr(hf_config, "max_position_embeddings", None)
@@ -372,9 +373,9 @@ def greedy_matches(
     )
     if state is not None:
         with fast_weights.bind(api.shared_state(state)):
-            logits = api.FullForward(model)(x)
+            logits = FullForward(model)(x)
     else:
-        logits = api.FullForward(model)(x)
+        logits = FullForward(model)(x)
     guess = logits[:, prompt_ids.numel() :].argmax(-1)
     return (guess == response_ids).all(-1)
 

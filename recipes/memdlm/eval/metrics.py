@@ -11,6 +11,7 @@ differences between methods are paired, not noise from different masks.
 
 from __future__ import annotations
 
+import collections
 from collections import defaultdict
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -46,6 +47,26 @@ class LossSet:
 def make_loss_set(rows: Sequence[Encoded], batch_size: int, tok: ByteTokenizer, device) -> LossSet:
     generator = torch.Generator(device=device).manual_seed(EVAL_SEED)
     batches = [b.to(device) for b in fixed_batches(rows, batch_size, tok.eos_id)]
+    anchors = [
+        sample_anchor(b, mask_id=tok.mask_id, eps=1e-3, generator=generator) for b in batches
+    ]
+    return LossSet(batches, anchors)
+
+
+def make_grouped_loss_set(rows: Sequence[Encoded], batch_size: int, tok, device) -> LossSet:
+    """A `LossSet` whose batches share one prompt length (prompt-only adaptation needs it) and
+    one total length (a model's own tokenizer: no padding token of ours); anchors from the
+    evaluation seed, as `make_loss_set`."""
+
+    groups: dict[tuple[int, int], list[Encoded]] = collections.defaultdict(list)
+    for row in rows:
+        groups[(len(row.prompt), len(row))].append(row)
+    batches = []
+    for key in sorted(groups):
+        group = groups[key]
+        for i in range(0, len(group), batch_size):
+            batches.append(collate(group[i : i + batch_size], tok.eos_id).to(device))
+    generator = torch.Generator(device=device).manual_seed(EVAL_SEED)
     anchors = [
         sample_anchor(b, mask_id=tok.mask_id, eps=1e-3, generator=generator) for b in batches
     ]

@@ -29,6 +29,15 @@ def atomic_write_bytes(path: Path, write) -> None:
         raise
 
 
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporary files of writes that a kill interrupted (`.NAME.*.tmp` beside the
+    files `atomic_write_bytes` writes); returns what was removed. Call before writing again."""
+    stale = sorted(folder.glob(".*.tmp")) if folder.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def save(path: Path, payload: dict[str, Any]) -> None:
     atomic_write_bytes(path, lambda handle: torch.save(payload, handle))
 

@@ -1,9 +1,10 @@
 """Multi-process training under `torchrun`: DDP or FSDP2, with the semantics of one process.
 
 `torchrun --nproc-per-node N -m recipes.memdlm train ...` starts N copies of the CLI; the `train`
-command then comes here (`cmd_train`). Each process owns one device (CUDA + NCCL, or CPU + gloo).
+command then runs `commands.train.train_distributed` with this module's pieces. Each process
+owns one device (CUDA + NCCL, or CPU + gloo).
 
-Exactness by design (tested to 1e-5 in float32 against the single-process loop, `train.py`):
+Exactness by design (tested to 1e-5 in float32 against the single-process loop, `loop/phase.py`):
 
 - `train.batch_size` is the GLOBAL batch. Every rank reads the whole data set, draws the same
   global batch and every random draw for it (anchors, pre-anchor masks, fast-weight inits) from
@@ -41,6 +42,7 @@ import torch.distributed as dist
 from torch import nn
 
 import bilevel as bl
+from recipes.memdlm.backbones import adapter
 from recipes.memdlm.config import DistributedConfig, MemDLMConfig, PhaseConfig
 from recipes.memdlm.data.batches import Batch, BatchSampler
 from recipes.memdlm.loop import checkpoint as ckpt
@@ -48,14 +50,14 @@ from recipes.memdlm.loop.phase import (
     MetricsLog,
     PhaseResult,
     StepOutcome,
-    _autocast,
-    _generators,
-    _summarise,
+    autocast_for,
     finished_phase,
     new_counters,
+    phase_generators,
     restore,
     resume_payload,
     run_steps,
+    summarise,
 )
 from recipes.memdlm.loop.progress import Reporter
 from recipes.memdlm.loop.schedule import cosine_with_warmup
@@ -369,7 +371,7 @@ def _keep_head_call(module, args):
 
 def _find_unused(model: nn.Module) -> bool:
     """Hugging Face models may hold weights a step does not use (unrouted MoE experts)."""
-    return not hasattr(model, "features_from")  # the reference Transformer uses every weight
+    return not adapter(model).uses_every_parameter()
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -485,7 +487,7 @@ def train_phase(
     )
     factor = cosine_with_warmup(phase.steps, phase.warmup_ratio, phase.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    generators = _generators(seed, ctx.device)
+    generators = phase_generators(seed, ctx.device)
     counters = new_counters()
 
     def save_checkpoint() -> None:
@@ -502,9 +504,10 @@ def train_phase(
         restore(resume_state, optimizer, scheduler, sampler, generators, counters)
     elif fsdp and (folder / DCP_FOLDER).exists():
         restore(load_dcp(folder, model, optimizer), None, scheduler, sampler, generators, counters)
+    if ctx.is_main:  # as the single-process phase: records past the checkpoint are redone
+        log.drop_after(counters["step"] - 1)
+        ckpt.remove_stale_temporaries(folder)
     if counters["step"]:
-        if ctx.is_main:
-            log.drop_after(counters["step"] - 1)
         reporter.note(f"resuming {folder} at step {counters['step']} on {ctx.world_size} ranks")
 
     def one_step(step: int) -> StepOutcome:
@@ -539,7 +542,7 @@ def train_phase(
                 options=options,
             )
 
-        with _autocast(ctx.device):
+        with autocast_for(ctx.device):
             loss, parts = runner(step_fn) if not fsdp else step_fn(model)
         record = _reduce_metrics(step, loss, parts, memdlm.per_sample, sync, ctx)
 
@@ -570,8 +573,8 @@ def train_phase(
 
     save_checkpoint()
     weights = full_state_dict(model, ctx)
-    result = _summarise(log.records(), counters) if ctx.is_main else None
-    result = _broadcast(result)
+    result = summarise(log.records(), counters) if ctx.is_main else None
+    result = broadcast(result)
     if ctx.is_main:
         ckpt.save(done, {"model": weights, "result": result.__dict__})
     dist.barrier()
@@ -588,6 +591,9 @@ def _reduce_metrics(step, loss, parts, per_sample, sync, ctx: Context) -> dict[s
     record: dict[str, Any] = {"step": step, "loss": float(packed[0])}
     if "info" in parts:
         record.update(_inner_metrics(parts, per_sample=per_sample, sync=sync, ctx=ctx))
+    if any(not math.isfinite(v) for k, v in record.items() if k.startswith("inner_loss_")):
+        record["inner_nonfinite"] = True  # as `method.step.step_metrics`: the step is skipped
+        record["loss"] = math.nan
     if len(values) > 1:
         record["loss_off"] = float(packed[1])
         record["gap"] = record["loss_off"] - record["loss"]
@@ -602,84 +608,7 @@ def _clip(model: nn.Module, max_norm: float) -> float:
     return float(norm)
 
 
-def _broadcast(value):
+def broadcast(value):
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-# --------------------------------------------------------------------------- the CLI command
-
-
-def cmd_train(args, extra: list[str], reporter: Reporter) -> int:
-    """`python -m recipes.memdlm train` under torchrun (called by cli.cmd_train).
-
-    Every rank builds the configuration, data and model; rank 0 writes the run folder. After
-    training, DDP ranks other than 0 stop and rank 0 evaluates the plain model; FSDP ranks
-    evaluate together (the weights are sharded) and rank 0 writes the summary.
-    """
-    from recipes.memdlm import cli
-    from recipes.memdlm.data.prepare import evaluate_model, load_weights, new_model, prepare_data
-    from recipes.memdlm.eval.report import per_seed_record
-
-    if args.resume is not None:
-        if extra or args.method or args.out or args.config or args.base:
-            raise cli.UsageError("--resume takes the saved configuration; drop other options")
-        cfg, out = cli._resumed_config(args.resume), args.resume
-    else:
-        cfg, out = cli._config(args, extra, method=args.method), args.out
-    ctx = init(cfg.distributed, cfg.device)
-    try:
-        if out is None:  # one time stamp for every rank
-            out = _broadcast(Path("runs") / f"train-{cfg.method}-{cli._stamp()}")
-        if args.resume is None:
-            cli._fresh_folder(out)
-            if args.base is not None:
-                cli._checkpoint_file(args.base)
-        dist.barrier()  # every rank has checked the folder before rank 0 writes into it
-        if not ctx.is_main:
-            reporter = Reporter(quiet=True)
-        data = prepare_data(cfg)
-        model = new_model(cfg, data.tokenizer, seed=cfg.seed, device=ctx.device)
-        if args.resume is None and args.base is not None:
-            load_weights(model, cli._checkpoint_file(args.base))
-        if ctx.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            if args.resume is None:
-                ckpt.write_json(out / "config.json", cfg.model_dump())
-        dist.barrier()
-        sampler = BatchSampler(
-            data.train, cfg.train.batch_size, seed=cfg.seed, eos_id=data.tokenizer.eos_id
-        )
-        tags = {"phase": "train", "method": cfg.method, "seed": cfg.seed}
-        result = train_phase(
-            model,
-            method=cfg.method,
-            phase=cfg.train,
-            memdlm=cfg.memdlm,
-            sampler=sampler,
-            seed=cfg.seed,
-            folder=out,
-            log=MetricsLog(out / "metrics.jsonl", tags),
-            reporter=reporter,
-            mask_id=data.tokenizer.mask_id,
-            ctx=ctx,
-            time_eps=cfg.time_eps,
-            loss_backend=cfg.loss_backend,
-            sync_inner=cfg.distributed.sync_inner,
-        )
-        if ctx.strategy == "ddp" and not ctx.is_main:
-            return 0
-        evaluation = evaluate_model(model, data, cfg, method=cfg.method, device=ctx.device)
-        if ctx.is_main:
-            summary = {cfg.method: per_seed_record(cfg.seed, result, evaluation)}
-            summary["distributed"] = {"world_size": ctx.world_size, "strategy": ctx.strategy}
-            ckpt.write_json(out / "summary.json", summary)
-            record = summary[cfg.method]
-            reporter.out.print(
-                f"{cfg.method}: train loss {record['train_loss_final']:.4f}, eval loss "
-                f"{record['eval_loss']:.4f} on {ctx.world_size} ranks; run folder {out}"
-            )
-        return 0
-    finally:
-        shutdown()

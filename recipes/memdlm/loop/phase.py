@@ -23,6 +23,7 @@ import torch
 from recipes.memdlm.config import MemDLMConfig, PhaseConfig
 from recipes.memdlm.data.batches import BatchSampler
 from recipes.memdlm.loop import checkpoint as ckpt
+from recipes.memdlm.loop import interrupts
 from recipes.memdlm.loop.progress import Reporter
 from recipes.memdlm.loop.schedule import cosine_with_warmup
 from recipes.memdlm.method import (
@@ -49,6 +50,7 @@ class PhaseResult:
     seconds_per_step: float
     skipped_steps: int
     extra: dict[str, float] = field(default_factory=dict)
+    inner_nonfinite_steps: int = 0  # of the skipped steps, those whose inner loop went non-finite
 
 
 class MetricsLog:
@@ -67,11 +69,14 @@ class MetricsLog:
             return
         kept = []
         for line in self.path.read_text().splitlines():
+            if not line.strip():
+                continue
             record = json.loads(line)
             mine = all(record.get(k) == v for k, v in self.tags.items())
             if not (mine and record.get("step", -1) > step):
                 kept.append(line)
-        ckpt.atomic_write_bytes(self.path, lambda h: h.write(("\n".join(kept) + "\n").encode()))
+        text = "".join(line + "\n" for line in kept)  # no record: an empty file, no blank line
+        ckpt.atomic_write_bytes(self.path, lambda h: h.write(text.encode()))
 
     def records(self) -> list[dict[str, Any]]:
         if not self.path.exists():
@@ -80,7 +85,7 @@ class MetricsLog:
         return [r for r in rows if all(r.get(k) == v for k, v in self.tags.items())]
 
 
-def _generators(seed: int, device: torch.device) -> dict[str, torch.Generator]:
+def phase_generators(seed: int, device: torch.device) -> dict[str, torch.Generator]:
     # Separate streams: the anchors (t, M_t) depend only on the seed and the step, so Standard
     # and MemDLM runs with one seed see identical batches and identical anchor masks.
     return {
@@ -89,7 +94,7 @@ def _generators(seed: int, device: torch.device) -> dict[str, torch.Generator]:
     }
 
 
-def _autocast(device: torch.device):
+def autocast_for(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
@@ -128,7 +133,7 @@ def train_phase(
     )
     factor = cosine_with_warmup(phase.steps, phase.warmup_ratio, phase.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    generators = _generators(seed, device)
+    generators = phase_generators(seed, device)
     mem = make_fast_weights(model, memdlm) if method == "memdlm" else None
     # Only non-default options are passed, so the step functions keep their plain signature.
     step_options: dict[str, Any] = {}
@@ -147,13 +152,17 @@ def train_phase(
         state = ckpt.load(resume)
         model.load_state_dict(state["model"])
         restore(state, optimizer, scheduler, sampler, generators, counters)
-        log.drop_after(counters["step"] - 1)
+    # Records past the checkpoint are redone; with no checkpoint, a run killed before its first
+    # one left records of steps that start again from 0.
+    log.drop_after(counters["step"] - 1)
+    ckpt.remove_stale_temporaries(folder)
+    if counters["step"]:
         reporter.note(f"resuming {folder} at step {counters['step']}")
 
     def one_step(step: int) -> StepOutcome:
         batch = sampler.next().to(device)
         anchor = sample_anchor(batch, mask_id=mask_id, eps=time_eps, generator=generators["anchor"])
-        with _autocast(device):
+        with autocast_for(device):
             if mem is None:
                 out = standard_step(model, batch, anchor, **step_options)
             else:
@@ -194,7 +203,7 @@ def train_phase(
             mem.remove()
 
     save_checkpoint()
-    result = _summarise(log.records(), counters)
+    result = summarise(log.records(), counters)
     ckpt.save(done, {"model": model.state_dict(), "result": result.__dict__})
     return result
 
@@ -215,7 +224,7 @@ def finished_phase(folder: Path, model: torch.nn.Module, reporter: Reporter) -> 
 
 def new_counters() -> dict[str, Any]:
     """Progress of a phase, saved in its checkpoints: steps done, skipped, skipped in a row."""
-    return {"step": 0, "skipped": 0, "in_row": 0, "seconds": 0.0}
+    return {"step": 0, "skipped": 0, "in_row": 0, "seconds": 0.0, "inner_nonfinite": 0}
 
 
 def resume_payload(optimizer, scheduler, sampler, generators, counters) -> dict[str, Any]:
@@ -279,33 +288,64 @@ def run_steps(
     task = reporter.start(label, total=phase.steps)
     reporter.advance(task, counters["step"])
     try:
-        while counters["step"] < phase.steps:
-            step = counters["step"]
-            started = time.perf_counter()
-            outcome = one_step(step)
-            record = outcome.record
-            _update(record, outcome.backward, optimizer, scheduler, counters)
-            elapsed = time.perf_counter() - started
-            counters["seconds"] += elapsed
-            counters["step"] = step + 1
-            record.update(seconds=elapsed, tokens=outcome.tokens)
-            if write_log:
-                log.write(record)
-            reporter.step(task, record, every=phase.log_every)
-            if counters["in_row"] >= phase.max_nonfinite_in_row:
-                save_checkpoint()
-                raise TrainingError(
-                    f"{counters['in_row']} non-finite losses or gradients in a row at step {step}"
-                    f" ({counters['skipped']} skipped in total); lower the learning rate"
-                    " (train.lr / memdlm.inner_lr) or raise train.max_nonfinite_in_row"
+        with interrupts.deferred() as stop:
+            while counters["step"] < phase.steps:
+                run_one(
+                    one_step,
+                    phase,
+                    optimizer,
+                    scheduler,
+                    counters,
+                    log,
+                    reporter,
+                    task,
+                    write_log=write_log,
+                    save_checkpoint=save_checkpoint,
                 )
-            if counters["step"] % phase.ckpt_every == 0:
-                save_checkpoint()
+                if stop.requested:  # Ctrl-C during the step: it finished, now stop
+                    raise KeyboardInterrupt
     except KeyboardInterrupt:
         save_checkpoint()
         raise Interrupted(f"interrupted at step {counters['step']} of {folder}") from None
     finally:
         reporter.stop(task)
+
+
+def run_one(
+    one_step,
+    phase,
+    optimizer,
+    scheduler,
+    counters,
+    log,
+    reporter,
+    task,
+    *,
+    write_log,
+    save_checkpoint,
+) -> None:
+    """One step of `run_steps`: forward, update or skip, log, periodic checkpoint."""
+    step = counters["step"]
+    started = time.perf_counter()
+    outcome = one_step(step)
+    record = outcome.record
+    _update(record, outcome.backward, optimizer, scheduler, counters)
+    elapsed = time.perf_counter() - started
+    counters["seconds"] += elapsed
+    counters["step"] = step + 1
+    record.update(seconds=elapsed, tokens=outcome.tokens)
+    if write_log:
+        log.write(record)
+    reporter.step(task, record, every=phase.log_every)
+    if counters["in_row"] >= phase.max_nonfinite_in_row:
+        save_checkpoint()
+        raise TrainingError(
+            f"{counters['in_row']} non-finite losses or gradients in a row at step {step}"
+            f" ({counters['skipped']} skipped in total); lower the learning rate"
+            " (train.lr / memdlm.inner_lr) or raise train.max_nonfinite_in_row"
+        )
+    if counters["step"] % phase.ckpt_every == 0:
+        save_checkpoint()
 
 
 def _update(record, backward, optimizer, scheduler, counters) -> None:
@@ -317,6 +357,7 @@ def _update(record, backward, optimizer, scheduler, counters) -> None:
         counters["in_row"] = 0
     else:
         counters["skipped"] += 1
+        counters["inner_nonfinite"] += bool(record.get("inner_nonfinite"))
         counters["in_row"] += 1
         record["skipped"] = True
     optimizer.zero_grad(set_to_none=True)
@@ -327,7 +368,7 @@ def _update(record, backward, optimizer, scheduler, counters) -> None:
         scheduler.step()
 
 
-def _summarise(records: list[dict[str, Any]], counters: dict[str, Any]) -> PhaseResult:
+def summarise(records: list[dict[str, Any]], counters: dict[str, Any]) -> PhaseResult:
     tail = records[-max(1, len(records) // 10) :]
 
     def mean(key: str) -> float:
@@ -340,5 +381,17 @@ def _summarise(records: list[dict[str, Any]], counters: dict[str, Any]) -> Phase
         train_loss_final=mean("loss"),
         seconds_per_step=counters["seconds"] / max(1, counters["step"]),
         skipped_steps=counters["skipped"],
+        inner_nonfinite_steps=counters.get("inner_nonfinite", 0),
         extra={k: v for k, v in extra.items() if math.isfinite(v)},
     )
+
+
+def phase_options(cfg, data) -> dict[str, Any]:
+    """The keyword arguments of `train.train_phase` that follow from the configuration."""
+    return {
+        "memdlm": cfg.memdlm,
+        "mask_id": data.tokenizer.mask_id,
+        "time_eps": cfg.time_eps,
+        "loss_backend": cfg.loss_backend,
+        "compiled": cfg.compile,
+    }

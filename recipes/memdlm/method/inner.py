@@ -15,6 +15,7 @@ import torch
 import bilevel as bl
 import diffusion as dd
 import memory as mm
+from recipes.memdlm.backbones import adapter
 from recipes.memdlm.config import MemDLMConfig
 from recipes.memdlm.method.losses import SCHEDULE, head_loss
 from recipes.memdlm.method.split import Split, split_point
@@ -46,10 +47,7 @@ def inner_optimizer(cfg: MemDLMConfig, per_sample: bool, grad_sync=None):
 
 
 def make_fast_weights(model, cfg: MemDLMConfig):
-    if hasattr(model, "fast_weight_targets"):  # a wrapped backbone (hf.HFDenoiser) knows its FFNs
-        targets = model.fast_weight_targets(cfg.layer_fraction, tuple(cfg.targets))
-    else:
-        targets = mm.last_layers(model, fraction=cfg.layer_fraction, modules=tuple(cfg.targets))
+    targets = adapter(model).fast_weight_targets(cfg.layer_fraction, tuple(cfg.targets))
     if cfg.fast_weights == "full":
         return mm.FullFastWeights(model, targets)
     return mm.FastLoRA(model, targets, rank=cfg.rank, alpha=cfg.alpha)
@@ -156,6 +154,7 @@ def solve_inner(
     uniform: bool = False,
     loss_backend: str | None = "auto",
     grad_sync=None,
+    allow_nonfinite: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The inner loop through `bilevel.solve` in first-order mode (compile-clean).
 
@@ -182,6 +181,9 @@ def solve_inner(
             mode=bl.FirstOrder(),
             data=bl.PerStep(states),
             return_info=True,
+            # Training skips such a step by its own policy (the inner losses in `info` say so);
+            # elsewhere a non-finite inner loss stays bilevel's error.
+            nonfinite=bl.NonFiniteReport() if allow_nonfinite else None,
         )
     return mm.detach(phi), info
 
@@ -201,6 +203,7 @@ def adapt(
     uniform: bool = False,
     precomputed: dict[int, torch.Tensor] | None = None,
     loss_backend: str | None = "auto",
+    allow_nonfinite: bool = False,
 ) -> Adaptation:
     """Run the inner loop through `bilevel.solve` in first-order mode.
 
@@ -231,6 +234,7 @@ def adapt(
         per_sample=per_sample,
         uniform=uniform,
         loss_backend=loss_backend,
+        allow_nonfinite=allow_nonfinite,
     )
     largest = torch.stack(list(info["grad_norms"].values())).amax(0)
     return Adaptation(phi, info["loss"].tolist(), info["grad_norm"].tolist(), largest.tolist())

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 import diffusion as dd
+from recipes.memdlm.backbones import adapter
 from recipes.memdlm.data.batches import Batch
 from recipes.memdlm.method.split import Split
 
@@ -69,12 +70,9 @@ def fused_head(model, loss_backend: str | None) -> torch.Tensor | None:
     (a hook, e.g. fast weights on the head, must see the head's call), unless loss_backend is
     None. loss_backend: None, "auto", "reference" or "triton" (`diffusion.kernels`).
     """
-    if loss_backend is None or not isinstance(model, dd.Transformer):
+    if loss_backend is None:
         return None
-    head = model.lm_head
-    if head.bias is not None or head._forward_hooks or head._forward_pre_hooks:
-        return None
-    return head.weight
+    return adapter(model).head_weight(loss_backend)
 
 
 def head_loss(

@@ -10,13 +10,13 @@ from dataclasses import dataclass
 
 import torch
 
-import diffusion as dd
+from recipes.memdlm.backbones import adapter
 from recipes.memdlm.config import MemDLMConfig
 
 
 def first_fast_layer(model, cfg: MemDLMConfig) -> int:
     """Index of the first layer holding fast weights (the reference code's rule)."""
-    return int(len(model.layers) * (1 - cfg.layer_fraction))
+    return int(adapter(model).num_layers() * (1 - cfg.layer_fraction))
 
 
 @dataclass(frozen=True)
@@ -46,27 +46,7 @@ class Split:
 
 
 def split_point(model, mem, cfg: MemDLMConfig) -> Split:
-    """The split for `mem`'s targets: mid-layer for the reference Transformer when every target
-    of the first fast layer is one of its FFN projections (`layers.k.mlp.*`)."""
+    """The split for `mem`'s targets: mid-layer when the backbone allows it for the first fast
+    layer (the reference Transformer, when every target there is one of its FFN projections)."""
     layer = first_fast_layer(model, cfg)
-    prefix = f"layers.{layer}."
-    ffn_only = all(
-        not name.startswith(prefix) or name.startswith(prefix + "mlp.") for name in mem.targets
-    )
-    mid = (
-        isinstance(model, dd.Transformer)
-        and layer < len(model.layers)
-        and ffn_only
-        and not _wrapped(model.layers[layer])
-    )
-    return Split(layer, mid)
-
-
-def _wrapped(module: torch.nn.Module) -> bool:
-    """True when the layer must be entered through its own call: FSDP2 gathers a sharded layer's
-    parameters in its forward hooks, which running its sub-blocks directly would bypass."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(module, FSDPModule) or bool(
-        module._forward_pre_hooks or module._forward_hooks
-    )
+    return Split(layer, adapter(model).can_split_mid_layer(layer, mem.targets))

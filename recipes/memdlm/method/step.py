@@ -23,6 +23,7 @@ from a generator or reads values back to Python stays outside them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -66,6 +67,9 @@ def step_metrics(loss, off, losses, grad_norms, max_tensor_norms) -> dict[str, f
         metrics[f"inner_loss_{k}"] = value
         metrics[f"inner_grad_norm_{k}"] = norm
         metrics[f"inner_max_tensor_norm_{k}"] = largest
+    if not all(math.isfinite(value) for value in losses):
+        metrics["inner_nonfinite"] = True  # phi is not finite: the outer loss is skipped too
+        metrics["loss"] = math.nan
     if off is not None:
         metrics["loss_off"] = off.item()
         metrics["gap"] = off.item() - loss.item()
@@ -116,6 +120,7 @@ def memdlm_core(
         per_sample=cfg.per_sample,
         loss_backend=loss_backend,
         grad_sync=grad_sync,
+        allow_nonfinite=True,
     )
     loss, off = outer_losses(model, mem, phi, hidden_t, split, batch, anchor, log_gap, loss_backend)
     return loss, off, info
@@ -169,6 +174,7 @@ def memdlm_step(
         per_sample=cfg.per_sample,
         precomputed=anchor_index,
         loss_backend=loss_backend,
+        allow_nonfinite=True,
     )
     loss, off = outer_losses(
         model, mem, adaptation.phi, hidden_t, split, batch, anchor, log_gap, loss_backend

@@ -1,4 +1,4 @@
-"""The LLaDA family through `recipes.memdlm.backbones.hf`, on tiny remote-code stand-ins (`standins.py`).
+"""The LLaDA family through `recipes.memdlm.backbones.hf`, on tiny remote-code stand-ins.
 
 Each stand-in reproduces its family's quirk (checked on the raw model), and the adapter
 undoes it (checked against an oracle: a loop over samples, the model's own explicit mask, the

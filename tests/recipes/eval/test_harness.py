@@ -33,15 +33,17 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 import diffusion as dd  # noqa: E402
-from recipes.memdlm import api, harness  # noqa: E402
-from recipes.memdlm.loop import checkpoint as ckpt  # noqa: E402
+from recipes.memdlm import api  # noqa: E402
+from recipes.memdlm.backbones.load import new_model  # noqa: E402
 from recipes.memdlm.config import build_config  # noqa: E402
+from recipes.memdlm.data.prepare import prepare_data  # noqa: E402
 from recipes.memdlm.data.tasks import ByteTokenizer  # noqa: E402
-from recipes.memdlm.eval.metrics import niah_accuracy  # noqa: E402
+from recipes.memdlm.eval import harness  # noqa: E402
 from recipes.memdlm.eval.harness import MemDLMLM, load_run, request_seed  # noqa: E402
-from recipes.memdlm.data.prepare import new_model, prepare_data  # noqa: E402
+from recipes.memdlm.eval.metrics import niah_accuracy  # noqa: E402
+from recipes.memdlm.loop import checkpoint as ckpt  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 # lm-eval scores " " + choice after the question (its default target delimiter)
 CHOICES = [
     {"question": "the daisy code is 6Q. daisy code?", "choices": ["6Q", "3D", "6Q"], "label": 0},
@@ -519,7 +521,7 @@ def test_the_harness_command_is_lm_evals_cli_with_memdlm_registered(run_dir, tas
 
 def test_a_hugging_face_backbone_through_pretrained(tmp_path, tasks):
     pytest.importorskip("transformers")
-    from tests.recipes.test_hf import build
+    from tests.recipes.backbones.test_hf import build
 
     folder = build("bert", tmp_path / "bert")
     lm = MemDLMLM(

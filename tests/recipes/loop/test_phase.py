@@ -5,14 +5,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import random
+import signal
 
 import pytest
 import torch
 
 from recipes.memdlm import method
+from recipes.memdlm.backbones.load import new_model
 from recipes.memdlm.config import build_config
 from recipes.memdlm.data.batches import BatchSampler, Encoded
-from recipes.memdlm.data.prepare import new_model, prepare_data
+from recipes.memdlm.data.prepare import prepare_data
 from recipes.memdlm.loop import phase as train
 from recipes.memdlm.loop.progress import Reporter
 
@@ -30,9 +33,11 @@ def setup():
     return cfg, prepare_data(cfg)
 
 
-def run_phase(cfg, data, folder, method_name, *, steps=None, sampler_hook=None):
+def run_phase(cfg, data, folder, method_name, *, steps=None, sampler_hook=None, on_model=None):
     phase = cfg.train.model_copy(update={"steps": steps or cfg.train.steps, "ckpt_every": 2})
     model = new_model(cfg, data.tokenizer, seed=cfg.seed, device="cpu")
+    if on_model is not None:
+        on_model(model)
     sampler = BatchSampler(
         data.train, phase.batch_size, seed=cfg.seed, eos_id=data.tokenizer.eos_id
     )
@@ -156,3 +161,107 @@ def test_a_skipped_step_leaves_the_weights_untouched(setup, tmp_path, monkeypatc
         model, _, _ = run_phase(cfg, data, tmp_path, "standard", steps=10)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["model"]
     assert all(torch.equal(initial[k], v) for k, v in state.items())
+
+
+def test_a_nonfinite_inner_loss_is_skipped_and_counted_like_an_outer_one(setup, tmp_path):
+    """memdlm.inner_lr 1e30: the second inner step's loss overflows. bilevel's error is turned
+    into the step's skip (weights untouched), counted in the result, never an exception."""
+    cfg, data = setup
+    cfg = cfg.model_copy(
+        update={
+            "memdlm": cfg.memdlm.model_copy(update={"inner_lr": 1e30}),
+            "train": cfg.train.model_copy(update={"max_nonfinite_in_row": 100}),
+        }
+    )
+    initial = new_model(cfg, data.tokenizer, seed=cfg.seed, device="cpu").state_dict()
+    model, result, losses = run_phase(cfg, data, tmp_path, "memdlm", steps=3)
+    assert all(math.isnan(loss) for loss in losses)
+    assert (result.skipped_steps, result.inner_nonfinite_steps) == (3, 3)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["inner_nonfinite"] and r["skipped"] for r in records)
+    assert all(torch.equal(initial[k], v) for k, v in model.state_dict().items())
+
+
+def test_finite_inner_losses_are_not_counted(setup, tmp_path):
+    cfg, data = setup
+    _, result, losses = run_phase(cfg, data, tmp_path, "memdlm", steps=2)
+    assert all(math.isfinite(loss) for loss in losses)
+    assert (result.skipped_steps, result.inner_nonfinite_steps) == (0, 0)
+
+
+def test_a_restart_before_the_first_checkpoint_keeps_one_record_per_step(setup, tmp_path):
+    """kill -9 before any checkpoint: the phase starts again at step 0, and the records the
+    killed run wrote are replaced, not duplicated; stale temporaries of a write are removed."""
+    cfg, data = setup
+    log = train.MetricsLog(tmp_path / "metrics.jsonl", {"phase": "train", "method": "standard"})
+    for step in range(5):  # what the killed run had logged
+        log.write({"step": step, "loss": 1.0})
+    other = train.MetricsLog(tmp_path / "metrics.jsonl", {"phase": "pretrain"})
+    other.write({"step": 0, "loss": 2.0})  # another phase's record stays
+    stale = tmp_path / ".checkpoint.pt.abc123.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    _, _, losses = run_phase(cfg, data, tmp_path, "standard", steps=3)
+    assert len(losses) == 3 and 1.0 not in losses
+    assert [r["step"] for r in log.records()] == [0, 1, 2]
+    assert other.records() == [{"phase": "pretrain", "step": 0, "loss": 2.0}]
+    assert not stale.exists()
+
+
+def test_dropping_every_record_leaves_a_readable_log(tmp_path):
+    log = train.MetricsLog(tmp_path / "metrics.jsonl", {"phase": "train"})
+    log.write({"step": 0, "loss": 1.0})
+    log.drop_after(-1)
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
+    log.drop_after(-1)  # a second resume reads the empty file
+    log.write({"step": 0, "loss": 0.5})
+    assert log.records() == [{"phase": "train", "step": 0, "loss": 0.5}]
+
+
+def sigint_at_call(k: int):
+    """A model hook that sends this process SIGINT at the k-th forward call of any layer, i.e.
+    somewhere inside a step (an inner-loop or outer forward), as a user's Ctrl-C would."""
+    calls = [0]
+
+    def hook(module, args):
+        del module, args
+        calls[0] += 1
+        if calls[0] == k:
+            signal.raise_signal(signal.SIGINT)
+
+    def attach(model):
+        for layer in model.layers:
+            layer.register_forward_pre_hook(hook)
+
+    return attach
+
+
+@pytest.mark.parametrize("method_name", ["standard", "memdlm"])
+def test_ctrl_c_anywhere_in_a_step_resumes_bit_identically(setup, tmp_path, method_name):
+    """SIGINT at random points inside steps (not at a safe point): the step in flight finishes,
+    a checkpoint is written, and the resumed run's losses and weights equal an uninterrupted
+    run's exactly."""
+    cfg, data = setup
+    steps = 6
+    model_a, _, straight = run_phase(cfg, data, tmp_path / "a", method_name, steps=steps)
+    rng = random.Random(7 if method_name == "memdlm" else 8)
+    layers = cfg.model.n_layers
+    for trial in range(3):
+        folder = tmp_path / f"b{trial}"
+        k = rng.randrange(1, layers * 4)  # a layer call inside the first steps
+        with pytest.raises(train.Interrupted):
+            run_phase(cfg, data, folder, method_name, steps=steps, on_model=sigint_at_call(k))
+        model_b, _, resumed = run_phase(cfg, data, folder, method_name, steps=steps)
+        assert resumed == straight, f"SIGINT at layer call {k}"
+        for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
+            assert torch.equal(a, b), (k, name)
+
+
+def test_a_second_ctrl_c_stops_at_once_with_exit_code_130():
+    from recipes.memdlm.loop import interrupts
+
+    with pytest.raises(SystemExit) as stopped, interrupts.deferred() as stop:
+        signal.raise_signal(signal.SIGINT)
+        assert stop.requested  # the first one only asks
+        signal.raise_signal(signal.SIGINT)
+    assert stopped.value.code == 130
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from recipes.memdlm.backbones.load import new_model
 from recipes.memdlm.config import build_config
 from recipes.memdlm.data.batches import BatchSampler, Encoded
-from recipes.memdlm.data.prepare import new_model
 from recipes.memdlm.data.tasks import ByteTokenizer
 from recipes.memdlm.loop import parallel as distributed
 from recipes.memdlm.loop import phase as train
@@ -143,7 +143,7 @@ def launch(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 def hf_model(tmp_path_factory) -> str | None:
     """A tiny Hugging Face MoE model folder, or None without the `hf` extra."""
     try:
-        from tests.recipes.test_hf import build
+        from tests.recipes.backbones.test_hf import build
     except pytest.skip.Exception:
         return None
     return str(build("moe", tmp_path_factory.mktemp("hf") / "moe"))
@@ -264,10 +264,10 @@ def test_the_cli_trains_under_torchrun_and_writes_one_run_folder(tmp_path):
     summary = json.loads((run_folder / "summary.json").read_text())
     assert summary["distributed"] == {"world_size": 2, "strategy": "ddp"}
     # The same two steps in one process, from the same configuration and data.
-    from recipes.memdlm.cli import _resumed_config
+    from recipes.memdlm.commands.folders import resumed_config
     from recipes.memdlm.data.prepare import prepare_data
 
-    cfg = _resumed_config(run_folder)
+    cfg = resumed_config(run_folder)
     data = prepare_data(cfg)
     model = new_model(cfg, data.tokenizer, seed=cfg.seed, device="cpu")
     train.train_phase(

@@ -1,0 +1,89 @@
+"""The one interface between the recipe and a model: `Backbone`.
+
+Everything above the model (the method, the training loop, evaluation, the API, the commands)
+asks these questions through `backbones.adapter(model)` and never inspects a model's class:
+each model family answers them in its own adapter module (`reference.py` for
+`diffusion.Transformer`, `hf.py` for Hugging Face models and the LLaDA family, `generic.py` for
+any module mapping tokens to logits).
+
+The forward conventions every adapter presents upward, whatever the model does inside:
+logits (B, L, V) where position i predicts token i (a shifted model, e.g. Dream, is realigned
+by its adapter), bidirectional attention, and a 2-D 0/1 key-padding `attention_mask` or None.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+
+@runtime_checkable
+class Backbone(Protocol):
+    """What the recipe asks of a model (see the module docstring for the conventions)."""
+
+    module: nn.Module  # the trained module: parameters, state_dict, fast-weight hooks
+
+    def fast_weight_targets(self, fraction: float, modules: Sequence[str]) -> tuple[str, ...]:
+        """Names (relative to `module`) of the linear layers that carry fast weights: the
+        `modules` projections of the last `fraction` of the layer stack (`memory.last_layers`'
+        rule)."""
+        ...
+
+    def num_layers(self) -> int:
+        """Length of the layer stack that `hidden_states(upto=k)` / `logits_from(start=k)` index."""
+        ...
+
+    def head_weight(self, loss_backend: str | None) -> torch.Tensor | None:
+        """The output head's (V, D) weight when the fused loss (`dd.masked_diffusion_loss_from_
+        hidden`) applies to `features_from`, else None (the logits path)."""
+        ...
+
+    def can_split_mid_layer(self, layer: int, targets: Sequence[str]) -> bool:
+        """True when layer `layer`'s attention does not depend on fast weights on `targets`, so
+        the split forward may start between its attention and its FFN (`method.split`)."""
+        ...
+
+    def uses_every_parameter(self) -> bool:
+        """False when a step may leave weights unused (unrouted MoE experts): DDP must look."""
+        ...
+
+    def sampling_attention(self, attention: str, block_size: int) -> AbstractContextManager:
+        """A context in which forwards attend as `attention` ("bidirectional", or "block_causal":
+        bidirectional inside blocks of `block_size`, causal across), for sampling."""
+        ...
+
+    def describe(self, fraction: float, modules: Sequence[str]) -> dict[str, Any]:
+        """Family, forward path and fast-weight placement, for the start-up line and the run's
+        `config.json` / `summary.json` (`describe_line` formats it)."""
+        ...
+
+
+def describe_line(info: dict[str, Any]) -> str:
+    """One line from `Backbone.describe`: family, forward path, fast-weight modules and where."""
+    if "line" in info:  # the family's own wording (hf.HFBackbone)
+        return info["line"]
+    targets = info.get("fast_weight_modules", 0)
+    where = info.get("fast_weight_layers", [])
+    return (
+        f"backbone {info.get('family', '?')}: {info.get('forward', '?')}; "
+        f"{targets} fast-weight modules in layers {where}"
+    )
+
+
+def bidirectional_only(family: str, attention: str) -> AbstractContextManager:
+    """`sampling_attention` of a family that always attends bidirectionally."""
+    if attention != "bidirectional":
+        raise ValueError(f"attention {attention!r} is not available for the {family} backbone")
+    return nullcontext()
+
+
+def layer_of(name: str, prefix: str) -> int | None:
+    """The layer index in a module name under `prefix` ("layers.3.mlp.up_proj" -> 3)."""
+    if not name.startswith(prefix):
+        return None
+    head = name[len(prefix) :].split(".", 1)[0]
+    return int(head) if head.isdigit() else None

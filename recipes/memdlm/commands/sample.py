@@ -1,0 +1,68 @@
+"""`python -m recipes.memdlm sample`: decode a prompt, optionally after adapting fast weights."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from recipes.memdlm.backbones import adapter
+from recipes.memdlm.commands.folders import (
+    UsageError,
+    load_model,
+)
+
+
+def cmd_sample(args, extra, reporter) -> int:
+
+    import diffusion as dd
+    from recipes.memdlm.method import adapt_to_prompt, make_fast_weights
+
+    cfg, tok, model, device = load_model(args, extra)
+    ids = tok.encode(args.prompt)
+    if not ids:
+        raise UsageError("--prompt is empty")
+    if len(ids) + args.gen_length > cfg.model.max_seq_len:
+        raise UsageError(
+            f"prompt ({len(ids)} tokens) + gen-length {args.gen_length} exceeds the model's "
+            f"maximum length {cfg.model.max_seq_len}"
+        )
+    prompt = torch.tensor([ids], device=device)
+    generator = torch.Generator(device=device).manual_seed(args.sample_seed)
+    mem = make_fast_weights(model, cfg.memdlm) if args.adapt else None
+    try:
+        phi = None
+        if mem is not None:
+            phi = adapt_to_prompt(
+                model,
+                mem,
+                prompt,
+                cfg.memdlm,
+                mask_id=tok.mask_id,
+                generator=generator,
+                loss_backend=cfg.loss_backend,
+            )
+        attention = adapter(model).sampling_attention(
+            cfg.model.sample_attention, cfg.model.sample_block_size
+        )
+        with torch.no_grad(), attention:
+            context = mem.bind(phi) if mem is not None else nullcontext()
+            with context:
+                out = dd.generate(
+                    model,
+                    prompt,
+                    mask_id=tok.mask_id,
+                    gen_length=args.gen_length,
+                    steps=args.steps or args.gen_length,
+                    block_length=args.block_length,
+                    remasking=args.remasking,
+                    temperature=args.temperature,
+                    threshold=args.threshold,
+                    generator=generator,
+                    **cfg.generate_options(),
+                )
+    finally:
+        if mem is not None:
+            mem.remove()
+    print(tok.decode(out[0, len(ids) :].tolist()))
+    return 0

@@ -1,0 +1,157 @@
+"""`python -m recipes.memdlm train`: one method on the fine-tuning data, then its evaluation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from recipes.memdlm.commands.folders import (
+    UsageError,
+    checkpoint_file,
+    config_from_args,
+    fresh_folder,
+    resumed_config,
+    stamp,
+)
+
+
+def cmd_train(args, extra, reporter) -> int:
+    from recipes.memdlm.backbones.load import announce, load_weights, new_model, resolve_device
+    from recipes.memdlm.data.batches import BatchSampler
+    from recipes.memdlm.data.prepare import prepare_data
+    from recipes.memdlm.eval.report import per_seed_record
+    from recipes.memdlm.eval.suite import evaluate_model
+    from recipes.memdlm.loop import checkpoint as ckpt
+    from recipes.memdlm.loop import parallel as distributed
+    from recipes.memdlm.loop.phase import MetricsLog, phase_options, train_phase
+
+    if distributed.launched():  # under torchrun: one process per device (docs/scaling.md)
+        return train_distributed(args, extra, reporter)
+    if args.resume is not None:
+        if extra or args.method or args.out or args.config or args.base:
+            raise UsageError("--resume takes the saved configuration; drop other options")
+        cfg, out = resumed_config(args.resume), args.resume
+    else:
+        cfg = config_from_args(args, extra, method=args.method)
+        out = fresh_folder(args.out or Path("runs") / f"train-{cfg.method}-{stamp()}")
+        if args.base is not None:
+            checkpoint_file(args.base)
+    device = resolve_device(cfg.device)
+    data = prepare_data(cfg)
+    model = new_model(cfg, data.tokenizer, seed=cfg.seed, device=device)
+    backbone = announce(model, cfg, reporter)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.resume is None:
+        ckpt.write_json(out / "config.json", cfg.model_dump())
+        if args.base is not None:
+            load_weights(model, checkpoint_file(args.base))
+    sampler = BatchSampler(
+        data.train, cfg.train.batch_size, seed=cfg.seed, eos_id=data.tokenizer.eos_id
+    )
+    log = MetricsLog(
+        out / "metrics.jsonl", {"phase": "train", "method": cfg.method, "seed": cfg.seed}
+    )
+    result = train_phase(
+        model,
+        method=cfg.method,
+        phase=cfg.train,
+        sampler=sampler,
+        seed=cfg.seed,
+        folder=out,
+        log=log,
+        reporter=reporter,
+        **phase_options(cfg, data),
+    )
+    evaluation = evaluate_model(model, data, cfg, method=cfg.method, device=device)
+    summary = {cfg.method: per_seed_record(cfg.seed, result, evaluation)}
+    summary["backbone"] = backbone
+    ckpt.write_json(out / "summary.json", summary)
+    record = summary[cfg.method]
+    reporter.out.print(
+        f"{cfg.method}: train loss {record['train_loss_final']:.4f}, eval loss "
+        f"{record['eval_loss']:.4f}, NIAH {record['niah_accuracy']}; run folder {out}"
+    )
+    return 0
+
+
+def train_distributed(args, extra: list[str], reporter) -> int:
+    """`python -m recipes.memdlm train` under torchrun (called by `cmd_train`).
+
+    Every rank builds the configuration, data and model; rank 0 writes the run folder. After
+    training, DDP ranks other than 0 stop and rank 0 evaluates the plain model; FSDP ranks
+    evaluate together (the weights are sharded) and rank 0 writes the summary.
+    """
+    import torch.distributed as dist
+
+    from recipes.memdlm.backbones.load import announce, load_weights, new_model
+    from recipes.memdlm.data.batches import BatchSampler
+    from recipes.memdlm.data.prepare import prepare_data
+    from recipes.memdlm.eval.report import per_seed_record
+    from recipes.memdlm.eval.suite import evaluate_model
+    from recipes.memdlm.loop import checkpoint as ckpt
+    from recipes.memdlm.loop.parallel import broadcast, init, shutdown, train_phase
+    from recipes.memdlm.loop.phase import MetricsLog
+    from recipes.memdlm.loop.progress import Reporter
+
+    if args.resume is not None:
+        if extra or args.method or args.out or args.config or args.base:
+            raise UsageError("--resume takes the saved configuration; drop other options")
+        cfg, out = resumed_config(args.resume), args.resume
+    else:
+        cfg, out = config_from_args(args, extra, method=args.method), args.out
+    ctx = init(cfg.distributed, cfg.device)
+    try:
+        if out is None:  # one time stamp for every rank
+            out = broadcast(Path("runs") / f"train-{cfg.method}-{stamp()}")
+        if args.resume is None:
+            fresh_folder(out)
+            if args.base is not None:
+                checkpoint_file(args.base)
+        dist.barrier()  # every rank has checked the folder before rank 0 writes into it
+        if not ctx.is_main:
+            reporter = Reporter(quiet=True)
+        data = prepare_data(cfg)
+        model = new_model(cfg, data.tokenizer, seed=cfg.seed, device=ctx.device)
+        backbone = announce(model, cfg, reporter)
+        if args.resume is None and args.base is not None:
+            load_weights(model, checkpoint_file(args.base))
+        if ctx.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            if args.resume is None:
+                ckpt.write_json(out / "config.json", cfg.model_dump())
+        dist.barrier()
+        sampler = BatchSampler(
+            data.train, cfg.train.batch_size, seed=cfg.seed, eos_id=data.tokenizer.eos_id
+        )
+        tags = {"phase": "train", "method": cfg.method, "seed": cfg.seed}
+        result = train_phase(
+            model,
+            method=cfg.method,
+            phase=cfg.train,
+            memdlm=cfg.memdlm,
+            sampler=sampler,
+            seed=cfg.seed,
+            folder=out,
+            log=MetricsLog(out / "metrics.jsonl", tags),
+            reporter=reporter,
+            mask_id=data.tokenizer.mask_id,
+            ctx=ctx,
+            time_eps=cfg.time_eps,
+            loss_backend=cfg.loss_backend,
+            sync_inner=cfg.distributed.sync_inner,
+        )
+        if ctx.strategy == "ddp" and not ctx.is_main:
+            return 0
+        evaluation = evaluate_model(model, data, cfg, method=cfg.method, device=ctx.device)
+        if ctx.is_main:
+            summary = {cfg.method: per_seed_record(cfg.seed, result, evaluation)}
+            summary["distributed"] = {"world_size": ctx.world_size, "strategy": ctx.strategy}
+            summary["backbone"] = backbone
+            ckpt.write_json(out / "summary.json", summary)
+            record = summary[cfg.method]
+            reporter.out.print(
+                f"{cfg.method}: train loss {record['train_loss_final']:.4f}, eval loss "
+                f"{record['eval_loss']:.4f} on {ctx.world_size} ranks; run folder {out}"
+            )
+        return 0
+    finally:
+        shutdown()

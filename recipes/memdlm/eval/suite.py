@@ -1,0 +1,75 @@
+"""Every held-out metric of one trained model, for either method (the run's evaluation)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from recipes.memdlm.backbones import adapter
+from recipes.memdlm.config import Config
+from recipes.memdlm.data.prepare import Data
+from recipes.memdlm.data.tasks import ByteTokenizer
+from recipes.memdlm.eval.metrics import (
+    LossSet,
+    eval_loss,
+    exposure_bias_curve,
+    make_grouped_loss_set,
+    make_loss_set,
+    niah_accuracy,
+)
+from recipes.memdlm.method import make_fast_weights
+
+
+def loss_set_for(data: Data, cfg: Config, device) -> LossSet:
+    """The held-out loss batches with their fixed anchors, for either kind of backbone."""
+    if not isinstance(data.tokenizer, ByteTokenizer):  # batches of one prompt length
+        return make_grouped_loss_set(data.loss_eval, cfg.eval.batch_size, data.tokenizer, device)
+    return make_loss_set(data.loss_eval, cfg.eval.batch_size, data.tokenizer, device)
+
+
+def evaluate_model(
+    model, data: Data, cfg: Config, *, method: str, device, loss_set: LossSet | None = None
+) -> dict[str, Any]:
+    """All held-out metrics of one trained model. MemDLM gets the adapted variants too."""
+    tok = data.tokenizer
+    loss_set = loss_set or loss_set_for(data, cfg, device)
+    backend = {"loss_backend": cfg.loss_backend}
+    sampling = {"generate_options": cfg.generate_options(), **backend}
+    common = {"batch_size": cfg.eval.batch_size, "device": device, **sampling}
+    backbone = adapter(model)
+    m = cfg.model
+
+    def attending():  # sampling's attention (`model.sample_attention`); losses stay bidirectional
+        return backbone.sampling_attention(m.sample_attention, m.sample_block_size)
+
+    result: dict[str, Any] = {"eval_loss": eval_loss(model, loss_set, **backend)}
+    with attending():
+        result["niah"] = niah_accuracy(model, data.accuracy_eval, tok, **common)
+        result["exposure_bias"] = exposure_bias_curve(
+            model, data.exposure_eval, tok, device=device, **sampling
+        )
+    if method == "memdlm":
+        mem = make_fast_weights(model, cfg.memdlm)
+        try:
+            fast = {"mem": mem, "cfg": cfg.memdlm}
+            result["eval_loss_answer_adapted"] = eval_loss(
+                model, loss_set, mode="adapted", mask_id=tok.mask_id, **fast, **backend
+            )
+            result["eval_loss_adapted"] = eval_loss(
+                model, loss_set, mode="prompt", mask_id=tok.mask_id, **fast, **backend
+            )
+            with attending():
+                result["niah_adapted"] = niah_accuracy(
+                    model, data.accuracy_eval, tok, adapt_prompt=True, **common, **fast
+                )
+                result["exposure_bias_adapted"] = exposure_bias_curve(
+                    model,
+                    data.exposure_eval,
+                    tok,
+                    device=device,
+                    adapt_prompt=True,
+                    **fast,
+                    **sampling,
+                )
+        finally:
+            mem.remove()
+    return result
