@@ -88,7 +88,8 @@ def train_distributed(args, extra: list[str], reporter) -> int:
     from recipes.memdlm.eval.report import per_seed_record
     from recipes.memdlm.eval.suite import evaluate_model
     from recipes.memdlm.loop import checkpoint as ckpt
-    from recipes.memdlm.loop.parallel import broadcast, init, shutdown, train_phase
+    from recipes.memdlm.loop.parallel import broadcast, init, shutdown
+    from recipes.memdlm.loop.phase import train_phase
     from recipes.memdlm.loop.phase import MetricsLog
     from recipes.memdlm.loop.progress import Reporter
 

@@ -43,29 +43,13 @@ from torch import nn
 
 import bilevel as bl
 from recipes.memdlm.backbones import adapter
-from recipes.memdlm.config import DistributedConfig, MemDLMConfig, PhaseConfig
+from recipes.memdlm.config import DistributedConfig, MemDLMConfig
 from recipes.memdlm.data.batches import Batch, BatchSampler
 from recipes.memdlm.loop import checkpoint as ckpt
-from recipes.memdlm.loop.phase import (
-    MetricsLog,
-    PhaseResult,
-    StepOutcome,
-    autocast_for,
-    finished_phase,
-    new_counters,
-    phase_generators,
-    restore,
-    resume_payload,
-    run_steps,
-    summarise,
-)
-from recipes.memdlm.loop.progress import Reporter
-from recipes.memdlm.loop.schedule import cosine_with_warmup
 from recipes.memdlm.method import (
     Anchor,
     init_fast_weights,
     loss_masks,
-    make_fast_weights,
     memdlm_core,
     sample_anchor,
     standard_loss,
@@ -87,11 +71,33 @@ class Context:
     world_size: int
     local_rank: int
     device: torch.device
-    strategy: str = "ddp"  # "ddp" or "fsdp"
+    strategy: str = "ddp"  # "ddp", "fsdp", or "none" (one process, no process group)
+
+    @classmethod
+    def single(cls, device: torch.device) -> Context:
+        """One process: the training phase's collectives are identities."""
+        return cls(0, 1, 0, torch.device(device), "none")
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.strategy != "none"
+
+    def all_reduce(self, tensor: torch.Tensor) -> None:
+        """Sum `tensor` in place over ranks."""
+        if self.distributed:
+            dist.all_reduce(tensor)
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def broadcast(self, value):
+        """Rank 0's `value` on every rank."""
+        return broadcast(value) if self.distributed else value
 
     def rows(self, batch_size: int) -> slice:
         """This rank's contiguous block of a global batch of `batch_size` rows."""
@@ -238,7 +244,7 @@ def inner_grad_sync(shares: list[float], record: list[torch.Tensor] | None = Non
 # --------------------------------------------------------------------------- one step
 
 
-class _StepModule(nn.Module):
+class StepModule(nn.Module):
     """DDP needs its forward to run the step: `forward(step)` returns `step(model)`."""
 
     def __init__(self, model: nn.Module):
@@ -249,14 +255,17 @@ class _StepModule(nn.Module):
         return step(self.model)
 
 
-def _local_step(model, mem, local: Draws, *, n_global: int, memdlm, mask_id, log_gap, options):
+def local_step(model, mem, local: Draws, *, n_global: int, memdlm, mask_id, log_gap, options):
     """Loss S_r / N of this rank's rows (differentiable) and the raw parts of its metrics."""
     n_local = int(local.batch.maskable.sum())
     share = n_local / max(1, n_global)  # token loss over N_r -> over the global N
+    compiled = options.get("compiled")
     if mem is None:
-        loss = standard_loss(model, local.batch, local.anchor, options["loss_backend"])
+        loss_fn = compiled["standard"] if compiled is not None else standard_loss
+        loss = loss_fn(model, local.batch, local.anchor, options["loss_backend"])
         return loss * share, {}
-    loss, off, info = memdlm_core(
+    core = compiled["memdlm"] if compiled is not None else memdlm_core
+    loss, off, info = core(
         model,
         mem,
         local.batch,
@@ -290,18 +299,18 @@ def _inner_metrics(parts, *, per_sample: bool, sync: dict | None, ctx: Context) 
     if per_sample:
         sq = per_key.square()
         packed = torch.cat([losses, sq.reshape(-1)])
-        dist.all_reduce(packed)
+        ctx.all_reduce(packed)
         losses = packed[: len(losses)]
         per_key = packed[len(losses) :].view_as(sq).sqrt()
         norms = per_key.square().sum(0).sqrt()
     elif sync is not None:
         losses = losses * torch.tensor(sync["shares"], dtype=torch.float64, device=losses.device)
-        dist.all_reduce(losses)
+        ctx.all_reduce(losses)
         norms = torch.stack(sync["record"]).double()
         per_key = None
     else:
         packed = torch.cat([losses, info["grad_norm"].detach().double(), per_key.amax(0)])
-        dist.all_reduce(packed)
+        ctx.all_reduce(packed)
         packed = packed / ctx.world_size
         k = len(losses)
         losses, norms, largest = packed[:k], packed[k : 2 * k], packed[2 * k :]
@@ -320,7 +329,7 @@ def _inner_record(losses, norms, largest) -> dict[str, float]:
     return record
 
 
-def _sync_shares(local: Draws, draws: Draws) -> list[float]:
+def sync_shares(local: Draws, draws: Draws) -> list[float]:
     """n_r^k / N^k for each inner step's loss mask."""
     return [
         float(mine.sum()) / max(1.0, float(whole.sum()))
@@ -369,7 +378,7 @@ def _keep_head_call(module, args):
     del module, args  # a no-op: its presence is the signal (see shard_model)
 
 
-def _find_unused(model: nn.Module) -> bool:
+def find_unused(model: nn.Module) -> bool:
     """Hugging Face models may hold weights a step does not use (unrouted MoE experts)."""
     return not adapter(model).uses_every_parameter()
 
@@ -423,171 +432,13 @@ def full_state_dict(model: nn.Module, ctx: Context) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=options)
 
 
-# --------------------------------------------------------------------------- training loop
-
-
-def train_phase(
-    model: nn.Module,
-    *,
-    method: str,
-    phase: PhaseConfig,
-    memdlm: MemDLMConfig,
-    sampler: BatchSampler,
-    seed: int,
-    folder: Path,
-    log: MetricsLog,
-    reporter: Reporter,
-    mask_id: int,
-    ctx: Context,
-    time_eps: float = 1e-3,
-    loss_backend: str | None = "auto",
-    sync_inner: bool = False,
-) -> PhaseResult:
-    """`train.train_phase` on `ctx.world_size` processes; same arguments, same files, same losses.
-
-    `model` is the unwrapped model on `ctx.device`, identical on every rank; it is wrapped here
-    (DDP, or sharded in place with FSDP2). Rank 0 writes the metrics and the checkpoints (FSDP:
-    every rank writes its shards). Returns the phase result on every rank.
-    """
-    if sync_inner and memdlm.per_sample and method == "memdlm":
-        raise ValueError(
-            "distributed.sync_inner applies to shared fast weights; per-sample "
-            "fast weights are already exact across ranks (memdlm.per_sample=true)"
-        )
-    rows = ctx.rows(phase.batch_size)
-    folder.mkdir(parents=True, exist_ok=True)
-    done = folder / "model.pt"
-    if (finished := finished_phase(folder, model, reporter)) is not None:
-        return finished
-
-    fsdp = ctx.strategy == "fsdp"
-    if fsdp and (folder / "checkpoint.pt").exists() and not (folder / DCP_FOLDER).exists():
-        raise ValueError(
-            f"{folder} holds a DDP/single-process checkpoint; resume it with "
-            "distributed.strategy=ddp (FSDP resumes from checkpoint.dcp/)"
-        )
-    resume_pt = None if fsdp else folder / "checkpoint.pt"
-    resume_state = ckpt.load(resume_pt) if resume_pt is not None and resume_pt.exists() else None
-    if resume_state is not None:
-        model.load_state_dict(resume_state["model"])
-
-    mem = make_fast_weights(model, memdlm) if method == "memdlm" else None
-    if fsdp:
-        runner = shard_model(model, ctx)
-    else:
-        device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-        runner = nn.parallel.DistributedDataParallel(
-            _StepModule(model),
-            device_ids=device_ids,
-            forward_sync_buffers=False,
-            find_unused_parameters=_find_unused(model),
-        )
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=phase.lr, betas=(0.9, 0.999), weight_decay=phase.weight_decay
-    )
-    factor = cosine_with_warmup(phase.steps, phase.warmup_ratio, phase.min_lr_ratio)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    generators = phase_generators(seed, ctx.device)
-    counters = new_counters()
-
-    def save_checkpoint() -> None:
-        extra = resume_payload(optimizer, scheduler, sampler, generators, counters)
-        if fsdp:
-            del extra["optimizer"]  # in the sharded part
-            save_dcp(folder, model, optimizer, extra, ctx)
-            return
-        if ctx.is_main:
-            ckpt.save(folder / "checkpoint.pt", {"model": model.state_dict(), **extra})
-        dist.barrier()
-
-    if resume_state is not None:
-        restore(resume_state, optimizer, scheduler, sampler, generators, counters)
-    elif fsdp and (folder / DCP_FOLDER).exists():
-        restore(load_dcp(folder, model, optimizer), None, scheduler, sampler, generators, counters)
-    if ctx.is_main:  # as the single-process phase: records past the checkpoint are redone
-        log.drop_after(counters["step"] - 1)
-        ckpt.remove_stale_temporaries(folder)
-    if counters["step"]:
-        reporter.note(f"resuming {folder} at step {counters['step']} on {ctx.world_size} ranks")
-
-    def one_step(step: int) -> StepOutcome:
-        draws = draw_global(
-            sampler,
-            generators,
-            model=model,
-            mem=mem,
-            memdlm=memdlm,
-            mask_id=mask_id,
-            time_eps=time_eps,
-            device=ctx.device,
-        )
-        local = take_rows(draws, rows, per_sample=memdlm.per_sample)
-        n_global = int(draws.batch.maskable.sum())
-        log_gap = mem is not None and step % memdlm.gap_every == 0
-        options: dict[str, Any] = {"loss_backend": loss_backend}
-        sync = None
-        if mem is not None and sync_inner:
-            sync = {"shares": _sync_shares(local, draws), "record": []}
-            options["grad_sync"] = inner_grad_sync(sync["shares"], sync["record"])
-
-        def step_fn(net):
-            return _local_step(
-                net,
-                mem,
-                local,
-                n_global=n_global,
-                memdlm=memdlm,
-                mask_id=mask_id,
-                log_gap=log_gap,
-                options=options,
-            )
-
-        with autocast_for(ctx.device):
-            loss, parts = runner(step_fn) if not fsdp else step_fn(model)
-        record = _reduce_metrics(step, loss, parts, memdlm.per_sample, sync, ctx)
-
-        def backward() -> float:
-            (loss * ctx.world_size).backward()  # undo the mean over ranks of DDP / FSDP
-            return _clip(model, phase.grad_clip)
-
-        return StepOutcome(record, backward, int(draws.batch.x0.numel()))
-
-    model.train()
-    try:
-        run_steps(
-            one_step,
-            phase=phase,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            counters=counters,
-            save_checkpoint=save_checkpoint,
-            log=log,
-            reporter=reporter,
-            label=f"{log.tags.get('phase')}/{method}",
-            folder=folder,
-            write_log=ctx.is_main,
-        )
-    finally:
-        if mem is not None:
-            mem.remove()
-
-    save_checkpoint()
-    weights = full_state_dict(model, ctx)
-    result = summarise(log.records(), counters) if ctx.is_main else None
-    result = broadcast(result)
-    if ctx.is_main:
-        ckpt.save(done, {"model": weights, "result": result.__dict__})
-    dist.barrier()
-    return result
-
-
-def _reduce_metrics(step, loss, parts, per_sample, sync, ctx: Context) -> dict[str, Any]:
+def reduce_metrics(step, loss, parts, per_sample, sync, ctx: Context) -> dict[str, Any]:
     """The step's record: loss (and the fast-weights-off loss) summed over ranks, inner metrics."""
     values = [loss.detach().double().reshape(())]
     if "loss_off" in parts:
         values.append(parts["loss_off"].detach().double().reshape(()))
     packed = torch.stack(values)
-    dist.all_reduce(packed)
+    ctx.all_reduce(packed)
     record: dict[str, Any] = {"step": step, "loss": float(packed[0])}
     if "info" in parts:
         record.update(_inner_metrics(parts, per_sample=per_sample, sync=sync, ctx=ctx))
@@ -600,7 +451,7 @@ def _reduce_metrics(step, loss, parts, per_sample, sync, ctx: Context) -> dict[s
     return record
 
 
-def _clip(model: nn.Module, max_norm: float) -> float:
+def clip(model: nn.Module, max_norm: float) -> float:
     """Global gradient-norm clip; under FSDP the norm is a DTensor over all shards."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     if hasattr(norm, "full_tensor"):

@@ -1,10 +1,11 @@
-"""Multi-process training (recipes/memdlm/distributed.py): two CPU processes over gloo, launched
+"""Multi-process training (recipes/memdlm/loop/parallel.py): two CPU processes over gloo, launched
 through torchrun from the test, give the losses of one process with the same global batch.
 
-This file is also the worker: `torchrun --standalone --nproc-per-node 2 test_distributed.py OUT`
+This file is also the worker: `torchrun --standalone --nproc-per-node 2 test_parallel.py OUT`
 runs every scenario of `SCENARIOS` in one process group (one launch keeps the test fast) and
-leaves one run folder per scenario in OUT. The tests compare those folders with the
-single-process training loop (`train.train_phase`) on the same rows, seed and configuration.
+leaves one run folder per scenario in OUT. The tests compare those folders with the training
+phase in one process (`loop.phase.train_phase`, no `ctx`) on the same rows, seed and
+configuration.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def run(scenario, folder: Path, *, ctx=None, interrupt_at=None, model_path=None)
     if ctx is None:
         return model, train.train_phase(model, **common)
     ctx = distributed.Context(ctx.rank, ctx.world_size, ctx.local_rank, ctx.device, strategy)
-    return model, distributed.train_phase(model, ctx=ctx, sync_inner=sync, **common)
+    return model, train.train_phase(model, ctx=ctx, sync_inner=sync, **common)
 
 
 def worker(out: Path, hf_model: str | None) -> None:

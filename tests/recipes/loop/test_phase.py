@@ -16,6 +16,7 @@ from recipes.memdlm.backbones.load import new_model
 from recipes.memdlm.config import build_config
 from recipes.memdlm.data.batches import BatchSampler, Encoded
 from recipes.memdlm.data.prepare import prepare_data
+from recipes.memdlm.loop import parallel
 from recipes.memdlm.loop import phase as train
 from recipes.memdlm.loop.progress import Reporter
 
@@ -122,19 +123,16 @@ def test_finished_phase_is_reused_not_retrained(setup, tmp_path):
 
 def test_non_finite_losses_are_skipped_counted_and_stop_training(setup, tmp_path, monkeypatch):
     cfg, data = setup
-    real = method.standard_step
+    real = method.standard_loss
     bad_steps = {1, 3, 4, 5, 6, 7, 8}
 
-    def sometimes_nan(model, batch, anchor):
-        out = real(model, batch, anchor)
+    def sometimes_nan(*args):
+        loss = real(*args)
         sometimes_nan.calls += 1
-        if sometimes_nan.calls - 1 in bad_steps:
-            out.loss = out.loss * float("nan")
-            out.metrics["loss"] = float("nan")
-        return out
+        return loss * float("nan") if sometimes_nan.calls - 1 in bad_steps else loss
 
     sometimes_nan.calls = 0
-    monkeypatch.setattr(train, "standard_step", sometimes_nan)
+    monkeypatch.setattr(parallel, "standard_loss", sometimes_nan)
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_nonfinite_in_row": 3})})
     with pytest.raises(
         train.TrainingError, match="3 non-finite losses or gradients in a row at step 5"
@@ -147,15 +145,12 @@ def test_non_finite_losses_are_skipped_counted_and_stop_training(setup, tmp_path
 
 def test_a_skipped_step_leaves_the_weights_untouched(setup, tmp_path, monkeypatch):
     cfg, data = setup
-    real = method.standard_step
+    real = method.standard_loss
 
-    def always_nan(model, batch, anchor):
-        out = real(model, batch, anchor)
-        out.loss = out.loss * float("nan")
-        out.metrics["loss"] = float("nan")
-        return out
+    def always_nan(*args):
+        return real(*args) * float("nan")
 
-    monkeypatch.setattr(train, "standard_step", always_nan)
+    monkeypatch.setattr(parallel, "standard_loss", always_nan)
     initial = new_model(cfg, data.tokenizer, seed=cfg.seed, device="cpu").state_dict()
     with pytest.raises(train.TrainingError):
         model, _, _ = run_phase(cfg, data, tmp_path, "standard", steps=10)
