@@ -195,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     extra += overrides
     from recipes.memdlm.data.tasks import DataError
-    from recipes.memdlm.loop.phase import Interrupted, TrainingError
     from recipes.memdlm.loop.progress import Reporter
+    from recipes.memdlm.loop.steps import Interrupted, TrainingError
 
     reporter = Reporter(quiet=getattr(args, "quiet", False))
     try:

@@ -42,8 +42,9 @@ from recipes.memdlm.eval.report import (
 )
 from recipes.memdlm.eval.suite import evaluate_model, loss_set_for
 from recipes.memdlm.loop import checkpoint as ckpt
-from recipes.memdlm.loop.phase import MetricsLog, phase_options, train_phase
+from recipes.memdlm.loop.phase import phase_options, train_phase
 from recipes.memdlm.loop.progress import Reporter
+from recipes.memdlm.loop.steps import MetricsLog
 
 METHODS = ("standard", "memdlm")
 

@@ -22,7 +22,8 @@ def cmd_train(args, extra, reporter) -> int:
     from recipes.memdlm.eval.suite import evaluate_model
     from recipes.memdlm.loop import checkpoint as ckpt
     from recipes.memdlm.loop import parallel as distributed
-    from recipes.memdlm.loop.phase import MetricsLog, phase_options, train_phase
+    from recipes.memdlm.loop.phase import phase_options, train_phase
+    from recipes.memdlm.loop.steps import MetricsLog
 
     if distributed.launched():  # under torchrun: one process per device (docs/scaling.md)
         return train_distributed(args, extra, reporter)
@@ -90,8 +91,8 @@ def train_distributed(args, extra: list[str], reporter) -> int:
     from recipes.memdlm.loop import checkpoint as ckpt
     from recipes.memdlm.loop.parallel import broadcast, init, shutdown
     from recipes.memdlm.loop.phase import train_phase
-    from recipes.memdlm.loop.phase import MetricsLog
     from recipes.memdlm.loop.progress import Reporter
+    from recipes.memdlm.loop.steps import MetricsLog
 
     if args.resume is not None:
         if extra or args.method or args.out or args.config or args.base:

@@ -26,6 +26,7 @@ from recipes.memdlm.data.batches import BatchSampler, Encoded
 from recipes.memdlm.data.tasks import ByteTokenizer
 from recipes.memdlm.loop import parallel as distributed
 from recipes.memdlm.loop import phase as train
+from recipes.memdlm.loop import steps as loop_steps
 from recipes.memdlm.loop.progress import Reporter
 
 STEPS = 5
@@ -99,7 +100,7 @@ def run(scenario, folder: Path, *, ctx=None, interrupt_at=None, model_path=None)
         sampler=sampler_for(cfg, interrupt_at),
         seed=cfg.seed,
         folder=folder,
-        log=train.MetricsLog(folder / "metrics.jsonl", {"phase": "train"}),
+        log=loop_steps.MetricsLog(folder / "metrics.jsonl", {"phase": "train"}),
         reporter=Reporter(quiet=True),
         mask_id=ByteTokenizer.mask_id,
     )
@@ -119,7 +120,7 @@ def worker(out: Path, hf_model: str | None) -> None:
             for name, scenario in HF_SCENARIOS.items():
                 run(scenario, out / name, ctx=ctx, model_path=hf_model)
         for name, scenario in INTERRUPTED.items():
-            with contextlib.suppress(train.Interrupted):
+            with contextlib.suppress(loop_steps.Interrupted):
                 run(scenario, out / name, ctx=ctx, interrupt_at=2)
             if name != "ddp_left":
                 run(scenario, out / name, ctx=ctx)
@@ -279,7 +280,7 @@ def test_the_cli_trains_under_torchrun_and_writes_one_run_folder(tmp_path):
         sampler=BatchSampler(data.train, cfg.train.batch_size, seed=cfg.seed, eos_id=258),
         seed=cfg.seed,
         folder=tmp_path / "single",
-        log=train.MetricsLog(tmp_path / "single" / "metrics.jsonl", {"phase": "train"}),
+        log=loop_steps.MetricsLog(tmp_path / "single" / "metrics.jsonl", {"phase": "train"}),
         reporter=Reporter(quiet=True),
         mask_id=ByteTokenizer.mask_id,
         time_eps=cfg.time_eps,

@@ -18,6 +18,7 @@ from recipes.memdlm.data.batches import BatchSampler, Encoded
 from recipes.memdlm.data.prepare import prepare_data
 from recipes.memdlm.loop import parallel
 from recipes.memdlm.loop import phase as train
+from recipes.memdlm.loop import steps as loop_steps
 from recipes.memdlm.loop.progress import Reporter
 
 # Losses of the four steps of the smoke preset (seed 1) on synthetic rows, recorded from this
@@ -44,7 +45,7 @@ def run_phase(cfg, data, folder, method_name, *, steps=None, sampler_hook=None, 
     )
     if sampler_hook is not None:
         sampler.next = sampler_hook(sampler.next)
-    log = train.MetricsLog(folder / "metrics.jsonl", {"phase": "train", "method": method_name})
+    log = loop_steps.MetricsLog(folder / "metrics.jsonl", {"phase": "train", "method": method_name})
     result = train.train_phase(
         model,
         method=method_name,
@@ -98,7 +99,7 @@ def test_resume_gives_the_losses_of_an_uninterrupted_run(setup, tmp_path, method
 
         return wrapped
 
-    with pytest.raises(train.Interrupted, match="interrupted at step 3"):
+    with pytest.raises(loop_steps.Interrupted, match="interrupted at step 3"):
         run_phase(
             cfg, data, tmp_path / "b", method_name, steps=steps, sampler_hook=interrupt_at_step_3
         )
@@ -135,7 +136,7 @@ def test_non_finite_losses_are_skipped_counted_and_stop_training(setup, tmp_path
     monkeypatch.setattr(parallel, "standard_loss", sometimes_nan)
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_nonfinite_in_row": 3})})
     with pytest.raises(
-        train.TrainingError, match="3 non-finite losses or gradients in a row at step 5"
+        loop_steps.TrainingError, match="3 non-finite losses or gradients in a row at step 5"
     ):
         run_phase(cfg, data, tmp_path, "standard", steps=10)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -152,7 +153,7 @@ def test_a_skipped_step_leaves_the_weights_untouched(setup, tmp_path, monkeypatc
 
     monkeypatch.setattr(parallel, "standard_loss", always_nan)
     initial = new_model(cfg, data.tokenizer, seed=cfg.seed, device="cpu").state_dict()
-    with pytest.raises(train.TrainingError):
+    with pytest.raises(loop_steps.TrainingError):
         model, _, _ = run_phase(cfg, data, tmp_path, "standard", steps=10)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["model"]
     assert all(torch.equal(initial[k], v) for k, v in state.items())
@@ -188,10 +189,12 @@ def test_a_restart_before_the_first_checkpoint_keeps_one_record_per_step(setup, 
     """kill -9 before any checkpoint: the phase starts again at step 0, and the records the
     killed run wrote are replaced, not duplicated; stale temporaries of a write are removed."""
     cfg, data = setup
-    log = train.MetricsLog(tmp_path / "metrics.jsonl", {"phase": "train", "method": "standard"})
+    log = loop_steps.MetricsLog(
+        tmp_path / "metrics.jsonl", {"phase": "train", "method": "standard"}
+    )
     for step in range(5):  # what the killed run had logged
         log.write({"step": step, "loss": 1.0})
-    other = train.MetricsLog(tmp_path / "metrics.jsonl", {"phase": "pretrain"})
+    other = loop_steps.MetricsLog(tmp_path / "metrics.jsonl", {"phase": "pretrain"})
     other.write({"step": 0, "loss": 2.0})  # another phase's record stays
     stale = tmp_path / ".checkpoint.pt.abc123.tmp"
     stale.write_bytes(b"half a checkpoint")
@@ -203,7 +206,7 @@ def test_a_restart_before_the_first_checkpoint_keeps_one_record_per_step(setup, 
 
 
 def test_dropping_every_record_leaves_a_readable_log(tmp_path):
-    log = train.MetricsLog(tmp_path / "metrics.jsonl", {"phase": "train"})
+    log = loop_steps.MetricsLog(tmp_path / "metrics.jsonl", {"phase": "train"})
     log.write({"step": 0, "loss": 1.0})
     log.drop_after(-1)
     assert (tmp_path / "metrics.jsonl").read_text() == ""
@@ -243,7 +246,7 @@ def test_ctrl_c_anywhere_in_a_step_resumes_bit_identically(setup, tmp_path, meth
     for trial in range(3):
         folder = tmp_path / f"b{trial}"
         k = rng.randrange(1, layers * 4)  # a layer call inside the first steps
-        with pytest.raises(train.Interrupted):
+        with pytest.raises(loop_steps.Interrupted):
             run_phase(cfg, data, folder, method_name, steps=steps, on_model=sigint_at_call(k))
         model_b, _, resumed = run_phase(cfg, data, folder, method_name, steps=steps)
         assert resumed == straight, f"SIGINT at layer call {k}"
