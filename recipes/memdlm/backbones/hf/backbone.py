@@ -1,0 +1,65 @@
+"""The `Backbone` view of an `HFDenoiser` (backbones/base.py), and per-sample states of one
+prompt spread over many rows."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from recipes.memdlm.backbones.hf.denoiser import HFDenoiser
+
+
+def broadcast_state(mem, state: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
+    """A per-sample fast-weight state of ONE sample (leading dim 1) for `rows` rows of it
+    (e.g. the B x mc rows of `diffusion.elbo_log_likelihood` for one adapted prompt): every
+    tensor expanded (a view, no copy) to leading dim `rows`, so each row, and each routed
+    expert row of it, meets the same fast weights. mem: the `memory.FastWeights` the state
+    belongs to (its `state_shapes`). A shared state (no batch dim) needs none."""
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        raise ValueError(f"rows must be an int >= 1, got {rows!r}")
+    out = {}
+    shapes = mem.state_shapes
+    for key, value in state.items():
+        if key not in shapes or tuple(value.shape) != (1, *shapes[key]):
+            raise ValueError(
+                f"state[{key!r}] has shape {tuple(value.shape)}; broadcast_state takes the "
+                f"per-sample state of one sample, (1, *{shapes.get(key)})"
+            )
+        out[key] = value.expand(rows, *value.shape[1:])
+    return out
+
+
+class HFBackbone:
+    """`Backbone` (base.py) view of an `HFDenoiser`: the split forward lives on the denoiser,
+    the fused loss does not apply (logits path), and routed experts may stay unused in a step."""
+
+    def __init__(self, denoiser: HFDenoiser):
+        self.module = denoiser
+
+    def fast_weight_targets(self, fraction: float, modules: Sequence[str]) -> tuple[str, ...]:
+        return tuple(self.module.fast_weight_targets(fraction, tuple(modules)))
+
+    def num_layers(self) -> int:
+        return len(self.module.layers)
+
+    def head_weight(self, loss_backend: str | None) -> torch.Tensor | None:
+        del loss_backend
+        return None
+
+    def can_split_mid_layer(self, layer: int, targets: Sequence[str]) -> bool:
+        del layer, targets
+        return False
+
+    def uses_every_parameter(self) -> bool:
+        return False
+
+    def sampling_attention(self, attention: str, block_size: int):
+        return self.module.attention_mode(attention, block_size)
+
+    def describe(self, fraction: float, modules: Sequence[str]) -> dict[str, Any]:
+        info = self.module.describe(fraction, tuple(modules))
+        info["fast_weight_modules"] = info["fast_weights"]
+        info["line"] = self.module.description(fraction, tuple(modules))
+        return info

@@ -1,0 +1,298 @@
+"""MoE experts as the fast weights need them: fused 3-D experts unfused into `nn.Linear`s, and
+`nn.ModuleList` experts driven by the adapter's own dispatch so that each expert sees its tokens
+grouped by sample, (B, n, H)."""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+class UnfusedExperts(nn.Module):
+    """A MoE layer's routed experts as separate `gate_proj`/`up_proj`/`down_proj` linears.
+
+    Same computation as transformers' fused experts (weights `gate_up_proj` (E, 2I, H),
+    `down_proj` (E, H, I)) in their eager form: for each expert e and the tokens routed to it,
+    down_e(act(gate_e x) * up_e x) times the routing weight, summed over the top-k experts.
+    forward(hidden (T, H), top_k_index (T, k), top_k_weights (T, k)) -> (T, H).
+
+    The MoE block flattens its (B, L, H) input to T = B L tokens; a pre-hook on the block records
+    B (`rows`), and each expert sees its tokens as (B, n, H), zero-padded to the sample with the
+    most tokens routed to it. That leading batch dim is what per-sample fast weights need (sample
+    b's tokens meet sample b's LoRA); the padded rows are computed and dropped.
+    """
+
+    def __init__(self, fused: nn.Module):
+        gate_up, down = fused.gate_up_proj, fused.down_proj
+        experts, inner, hidden = gate_up.shape[0], gate_up.shape[1] // 2, gate_up.shape[2]
+        super().__init__()
+        self.num_experts = experts
+        for e in range(experts):  # children "0", "1", ...: names like mlp.experts.3.gate_proj
+            self.add_module(str(e), _ExpertMLP(hidden, inner, gate_up.dtype).to(gate_up.device))
+        with torch.no_grad():
+            for e, expert in enumerate(self.experts()):
+                expert.gate_proj.weight.copy_(gate_up[e, :inner])
+                expert.up_proj.weight.copy_(gate_up[e, inner:])
+                expert.down_proj.weight.copy_(down[e])
+        self.act_fn = fused.act_fn
+        self.rows = 1
+
+    def experts(self) -> list[nn.Module]:
+        return [self._modules[str(e)] for e in range(self.num_experts)]
+
+    def remember_rows(self, block: nn.Module, args) -> None:
+        """Forward pre-hook of the MoE block: its input's batch size."""
+        del block
+        hidden = args[0] if args else None
+        self.rows = hidden.shape[0] if isinstance(hidden, torch.Tensor) and hidden.dim() == 3 else 1
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        tokens = hidden_states.shape[0]
+        rows = self.rows if tokens % self.rows == 0 else 1
+        sample_of = torch.arange(tokens, device=hidden_states.device) // (tokens // rows)
+        out = torch.zeros_like(hidden_states)
+        for e, expert in enumerate(self.experts()):
+            token, slot = torch.where(top_k_index == e)  # token ids ascending
+            if token.numel() == 0:
+                continue
+            sample = sample_of[token]
+            counts = torch.bincount(sample, minlength=rows)
+            position = torch.arange(len(token), device=token.device)
+            position = position - (counts.cumsum(0) - counts)[sample]  # index within its sample
+            x = hidden_states.new_zeros(rows, int(counts.max()), hidden_states.shape[1])
+            x[sample, position] = hidden_states[token]
+            y = expert.down_proj(self.act_fn(expert.gate_proj(x)) * expert.up_proj(x))
+            routed = y[sample, position] * top_k_weights[token, slot, None]
+            out.index_add_(0, token, routed.to(out.dtype))
+        return out
+
+
+class _ExpertMLP(nn.Module):
+    def __init__(self, hidden: int, inner: int, dtype):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inner, bias=False, dtype=dtype)
+        self.up_proj = nn.Linear(hidden, inner, bias=False, dtype=dtype)
+        self.down_proj = nn.Linear(inner, hidden, bias=False, dtype=dtype)
+
+
+def is_fused_experts(module: nn.Module) -> bool:
+    gate_up = getattr(module, "gate_up_proj", None)
+    return isinstance(gate_up, nn.Parameter) and gate_up.dim() == 3
+
+
+def unfuse_experts(layers: nn.ModuleList, indices: Sequence[int]) -> int:
+    """Rewrite fused experts in `layers[i]` for i in `indices` as `UnfusedExperts`; returns how
+    many blocks were rewritten. Layouts other than concatenated [gate; up], untransposed and
+    bias-free are refused (ValueError), since their weights would be split wrongly."""
+    count = 0
+    for index in indices:
+        for name, module in list(layers[index].named_modules()):
+            if not is_fused_experts(module):
+                continue
+            layout = {k: getattr(module, k, d) for k, d in _FUSED_LAYOUT.items()}
+            if layout != _FUSED_LAYOUT or not hasattr(module, "act_fn"):
+                raise ValueError(
+                    f"layer {index}: experts {name!r} have layout {layout}; only "
+                    f"{_FUSED_LAYOUT} with act_fn can be given one fast LoRA per expert"
+                )
+            parent_name, _, attr = name.rpartition(".")
+            parent = layers[index].get_submodule(parent_name) if parent_name else layers[index]
+            experts = UnfusedExperts(module)
+            setattr(parent, attr, experts)
+            parent.register_forward_pre_hook(experts.remember_rows)
+            count += 1
+    return count
+
+
+_FUSED_LAYOUT = {"is_concatenated": True, "is_transposed": False, "has_bias": False}
+
+
+def routed_sum(experts, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor):
+    """sum_k weights[t, k] expert_{index[t, k]}(hidden_t) for every token t, by sample.
+
+    hidden (B, L, H); index, weights (B L, k). Each expert e is called once, on its tokens
+    grouped by sample as (B, n, H) (zero-padded to the sample with the most tokens routed to
+    e), so a per-sample fast weight at any linear inside an expert meets sample b's tokens in
+    row b, whatever the batch size. Experts that get no token are not called (the padded rows
+    are computed and dropped). Returns (B L, H) in hidden's dtype.
+    """
+    rows, length, width = hidden.shape
+    flat = hidden.reshape(rows * length, width)
+    out = torch.zeros_like(flat)
+    for e, expert in enumerate(experts):
+        token, slot = torch.where(index == e)  # token ids ascending
+        if token.numel() == 0:
+            continue
+        sample = token // length
+        counts = torch.bincount(sample, minlength=rows)
+        position = torch.arange(len(token), device=token.device)
+        position = position - (counts.cumsum(0) - counts)[sample]  # index within its sample
+        x = flat.new_zeros(rows, int(counts.max()), width)
+        x[sample, position] = flat[token]
+        y = expert(x)[sample, position] * weights[token, slot, None].to(flat.dtype)
+        out.index_add_(0, token, y.to(out.dtype))
+    return out
+
+
+@dataclass(frozen=True)
+class Routing:
+    """How a MoE block with an `nn.ModuleList` of experts routes, as found by `take_over_routing`.
+
+    router: "softmax" (`gate` is an nn.Linear: top-k of the softmax, LLaDA-MoE / Qwen2-MoE /
+    OLMoE) or "module" (`gate(hidden)` returns (index, weights, logits) itself, LLaDA2.x).
+    normalize: divide the top-k softmax weights by their sum. bias: add `expert_bias` to the
+    softmax before the top-k (and keep it in the weights, as LLaDA-MoE). shared: "none",
+    "gated" (Qwen2-MoE's `shared_expert` times sigmoid(`shared_expert_gate`)) or "plain"
+    (LLaDA2's `shared_experts`). output: what the block returns: "tensor", "logits"
+    ((y, router logits)) or "llada2" ((y, (router logits, index))).
+    """
+
+    router: str
+    normalize: bool = False
+    bias: bool = False
+    shared: str = "none"
+    output: str = "tensor"
+
+
+def _route(block: nn.Module, routing: Routing, hidden: torch.Tensor):
+    """(index (T, k), weights (T, k), router logits) of hidden (B, L, H) under `routing`."""
+    if routing.router == "module":
+        index, weights, logits = block.gate(hidden)
+        return index.reshape(-1, index.shape[-1]), weights.reshape(index.shape), logits
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    logits = block.gate(flat)
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    if routing.bias:
+        probs = probs + block.expert_bias
+    weights, index = torch.topk(probs, block.top_k, dim=-1)
+    if routing.normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return index, weights.to(hidden.dtype), logits
+
+
+def routed_forward(block: nn.Module, routing: Routing, hidden: torch.Tensor):
+    """The MoE block's forward with the adapter's own dispatch (`routed_sum`); hidden (B, L, H).
+
+    Same value as the block's own forward (checked by `take_over_routing`), but every expert
+    sees (B, n, H) rows grouped by sample, in train and eval mode alike (LLaDA2's eval-mode
+    dispatch runs under no_grad, which would cut the inner loop's gradient to the experts).
+    """
+    index, weights, logits = _route(block, routing, hidden)
+    y = routed_sum(block.experts, hidden, index, weights).reshape(hidden.shape)
+    if routing.shared == "gated":
+        y = y + torch.sigmoid(block.shared_expert_gate(hidden)) * block.shared_expert(hidden)
+    elif routing.shared == "plain":
+        y = y + block.shared_experts(hidden)
+    if routing.output == "logits":
+        return y, logits
+    if routing.output == "llada2":
+        return y, (logits.reshape(*hidden.shape[:-1], -1), index)
+    return y
+
+
+def _routing_candidates(block: nn.Module, output: str) -> list[Routing]:
+    """The routings a block's structure allows, most likely first."""
+    if isinstance(getattr(block, "shared_expert_gate", None), nn.Module):
+        shared = "gated"
+    elif isinstance(getattr(block, "shared_experts", None), nn.Module):
+        shared = "plain"
+    else:
+        shared = "none"
+    if not isinstance(block.gate, nn.Linear):
+        return [Routing("module", shared=shared, output=output)]
+    if not isinstance(getattr(block, "top_k", None), int):
+        return []
+    flag = bool(getattr(block, "norm_topk_prob", False))
+    has_bias = isinstance(getattr(block, "expert_bias", None), torch.Tensor)
+    biases = [True, False] if has_bias else [False]
+    return [
+        Routing("softmax", normalize=n, bias=b, shared=shared, output=output)
+        for b in biases
+        for n in (flag, not flag)
+    ]
+
+
+def _output_kind(out) -> str | None:
+    if isinstance(out, torch.Tensor):
+        return "tensor"
+    if isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], torch.Tensor):
+        return "llada2" if isinstance(out[1], tuple) else "logits"
+    return None
+
+
+def _same(a, b, dtype) -> bool:
+    if isinstance(a, tuple):
+        return (
+            isinstance(b, tuple)
+            and len(a) == len(b)
+            and all(_same(x, y, dtype) for x, y in zip(a, b))
+        )
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or a.shape != b.shape:
+        return False
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    tol = 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
+    return torch.allclose(a.float(), b.float(), rtol=tol, atol=tol)
+
+
+def find_routing(block: nn.Module) -> Routing | None:
+    """The `Routing` whose `routed_forward` reproduces `block`'s own forward on a random probe
+    (eval mode, no gradient), or None (then the block is left as it is)."""
+    experts = getattr(block, "experts", None)
+    gate = getattr(block, "gate", None)
+    if not isinstance(experts, nn.ModuleList) or not isinstance(gate, nn.Module):
+        return None
+    weight = next(block.parameters())
+    generator = torch.Generator().manual_seed(0)
+    width = experts[0].gate_proj.in_features if hasattr(experts[0], "gate_proj") else None
+    if width is None:
+        return None
+    probe = torch.randn(2, 7, width, generator=generator).to(weight.device, weight.dtype)
+    was_training = block.training
+    block.eval()
+    try:
+        with torch.no_grad():
+            expected = block(probe)
+            kind = _output_kind(expected)
+            if kind is None:
+                return None
+            for routing in _routing_candidates(block, kind):
+                try:
+                    if _same(expected, routed_forward(block, routing, probe), weight.dtype):
+                        return routing
+                except Exception:  # a candidate that does not fit this block's structure
+                    continue
+        return None
+    finally:
+        block.train(was_training)
+
+
+def take_over_routing(layers: nn.ModuleList, indices: Sequence[int]) -> list[int]:
+    """Give the MoE blocks (`mlp` with an `nn.ModuleList` of experts) of `layers[i]`, i in
+    `indices`, the adapter's dispatch (`routed_forward`) when it reproduces their own forward;
+    returns the indices of the layers taken over. Module names and weights do not change."""
+    taken = []
+    for index in indices:
+        block = getattr(layers[index], "mlp", None)
+        if block is None or isinstance(getattr(block, "experts", None), UnfusedExperts):
+            continue
+        routing = find_routing(block)
+        if routing is None:
+            continue
+        block.memdlm_routing = routing
+        block.forward = types.MethodType(_routed_block_forward, block)
+        taken.append(index)
+    return taken
+
+
+def _routed_block_forward(block: nn.Module, hidden_states: torch.Tensor, *args, **kwargs):
+    """The forward installed on a taken-over block (MoE blocks take the hidden states only)."""
+    del args, kwargs
+    return routed_forward(block, block.memdlm_routing, hidden_states)
+
+
+# --------------------------------------------------------------------------- families
