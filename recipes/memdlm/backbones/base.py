@@ -3,7 +3,7 @@
 Everything above the model (the method, the training loop, evaluation, the API, the commands)
 asks these questions through `backbones.adapter(model)` and never inspects a model's class:
 each model family answers them in its own adapter module (`reference.py` for
-`diffusion.Transformer`, `hf.py` for Hugging Face models and the LLaDA family, `generic.py` for
+`diffusion.Transformer`, `hf/` for Hugging Face models and the LLaDA family, `generic.py` for
 any module mapping tokens to logits).
 
 The forward conventions every adapter presents upward, whatever the model does inside:

@@ -9,6 +9,7 @@
 
 from recipes.memdlm.method.inner import (
     Adaptation,
+    InnerProblem,
     InnerState,
     adapt,
     adapt_to_prompt,
@@ -38,6 +39,7 @@ __all__ = [
     "SCHEDULE",
     "Adaptation",
     "Anchor",
+    "InnerProblem",
     "InnerState",
     "Split",
     "StepOutput",

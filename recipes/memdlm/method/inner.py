@@ -53,17 +53,24 @@ def make_fast_weights(model, cfg: MemDLMConfig):
     return mm.FastLoRA(model, targets, rank=cfg.rank, alpha=cfg.alpha)
 
 
-def make_inner_loss(
-    model,
-    mem,
-    x0,
-    maskable,
-    split: Split,
-    *,
-    per_sample: bool,
-    uniform: bool,
-    loss_backend: str | None = "auto",
-):
+@dataclass(frozen=True)
+class InnerProblem:
+    """One batch's inner problem: the network after `split`, with fast weights `mem`, on rows x0.
+
+    x0 (B, L) long; maskable (B, L) bool; per_sample: one phi per row (the losses are normalised
+    per row); loss_backend: the fused loss's kernel or None (`method.losses.head_loss`).
+    """
+
+    model: Any
+    mem: Any
+    x0: torch.Tensor
+    maskable: torch.Tensor
+    split: Split
+    per_sample: bool
+    loss_backend: str | None = "auto"
+
+
+def make_inner_loss(problem: InnerProblem, *, uniform: bool):
     """inner_loss(phi, meta, state) for bilevel.solve: the model after `split` with phi bound.
 
     Weighting: 1/r with r the state's realised mask ratio (training), or uniform (inference).
@@ -72,23 +79,25 @@ def make_inner_loss(
     loop only: the fused loss gets no gradient path to the output head's weight.
     """
 
+    p = problem
+
     def inner_loss(phi, meta, state: InnerState) -> torch.Tensor:
         del meta  # the outer variables are the model's own parameters, closed over
         weight = torch.ones_like(state.ratio) if uniform else SCHEDULE.weight(state.ratio)
-        if per_sample:  # sum_b (w_b / |M_b|) sum_{i in M_b} CE_bi
+        if p.per_sample:  # sum_b (w_b / |M_b|) sum_{i in M_b} CE_bi
             weight = weight / state.loss_mask.sum(1).clamp(min=1)
-        with mem.bind(phi):
+        with p.mem.bind(phi):
             return head_loss(
-                model,
+                p.model,
                 state.hidden,
-                split,
-                x0,
+                p.split,
+                p.x0,
                 state.loss_mask,
                 state.ratio,
-                maskable,
-                normalize="sum" if per_sample else "masked",
+                p.maskable,
+                normalize="sum" if p.per_sample else "masked",
                 weight=weight,
-                loss_backend=loss_backend,
+                loss_backend=p.loss_backend,
                 head_grad=False,  # first order: the inner gradient is taken for phi only
             )
 
@@ -104,12 +113,9 @@ class Adaptation:
 
 
 def inner_states(
-    model,
-    x0: torch.Tensor,
-    maskable: torch.Tensor,
+    problem: InnerProblem,
     input_masks: list[torch.Tensor],
     loss_masks_: list[torch.Tensor],
-    split: Split,
     *,
     mask_id: int,
     precomputed: dict[int, torch.Tensor] | None = None,
@@ -125,9 +131,10 @@ def inner_states(
             hidden = precomputed[i].detach()
         else:
             with torch.no_grad():
-                hidden = split.early(model, torch.where(input_mask, mask_id, x0))
+                x = torch.where(input_mask, mask_id, problem.x0)
+                hidden = problem.split.early(problem.model, x)
         # A row with nothing masked has no loss terms; the floor only keeps t inside (0, 1].
-        ratio = realised_ratio(input_mask, maskable).clamp(min=1e-6)
+        ratio = realised_ratio(input_mask, problem.maskable).clamp(min=1e-6)
         states.append(InnerState(hidden, loss_mask, ratio))
     return states
 
@@ -141,18 +148,12 @@ def init_fast_weights(model, mem, x0: torch.Tensor, *, per_sample: bool, generat
 
 
 def solve_inner(
-    model,
-    mem,
-    x0: torch.Tensor,
-    maskable: torch.Tensor,
+    problem: InnerProblem,
     states: list[InnerState],
     phi0: dict[str, torch.Tensor],
     cfg: MemDLMConfig,
     *,
-    split: Split,
-    per_sample: bool,
     uniform: bool = False,
-    loss_backend: str | None = "auto",
     grad_sync=None,
     allow_nonfinite: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -161,22 +162,13 @@ def solve_inner(
     Returns the detached adapted fast weights and solve's info dict (tensors). grad_sync: see
     `inner_optimizer`.
     """
-    inner_loss = make_inner_loss(
-        model,
-        mem,
-        x0,
-        maskable,
-        split,
-        per_sample=per_sample,
-        uniform=uniform,
-        loss_backend=loss_backend,
-    )
+    inner_loss = make_inner_loss(problem, uniform=uniform)
     with torch.enable_grad():  # the inner loop needs gradients even inside evaluation code
         phi, info = bl.solve(
             inner_loss,
             phi0,
             None,
-            optimizer=inner_optimizer(cfg, per_sample, grad_sync),
+            optimizer=inner_optimizer(cfg, problem.per_sample, grad_sync),
             steps=len(states),
             mode=bl.FirstOrder(),
             data=bl.PerStep(states),
@@ -211,30 +203,13 @@ def adapt(
     shared with the outer pass); other states run the early layers here without gradient.
     """
     split = split_point(model, mem, cfg)
+    problem = InnerProblem(model, mem, x0, maskable, split, per_sample, loss_backend)
     states = inner_states(
-        model,
-        x0,
-        maskable,
-        input_masks,
-        loss_masks_,
-        split,
-        mask_id=mask_id,
-        precomputed=precomputed,
+        problem, input_masks, loss_masks_, mask_id=mask_id, precomputed=precomputed
     )
     phi0 = init_fast_weights(model, mem, x0, per_sample=per_sample, generator=generator)
     phi, info = solve_inner(
-        model,
-        mem,
-        x0,
-        maskable,
-        states,
-        phi0,
-        cfg,
-        split=split,
-        per_sample=per_sample,
-        uniform=uniform,
-        loss_backend=loss_backend,
-        allow_nonfinite=allow_nonfinite,
+        problem, states, phi0, cfg, uniform=uniform, allow_nonfinite=allow_nonfinite
     )
     largest = torch.stack(list(info["grad_norms"].values())).amax(0)
     return Adaptation(phi, info["loss"].tolist(), info["grad_norm"].tolist(), largest.tolist())

@@ -30,7 +30,13 @@ import torch
 
 from recipes.memdlm.config import MemDLMConfig
 from recipes.memdlm.data.batches import Batch
-from recipes.memdlm.method.inner import adapt, init_fast_weights, inner_states, solve_inner
+from recipes.memdlm.method.inner import (
+    InnerProblem,
+    adapt,
+    init_fast_weights,
+    inner_states,
+    solve_inner,
+)
 from recipes.memdlm.method.losses import Anchor, StepOutput, head_loss, standard_loss
 from recipes.memdlm.method.split import split_point
 from recipes.memdlm.method.trajectory import loss_masks, trajectory_masks
@@ -98,30 +104,13 @@ def memdlm_core(
     split = split_point(model, mem, cfg)
     hidden_t = split.early(model, anchor.xt)  # with grad: reused by the outer pass
     anchor_index = {len(input_masks) - 1: hidden_t} if input_masks[-1] is anchor.mask else {}
+    problem = InnerProblem(
+        model, mem, batch.x0, batch.maskable, split, cfg.per_sample, loss_backend
+    )
     states = inner_states(
-        model,
-        batch.x0,
-        batch.maskable,
-        input_masks,
-        loss_masks_,
-        split,
-        mask_id=mask_id,
-        precomputed=anchor_index,
+        problem, input_masks, loss_masks_, mask_id=mask_id, precomputed=anchor_index
     )
-    phi, info = solve_inner(
-        model,
-        mem,
-        batch.x0,
-        batch.maskable,
-        states,
-        phi0,
-        cfg,
-        split=split,
-        per_sample=cfg.per_sample,
-        loss_backend=loss_backend,
-        grad_sync=grad_sync,
-        allow_nonfinite=True,
-    )
+    phi, info = solve_inner(problem, states, phi0, cfg, grad_sync=grad_sync, allow_nonfinite=True)
     loss, off = outer_losses(model, mem, phi, hidden_t, split, batch, anchor, log_gap, loss_backend)
     return loss, off, info
 

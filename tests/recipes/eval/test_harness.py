@@ -38,7 +38,7 @@ from recipes.memdlm.backbones.load import new_model  # noqa: E402
 from recipes.memdlm.config import build_config  # noqa: E402
 from recipes.memdlm.data.prepare import prepare_data  # noqa: E402
 from recipes.memdlm.data.tasks import ByteTokenizer  # noqa: E402
-from recipes.memdlm.eval import harness  # noqa: E402
+from recipes.memdlm.eval import harness_setup  # noqa: E402
 from recipes.memdlm.eval.harness import MemDLMLM, load_run, request_seed  # noqa: E402
 from recipes.memdlm.eval.metrics import niah_accuracy  # noqa: E402
 from recipes.memdlm.loop import checkpoint as ckpt  # noqa: E402
@@ -135,7 +135,7 @@ def evaluate(lm, folder: Path, names: list[str], **kwargs) -> dict:
 def expected_score(lm: MemDLMLM, context: str, continuation: str) -> float:
     """The documented loglikelihood: adapt (when on) with the context's own seed, then the ELBO
     with the context's 'elbo' seed, through the public API only."""
-    ctx, cont = harness.encode_pair(lm.tokenizer, context, continuation)
+    ctx, cont = harness_setup.encode_pair(lm.tokenizer, context, continuation)
     state = mem = None
     if lm.fast_weights is not None:
         generator = torch.Generator().manual_seed(request_seed(lm.options.seed, ctx, "adapt"))
@@ -181,7 +181,7 @@ def expected_score(lm: MemDLMLM, context: str, continuation: str) -> float:
 )
 def test_bad_model_args_raise_value_errors_naming_the_arg(args, named):
     with pytest.raises(ValueError, match=re.escape(named)):
-        harness.parse_model_args(args)
+        harness_setup.parse_model_args(args)
 
 
 def test_a_bad_inner_loop_value_names_the_field(loaded):
@@ -321,9 +321,9 @@ def test_exact_match_equals_niah_accuracy_on_the_recipes_needles(loaded, tasks):
 
 
 def test_cut_at_stops_cuts_at_the_earliest_stop_string():
-    assert harness.cut_at_stops("abc. def\nghi", ["\n", "."]) == "abc"
-    assert harness.cut_at_stops("abc", ["x", ""]) == "abc"
-    assert harness.cut_at_stops("abc", []) == "abc"
+    assert harness_setup.cut_at_stops("abc. def\nghi", ["\n", "."]) == "abc"
+    assert harness_setup.cut_at_stops("abc", ["x", ""]) == "abc"
+    assert harness_setup.cut_at_stops("abc", []) == "abc"
 
 
 def test_stop_strings_cut_the_generation_afterwards(loaded, tmp_path):
@@ -437,11 +437,13 @@ def test_is_greedy_is_one_step_greedy_unmasking(loaded):
     context = "the topaz code is 1Z. topaz code?"
     ids = torch.tensor([list(context.encode())])
     one_step = dd.generate(lm.model, ids, mask_id=lm.mask_id, gen_length=4, steps=1)[0, -4:]
-    assert bool(harness.greedy_matches(lm.model, ids[0], one_step[None], mask_id=lm.mask_id)[0])
+    assert bool(
+        harness_setup.greedy_matches(lm.model, ids[0], one_step[None], mask_id=lm.mask_id)[0]
+    )
     for position in range(4):
         changed = one_step.clone()
         changed[position] = (changed[position] + 1) % 256
-        match = harness.greedy_matches(lm.model, ids[0], changed[None], mask_id=lm.mask_id)
+        match = harness_setup.greedy_matches(lm.model, ids[0], changed[None], mask_id=lm.mask_id)
         assert not bool(match[0])
     texts = [" 1Z.", "abcd"]
     results = lm.loglikelihood([Instance("loglikelihood", {}, (context, t), 0) for t in texts])
@@ -478,8 +480,8 @@ def test_rolling_is_the_elbo_of_the_whole_text_and_gives_lm_evals_perplexities(l
 
 def test_rolling_windows_partition_long_texts():
     tokens = list(range(23))
-    assert harness.rolling_windows(tokens, 32) == [([], tokens)]
-    windows = harness.rolling_windows(tokens, 10)
+    assert harness_setup.rolling_windows(tokens, 32) == [([], tokens)]
+    windows = harness_setup.rolling_windows(tokens, 10)
     assert [t for _, chunk in windows for t in chunk] == tokens
     for prompt, chunk in windows:
         assert len(prompt) + len(chunk) <= 10 and len(chunk) == 5 or chunk == tokens[20:]
