@@ -47,6 +47,18 @@ class Backbone(Protocol):
         the split forward may start between its attention and its FFN (`method.split`)."""
         ...
 
+    def split_methods(self) -> tuple[str, ...]:
+        """The module's own split-forward methods (FSDP2 must gather weights when they run)."""
+        ...
+
+    def output_head(self) -> nn.Module | None:
+        """The output head module when the fused loss reads its weight directly, else None."""
+        ...
+
+    def max_positions(self) -> int | None:
+        """The longest input the module's position encoding allows, when it says (else None)."""
+        ...
+
     def uses_every_parameter(self) -> bool:
         """False when a step may leave weights unused (unrouted MoE experts): DDP must look."""
         ...

@@ -79,6 +79,15 @@ class GenericBackbone:
         del layer, targets
         return False
 
+    def split_methods(self) -> tuple[str, ...]:
+        return ()
+
+    def output_head(self) -> nn.Module | None:
+        return None
+
+    def max_positions(self) -> int | None:
+        return None
+
     def uses_every_parameter(self) -> bool:
         return False
 

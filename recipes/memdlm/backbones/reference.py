@@ -51,6 +51,15 @@ class ReferenceBackbone:
         prefix = f"layers.{layer}."
         return all(not n.startswith(prefix) or n.startswith(prefix + "mlp.") for n in targets)
 
+    def split_methods(self) -> tuple[str, ...]:
+        return ("hidden_states", "logits_from", "features_from")
+
+    def output_head(self) -> torch.nn.Module:
+        return self.module.lm_head
+
+    def max_positions(self) -> int | None:
+        return None  # rotary: the run's model.max_seq_len is the trained length
+
     def uses_every_parameter(self) -> bool:
         return True
 

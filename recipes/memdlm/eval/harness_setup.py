@@ -268,11 +268,11 @@ def load_run(
 def default_max_length(loaded: LoadedRun) -> int:
     """The reference Transformer's max_seq_len; for Hugging Face models the authors' 4096, or
     less when the model's position embeddings are shorter."""
-    if isinstance(adapter(loaded.model), ReferenceBackbone):  # learned length: the run's
+    backbone = adapter(loaded.model)
+    if isinstance(backbone, ReferenceBackbone):  # the length the run was trained at
         return loaded.config.model.max_seq_len
-    hf_config = getattr(getattr(loaded.model, "hf", None), "config", None)
-    positions = getattr(hf_config, "max_position_embeddings", None)
-    return min(4096, positions) if isinstance(positions, int) else 4096
+    positions = backbone.max_positions()
+    return min(4096, positions) if positions is not None else 4096
 
 
 def request_seed(seed: int, tokens: Sequence[int], purpose: str) -> int:

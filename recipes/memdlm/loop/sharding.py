@@ -18,9 +18,6 @@ from recipes.memdlm.loop.parallel import Context
 DCP_FOLDER = "checkpoint.dcp"
 
 
-FORWARD_METHODS = ("hidden_states", "logits_from", "features_from")
-
-
 def shard_model(model: nn.Module, ctx: Context) -> nn.Module:
     """FSDP2: every layer of `model.layers` is one unit, the rest (embeddings, head) the root.
 
@@ -40,8 +37,9 @@ def shard_model(model: nn.Module, ctx: Context) -> nn.Module:
         options["mp_policy"] = MixedPrecisionPolicy(
             param_dtype=torch.bfloat16, reduce_dtype=torch.float32
         )
-    head = getattr(model, "lm_head", None)
-    if isinstance(head, nn.Module):
+    backbone = adapter(model)
+    head = backbone.output_head()
+    if head is not None:
         # Outside its own call the head's weight is a shard, so the fused loss (which reads
         # lm_head.weight directly) cannot run; a hook on the head makes `method.fused_head`
         # choose the logits path, in training and in evaluation alike.
@@ -49,9 +47,8 @@ def shard_model(model: nn.Module, ctx: Context) -> nn.Module:
     for layer in model.layers:
         fully_shard(layer, **options)
     fully_shard(model, **options)
-    for name in FORWARD_METHODS:
-        if hasattr(model, name):
-            register_fsdp_forward_method(model, name)
+    for name in backbone.split_methods():
+        register_fsdp_forward_method(model, name)
     return model
 
 

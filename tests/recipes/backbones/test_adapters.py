@@ -125,3 +125,12 @@ def test_block_causal_sampling_is_refused_where_the_family_cannot_do_it():
         adapter(reference()).sampling_attention("block_causal", 32)
     with pytest.raises(ConfigError, match="sample_attention"):
         build_config("smoke", overrides={"model": {"sample_attention": "block_causal"}})
+
+
+def test_what_fsdp_and_the_harness_ask_of_each_backbone():
+    ref, plain = reference(), Plain()
+    assert adapter(ref).split_methods() == ("hidden_states", "logits_from", "features_from")
+    assert all(callable(getattr(ref, name)) for name in adapter(ref).split_methods())
+    assert adapter(ref).output_head() is ref.lm_head
+    assert adapter(plain).split_methods() == () and adapter(plain).output_head() is None
+    assert adapter(ref).max_positions() is None and adapter(plain).max_positions() is None

@@ -52,6 +52,16 @@ class HFBackbone:
         del layer, targets
         return False
 
+    def split_methods(self) -> tuple[str, ...]:
+        return ("hidden_states", "logits_from")
+
+    def output_head(self) -> None:
+        return None
+
+    def max_positions(self) -> int | None:
+        positions = getattr(self.module.hf.config, "max_position_embeddings", None)
+        return positions if isinstance(positions, int) else None
+
     def uses_every_parameter(self) -> bool:
         return False
 
