@@ -39,6 +39,7 @@ from torch import Tensor
 
 from ._checks import check_int, check_mask_id, check_tensor
 from .kernels.dispatch import BACKENDS
+from .kernels.proposal import confidence_of
 from .kernels.sampler import REMASKING, propose
 
 __all__ = ["GenerationStats", "StepInfo", "generate", "transfer_schedule"]
@@ -411,15 +412,10 @@ def _propose_dense(
     picked_score = scores.gather(-1, picked[..., None]).squeeze(-1)
     probs = (scores - top[..., None]).exp()
     total = probs.sum(-1)
-    if cfg.remasking == "low_confidence":
-        confidence = (picked_score - top).exp() / total
-    elif cfg.remasking == "margin":
-        top2 = probs.topk(2, dim=-1).values / total[..., None]
-        confidence = top2[..., 0] - top2[..., 1]
-    elif cfg.remasking == "entropy":
-        confidence = -torch.special.entr(probs / total[..., None]).sum(-1)
-    else:  # "random"
+    if cfg.remasking == "random":
         confidence = uniform
+    else:
+        confidence = confidence_of(picked_score, top, probs, total, cfg.remasking)
     finite = (torch.isfinite(top) & torch.isfinite(confidence)) | ~candidates
     predicted = torch.where(candidates, picked.to(tokens.dtype), tokens)
     confidence = torch.where(candidates, confidence.double(), -torch.inf)

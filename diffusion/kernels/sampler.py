@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .dispatch import resolve_backend
-from .proposal import Proposal, random_confidence
+from .proposal import Proposal, confidence_of, random_confidence
 
 __all__ = ["REMASKING", "Proposal", "propose", "propose_reference"]
 
@@ -84,15 +84,10 @@ def propose_reference(
     probs = scores.sub_(top[:, None]).exp_()
     total = probs.sum(-1)
 
-    if remasking == "low_confidence":
-        confidence = (picked_score - top).exp() / total
-    elif remasking == "margin":
-        top2 = probs.topk(2, dim=-1).values / total[:, None]
-        confidence = top2[:, 0] - top2[:, 1]
-    elif remasking == "entropy":
-        confidence = -torch.special.entr(probs.div_(total[:, None])).sum(-1)
-    else:  # "random"
+    if remasking == "random":
         confidence = random_confidence(scores.shape[0], generator, scores.device)
+    else:
+        confidence = confidence_of(picked_score, top, probs, total, remasking)
     finite = torch.isfinite(top) & torch.isfinite(confidence)
     return Proposal(picked, confidence.double(), finite)
 

@@ -300,3 +300,19 @@ def test_cuda_kernel_samples_follow_the_tempered_softmax(chi2_pvalue):
     assert int(counts[0]) == 0
     expected = torch.softmax(z[1:].bfloat16().double().cpu() / 0.8, 0)
     assert chi2_pvalue(counts[1:], expected) > 1e-3
+
+
+def test_the_shared_confidence_formula_matches_the_softmax_definitions():
+    from diffusion.kernels.proposal import confidence_of
+
+    z = torch.randn(5, 11, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    p = torch.softmax(z, -1)
+    top, picked = z.max(-1)
+    probs, total = (z - top[:, None]).exp(), (z - top[:, None]).exp().sum(-1)
+    args = (z.gather(-1, picked[:, None]).squeeze(-1), top, probs, total)
+    torch.testing.assert_close(confidence_of(*args, "low_confidence"), p.max(-1).values)
+    two = p.topk(2, -1).values
+    torch.testing.assert_close(confidence_of(*args, "margin"), two[:, 0] - two[:, 1])
+    torch.testing.assert_close(confidence_of(*args, "entropy"), (p * p.log()).sum(-1))
+    with pytest.raises(ValueError, match="random"):
+        confidence_of(*args, "random")
