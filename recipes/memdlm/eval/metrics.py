@@ -25,12 +25,10 @@ from recipes.memdlm.data.batches import Batch, Encoded, collate, fixed_batches
 from recipes.memdlm.data.tasks import ByteTokenizer, Example
 from recipes.memdlm.method import (
     Anchor,
-    adapt,
+    adapt_on_trajectory,
     adapt_to_prompt,
-    loss_masks,
     sample_anchor,
     standard_loss,
-    trajectory_masks,
 )
 
 EVAL_SEED = 20260325  # fixed: every run and method sees the same anchors and adaptation masks
@@ -110,15 +108,12 @@ def eval_loss(
 
 def _gold_adaptation(model, mem, batch, anchor, cfg: MemDLMConfig, mask_id, generator, backend):
     """The training-time inner loop on the example's own answer (memdlm-method.md 2.2)."""
-    inputs = trajectory_masks(anchor.mask, batch.maskable, cfg, generator)
-    targets = loss_masks(inputs, anchor.mask, cfg.inner_loss_mask)
-    return adapt(
+    return adapt_on_trajectory(
         model,
         mem,
         batch.x0,
         batch.maskable,
-        inputs,
-        targets,
+        anchor.mask,
         cfg,
         mask_id=mask_id,
         generator=generator,

@@ -215,6 +215,49 @@ def adapt(
     return Adaptation(phi, info["loss"].tolist(), info["grad_norm"].tolist(), largest.tolist())
 
 
+def adapt_on_trajectory(
+    model,
+    mem,
+    x0: torch.Tensor,
+    maskable: torch.Tensor,
+    anchor_mask: torch.Tensor,
+    cfg: MemDLMConfig,
+    *,
+    mask_id: int,
+    generator,
+    per_sample: bool,
+    uniform: bool = False,
+    anchor_hidden: torch.Tensor | None = None,
+    loss_backend: str | None = "auto",
+    allow_nonfinite: bool = False,
+) -> Adaptation:
+    """The inner loop on the simulated trajectory that ends at `anchor_mask` (B, L) bool: the
+    trajectory's masks (`trajectory_masks`, from `generator`), their loss masks, then `adapt`.
+
+    anchor_hidden: the anchor's early hidden states when the caller has them (training shares
+    them with the outer pass); used for the trajectory's last state when it is the anchor.
+    """
+    inputs = trajectory_masks(anchor_mask, maskable, cfg, generator)
+    targets = loss_masks(inputs, anchor_mask, cfg.inner_loss_mask)
+    shared = anchor_hidden is not None and inputs[-1] is anchor_mask
+    return adapt(
+        model,
+        mem,
+        x0,
+        maskable,
+        inputs,
+        targets,
+        cfg,
+        mask_id=mask_id,
+        generator=generator,
+        per_sample=per_sample,
+        uniform=uniform,
+        precomputed={len(inputs) - 1: anchor_hidden} if shared else None,
+        loss_backend=loss_backend,
+        allow_nonfinite=allow_nonfinite,
+    )
+
+
 def adapt_to_prompt(
     model,
     mem,
@@ -237,15 +280,12 @@ def adapt_to_prompt(
     _, anchor_mask = dd.corrupt(
         prompt, t, mask_id=mask_id, schedule=SCHEDULE, maskable=maskable, generator=generator
     )
-    inputs = trajectory_masks(anchor_mask, maskable, cfg, generator)
-    targets = loss_masks(inputs, anchor_mask, cfg.inner_loss_mask)
-    adaptation = adapt(
+    adaptation = adapt_on_trajectory(
         model,
         mem,
         prompt,
         maskable,
-        inputs,
-        targets,
+        anchor_mask,
         cfg,
         mask_id=mask_id,
         generator=generator,

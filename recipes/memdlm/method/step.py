@@ -32,7 +32,7 @@ from recipes.memdlm.config import MemDLMConfig
 from recipes.memdlm.data.batches import Batch
 from recipes.memdlm.method.inner import (
     InnerProblem,
-    adapt,
+    adapt_on_trajectory,
     init_fast_weights,
     inner_states,
     solve_inner,
@@ -133,9 +133,9 @@ def memdlm_step(
     compiled: from `compile_steps`; the masks and phi_0 are then drawn here and the rest of the
     step runs as one compiled graph (`memdlm_core`). None = eager.
     """
-    inputs = trajectory_masks(anchor.mask, batch.maskable, cfg, generator)
-    targets = loss_masks(inputs, anchor.mask, cfg.inner_loss_mask)
     if compiled is not None:
+        inputs = trajectory_masks(anchor.mask, batch.maskable, cfg, generator)
+        targets = loss_masks(inputs, anchor.mask, cfg.inner_loss_mask)
         phi0 = init_fast_weights(
             model, mem, batch.x0, per_sample=cfg.per_sample, generator=generator
         )
@@ -149,19 +149,17 @@ def memdlm_step(
         return StepOutput(loss, metrics)
     split = split_point(model, mem, cfg)
     hidden_t = split.early(model, anchor.xt)  # with grad: reused by the outer pass
-    anchor_index = {len(inputs) - 1: hidden_t} if inputs[-1] is anchor.mask else {}
-    adaptation = adapt(
+    adaptation = adapt_on_trajectory(
         model,
         mem,
         batch.x0,
         batch.maskable,
-        inputs,
-        targets,
+        anchor.mask,
         cfg,
         mask_id=mask_id,
         generator=generator,
         per_sample=cfg.per_sample,
-        precomputed=anchor_index,
+        anchor_hidden=hidden_t,
         loss_backend=loss_backend,
         allow_nonfinite=True,
     )

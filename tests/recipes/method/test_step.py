@@ -18,7 +18,7 @@ from recipes.memdlm import method
 from recipes.memdlm.config import MemDLMConfig
 from recipes.memdlm.data.batches import Batch, Encoded, collate
 from recipes.memdlm.loop.schedule import cosine_with_warmup
-from recipes.memdlm.method import step as method_step
+from recipes.memdlm.method import inner as method_inner
 
 MASK_ID, VOCAB = 13, 14
 
@@ -92,7 +92,7 @@ def reference_step(model, batch, anchor, pre_mask, phi0, cfg: MemDLMConfig, name
 def test_memdlm_step_equals_reference_pseudocode(cfg, monkeypatch):
     model = tiny_model()
     batch, anchor, pre_mask = fixed_batch()
-    monkeypatch.setattr(method_step, "trajectory_masks", lambda *args: [pre_mask, anchor.mask])
+    monkeypatch.setattr(method_inner, "trajectory_masks", lambda *args: [pre_mask, anchor.mask])
     mem = method.make_fast_weights(model, cfg)
     assert mem.targets == (
         "layers.1.mlp.gate_proj",
@@ -126,7 +126,7 @@ def test_inner_loop_is_first_order_and_leaves_no_fast_weight_gradient(monkeypatc
     cfg = MemDLMConfig(rank=4, alpha=8.0, inner_lr=0.5)
     model = tiny_model()
     batch, anchor, pre_mask = fixed_batch()
-    monkeypatch.setattr(method_step, "trajectory_masks", lambda *args: [pre_mask, anchor.mask])
+    monkeypatch.setattr(method_inner, "trajectory_masks", lambda *args: [pre_mask, anchor.mask])
     mem = method.make_fast_weights(model, cfg)
     captured = {}
     real_adapt = method.adapt
@@ -135,7 +135,7 @@ def test_inner_loop_is_first_order_and_leaves_no_fast_weight_gradient(monkeypatc
         captured["adaptation"] = real_adapt(*args, **kwargs)
         return captured["adaptation"]
 
-    monkeypatch.setattr(method_step, "adapt", spy)
+    monkeypatch.setattr(method_inner, "adapt", spy)
     out = method.memdlm_step(
         model,
         mem,
