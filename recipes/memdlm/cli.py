@@ -14,11 +14,8 @@ import os
 import sys
 from pathlib import Path
 
-from recipes.memdlm.commands.folders import UsageError
-from recipes.memdlm.config import (
-    PRESETS,
-    ConfigError,
-)
+from recipes.memdlm.commands.folders import USER_ERRORS
+from recipes.memdlm.config import PRESETS
 
 COMMANDS = ("train", "eval", "sample", "compare", "inner-lr")
 CHECKPOINT_HELP = (
@@ -194,17 +191,17 @@ def main(argv: list[str] | None = None) -> int:
         argv = [argv[0], *rest]
     args, extra = parser.parse_known_args(argv)
     extra += overrides
-    from recipes.memdlm.data.tasks import DataError
     from recipes.memdlm.loop.progress import Reporter
     from recipes.memdlm.loop.steps import Interrupted, TrainingError
 
     reporter = Reporter(quiet=getattr(args, "quiet", False))
     try:
         return handler(args.command)(args, extra, reporter)
-    except (ConfigError, DataError, UsageError, FileNotFoundError, ValueError, TypeError) as error:
+    except USER_ERRORS as error:  # ConfigError, DataError, UsageError, bad files and values
         if os.environ.get("MEMDLM_DEBUG"):
             raise
-        print(f"error: {error}", file=sys.stderr)
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        print(f"error: {'; '.join(lines) or type(error).__name__}", file=sys.stderr)
         return 2
     except TrainingError as error:
         print(f"training stopped: {error}", file=sys.stderr)

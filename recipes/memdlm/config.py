@@ -24,8 +24,13 @@ class ConfigError(ValueError):
     """A user error in the configuration (bad key, value, file)."""
 
 
+class MissingExtraError(ConfigError):
+    """The configuration needs an optional dependency that is not installed."""
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `--train.lr inf` (or nan) is an error, not a run that diverges.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Strict):
@@ -277,10 +282,16 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 def load_toml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a folder; give a TOML file")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"config file {str(path)!r} is not UTF-8 text (byte {error.start}); save it as UTF-8"
+        ) from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"config file {str(path)!r} is not valid TOML: {error}") from None
 
@@ -293,6 +304,13 @@ def _first_error(error: ValidationError) -> str:
     value = item.get("input")
     shown = "" if isinstance(value, dict) else f" (got {value!r})"
     return f"{where}: {item['msg']}{shown}"
+
+
+def error_line(error: Exception) -> str:
+    """One line for an error: pydantic's first validation problem, else the first line."""
+    if isinstance(error, ValidationError):
+        return _first_error(error)
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def build_config(

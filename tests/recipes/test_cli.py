@@ -7,15 +7,29 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+ROOT = Path(__file__).resolve().parents[2]  # the repository: `recipes` imports from this checkout
 
-def run(*args, cwd=None, timeout=600):
+
+def run(*args, cwd=None, timeout=600, block=None):
+    """`python -m recipes.memdlm ARGS`; block: a module name that then fails to import (as if
+    the optional package were not installed)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "120"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.pop("MEMDLM_DEBUG", None)
+    command = [sys.executable, "-m", "recipes.memdlm"]
+    if block is not None:
+        command = [
+            sys.executable,
+            "-c",
+            f"import runpy, sys; sys.modules[{block!r}] = None; sys.argv[0] = 'memdlm'; "
+            "runpy.run_module('recipes.memdlm', run_name='__main__')",
+        ]
     return subprocess.run(
-        [sys.executable, "-m", "recipes.memdlm", *args],
+        [*command, *args],
         capture_output=True,
         text=True,
         cwd=cwd,

@@ -15,12 +15,38 @@ from recipes.memdlm.data.tasks import ByteTokenizer
 from recipes.memdlm.loop import checkpoint as ckpt
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, kernels: str = "auto") -> torch.device:
+    """The run's device; also checks that `kernels` can run on it, so that a run that would
+    fail at its first step fails before its run folder is written."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise ValueError(
+                f"device {name!r} is not a device; use auto, cpu, cuda or cuda:N"
+            ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
+        raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(
+            f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist"
+        )
+    if kernels == "triton":
+        from diffusion.kernels import triton_available
+        from diffusion.kernels.dispatch import interpreter_enabled
+
+        if not triton_available():
+            raise ValueError(
+                "kernels='triton' needs the optional package triton, which is not installed: "
+                "pip install triton, or use --kernels auto"
+            )
+        if device.type != "cuda" and not interpreter_enabled():
+            raise ValueError(
+                f"kernels='triton' runs on CUDA, not on {device}; use --kernels auto (or set "
+                "TRITON_INTERPRET=1 for Triton's slow CPU interpreter)"
+            )
     return device
 
 
@@ -63,8 +89,41 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
     state = ckpt.load(path)
     try:
         model.load_state_dict(state["model"])
-    except (KeyError, RuntimeError) as error:
-        raise ValueError(f"checkpoint {str(path)!r} does not fit this model: {error}") from None
+    except (KeyError, RuntimeError) as error:  # PyTorch's message is one line per tensor
+        problem = fit_problem(model.state_dict(), state["model"])
+        problem = problem or (str(error).strip().splitlines() or [""])[0]
+        raise ValueError(
+            f"checkpoint {str(path)!r} does not fit this model: {problem}; pass the same "
+            "--preset/--config/model options it was trained with"
+        ) from None
+
+
+def fit_problem(expected: dict, saved) -> str | None:
+    """One line on why the tensors `saved` cannot be loaded into a model whose state is
+    `expected` (missing, unexpected or differently shaped tensors); None when they fit."""
+    if not isinstance(saved, dict):
+        return f"its 'model' entry is a {type(saved).__name__}, not a state dict"
+    parts = []
+    missing = [k for k in expected if k not in saved]
+    unexpected = [k for k in saved if k not in expected]
+    shaped = [
+        k
+        for k in expected
+        if k in saved
+        and hasattr(saved[k], "shape")
+        and tuple(saved[k].shape) != tuple(expected[k].shape)
+    ]
+    if shaped:
+        k = shaped[0]
+        parts.append(
+            f"{len(shaped)} tensor(s) differ in shape (first: {k} "
+            f"{tuple(saved[k].shape)} in the checkpoint vs {tuple(expected[k].shape)} here)"
+        )
+    if missing:
+        parts.append(f"{len(missing)} tensor(s) missing (first: {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected tensor(s) (first: {unexpected[0]})")
+    return ", ".join(parts) or None
 
 
 def announce(model, cfg: Config, reporter) -> dict:

@@ -26,6 +26,7 @@ from recipes.memdlm.commands.folders import (
     UsageError,
     config_from_args,
     fresh_folder,
+    removed_on_user_error,
     resumed_config,
     stamp,
 )
@@ -61,12 +62,26 @@ def base_key(cfg: Config) -> str:
 
 
 def obtain_base(
-    cfg: Config, data: Data, out: Path, *, base: Path | None, cache: Path | None, reporter, device
+    cfg: Config,
+    data: Data,
+    out: Path,
+    *,
+    base: Path | None,
+    cache: Path | None,
+    reporter,
+    device,
+    model: torch.nn.Module | None = None,
 ) -> tuple[torch.nn.Module, dict[str, Any] | None]:
-    """The pretrained base model and its training result (None when given by the user)."""
-    model = new_model(cfg, data.tokenizer, seed=cfg.seed, device=device)
+    """The pretrained base model and its training result (None when given by the user).
+
+    model: the run's freshly built model (`new_model`, seed cfg.seed), with the weights of `base`
+    already loaded when `base` is given (see `fresh_base`); built here when None.
+    """
+    if model is None:
+        model = new_model(cfg, data.tokenizer, seed=cfg.seed, device=device)
+        if base is not None:
+            load_weights(model, base)
     if base is not None:
-        load_weights(model, base)
         reporter.note(f"base model from {base}")
         return model, None
     if cfg.model.path:  # a pretrained Hugging Face backbone is the base, as in the paper
@@ -101,6 +116,23 @@ def obtain_base(
     return model, result.__dict__
 
 
+def fresh_base(
+    cfg: Config, data: Data, *, base: Path | None, reporter, device
+) -> tuple[torch.nn.Module, dict]:
+    """The run's model before the run folder is written, so that what only the model can tell
+    (a base checkpoint that is corrupt or does not fit, fast-weight targets that match no module)
+    fails first: the model (with `base`'s weights when given) and its `announce` record."""
+    if base is not None and base.is_dir():
+        raise FileNotFoundError(f"base checkpoint {str(base)!r} is a folder; give its model.pt")
+    if base is not None and not base.is_file():
+        raise FileNotFoundError(f"base checkpoint {str(base)!r} does not exist")
+    model = new_model(cfg, data.tokenizer, seed=cfg.seed, device=device)
+    backbone = announce(model, cfg, reporter)
+    if base is not None:
+        load_weights(model, base)
+    return model, backbone
+
+
 def _cached_eval(folder: Path, compute) -> dict[str, Any]:
     path = folder / "eval.json"
     if path.is_file():
@@ -118,10 +150,14 @@ def run_compare(
     cache: Path | None = None,
     reporter: Reporter,
 ) -> dict[str, Any]:
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, cfg.kernels)
     data = prepare_data(cfg)  # every user error surfaces here, before the run folder exists
-    if base is not None and not base.is_file():
-        raise FileNotFoundError(f"base checkpoint {str(base)!r} does not exist")
+    model, backbone = fresh_base(cfg, data, base=base, reporter=reporter, device=device)
+    with removed_on_user_error(out):
+        return _compare(cfg, data, out, model, backbone, base, cache, reporter, device)
+
+
+def _compare(cfg, data, out, model, backbone, base, cache, reporter, device) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     ckpt.write_json(out / "config.json", cfg.model_dump())
     for name, report in data.reports.items():
@@ -129,9 +165,8 @@ def run_compare(
             reporter.note(f"{name}: {report.describe(cfg.model.max_seq_len)}")
 
     base_model, base_result = obtain_base(
-        cfg, data, out, base=base, cache=cache, reporter=reporter, device=device
+        cfg, data, out, base=base, cache=cache, reporter=reporter, device=device, model=model
     )
-    backbone = announce(base_model, cfg, reporter)
     loss_set = loss_set_for(data, cfg, device)
     base_eval = _cached_eval(
         out / "base",

@@ -3,10 +3,19 @@ a trained model (a checkpoint, or a Hugging Face model as it is)."""
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import time
 from pathlib import Path
 
-from recipes.memdlm.config import Config, ConfigError, build_config, deep_merge, parse_overrides
+from recipes.memdlm.config import (
+    Config,
+    ConfigError,
+    build_config,
+    deep_merge,
+    error_line,
+    parse_overrides,
+)
 
 
 class UsageError(ValueError):
@@ -18,9 +27,41 @@ def stamp() -> str:
 
 
 def fresh_folder(path: Path) -> Path:
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"run folder {str(path)!r} is a file; give --out a new folder's path")
     if path.exists() and any(path.iterdir()):
         raise UsageError(f"run folder {str(path)!r} exists and is not empty; use --resume or --out")
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise UsageError(f"run folder {str(path)!r} is inside {str(parent)!r}, a file")
     return path
+
+
+# The errors the CLI reports as the user's (cli.main); on them `removed_on_user_error` cleans up.
+# (ConfigError, DataError and UsageError are ValueErrors.)
+USER_ERRORS = (
+    ValueError,
+    TypeError,
+    FileNotFoundError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+)
+
+
+@contextlib.contextmanager
+def removed_on_user_error(path: Path):
+    """Run a command that writes the run folder `path`; if a user error (a bad checkpoint, a
+    module name that matches nothing...) is found after the command created the folder, and
+    before any checkpoint was written into it, remove the folder again, so that a failed command
+    leaves nothing behind. A folder that existed before (empty, or resumed) is never removed."""
+    created = not path.exists()
+    try:
+        yield path
+    except USER_ERRORS:
+        if created and path.is_dir() and not any(path.rglob("*.pt")):
+            shutil.rmtree(path, ignore_errors=True)
+        raise
 
 
 def config_from_args(args, extra: list[str], **fixed) -> Config:
@@ -36,9 +77,12 @@ def resumed_config(folder: Path) -> Config:
     if not path.is_file():
         raise UsageError(f"cannot resume: {str(path)!r} does not exist")
     try:
-        return Config.model_validate_json(path.read_text())
-    except ValueError as error:
-        raise UsageError(f"cannot resume: {path} is not a valid config ({error})") from None
+        return Config.model_validate_json(path.read_text(encoding="utf-8"))
+    except ValueError as error:  # pydantic's message is several lines; UnicodeDecodeError too
+        raise UsageError(
+            f"cannot resume: {path} is not a valid config ({error_line(error)}); it is written "
+            "by the command that created the run folder"
+        ) from None
 
 
 def checkpoint_file(path: Path) -> Path:
@@ -53,12 +97,19 @@ def checkpoint_config(args, extra, checkpoint: Path) -> Config:
     for folder in (checkpoint.parent, checkpoint.parent.parent, checkpoint.parent.parent.parent):
         saved = folder / "config.json"
         if saved.is_file() and args.config is None:
-            base = Config.model_validate_json(saved.read_text()).model_dump()
+            try:
+                base = Config.model_validate_json(saved.read_text(encoding="utf-8")).model_dump()
+            except ValueError as error:
+                raise ConfigError(
+                    f"{saved} (the configuration beside the checkpoint) is not valid "
+                    f"({error_line(error)}); "
+                    "fix or remove it"
+                ) from None
             merged = deep_merge(base, parse_overrides(extra))
             try:
                 return Config.model_validate(merged)
             except ValueError as error:
-                raise ConfigError(str(error).splitlines()[0]) from None
+                raise ConfigError(error_line(error)) from None
     return config_from_args(args, extra)
 
 
@@ -73,7 +124,7 @@ def load_model(args, extra):
     else:
         checkpoint = checkpoint_file(args.checkpoint)
         cfg = checkpoint_config(args, extra, checkpoint)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, cfg.kernels)
     tok = tokenizer_for(cfg)
     model = new_model(cfg, tok, seed=0, device=device)
     if checkpoint is not None:

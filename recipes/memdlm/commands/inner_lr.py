@@ -9,6 +9,7 @@ largest lr whose mean gap stays at or below a target (default 0.05 nats).
 
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -17,11 +18,12 @@ import torch
 from rich.table import Table
 
 from recipes.memdlm.backbones.load import resolve_device
-from recipes.memdlm.commands.compare import obtain_base
+from recipes.memdlm.commands.compare import fresh_base, obtain_base
 from recipes.memdlm.commands.folders import (
     UsageError,
     config_from_args,
     fresh_folder,
+    removed_on_user_error,
     stamp,
 )
 from recipes.memdlm.config import Config
@@ -76,13 +78,21 @@ def run_scan(
     cache: Path | None,
     reporter: Reporter,
 ) -> dict[str, Any]:
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, cfg.kernels)
     data = prepare_data(cfg)
-    if base is not None and not base.is_file():
-        raise FileNotFoundError(f"base checkpoint {str(base)!r} does not exist")
+    model, _ = fresh_base(cfg, data, base=base, reporter=reporter, device=device)
+    with removed_on_user_error(out):
+        return _scan(
+            cfg, data, out, model, lrs, target_gap, n_batches, base, cache, reporter, device
+        )
+
+
+def _scan(cfg, data, out, model, lrs, target_gap, n_batches, base, cache, reporter, device):
     out.mkdir(parents=True, exist_ok=True)
     ckpt.write_json(out / "config.json", cfg.model_dump())
-    model, _ = obtain_base(cfg, data, out, base=base, cache=cache, reporter=reporter, device=device)
+    model, _ = obtain_base(
+        cfg, data, out, base=base, cache=cache, reporter=reporter, device=device, model=model
+    )
     model.eval()
     sampler = BatchSampler(
         data.train, cfg.train.batch_size, seed=cfg.seed, eos_id=data.tokenizer.eos_id
@@ -143,8 +153,12 @@ def cmd_inner_lr(args, extra, reporter) -> int:
         lrs = [float(x) for x in args.lrs.split(",") if x.strip()]
     except ValueError:
         raise UsageError(f"--lrs must be comma-separated numbers, got {args.lrs!r}") from None
-    if not lrs or any(lr < 0 for lr in lrs):
-        raise UsageError(f"--lrs needs non-negative numbers, got {args.lrs!r}")
+    if not lrs or any(not math.isfinite(lr) or lr < 0 for lr in lrs):
+        raise UsageError(f"--lrs needs finite non-negative numbers, got {args.lrs!r}")
+    if not math.isfinite(args.target_gap) or args.target_gap <= 0:
+        raise UsageError(f"--target-gap must be a positive number of nats, got {args.target_gap}")
+    if args.batches < 1:
+        raise UsageError(f"--batches must be at least 1, got {args.batches}")
     out = fresh_folder(args.out or Path("runs") / f"inner-lr-{cfg.preset}-{stamp()}")
     run_scan(
         cfg,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 
 import torch
@@ -13,11 +14,27 @@ from recipes.memdlm.commands.folders import (
 )
 
 
+def check_sample_args(args) -> None:
+    """The decoding options, before any model is loaded (`diffusion.generate` checks how they
+    combine: block length dividing gen-length, steps per block)."""
+    if args.gen_length < 1:
+        raise UsageError(f"--gen-length must be at least 1, got {args.gen_length}")
+    if args.steps is not None and args.steps < 1:
+        raise UsageError(f"--steps must be at least 1 (default: --gen-length), got {args.steps}")
+    if args.block_length is not None and args.block_length < 1:
+        raise UsageError(f"--block-length must be at least 1, got {args.block_length}")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise UsageError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if args.threshold is not None and math.isnan(args.threshold):
+        raise UsageError("--threshold must be a number, got nan")
+
+
 def cmd_sample(args, extra, reporter) -> int:
 
     import diffusion as dd
     from recipes.memdlm.method import adapt_to_prompt, make_fast_weights
 
+    check_sample_args(args)
     cfg, tok, model, device = load_model(args, extra)
     ids = tok.encode(args.prompt)
     if not ids:
@@ -53,7 +70,7 @@ def cmd_sample(args, extra, reporter) -> int:
                     prompt,
                     mask_id=tok.mask_id,
                     gen_length=args.gen_length,
-                    steps=args.steps or args.gen_length,
+                    steps=args.gen_length if args.steps is None else args.steps,
                     block_length=args.block_length,
                     remasking=args.remasking,
                     temperature=args.temperature,

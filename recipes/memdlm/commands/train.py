@@ -9,6 +9,7 @@ from recipes.memdlm.commands.folders import (
     checkpoint_file,
     config_from_args,
     fresh_folder,
+    removed_on_user_error,
     resumed_config,
     stamp,
 )
@@ -16,14 +17,8 @@ from recipes.memdlm.commands.folders import (
 
 def cmd_train(args, extra, reporter) -> int:
     from recipes.memdlm.backbones.load import announce, load_weights, new_model, resolve_device
-    from recipes.memdlm.data.batches import BatchSampler
     from recipes.memdlm.data.prepare import prepare_data
-    from recipes.memdlm.eval.report import per_seed_record
-    from recipes.memdlm.eval.suite import evaluate_model
-    from recipes.memdlm.loop import checkpoint as ckpt
     from recipes.memdlm.loop import parallel as distributed
-    from recipes.memdlm.loop.phase import phase_options, train_phase
-    from recipes.memdlm.loop.steps import MetricsLog
 
     if distributed.launched():  # under torchrun: one process per device (docs/scaling.md)
         return train_distributed(args, extra, reporter)
@@ -36,15 +31,27 @@ def cmd_train(args, extra, reporter) -> int:
         out = fresh_folder(args.out or Path("runs") / f"train-{cfg.method}-{stamp()}")
         if args.base is not None:
             checkpoint_file(args.base)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, cfg.kernels)
     data = prepare_data(cfg)
     model = new_model(cfg, data.tokenizer, seed=cfg.seed, device=device)
-    backbone = announce(model, cfg, reporter)
+    backbone = announce(model, cfg, reporter)  # fast-weight targets that match nothing fail here
+    if args.resume is None and args.base is not None:
+        load_weights(model, checkpoint_file(args.base))
+    with removed_on_user_error(out):
+        return _train(model, backbone, cfg, data, out, args, reporter, device)
+
+
+def _train(model, backbone, cfg, data, out: Path, args, reporter, device) -> int:
+    from recipes.memdlm.data.batches import BatchSampler
+    from recipes.memdlm.eval.report import per_seed_record
+    from recipes.memdlm.eval.suite import evaluate_model
+    from recipes.memdlm.loop import checkpoint as ckpt
+    from recipes.memdlm.loop.phase import phase_options, train_phase
+    from recipes.memdlm.loop.steps import MetricsLog
+
     out.mkdir(parents=True, exist_ok=True)
     if args.resume is None:
         ckpt.write_json(out / "config.json", cfg.model_dump())
-        if args.base is not None:
-            load_weights(model, checkpoint_file(args.base))
     sampler = BatchSampler(
         data.train, cfg.train.batch_size, seed=cfg.seed, eos_id=data.tokenizer.eos_id
     )

@@ -227,11 +227,20 @@ def load_jsonl(path: str | Path) -> list[Example]:
     Raises DataError naming the file and line of the first problem.
     """
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"data file {str(path)!r} is a folder; give a JSONL file")
     if not path.is_file():
         raise DataError(f"data file {str(path)!r} does not exist")
     examples = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(
+                    f"{path}:{number}: not UTF-8 text (byte {error.start + 1} of the line); "
+                    "save the file as UTF-8"
+                ) from None
             if not line.strip():
                 continue
             try:

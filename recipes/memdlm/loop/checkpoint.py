@@ -43,8 +43,29 @@ def save(path: Path, payload: dict[str, Any]) -> None:
 
 
 def load(path: Path) -> dict[str, Any]:
-    # weights_only=False: checkpoints hold generator states and plain Python metadata we wrote.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """A checkpoint we wrote; a file that is not one (truncated, empty, another format, a folder)
+    raises ValueError in one line naming the file."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"checkpoint {str(path)!r} is a folder; give its model.pt")
+    try:
+        # weights_only=False: checkpoints hold generator states and plain Python metadata we wrote.
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # torch.load raises many types: Unpickling, EOF, zipfile, Runtime
+        reason = (str(error).strip().splitlines() or [""])[0]
+        raise ValueError(
+            f"checkpoint {str(path)!r} is not a readable checkpoint "
+            f"({type(error).__name__}: {reason[:160]}); it is truncated or not a file this "
+            "recipe wrote: train it again or point at another model.pt"
+        ) from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise ValueError(
+            f"checkpoint {str(path)!r} is not a checkpoint of this recipe (no 'model' entry); "
+            "point at a model.pt or checkpoint.pt from a run folder"
+        )
+    return state
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -16,15 +16,17 @@ from recipes.memdlm.backbones.hf.attention import (
 )
 from recipes.memdlm.backbones.hf.denoiser import HFDenoiser
 from recipes.memdlm.backbones.hf.experts import take_over_routing, unfuse_experts
+from recipes.memdlm.config import MissingExtraError
 
 
 def require_transformers():
     try:
         import transformers
     except ImportError:  # pragma: no cover - exercised only without the extra
-        raise ImportError(
-            "Hugging Face backbones need the optional extra: pip install 'memdlm-toolkit[hf]' "
-            "(transformers, safetensors, peft)"
+        raise MissingExtraError(
+            "Hugging Face backbones (model.path) need the optional extra 'hf' (transformers, "
+            'safetensors, peft): pip install -e ".[hf]" in the repository '
+            "(or pip install 'memdlm-toolkit[hf]')"
         ) from None
     return transformers
 
@@ -167,7 +169,9 @@ def add_outer_lora(model, *, rank: int, alpha: float, dropout: float, targets, k
     try:
         import peft
     except ImportError:  # pragma: no cover - exercised only without the extra
-        raise ImportError("model.lora_rank > 0 needs peft (the optional extra 'hf')") from None
+        raise MissingExtraError(
+            "model.lora_rank > 0 needs peft, in the optional extra 'hf': pip install -e \".[hf]\""
+        ) from None
     if kbit:
         # No activation checkpointing: fast weights are bound only during the forward pass, so a
         # recomputation in backward would run without them (silently wrong gradients).
