@@ -64,7 +64,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=Path("runs/cache"),
         help="where pretrained bases are cached (default: runs/cache)",
     )
-    p.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
+    p.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="neither read nor write the cache, nor use the shipped base: pretrain",
+    )
+    p.add_argument(
+        "--pretrain",
+        action="store_true",
+        help="pretrain the base even if a cached or shipped one fits",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="fine-tuning runs side by side (default: one per CPU core; 1 on a GPU)",
+    )
     p.add_argument("--resume", type=Path, metavar="DIR", help="continue the comparison in DIR")
 
     p = sub.add_parser(

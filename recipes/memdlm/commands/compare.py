@@ -1,18 +1,19 @@
 """`compare`: one base, then Standard and MemDLM fine-tuned from it with paired seeds.
 
-1. Pretrain a base with the standard objective, or reuse one (`--base CKPT`, or the cache). A
-   Hugging Face backbone (`model.path`) is its own base: its pretrained weights, no pretraining.
-2. For each seed: fine-tune a copy of the base with Standard and with MemDLM. Both runs see the
-   same batches in the same order and the same anchor masks (see `train.phase_generators`).
-3. Evaluate every model on the same held-out data and anchors, print the table, write
-   summary.json and plots. The summary is rewritten after every run, so results appear as they
-   come out and an interrupted comparison keeps what it finished.
+1. The base: `--base CKPT`; a Hugging Face backbone's own weights (`model.path`: no
+   pretraining, as in the paper); the cached or shipped base of this configuration
+   (`commands.bases`); else pretrain one with the standard objective (`--pretrain` forces it).
+2. Jobs: the base's evaluation, and for each seed Standard and MemDLM fine-tuned from the base and
+   evaluated. Both methods of a seed see the same batches in the same order and the same anchor
+   masks (`loop.steps.phase_generators`); every model is scored on the same held-out data and
+   anchors. On a CPU the jobs run side by side, one process per core (`loop.workers`); their
+   results do not depend on it.
+3. The table and the verdict, summary.json and plots. The summary is rewritten after every job,
+   so results appear as they come out and an interrupted comparison keeps what it finished.
 """
 
 from __future__ import annotations
 
-import copy
-import hashlib
 import json
 import platform
 import shutil
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 
 from recipes.memdlm.backbones.load import announce, load_weights, new_model, resolve_device
+from recipes.memdlm.commands.bases import base_key, differences, shipped_base
 from recipes.memdlm.commands.folders import (
     UsageError,
     config_from_args,
@@ -44,21 +46,12 @@ from recipes.memdlm.eval.report import (
 from recipes.memdlm.eval.suite import evaluate_model, loss_set_for
 from recipes.memdlm.loop import checkpoint as ckpt
 from recipes.memdlm.loop.phase import phase_options, train_phase
-from recipes.memdlm.loop.progress import Reporter
+from recipes.memdlm.loop.progress import JobClock, Reporter
 from recipes.memdlm.loop.steps import MetricsLog
+from recipes.memdlm.loop.workers import Job, default_workers, run_jobs
 
 METHODS = ("standard", "memdlm")
-
-
-def base_key(cfg: Config) -> str:
-    """Identity of a pretrained base: everything that shapes its weights."""
-    payload = {
-        "model": cfg.model.model_dump(),
-        "data": cfg.data.model_dump(),
-        "pretrain": cfg.pretrain.model_dump(),
-        "seed": cfg.seed,
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+__all__ = ["METHODS", "base_key", "obtain_base", "fresh_base", "run_compare", "cmd_compare"]
 
 
 def obtain_base(
@@ -71,11 +64,14 @@ def obtain_base(
     reporter,
     device,
     model: torch.nn.Module | None = None,
+    pretrain: bool = False,
 ) -> tuple[torch.nn.Module, dict[str, Any] | None]:
     """The pretrained base model and its training result (None when given by the user).
 
     model: the run's freshly built model (`new_model`, seed cfg.seed), with the weights of `base`
     already loaded when `base` is given (see `fresh_base`); built here when None.
+    cache: the folder of cached bases, None to neither read nor write it (nor use the shipped
+    base). pretrain: pretrain even when a cached or shipped base would do.
     """
     if model is None:
         model = new_model(cfg, data.tokenizer, seed=cfg.seed, device=device)
@@ -89,10 +85,8 @@ def obtain_base(
         return model, None
     folder = out / "base"
     cached = cache / f"base-{base_key(cfg)}.pt" if cache is not None else None
-    if cached is not None and cached.is_file() and not (folder / "model.pt").exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(cached, folder / "model.pt")
-        reporter.note(f"reusing the cached base {cached}")
+    if not pretrain and not (folder / "model.pt").exists():
+        _reuse_base(cfg, folder, cached, shipped=cache is not None, reporter=reporter)
     log = MetricsLog(
         out / "metrics.jsonl", {"phase": "pretrain", "method": "standard", "seed": cfg.seed}
     )
@@ -114,6 +108,23 @@ def obtain_base(
         cached.parent.mkdir(parents=True, exist_ok=True)
         ckpt.atomic_write_bytes(cached, lambda h: h.write((folder / "model.pt").read_bytes()))
     return model, result.__dict__
+
+
+def _reuse_base(cfg: Config, folder: Path, cached: Path | None, *, shipped: bool, reporter):
+    """Copy the cached base, else the shipped one, into `folder`; say why when neither fits."""
+    source = cached if cached is not None and cached.is_file() else None
+    if source is not None:
+        reporter.note(f"reusing the cached base {cached}")
+    elif shipped and (source := shipped_base(cfg)) is not None:
+        reporter.note(f"using the base shipped for this configuration ({source.name})")
+    elif shipped and (changed := differences(cfg)):
+        reporter.note(
+            f"no shipped base for this configuration (it differs in {', '.join(changed[:6])}"
+            f"{' ...' if len(changed) > 6 else ''}): pretraining one, {cfg.pretrain.steps} steps"
+        )
+    if source is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, folder / "model.pt")
 
 
 def fresh_base(
@@ -148,103 +159,200 @@ def run_compare(
     *,
     base: Path | None = None,
     cache: Path | None = None,
+    pretrain: bool = False,
+    workers: int | None = None,
     reporter: Reporter,
 ) -> dict[str, Any]:
+    """The whole comparison into the run folder `out`; returns the summary (summary.json).
+
+    workers: processes side by side (default: one per CPU core, at most one per job; one on an
+    accelerator). The results are the same for any number.
+    """
     device = resolve_device(cfg.device, cfg.kernels)
     data = prepare_data(cfg)  # every user error surfaces here, before the run folder exists
     model, backbone = fresh_base(cfg, data, base=base, reporter=reporter, device=device)
+    jobs = 1 + len(METHODS) * cfg.seeds
+    workers = default_workers(device, jobs) if workers is None else workers
     with removed_on_user_error(out):
-        return _compare(cfg, data, out, model, backbone, base, cache, reporter, device)
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt.write_json(out / "config.json", cfg.model_dump())
+        for name, report in data.reports.items():
+            if report.filtered or report.truncated:
+                reporter.note(f"{name}: {report.describe(cfg.model.max_seq_len)}")
+        clock = JobClock(workers)
+        reporter.clock = clock
+        try:
+            clock.plan("base", "pretrain", cfg.pretrain.steps)
+            reporter.current_job = "base"
+            _, base_result = obtain_base(
+                cfg,
+                data,
+                out,
+                base=base,
+                cache=cache,
+                reporter=reporter,
+                device=device,
+                model=model,
+                pretrain=pretrain,
+            )
+            reporter.current_job = None
+            clock.finish("base")
+            base_file = base if base is not None else _pretrained_file(cfg, out)
+            return _fine_tune_all(
+                cfg, out, base_file, base_result, backbone, device, workers, clock, reporter
+            )
+        finally:
+            reporter.clock = None
+            reporter.current_job = None
 
 
-def _compare(cfg, data, out, model, backbone, base, cache, reporter, device) -> dict[str, Any]:
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt.write_json(out / "config.json", cfg.model_dump())
-    for name, report in data.reports.items():
-        if report.filtered or report.truncated:
-            reporter.note(f"{name}: {report.describe(cfg.model.max_seq_len)}")
+def _pretrained_file(cfg: Config, out: Path) -> Path | None:
+    return None if cfg.model.path else out / "base" / "model.pt"
 
-    base_model, base_result = obtain_base(
-        cfg, data, out, base=base, cache=cache, reporter=reporter, device=device, model=model
-    )
-    loss_set = loss_set_for(data, cfg, device)
-    base_eval = _cached_eval(
-        out / "base",
-        lambda: {
-            "eval_loss": eval_loss(base_model, loss_set, loss_backend=cfg.loss_backend),
-            "niah_accuracy": {
-                str(k): v
-                for k, v in niah_accuracy(
-                    base_model,
-                    data.accuracy_eval,
-                    data.tokenizer,
-                    batch_size=cfg.eval.batch_size,
-                    device=device,
-                    generate_options=cfg.generate_options(),
-                    loss_backend=cfg.loss_backend,
-                )["by_length"].items()
-            },
-        },
-    )
-    records: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
+
+def _fine_tune_all(cfg, out, base_file, base_result, backbone, device, workers, clock, reporter):
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
-    summary: dict[str, Any] = {}
+    common = {"cfg": cfg, "out": out, "base_file": base_file, "device": str(device)}
+    jobs = [Job("base-eval", evaluate_base, common, label="base")]
+    clock.plan("base-eval", "base-eval")
     for seed in seeds:
         for method in METHODS:
-            folder = out / f"seed{seed}" / method
-            model = copy.deepcopy(base_model)
-            log = MetricsLog(
-                out / "metrics.jsonl", {"phase": "train", "method": method, "seed": seed}
+            name = f"seed{seed}/{method}"
+            jobs.append(
+                Job(
+                    name,
+                    fine_tune_and_evaluate,
+                    {**common, "seed": seed, "method": method},
+                    label=f"seed {seed}",
+                )
             )
-            sampler = BatchSampler(
-                data.train, cfg.train.batch_size, seed=seed, eos_id=data.tokenizer.eos_id
-            )
-            result = train_phase(
-                model,
-                method=method,
-                phase=cfg.train,
-                sampler=sampler,
-                seed=seed,
-                folder=folder,
-                log=log,
-                reporter=reporter,
-                **phase_options(cfg, data),
-            )
-            reporter.note(f"evaluating seed {seed} {method}")
-            evaluation = _cached_eval(
-                folder,
-                lambda m=model, meth=method: evaluate_model(
-                    m, data, cfg, method=meth, device=device, loss_set=loss_set
-                ),
-            )
-            records[method].append(per_seed_record(seed, result, evaluation))
-            summary = _summary(cfg, seeds, device, base_result, base_eval, records)
-            summary["backbone"] = backbone
-            ckpt.write_json(out / "summary.json", summary)
+            clock.plan(name, method, cfg.train.steps)
+    if workers > 1:
+        reporter.note(f"{len(jobs) - 1} fine-tuning runs on {workers} processes side by side")
+    base_eval: dict[str, Any] | None = None
+    records: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
+    summary: dict[str, Any] = {}
+    for job, result in run_jobs(jobs, workers=workers, reporter=reporter):
+        if job.name == "base-eval":
+            base_eval = result
+        else:
+            records[job.kwargs["method"]].append(result)
+            records[job.kwargs["method"]].sort(key=lambda r: r["seed"])
+        summary = _summary(cfg, seeds, device, base_result, base_eval, records)
+        summary["backbone"] = backbone
+        ckpt.write_json(out / "summary.json", summary)
     print_report(summary, reporter.out)
-    metrics = MetricsLog(out / "metrics.jsonl", {}).records()
+    metrics = merge_metrics(out, seeds)
     plot_all(summary, metrics, out / "plots")
     reporter.note(f"run folder: {out}")
     return summary
 
 
+def _job_data(cfg: Config, base_file: Path | None, device: str):
+    """What a job rebuilds for itself: the data, and the base model on `device`."""
+    data = prepare_data(cfg)
+    model = new_model(cfg, data.tokenizer, seed=cfg.seed, device=torch.device(device))
+    if base_file is not None:
+        load_weights(model, base_file)
+    return data, model
+
+
+def evaluate_base(*, reporter, cfg: Config, out: Path, base_file, device: str) -> dict[str, Any]:
+    """The base's held-out loss and needle accuracy (`base/eval.json`; a job)."""
+
+    def compute() -> dict[str, Any]:
+        data, model = _job_data(cfg, base_file, device)
+        accuracy = niah_accuracy(
+            model,
+            data.accuracy_eval,
+            data.tokenizer,
+            batch_size=cfg.eval.batch_size,
+            device=torch.device(device),
+            generate_options=cfg.generate_options(),
+            loss_backend=cfg.loss_backend,
+        )
+        loss_set = loss_set_for(data, cfg, torch.device(device))
+        return {
+            "eval_loss": eval_loss(model, loss_set, loss_backend=cfg.loss_backend),
+            "niah_accuracy": {str(k): v for k, v in accuracy["by_length"].items()},
+        }
+
+    reporter.note("evaluating the base")
+    return _cached_eval(out / "base", compute)
+
+
+def fine_tune_and_evaluate(
+    *, reporter, cfg: Config, out: Path, base_file, device: str, seed: int, method: str
+) -> dict[str, Any]:
+    """Fine-tune the base with `method` on `seed`'s batches, evaluate it: the per-seed record
+    (`eval.report.per_seed_record`; a job). Its folder is out/seed<seed>/<method>, with its own
+    metrics.jsonl (merged into the run's at the end: jobs may run side by side)."""
+    data, model = _job_data(cfg, base_file, device)
+    folder = out / f"seed{seed}" / method
+    folder.mkdir(parents=True, exist_ok=True)
+    log = MetricsLog(folder / "metrics.jsonl", {"phase": "train", "method": method, "seed": seed})
+    sampler = BatchSampler(
+        data.train, cfg.train.batch_size, seed=seed, eos_id=data.tokenizer.eos_id
+    )
+    result = train_phase(
+        model,
+        method=method,
+        phase=cfg.train,
+        sampler=sampler,
+        seed=seed,
+        folder=folder,
+        log=log,
+        reporter=reporter,
+        **phase_options(cfg, data),
+    )
+    reporter.note(f"evaluating seed {seed} {method}")
+    device_ = torch.device(device)
+    evaluation = _cached_eval(
+        folder,
+        lambda: evaluate_model(
+            model,
+            data,
+            cfg,
+            method=method,
+            device=device_,
+            loss_set=loss_set_for(data, cfg, device_),
+        ),
+    )
+    return per_seed_record(seed, result, evaluation)
+
+
+def merge_metrics(out: Path, seeds: list[int]) -> list[dict[str, Any]]:
+    """out/metrics.jsonl: the pretraining records, then each run's (seed, method order).
+
+    Idempotent (a resumed comparison merges again); returns the merged records."""
+    path = out / "metrics.jsonl"
+    kept = [r for r in MetricsLog(path, {}).records() if r.get("phase") != "train"]
+    for seed in seeds:
+        for method in METHODS:
+            kept += MetricsLog(out / f"seed{seed}" / method / "metrics.jsonl", {}).records()
+    text = "".join(json.dumps(r) + "\n" for r in kept)
+    ckpt.atomic_write_bytes(path, lambda h: h.write(text.encode()))
+    return kept
+
+
 def _summary(cfg, seeds, device, base_result, base_eval, records) -> dict[str, Any]:
+    base = None
+    if base_eval is not None or base_result:
+        base = {
+            **(base_eval or {}),
+            **({"seconds_per_step": base_result["seconds_per_step"]} if base_result else {}),
+        }
     summary: dict[str, Any] = {
         "schema": "memdlm-compare/1",
         "preset": cfg.preset,
         "seeds": seeds,
         "device": str(device),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
-        "base": {
-            **base_eval,
-            **({"seconds_per_step": base_result["seconds_per_step"]} if base_result else {}),
-        },
+        "base": base,
     }
     for method in METHODS:
         summary[method] = method_summary(records[method]) if records[method] else {}
     summary["paired"] = paired(records["standard"], records["memdlm"])
-    if not summary["memdlm"]:
-        summary["memdlm"] = {}
     return summary
 
 
@@ -258,6 +366,16 @@ def cmd_compare(args, extra, reporter) -> int:
     else:
         cfg = config_from_args(args, extra, seeds=args.seeds)
         out = fresh_folder(args.out or Path("runs") / f"compare-{cfg.preset}-{stamp()}")
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers must be at least 1, got {args.workers}")
     cache = None if args.no_cache else args.cache
-    run_compare(cfg, out, base=args.base, cache=cache, reporter=reporter)
+    run_compare(
+        cfg,
+        out,
+        base=args.base,
+        cache=cache,
+        pretrain=args.pretrain,
+        workers=args.workers,
+        reporter=reporter,
+    )
     return 0

@@ -11,7 +11,13 @@ sample standard deviations and `per_seed` the raw values:
      "memdlm": {... as standard, plus "eval_loss_answer_adapted", "eval_loss_adapted",
                 "niah_accuracy_adapted", "exposure_bias_adapted_final", "train_loss_off_final",
                 "gap_final", "inner_grad_norm_final"},
-     "paired": {"eval_loss_delta", "niah_accuracy_delta", "step_time_ratio"}}
+     "paired": {"seeds", "eval_loss_delta", "niah_accuracy_delta", "niah_char_accuracy_delta",
+                "step_time_ratio", "verdict"}}
+
+Each `*_delta` is MemDLM Train-Only minus Standard on the same seed: {"per_seed", "mean", "sd",
+"ci95": [low, high] | null, "detectable"} (`eval.stats.paired_interval`: Student's t over seeds,
+and the smallest difference this run would have detected with 80% power); `verdict` holds the
+printed sentences, which claim a sign only where the 95% interval excludes zero.
 
 `eval_loss` is always the fast-weights-off loss (Standard; MemDLM "Train-Only"); the `*_adapted`
 entries are after prompt-only adaptation ("Train & Inference"); `eval_loss_answer_adapted` is after
@@ -27,6 +33,8 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+from recipes.memdlm.eval.stats import paired_interval, verdict
 
 
 def _mean(values: list[float]) -> float:
@@ -141,12 +149,32 @@ def paired(standard: list[dict], memdlm: list[dict]) -> dict[str, Any]:
         _overall(m["niah_char_accuracy"]) - _overall(s["niah_char_accuracy"]) for s, m in pairs
     ]
     time_ratio = [m["seconds_per_step"] / s["seconds_per_step"] for s, m in pairs]
+    deltas = {
+        "eval_loss_delta": _delta(loss),
+        "niah_accuracy_delta": _delta(acc),
+        "niah_char_accuracy_delta": _delta(chars),
+    }
     return {
         "seeds": [s["seed"] for s, _ in pairs],
-        "eval_loss_delta": {"per_seed": loss, "mean": _mean(loss), "sd": _sd(loss)},
-        "niah_accuracy_delta": {"per_seed": acc, "mean": _mean(acc), "sd": _sd(acc)},
-        "niah_char_accuracy_delta": {"per_seed": chars, "mean": _mean(chars), "sd": _sd(chars)},
+        **deltas,
         "step_time_ratio": {"per_seed": time_ratio, "mean": _mean(time_ratio)},
+        "verdict": [
+            verdict("fast-weights-off eval loss (nats)", paired_interval(loss)),
+            verdict("NIAH exact-match accuracy", paired_interval(acc), unit=" pt", scale=100),
+        ],
+    }
+
+
+def _delta(differences: list[float]) -> dict[str, Any]:
+    """Paired differences with their mean, sd, 95% interval and smallest detectable difference."""
+    interval = paired_interval(differences)
+    low, high = interval["low"], interval["high"]
+    return {
+        "per_seed": differences,
+        "mean": _mean(differences),
+        "sd": _sd(differences),
+        "ci95": None if low is None else [low, high],
+        "detectable": interval["detectable"],
     }
 
 
@@ -247,6 +275,8 @@ def print_report(summary: dict[str, Any], console: Console) -> None:
             f"{100 * d_char['mean']:+.1f} pt (sd {100 * d_char['sd']:.1f}); a MemDLM step costs "
             f"{pair['step_time_ratio']['mean']:.2f}x a standard step."
         )
+        for sentence in pair.get("verdict", []):
+            console.print(f"Verdict, {sentence}", markup=False, highlight=False)
     mem = summary["memdlm"]
     if "eval_loss_answer_adapted" in mem:
         console.print(
