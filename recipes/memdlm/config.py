@@ -196,7 +196,7 @@ def _preset_cpu_tiny() -> dict[str, Any]:
             "eval_per_cell": 16,
         },
         "train": {"steps": 200, "batch_size": 16, "log_every": 25, "ckpt_every": 100},
-        "memdlm": {"rank": 8, "alpha": 16.0, "grad_transform": "clip", "inner_lr": 0.3},
+        "memdlm": {"rank": 8, "alpha": 16.0, "grad_transform": "clip", "inner_lr": 10.0},
         "eval": {"exposure_examples": 16},
     }
 

@@ -32,6 +32,8 @@ NOT_PRETRAINING = {
     "eval_context_lengths",
     "eval_per_cell",
 }
+# Phase settings that only say how often to log and checkpoint.
+BOOKKEEPING = {"log_every", "ckpt_every"}
 RECORDED_LOSSES = 5  # first pretraining losses kept in the record, to check reproduction
 
 
@@ -40,7 +42,7 @@ def base_identity(cfg: Config) -> dict[str, Any]:
     return {
         "model": cfg.model.model_dump(),
         "data": cfg.data.model_dump(exclude=NOT_PRETRAINING),
-        "pretrain": cfg.pretrain.model_dump(),
+        "pretrain": cfg.pretrain.model_dump(exclude=BOOKKEEPING),
         "seed": cfg.seed,
         "time_eps": cfg.time_eps,
     }

@@ -47,7 +47,7 @@ from recipes.memdlm.eval.suite import evaluate_model, loss_set_for
 from recipes.memdlm.loop import checkpoint as ckpt
 from recipes.memdlm.loop.phase import phase_options, train_phase
 from recipes.memdlm.loop.progress import JobClock, Reporter
-from recipes.memdlm.loop.steps import MetricsLog
+from recipes.memdlm.loop.steps import MetricsLog, denormals_flushed
 from recipes.memdlm.loop.workers import Job, default_workers, run_jobs
 
 METHODS = ("standard", "memdlm")
@@ -278,7 +278,8 @@ def evaluate_base(*, reporter, cfg: Config, out: Path, base_file, device: str) -
         }
 
     reporter.note("evaluating the base")
-    return _cached_eval(out / "base", compute)
+    with denormals_flushed():  # as every evaluation of a job (`loop.steps.denormals_flushed`)
+        return _cached_eval(out / "base", compute)
 
 
 def fine_tune_and_evaluate(
@@ -307,17 +308,18 @@ def fine_tune_and_evaluate(
     )
     reporter.note(f"evaluating seed {seed} {method}")
     device_ = torch.device(device)
-    evaluation = _cached_eval(
-        folder,
-        lambda: evaluate_model(
-            model,
-            data,
-            cfg,
-            method=method,
-            device=device_,
-            loss_set=loss_set_for(data, cfg, device_),
-        ),
-    )
+    with denormals_flushed():
+        evaluation = _cached_eval(
+            folder,
+            lambda: evaluate_model(
+                model,
+                data,
+                cfg,
+                method=method,
+                device=device_,
+                loss_set=loss_set_for(data, cfg, device_),
+            ),
+        )
     return per_seed_record(seed, result, evaluation)
 
 

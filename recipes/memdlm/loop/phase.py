@@ -43,6 +43,7 @@ from recipes.memdlm.loop.steps import (
     PhaseResult,
     StepOutcome,
     autocast_for,
+    denormals_flushed,
     finished_phase,
     new_counters,
     phase_generators,
@@ -198,19 +199,20 @@ def train_phase(
 
     model.train()
     try:
-        run_steps(
-            one_step,
-            phase=phase,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            counters=counters,
-            save_checkpoint=save_checkpoint,
-            log=log,
-            reporter=reporter,
-            label=f"{log.tags.get('phase')}/{method}",
-            folder=folder,
-            write_log=ctx.is_main,
-        )
+        with denormals_flushed():
+            run_steps(
+                one_step,
+                phase=phase,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                counters=counters,
+                save_checkpoint=save_checkpoint,
+                log=log,
+                reporter=reporter,
+                label=f"{log.tags.get('phase')}/{method}",
+                folder=folder,
+                write_log=ctx.is_main,
+            )
     finally:
         if mem is not None:
             mem.remove()

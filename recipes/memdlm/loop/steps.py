@@ -7,8 +7,8 @@ import json
 import math
 import time
 import warnings
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,6 +78,21 @@ def phase_generators(seed: int, device: torch.device) -> dict[str, torch.Generat
         "anchor": torch.Generator(device=device).manual_seed(1000 * seed + 1),
         "inner": torch.Generator(device=device).manual_seed(1000 * seed + 2),
     }
+
+
+@contextmanager
+def denormals_flushed() -> Iterator[None]:
+    """Treat denormal floats as zero on the CPU while inside (this thread).
+
+    Fine-tuning the shipped cpu-tiny base made every step 2.2x slower without it (0.35 s against
+    0.16 s, one core): some of its values are denormal, and x86 arithmetic on denormals is slow.
+    Values below 1.2e-38 do not move a float32 loss; the golden-loss tests run with it.
+    """
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)  # the default; torch offers no way to read it
 
 
 def autocast_for(device: torch.device):

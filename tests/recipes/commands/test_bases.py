@@ -1,0 +1,177 @@
+"""The pretrained base: its identity, shipping one, finding it, and the base that ships for the
+default configuration (its hash, a strict load, and its first pretraining losses reproduced)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from recipes.memdlm.backbones.load import new_model
+from recipes.memdlm.commands import bases
+from recipes.memdlm.commands.compare import obtain_base, run_compare
+from recipes.memdlm.config import build_config
+from recipes.memdlm.data.batches import BatchSampler
+from recipes.memdlm.data.prepare import prepare_data
+from recipes.memdlm.loop import checkpoint as ckpt
+from recipes.memdlm.loop.phase import phase_options, train_phase
+from recipes.memdlm.loop.progress import Reporter
+from recipes.memdlm.loop.steps import Interrupted, MetricsLog
+
+
+class Notes(Reporter):
+    def __init__(self, stop_after: int | None = None):
+        super().__init__(quiet=True)
+        self.notes, self.stop_after = [], stop_after
+
+    def note(self, message):
+        self.notes.append(message)
+
+    def step(self, task, record, every):
+        super().step(task, record, every)
+        if self.stop_after is not None and self._runs[task]["done"] == self.stop_after:
+            raise KeyboardInterrupt  # as a Ctrl-C: the loop checkpoints and stops
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        {"data": {"eval_per_cell": 3}},
+        {"data": {"train_context_lengths": [96]}},
+        {"train": {"steps": 7}},
+        {"memdlm": {"inner_lr": 1.0}},
+        {"pretrain": {"log_every": 3, "ckpt_every": 4}},
+        {"seeds": 5},
+    ],
+)
+def test_what_does_not_shape_the_base_leaves_its_key(override):
+    assert bases.base_key(build_config(overrides=override)) == bases.base_key(build_config())
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        {"data": {"pretrain_context_lengths": [104]}},
+        {"pretrain": {"steps": 10}},
+        {"model": {"d_model": 64}},
+        {"seed": 2},
+        {"time_eps": 0.01},
+    ],
+)
+def test_what_shapes_the_base_changes_its_key(override):
+    assert bases.base_key(build_config(overrides=override)) != bases.base_key(build_config())
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    cfg = build_config("smoke", overrides={"train": {"steps": 2}})
+    run_compare(cfg, out, workers=1, reporter=Reporter(quiet=True))
+    return cfg, out
+
+
+def test_ship_writes_the_base_and_a_record_that_names_it(smoke_run, tmp_path):
+    cfg, out = smoke_run
+    shipped = bases.ship(out, tmp_path)
+    record = json.loads(shipped.with_suffix(".json").read_text())
+    assert record["key"] == bases.base_key(cfg) and shipped.name == record["file"]
+    assert record["sha256"] == bases.file_sha256(shipped)
+    assert record["identity"] == bases.base_identity(cfg)
+    pretrain = [
+        r["loss"] for r in MetricsLog(out / "metrics.jsonl", {"phase": "pretrain"}).records()
+    ]
+    assert record["first_losses"] == pretrain[: bases.RECORDED_LOSSES]
+    assert record["steps"] == cfg.pretrain.steps
+    original, copy = ckpt.load(out / "base" / "model.pt"), ckpt.load(shipped)
+    assert all(torch.equal(original["model"][k], copy["model"][k]) for k in original["model"])
+    assert bases.shipped_base(cfg, tmp_path) == shipped
+    assert bases.shipped_base(build_config("smoke", overrides={"seed": 3}), tmp_path) is None
+    changed = build_config("smoke", overrides={"pretrain": {"steps": 9}, "data": {"value_len": 3}})
+    assert bases.differences(changed, tmp_path) == ["data.value_len", "pretrain.steps"]
+
+
+def test_a_shipped_base_is_used_unless_pretraining_is_asked_for(smoke_run, tmp_path, monkeypatch):
+    cfg, out = smoke_run
+    assets = tmp_path / "assets"
+    shipped = bases.ship(out, assets)
+    monkeypatch.setattr(bases, "ASSETS", assets)
+    data = prepare_data(cfg)
+
+    def base_of(name, **options):
+        reporter = Notes()
+        model, result = obtain_base(
+            cfg, data, tmp_path / name, base=None, reporter=reporter, device="cpu", **options
+        )
+        return reporter.notes, result, tmp_path / name / "base" / "model.pt"
+
+    notes, result, weights = base_of("shipped", cache=tmp_path / "empty-cache")
+    assert any("using the base shipped for this configuration" in n for n in notes)
+    assert weights.read_bytes() == shipped.read_bytes()
+    assert result["steps"] == cfg.pretrain.steps  # the shipped run's own result
+    for name, options in {
+        "forced": {"cache": tmp_path / "empty-cache", "pretrain": True},
+        "no-cache": {"cache": None},
+    }.items():
+        notes, result, weights = base_of(name, **options)
+        assert not any("shipped" in n for n in notes), name
+        pretrained = MetricsLog(tmp_path / name / "metrics.jsonl", {"phase": "pretrain"})
+        assert len(pretrained.records()) == cfg.pretrain.steps, name  # pretrained anew
+    reporter = Notes()
+    other = cfg.model_copy(update={"seed": 4})
+    cache = tmp_path / "other-cache"
+    obtain_base(
+        other, data, tmp_path / "other", base=None, cache=cache, reporter=reporter, device="cpu"
+    )
+    assert "no shipped base for this configuration (it differs in seed)" in reporter.notes[0]
+
+
+# ------------------------------------------------------------------ the base that ships
+
+
+def default_record():
+    cfg = build_config()
+    records = [r for r in bases.shipped_records() if r["key"] == bases.base_key(cfg)]
+    assert records, (
+        "no shipped base for the default configuration: run the default comparison with "
+        "--pretrain, then `python -m recipes.memdlm.commands.bases RUN_FOLDER`"
+    )
+    return cfg, records[0]
+
+
+def test_the_default_configuration_has_its_shipped_base_with_its_hash():
+    cfg, record = default_record()
+    path = bases.ASSETS / record["file"]
+    assert bases.file_sha256(path) == record["sha256"]
+    assert bases.shipped_base(cfg) == path
+    assert record["identity"] == bases.base_identity(cfg)
+    model = new_model(cfg, prepare_data(cfg).tokenizer, seed=cfg.seed, device="cpu")
+    model.load_state_dict(ckpt.load(path)["model"], strict=True)
+
+
+def test_pretraining_reproduces_the_shipped_bases_first_losses(tmp_path):
+    # The first steps of the default pretraining, run now, against those the shipped base was
+    # trained with: the same data, initialisation, anchors and updates (float32; 1e-4 relative
+    # leaves room for another CPU's kernels, far below a changed step, which moves losses ~1e-2).
+    cfg, record = default_record()
+    data = prepare_data(cfg)
+    model = new_model(cfg, data.tokenizer, seed=cfg.seed, device="cpu")
+    log = MetricsLog(tmp_path / "metrics.jsonl", {"phase": "pretrain"})
+    sampler = BatchSampler(
+        data.pretrain, cfg.pretrain.batch_size, seed=cfg.seed, eos_id=data.tokenizer.eos_id
+    )
+    steps = len(record["first_losses"])
+    with pytest.raises(Interrupted):
+        train_phase(
+            model,
+            method="standard",
+            phase=cfg.pretrain,
+            sampler=sampler,
+            seed=cfg.seed,
+            folder=tmp_path / "base",
+            log=log,
+            reporter=Notes(stop_after=steps),
+            **phase_options(cfg, data),
+        )
+    losses = [r["loss"] for r in log.records()]
+    assert losses == pytest.approx(record["first_losses"], rel=1e-4)
