@@ -68,6 +68,8 @@ class Reporter:
     def advance(self, task: int, completed: int) -> None:
         self.progress.update(task, completed=completed)
         self._runs[task].update(done=completed, first=completed)
+        if self.clock is not None and self._runs[task]["job"] is not None:
+            self.clock.resumed(self._runs[task]["job"], completed)
 
     def step(self, task: int, record: dict[str, Any], every: int) -> None:
         run = self._runs[task]
@@ -139,6 +141,11 @@ class JobClock:
         total = self._rate.setdefault(planned.kind, [0.0, 0])
         total[0] += seconds
         total[1] += 1
+
+    def resumed(self, job: str, done: int) -> None:
+        """`job` starts at step `done` (a resumed phase): those steps are not left to do."""
+        if job in self.jobs:
+            self.jobs[job].done = done
 
     def finish(self, job: str) -> None:
         planned = self.jobs.get(job)
