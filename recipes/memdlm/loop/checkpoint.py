@@ -42,9 +42,10 @@ def save(path: Path, payload: dict[str, Any]) -> None:
     atomic_write_bytes(path, lambda handle: torch.save(payload, handle))
 
 
-def load(path: Path) -> dict[str, Any]:
+def load(path: Path, *, require_model: bool = True) -> dict[str, Any]:
     """A checkpoint we wrote; a file that is not one (truncated, empty, another format, a folder)
-    raises ValueError in one line naming the file."""
+    raises ValueError in one line naming the file. require_model: it must hold a 'model' entry
+    (every checkpoint but the non-tensor part of an FSDP checkpoint, `sharding.load_dcp`)."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"checkpoint {str(path)!r} is a folder; give its model.pt")
@@ -60,7 +61,7 @@ def load(path: Path) -> dict[str, Any]:
             f"({type(error).__name__}: {reason[:160]}); it is truncated or not a file this "
             "recipe wrote: train it again or point at another model.pt"
         ) from None
-    if not isinstance(state, dict) or "model" not in state:
+    if not isinstance(state, dict) or (require_model and "model" not in state):
         raise ValueError(
             f"checkpoint {str(path)!r} is not a checkpoint of this recipe (no 'model' entry); "
             "point at a model.pt or checkpoint.pt from a run folder"

@@ -94,7 +94,7 @@ def load_dcp(folder: Path, model, optimizer) -> dict[str, Any]:
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
     )
-    return ckpt.load(folder / DCP_FOLDER / "extra.pt")
+    return ckpt.load(folder / DCP_FOLDER / "extra.pt", require_model=False)
 
 
 def full_state_dict(model: nn.Module, ctx: Context) -> dict[str, torch.Tensor]:
