@@ -180,7 +180,7 @@ def _next_message(channel, running) -> tuple | None:
                 return channel.get(timeout=1.0)
             except queue_module.Empty:
                 code = process.exitcode
-                if code == EXIT_INTERRUPTED:
+                if code in (EXIT_INTERRUPTED, -signal.SIGINT):  # -2: stopped while starting
                     return ("interrupted", name)
                 return ("failed", name, f"job {name} exited with code {code} and no report")
     return None
