@@ -51,7 +51,6 @@ from recipes.memdlm.loop.steps import MetricsLog, denormals_flushed
 from recipes.memdlm.loop.workers import Job, default_workers, run_jobs
 
 METHODS = ("standard", "memdlm")
-__all__ = ["METHODS", "base_key", "obtain_base", "fresh_base", "run_compare", "cmd_compare"]
 
 
 def obtain_base(

@@ -149,25 +149,23 @@ def paired(standard: list[dict], memdlm: list[dict]) -> dict[str, Any]:
         _overall(m["niah_char_accuracy"]) - _overall(s["niah_char_accuracy"]) for s, m in pairs
     ]
     time_ratio = [m["seconds_per_step"] / s["seconds_per_step"] for s, m in pairs]
-    deltas = {
-        "eval_loss_delta": _delta(loss),
-        "niah_accuracy_delta": _delta(acc),
-        "niah_char_accuracy_delta": _delta(chars),
-    }
+    loss_interval, acc_interval = paired_interval(loss), paired_interval(acc)
     return {
         "seeds": [s["seed"] for s, _ in pairs],
-        **deltas,
+        "eval_loss_delta": _delta(loss, loss_interval),
+        "niah_accuracy_delta": _delta(acc, acc_interval),
+        "niah_char_accuracy_delta": _delta(chars, paired_interval(chars)),
         "step_time_ratio": {"per_seed": time_ratio, "mean": _mean(time_ratio)},
         "verdict": [
-            verdict("fast-weights-off eval loss (nats)", paired_interval(loss)),
-            verdict("NIAH exact-match accuracy", paired_interval(acc), unit=" pt", scale=100),
+            verdict("fast-weights-off eval loss (nats)", loss_interval),
+            verdict("NIAH exact-match accuracy", acc_interval, unit=" pt", scale=100),
         ],
     }
 
 
-def _delta(differences: list[float]) -> dict[str, Any]:
-    """Paired differences with their mean, sd, 95% interval and smallest detectable difference."""
-    interval = paired_interval(differences)
+def _delta(differences: list[float], interval: dict[str, Any]) -> dict[str, Any]:
+    """Paired differences with their mean, sd, 95% interval and smallest detectable difference
+    (`interval`: their `paired_interval`)."""
     low, high = interval["low"], interval["high"]
     return {
         "per_seed": differences,

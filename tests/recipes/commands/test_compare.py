@@ -191,5 +191,7 @@ def test_workers_stop_and_checkpoint_when_the_parent_is_killed(tmp_path):
     for pid in left:  # do not leave them to the next test, then fail
         os.kill(pid, signal.SIGKILL)
     assert not left
-    saved = [out / "seed1" / m / "checkpoint.pt" for m in ("standard", "memdlm")]
-    assert any(path.is_file() for path in saved)
+    folders = [out / "seed1" / m for m in ("standard", "memdlm")]
+    assert any((folder / "checkpoint.pt").is_file() for folder in folders)
+    # Stopped, not finished: a worker that ran on without its parent would write model.pt.
+    assert not any((folder / "model.pt").exists() for folder in folders)

@@ -84,7 +84,7 @@ def test_in_process_jobs_label_their_phases():
     assert reporter.finished == ["job4"] and reporter.current_job is None
 
 
-def test_a_failed_job_raises_with_its_traceback_and_the_rest_stop():
+def test_a_failed_job_raises_with_its_traceback():
     jobs = [Job("bad", fail, {"message": "no such needle"}), *jobs_of([7, 8, 9])]
     with pytest.raises(WorkerError) as caught:
         list(run_jobs(jobs, workers=2, reporter=Recorder()))
