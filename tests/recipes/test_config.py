@@ -11,7 +11,7 @@ def test_default_preset_is_cpu_tiny_with_the_scanned_inner_lr():
     cfg = build_config()
     assert cfg.preset == "cpu-tiny"
     assert (cfg.memdlm.rank, cfg.memdlm.alpha, cfg.memdlm.grad_transform) == (8, 16.0, "clip")
-    assert (cfg.memdlm.inner_lr, cfg.memdlm.inner_clip) == (10.0, 1.0)
+    assert (cfg.memdlm.inner_lr, cfg.memdlm.inner_clip) == (0.3, 1.0)
 
 
 def test_gpu_preset_keeps_the_papers_inner_loop():

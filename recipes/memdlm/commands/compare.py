@@ -34,7 +34,7 @@ from recipes.memdlm.commands.folders import (
 )
 from recipes.memdlm.config import Config
 from recipes.memdlm.data.batches import BatchSampler
-from recipes.memdlm.data.prepare import Data, prepare_data
+from recipes.memdlm.data.prepare import Data, prepare_data, pretrain_sampler
 from recipes.memdlm.eval.metrics import eval_loss, niah_accuracy
 from recipes.memdlm.eval.report import (
     method_summary,
@@ -89,9 +89,7 @@ def obtain_base(
     log = MetricsLog(
         out / "metrics.jsonl", {"phase": "pretrain", "method": "standard", "seed": cfg.seed}
     )
-    sampler = BatchSampler(
-        data.pretrain, cfg.pretrain.batch_size, seed=cfg.seed, eos_id=data.tokenizer.eos_id
-    )
+    sampler = pretrain_sampler(cfg, data)
     result = train_phase(
         model,
         method="standard",

@@ -122,6 +122,40 @@ class BatchSampler:
         self.generator.set_state(state["generator"])
 
 
+class StagedSampler:
+    """Batches from one sampler after another (a curriculum): `samplers[i]` serves draws
+    `ends[i-1] <= draw < ends[i]`, the last sampler every draw after `ends[-1]`.
+
+    Its state is the number of draws and every stage's own state, so a resumed phase draws the
+    batches an uninterrupted one would.
+    """
+
+    def __init__(self, samplers: Sequence[BatchSampler], ends: Sequence[int]):
+        if len(samplers) != len(ends) + 1:
+            raise ValueError(f"{len(samplers)} samplers need {len(samplers) - 1} stage ends")
+        if list(ends) != sorted(ends) or any(end < 0 for end in ends):
+            raise ValueError(f"stage ends must be non-negative and increasing, got {list(ends)}")
+        self.samplers, self.ends, self.draws = list(samplers), list(ends), 0
+
+    @property
+    def stage(self) -> int:
+        """The stage that serves the next draw."""
+        return sum(self.draws >= end for end in self.ends)
+
+    def next(self) -> Batch:
+        batch = self.samplers[self.stage].next()
+        self.draws += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"draws": self.draws, "stages": [s.state_dict() for s in self.samplers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.draws = state["draws"]
+        for sampler, stage_state in zip(self.samplers, state["stages"], strict=True):
+            sampler.load_state_dict(stage_state)
+
+
 def fixed_batches(rows: Sequence[Encoded], batch_size: int, eos_id: int) -> list[Batch]:
     """Deterministic evaluation batches, rows of equal length together, in a stable order."""
     order = sorted(range(len(rows)), key=lambda i: (len(rows[i]), i))

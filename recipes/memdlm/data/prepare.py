@@ -6,11 +6,17 @@ import collections
 import dataclasses
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from recipes.memdlm.backbones.load import tokenizer_for
 from recipes.memdlm.config import Config
-from recipes.memdlm.data.batches import Encoded, LengthReport, encode
+from recipes.memdlm.data.batches import (
+    BatchSampler,
+    Encoded,
+    LengthReport,
+    StagedSampler,
+    encode,
+)
 from recipes.memdlm.data.tasks import ByteTokenizer, DataError, Example, load_jsonl, make_split
 
 RETRIEVAL_TASKS = ("single", "multikey", "multivalue", "vt")
@@ -27,6 +33,8 @@ class Data:
     accuracy_eval: list[Example]  # generation: retrieval cells, or the user's eval examples
     exposure_eval: list[Example]  # equal prompt and response lengths
     reports: dict[str, LengthReport]
+    # The rows of each `data.pretrain_curriculum` stage, in order; empty without a curriculum.
+    pretrain_curriculum: list[list[Encoded]] = field(default_factory=list)
 
 
 def builtin_examples(cfg: Config) -> dict[str, list[Example]]:
@@ -59,6 +67,18 @@ def builtin_examples(cfg: Config) -> dict[str, list[Example]]:
             **common,
         ),
     }
+
+
+def curriculum_examples(cfg: Config) -> list[list[Example]]:
+    """The examples of each pretraining curriculum stage (embedded data; none for a train_file)."""
+    if cfg.data.train_file:
+        return []
+    d = cfg.data
+    common = {"seed": d.seed, "response_len": d.continuation_response_len, "value_len": d.value_len}
+    return [
+        make_split(stage.tasks, stage.context_lengths, d.examples_per_cell, split="train", **common)
+        for stage in d.pretrain_curriculum
+    ]
 
 
 def user_examples(cfg: Config) -> dict[str, list[Example]]:
@@ -120,15 +140,20 @@ def prepare_data(cfg: Config) -> Data:
     """
     tok = tokenizer_for(cfg)
     raw = user_examples(cfg) if cfg.data.train_file else builtin_examples(cfg)
+    stages = curriculum_examples(cfg)
     if cfg.model.chat_template:
-        raw = {
-            name: [dataclasses.replace(e, prompt=_prompt_text(tok, e.prompt)) for e in examples]
-            for name, examples in raw.items()
-        }
+        raw = {name: _templated(tok, examples) for name, examples in raw.items()}
+        stages = [_templated(tok, examples) for examples in stages]
     max_len, policy = cfg.model.max_seq_len, cfg.data.max_len_policy
     encoded, reports = {}, {}
     for name in ("pretrain", "train", "loss_eval"):
         encoded[name], reports[name] = encode(raw[name], tok, max_len=max_len, policy=policy)
+    curriculum = []
+    for index, examples in enumerate(stages):
+        rows, reports[f"pretrain_curriculum[{index}]"] = encode(
+            examples, tok, max_len=max_len, policy=policy
+        )
+        curriculum.append(rows)
     if isinstance(tok, ByteTokenizer):
         accuracy = [e for e in raw["accuracy_eval"] if _fits(e, tok, max_len)]
         exposure = [e for e in raw["exposure_eval"] if _fits(e, tok, max_len)]
@@ -147,7 +172,30 @@ def prepare_data(cfg: Config) -> Data:
         accuracy,
         exposure,
         reports,
+        curriculum,
     )
+
+
+def pretrain_sampler(cfg: Config, data: Data) -> BatchSampler | StagedSampler:
+    """The pretraining batches: each curriculum stage for its share of `pretrain.steps`
+    (rounded), then the pretraining mixture; without a curriculum, the mixture alone."""
+    batch, eos = cfg.pretrain.batch_size, data.tokenizer.eos_id
+    mixture = BatchSampler(data.pretrain, batch, seed=cfg.seed, eos_id=eos)
+    if not data.pretrain_curriculum:
+        return mixture
+    stages = [
+        BatchSampler(rows, batch, seed=cfg.seed + 1 + index, eos_id=eos)
+        for index, rows in enumerate(data.pretrain_curriculum)
+    ]
+    ends, share = [], 0.0
+    for stage in cfg.data.pretrain_curriculum:
+        share += stage.fraction
+        ends.append(round(share * cfg.pretrain.steps))
+    return StagedSampler([*stages, mixture], ends)
+
+
+def _templated(tok, examples: list[Example]) -> list[Example]:
+    return [dataclasses.replace(e, prompt=_prompt_text(tok, e.prompt)) for e in examples]
 
 
 def token_cells(examples: Sequence[Example], tok, max_len: int) -> list[Example]:

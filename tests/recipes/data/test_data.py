@@ -7,7 +7,13 @@ import re
 
 import pytest
 
-from recipes.memdlm.data.batches import BatchSampler, collate, encode, fixed_batches
+from recipes.memdlm.data.batches import (
+    BatchSampler,
+    StagedSampler,
+    collate,
+    encode,
+    fixed_batches,
+)
 from recipes.memdlm.data.tasks import (
     ByteTokenizer,
     DataError,
@@ -141,3 +147,91 @@ def test_fixed_batches_cover_every_row_once():
     batches = fixed_batches(rows, 4, TOK.eos_id)
     assert sum(b.x0.shape[0] for b in batches) == len(rows)
     assert all(len(set(b.prompt_lengths.tolist())) == 1 for b in batches)
+
+
+def _rows(task: str, length: int, n: int = 16):
+    return encode(
+        make_split([task], [length], n, seed=0, split="train"), TOK, max_len=512, policy="filter"
+    )[0]
+
+
+def test_staged_sampler_serves_each_stage_its_draws_then_the_last_to_the_end():
+    short, long = _rows("single", 48), _rows("single", 96)
+    staged = StagedSampler(
+        [
+            BatchSampler(short, 4, seed=1, eos_id=TOK.eos_id),
+            BatchSampler(long, 4, seed=2, eos_id=TOK.eos_id),
+        ],
+        ends=[3],
+    )
+    lengths = [int(staged.next().prompt_lengths[0]) for _ in range(7)]
+    assert lengths == [48, 48, 48, 96, 96, 96, 96]
+
+
+def test_staged_sampler_resumes_exactly_across_a_stage_boundary():
+    def fresh():
+        return StagedSampler(
+            [
+                BatchSampler(_rows("single", 48), 4, seed=1, eos_id=TOK.eos_id),
+                BatchSampler(_rows("single", 64), 4, seed=2, eos_id=TOK.eos_id),
+                BatchSampler(_rows("single", 96), 4, seed=3, eos_id=TOK.eos_id),
+            ],
+            ends=[2, 4],
+        )
+
+    reference = fresh()
+    uninterrupted = [reference.next().x0 for _ in range(8)]
+    first = fresh()
+    for _ in range(3):  # stopped inside the second stage
+        first.next()
+    resumed = fresh()
+    resumed.load_state_dict(first.state_dict())
+    assert all((a == resumed.next().x0).all() for a in uninterrupted[3:])
+
+
+@pytest.mark.parametrize("ends", [[3, 2], [-1]])
+def test_staged_sampler_rejects_stage_ends_out_of_order(ends):
+    samplers = [BatchSampler(_rows("single", 48), 4, seed=1, eos_id=TOK.eos_id)] * (len(ends) + 1)
+    with pytest.raises(ValueError, match="increasing"):
+        StagedSampler(samplers, ends)
+
+
+def _curriculum_config(**data):
+    from recipes.memdlm.config import build_config
+
+    stage = {"tasks": ["single"], "context_lengths": [48], "fraction": 0.5}
+    return build_config(
+        "smoke",
+        overrides={"pretrain": {"steps": 6}, "data": {"pretrain_curriculum": [stage], **data}},
+    )
+
+
+def test_pretraining_draws_the_curriculum_stage_for_its_share_of_the_steps():
+    from recipes.memdlm.data.prepare import prepare_data, pretrain_sampler
+
+    cfg = _curriculum_config()  # smoke pretrains at 96 bytes; the stage is 48 bytes, 3 of 6 steps
+    data = prepare_data(cfg)
+    sampler = pretrain_sampler(cfg, data)
+    lengths = [int(sampler.next().prompt_lengths[0]) for _ in range(cfg.pretrain.steps)]
+    assert lengths == [48, 48, 48, 96, 96, 96]
+    assert data.reports["pretrain_curriculum[0]"].kept == cfg.data.examples_per_cell
+
+
+def test_a_users_training_file_is_pretrained_on_without_the_embedded_curriculum(tmp_path):
+    from recipes.memdlm.data.batches import BatchSampler as Plain
+    from recipes.memdlm.data.prepare import prepare_data, pretrain_sampler
+
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(f'{{"prompt": "q{i}", "response": "a{i}"}}\n' for i in range(40)))
+    cfg = _curriculum_config(train_file=str(path))
+    data = prepare_data(cfg)
+    assert data.pretrain_curriculum == []
+    assert isinstance(pretrain_sampler(cfg, data), Plain)
+
+
+def test_a_curriculum_that_leaves_no_steps_for_the_mixture_is_refused():
+    from recipes.memdlm.config import ConfigError, build_config
+
+    stage = {"tasks": ["single"], "context_lengths": [48], "fraction": 0.6}
+    with pytest.raises(ConfigError, match="sum to less than 1"):
+        build_config(overrides={"data": {"pretrain_curriculum": [stage, stage]}})
