@@ -50,6 +50,24 @@ def test_corrupt_base_leaves_no_run_folder(tmp_path, trained, command):
     assert not out.exists()
 
 
+def test_corrupt_cached_base_names_the_cache_file_and_pretrain_replaces_it(tmp_path, trained):
+    from recipes.memdlm.commands.bases import base_key
+    from recipes.memdlm.config import build_config
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    cached = cache / f"base-{base_key(build_config('smoke'))}.pt"
+    cached.write_bytes((trained / "model.pt").read_bytes()[:1000])
+    out = tmp_path / "run"
+    args = ("compare", *SMOKE, "--cache", cache, "--workers", "1")
+    line = one_line_error(run(*args, "--out", out, cwd=tmp_path))
+    assert f"the cached base '{cached}' cannot be used: delete it, or run with --pretrain" in line
+    assert not out.exists()  # nothing was copied into a run folder
+    result = run(*args, "--out", out, "--pretrain", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert cached.read_bytes() == (out / "base" / "model.pt").read_bytes()  # replaced by it
+
+
 def test_resume_with_a_corrupt_checkpoint_keeps_the_folder(tmp_path, trained):
     folder = tmp_path / "run"
     shutil.copytree(trained, folder)

@@ -101,7 +101,7 @@ def obtain_base(
         reporter=reporter,
         **phase_options(cfg, data),
     )
-    if cached is not None and not cached.is_file():
+    if cached is not None and (pretrain or not cached.is_file()):  # --pretrain refreshes it
         cached.parent.mkdir(parents=True, exist_ok=True)
         ckpt.atomic_write_bytes(cached, lambda h: h.write((folder / "model.pt").read_bytes()))
     return model, result.__dict__
@@ -111,6 +111,7 @@ def _reuse_base(cfg: Config, folder: Path, cached: Path | None, *, shipped: bool
     """Copy the cached base, else the shipped one, into `folder`; say why when neither fits."""
     source = cached if cached is not None and cached.is_file() else None
     if source is not None:
+        _check_cached(source)
         reporter.note(f"reusing the cached base {cached}")
     elif shipped and (source := shipped_base(cfg)) is not None:
         reporter.note(f"using the base shipped for this configuration ({source.name})")
@@ -122,6 +123,18 @@ def _reuse_base(cfg: Config, folder: Path, cached: Path | None, *, shipped: bool
     if source is not None:
         folder.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, folder / "model.pt")
+
+
+def _check_cached(path: Path) -> None:
+    """A cached base must load before it is copied into a run folder: an unreadable one stops
+    the run naming the cache file, with nothing written."""
+    try:
+        ckpt.load(path)
+    except ValueError as error:
+        raise ValueError(
+            f"the cached base {str(path)!r} cannot be used: delete it, or run with --pretrain, "
+            f"which replaces it ({error})"
+        ) from None
 
 
 def fresh_base(
