@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 from recipes.memdlm.commands.folders import (
@@ -111,56 +112,58 @@ def train_distributed(args, extra: list[str], reporter) -> int:
     try:
         if out is None:  # one time stamp for every rank
             out = broadcast(Path("runs") / f"train-{cfg.method}-{stamp()}")
-        if args.resume is None:
-            fresh_folder(out)
-            if args.base is not None:
-                checkpoint_file(args.base)
-        dist.barrier()  # every rank has checked the folder before rank 0 writes into it
-        if not ctx.is_main:
-            reporter = Reporter(quiet=True)
-        data = prepare_data(cfg)
-        model = new_model(cfg, data.tokenizer, seed=cfg.seed, device=ctx.device)
-        backbone = announce(model, cfg, reporter)
-        if args.resume is None and args.base is not None:
-            load_weights(model, checkpoint_file(args.base))
-        if ctx.is_main:
-            out.mkdir(parents=True, exist_ok=True)
+        # Rank 0 writes the folder, so it alone removes it again on a user error.
+        with removed_on_user_error(out) if ctx.is_main else nullcontext():
             if args.resume is None:
-                ckpt.write_json(out / "config.json", cfg.model_dump())
-        dist.barrier()
-        sampler = BatchSampler(
-            data.train, cfg.train.batch_size, seed=cfg.seed, eos_id=data.tokenizer.eos_id
-        )
-        tags = {"phase": "train", "method": cfg.method, "seed": cfg.seed}
-        result = train_phase(
-            model,
-            method=cfg.method,
-            phase=cfg.train,
-            memdlm=cfg.memdlm,
-            sampler=sampler,
-            seed=cfg.seed,
-            folder=out,
-            log=MetricsLog(out / "metrics.jsonl", tags),
-            reporter=reporter,
-            mask_id=data.tokenizer.mask_id,
-            ctx=ctx,
-            time_eps=cfg.time_eps,
-            loss_backend=cfg.loss_backend,
-            sync_inner=cfg.distributed.sync_inner,
-        )
-        if ctx.strategy == "ddp" and not ctx.is_main:
-            return 0
-        evaluation = evaluate_model(model, data, cfg, method=cfg.method, device=ctx.device)
-        if ctx.is_main:
-            summary = {cfg.method: per_seed_record(cfg.seed, result, evaluation)}
-            summary["distributed"] = {"world_size": ctx.world_size, "strategy": ctx.strategy}
-            summary["backbone"] = backbone
-            ckpt.write_json(out / "summary.json", summary)
-            record = summary[cfg.method]
-            reporter.out.print(
-                f"{cfg.method}: train loss {record['train_loss_final']:.4f}, eval loss "
-                f"{record['eval_loss']:.4f} on {ctx.world_size} ranks; run folder {out}"
+                fresh_folder(out)
+                if args.base is not None:
+                    checkpoint_file(args.base)
+            dist.barrier()  # every rank has checked the folder before rank 0 writes into it
+            if not ctx.is_main:
+                reporter = Reporter(quiet=True)
+            data = prepare_data(cfg)
+            model = new_model(cfg, data.tokenizer, seed=cfg.seed, device=ctx.device)
+            backbone = announce(model, cfg, reporter)
+            if args.resume is None and args.base is not None:
+                load_weights(model, checkpoint_file(args.base))
+            if ctx.is_main:
+                out.mkdir(parents=True, exist_ok=True)
+                if args.resume is None:
+                    ckpt.write_json(out / "config.json", cfg.model_dump())
+            dist.barrier()
+            sampler = BatchSampler(
+                data.train, cfg.train.batch_size, seed=cfg.seed, eos_id=data.tokenizer.eos_id
             )
-        return 0
+            tags = {"phase": "train", "method": cfg.method, "seed": cfg.seed}
+            result = train_phase(
+                model,
+                method=cfg.method,
+                phase=cfg.train,
+                memdlm=cfg.memdlm,
+                sampler=sampler,
+                seed=cfg.seed,
+                folder=out,
+                log=MetricsLog(out / "metrics.jsonl", tags),
+                reporter=reporter,
+                mask_id=data.tokenizer.mask_id,
+                ctx=ctx,
+                time_eps=cfg.time_eps,
+                loss_backend=cfg.loss_backend,
+                sync_inner=cfg.distributed.sync_inner,
+            )
+            if ctx.strategy == "ddp" and not ctx.is_main:
+                return 0
+            evaluation = evaluate_model(model, data, cfg, method=cfg.method, device=ctx.device)
+            if ctx.is_main:
+                summary = {cfg.method: per_seed_record(cfg.seed, result, evaluation)}
+                summary["distributed"] = {"world_size": ctx.world_size, "strategy": ctx.strategy}
+                summary["backbone"] = backbone
+                ckpt.write_json(out / "summary.json", summary)
+                record = summary[cfg.method]
+                reporter.out.print(
+                    f"{cfg.method}: train loss {record['train_loss_final']:.4f}, eval loss "
+                    f"{record['eval_loss']:.4f} on {ctx.world_size} ranks; run folder {out}"
+                )
+            return 0
     finally:
         shutdown()

@@ -292,6 +292,22 @@ def test_the_cli_trains_under_torchrun_and_writes_one_run_folder(tmp_path):
     )
 
 
+def test_a_user_error_under_torchrun_leaves_no_run_folder(tmp_path):
+    # A global batch of 7 rows cannot be split between 2 ranks: train_phase finds it after rank
+    # 0 has created the run folder and written its config.json, so rank 0 must remove it again.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
+    command += ["2", "-m", "recipes.memdlm", "train", "--preset", "smoke", "--quiet"]
+    command += ["--method", "standard", "--train.batch_size", "7", "--out", "run"]
+    done = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode != 0
+    assert "train.batch_size=7 (the global batch) must be divisible" in done.stdout + done.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_global_batch_must_divide_among_ranks():
     ctx = distributed.Context(0, 3, 0, torch.device("cpu"))
     assert ctx.rows(9) == slice(0, 3)
