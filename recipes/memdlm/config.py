@@ -76,8 +76,8 @@ TaskName = Literal["continuation", "single", "multikey", "multivalue", "vt"]
 class CurriculumStage(_Strict):
     """An early stage of pretraining on embedded tasks of its own (easy before hard)."""
 
-    tasks: list[TaskName]
-    context_lengths: list[int]
+    tasks: list[TaskName] = Field(min_length=1)
+    context_lengths: list[int] = Field(min_length=1)
     fraction: float = Field(gt=0, lt=1, description="share of pretrain.steps")
 
 

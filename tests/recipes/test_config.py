@@ -58,6 +58,17 @@ def test_toml_then_overrides(tmp_path):
         (["--memdlm.strategy", "nope"], "memdlm.strategy"),
         (["--model.n_heads", "3"], "not divisible"),
         (["--memdlm.layer_fraction", "1.5"], "memdlm.layer_fraction"),
+        (
+            [
+                "--data.pretrain_curriculum",
+                '[{"tasks": [], "context_lengths": [48], "fraction": 0.2}]',
+            ],
+            "data.pretrain_curriculum.0.tasks",
+        ),
+        (
+            ["--data.pretrain_curriculum", '[{"tasks": ["single"], "context_lengths": [48]}]'],
+            "data.pretrain_curriculum.0.fraction",
+        ),
     ],
 )
 def test_bad_values_name_the_key(args, message):
@@ -87,3 +98,18 @@ def test_bad_toml_and_missing_file(tmp_path):
         build_config("smoke", tmp_path / "missing.toml")
     with pytest.raises(ConfigError, match="unknown preset"):
         build_config("huge")
+
+
+def test_a_curriculum_stage_is_a_toml_array_of_tables(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text(
+        '[[data.pretrain_curriculum]]\ntasks = ["single"]\ncontext_lengths = [48]\n'
+        "fraction = 0.25\n\n"
+        '[[data.pretrain_curriculum]]\ntasks = ["single", "multikey"]\n'
+        "context_lengths = [88]\nfraction = 0.25\n"
+    )
+    stages = build_config("smoke", path).data.pretrain_curriculum
+    assert [(s.tasks, s.context_lengths, s.fraction) for s in stages] == [
+        (["single"], [48], 0.25),
+        (["single", "multikey"], [88], 0.25),
+    ]
