@@ -101,7 +101,14 @@ def compare_process(out: Path, *args: str) -> subprocess.Popen:
         text=True,
         env=env,
         cwd=out.parent,
+        preexec_fn=answer_ctrl_c,
     )
+
+
+def answer_ctrl_c() -> None:
+    """As in a terminal: a test runner started in the background inherits SIGINT ignored (so
+    its children would rightly ignore Ctrl-C, as under nohup); the child gets the default."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_for_fine_tuning(process: subprocess.Popen, timeout: float = 240.0) -> list[str]:
