@@ -177,8 +177,8 @@ def test_pretraining_reproduces_the_shipped_bases_first_losses(tmp_path):
 
 def test_the_shipped_base_finds_single_needles_at_the_fine_tuning_lengths():
     # What the pretraining curriculum is for (docs/memdlm.md, "The base"): the shipped base
-    # answers the held-out `single` needles at 128 bytes (16/16 when it was shipped; a base
-    # that does not retrieve gets 0-1 of them, one 2-character answer in 260 by chance).
+    # answers the held-out `single` needles at 128 bytes (all 32 when it was shipped; a base that
+    # does not retrieve gets 0-1 of them, a 2-character answer being right by chance 1 in 260).
     cfg, record = default_record()
     data = prepare_data(cfg)
     model = new_model(cfg, data.tokenizer, seed=cfg.seed, device="cpu")
@@ -186,4 +186,4 @@ def test_the_shipped_base_finds_single_needles_at_the_fine_tuning_lengths():
     needles = [e for e in data.accuracy_eval if e.task == "single" and e.context_len == 128]
     assert len(needles) == cfg.data.eval_per_cell
     result = niah_accuracy(model, needles, data.tokenizer, batch_size=16, device="cpu")
-    assert result["by_length"][128] >= 14 / 16
+    assert result["by_length"][128] >= 0.875
