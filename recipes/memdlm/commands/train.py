@@ -44,7 +44,6 @@ def cmd_train(args, extra, reporter) -> int:
 
 def _train(model, backbone, cfg, data, out: Path, args, reporter, device) -> int:
     from recipes.memdlm.data.batches import BatchSampler
-    from recipes.memdlm.eval.report import per_seed_record
     from recipes.memdlm.eval.suite import evaluate_model
     from recipes.memdlm.loop import checkpoint as ckpt
     from recipes.memdlm.loop.phase import phase_options, train_phase
@@ -71,15 +70,31 @@ def _train(model, backbone, cfg, data, out: Path, args, reporter, device) -> int
         **phase_options(cfg, data),
     )
     evaluation = evaluate_model(model, data, cfg, method=cfg.method, device=device)
+    _write_summary(out, cfg, result, evaluation, backbone, reporter)
+    return 0
+
+
+def _write_summary(out, cfg, result, evaluation, backbone, reporter, distributed=None) -> None:
+    """summary.json of a finished `train` run, and its one-line result (`distributed`: the
+    {world_size, strategy} of a torchrun job)."""
+    from recipes.memdlm.eval.report import per_seed_record
+    from recipes.memdlm.loop import checkpoint as ckpt
+
     summary = {cfg.method: per_seed_record(cfg.seed, result, evaluation)}
+    if distributed is not None:
+        summary["distributed"] = distributed
     summary["backbone"] = backbone
     ckpt.write_json(out / "summary.json", summary)
     record = summary[cfg.method]
+    where = (
+        f" on {distributed['world_size']} ranks"
+        if distributed is not None
+        else f", NIAH {record['niah_accuracy']}"
+    )
     reporter.out.print(
         f"{cfg.method}: train loss {record['train_loss_final']:.4f}, eval loss "
-        f"{record['eval_loss']:.4f}, NIAH {record['niah_accuracy']}; run folder {out}"
+        f"{record['eval_loss']:.4f}{where}; run folder {out}"
     )
-    return 0
 
 
 def train_distributed(args, extra: list[str], reporter) -> int:
@@ -94,7 +109,6 @@ def train_distributed(args, extra: list[str], reporter) -> int:
     from recipes.memdlm.backbones.load import announce, load_weights, new_model
     from recipes.memdlm.data.batches import BatchSampler
     from recipes.memdlm.data.prepare import prepare_data
-    from recipes.memdlm.eval.report import per_seed_record
     from recipes.memdlm.eval.suite import evaluate_model
     from recipes.memdlm.loop import checkpoint as ckpt
     from recipes.memdlm.loop.parallel import broadcast, init, shutdown
@@ -155,15 +169,8 @@ def train_distributed(args, extra: list[str], reporter) -> int:
                 return 0
             evaluation = evaluate_model(model, data, cfg, method=cfg.method, device=ctx.device)
             if ctx.is_main:
-                summary = {cfg.method: per_seed_record(cfg.seed, result, evaluation)}
-                summary["distributed"] = {"world_size": ctx.world_size, "strategy": ctx.strategy}
-                summary["backbone"] = backbone
-                ckpt.write_json(out / "summary.json", summary)
-                record = summary[cfg.method]
-                reporter.out.print(
-                    f"{cfg.method}: train loss {record['train_loss_final']:.4f}, eval loss "
-                    f"{record['eval_loss']:.4f} on {ctx.world_size} ranks; run folder {out}"
-                )
+                distributed = {"world_size": ctx.world_size, "strategy": ctx.strategy}
+                _write_summary(out, cfg, result, evaluation, backbone, reporter, distributed)
             return 0
     finally:
         shutdown()
