@@ -7,7 +7,7 @@ with mem.bind(state):
     logits = model(x)                      # W x + (alpha/rank) B A x at every target
 """
 
-from memory.fast_weights import FastWeights
+from memory.fast_weights import FastWeights, one_sample, per_sample_batch
 from memory.full import FullFastWeights
 from memory.lora import FastLoRA
 from memory.select import last_layers, select
@@ -20,5 +20,7 @@ __all__ = [
     "clone",
     "detach",
     "last_layers",
+    "one_sample",
+    "per_sample_batch",
     "select",
 ]

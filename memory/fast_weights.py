@@ -18,7 +18,8 @@ Subclasses (`FastLoRA`, `FullFastWeights`) define the state layout and the corre
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -189,9 +190,11 @@ class FastWeights:
                 "states at once, bind one state with a leading batch dimension)"
             )
         self._bound, self._batch_size = params, batch_size
+        _BOUND.append(self)
 
     def _deactivate(self) -> None:
         self._bound, self._batch_size = None, None
+        _BOUND.remove(self)
 
     def _check_state(
         self, state: Mapping[str, torch.Tensor]
@@ -239,6 +242,48 @@ class _Binding:
     def __exit__(self, *exc_info) -> bool:
         self._memory._deactivate()
         return False  # never swallow the exception
+
+
+# Every memory bound right now, in bind order: what `one_sample` and `per_sample_batch` act on.
+_BOUND: list[FastWeights] = []
+
+
+def per_sample_batch() -> int | None:
+    """The batch size B of the per-sample states bound right now (by any memory), or None
+    when every bound state is shared or nothing is bound. Code that must treat samples one at
+    a time (see `one_sample`) asks this first, so that shared states keep the fast path."""
+    sizes = {m._batch_size for m in _BOUND if m._batch_size is not None}
+    if len(sizes) > 1:
+        raise ValueError(f"per-sample states of different batch sizes are bound: {sorted(sizes)}")
+    return sizes.pop() if sizes else None
+
+
+@contextlib.contextmanager
+def one_sample(index: int) -> Iterator[None]:
+    """Inside, every memory bound to a per-sample state (leading dim B) uses row `index` of
+    that state as a shared state (no batch dim); leaving restores the per-sample state.
+
+    For code that runs one sample at a time through modules that flatten the batch, where the
+    rows a target sees no longer carry a sample index: the routed experts of a mixture-of-
+    experts block get (tokens, hidden) rows. Running such a block on sample b's input inside
+    `one_sample(b)` gives sample b's output under sample b's fast weights, exactly, whatever
+    the block's routing code; gradients reach row b of the state through the indexing.
+    """
+    batch = per_sample_batch()
+    if batch is None:
+        raise RuntimeError("one_sample() needs a per-sample state bound (a bind() block)")
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < batch:
+        raise ValueError(f"index must be an int in [0, {batch}), got {index!r}")
+    swapped = [m for m in _BOUND if m._batch_size is not None]
+    saved = [(m._bound, m._batch_size) for m in swapped]
+    try:
+        for memory, (bound, _) in zip(swapped, saved):
+            row = {name: tuple(p[index] for p in params) for name, params in bound.items()}
+            memory._bound, memory._batch_size = row, None
+        yield
+    finally:
+        for memory, (bound, batch_size) in zip(swapped, saved):
+            memory._bound, memory._batch_size = bound, batch_size
 
 
 def batched_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from recipes.memdlm.errors import UserError
+
 
 @runtime_checkable
 class Backbone(Protocol):
@@ -89,7 +91,7 @@ def describe_line(info: dict[str, Any]) -> str:
 def bidirectional_only(family: str, attention: str) -> AbstractContextManager:
     """`sampling_attention` of a family that always attends bidirectionally."""
     if attention != "bidirectional":
-        raise ValueError(f"attention {attention!r} is not available for the {family} backbone")
+        raise UserError(f"attention {attention!r} is not available for the {family} backbone")
     return nullcontext()
 
 

@@ -12,6 +12,7 @@ import diffusion as dd
 from recipes.memdlm.backbones import adapter, describe_line
 from recipes.memdlm.config import Config
 from recipes.memdlm.data.tasks import ByteTokenizer
+from recipes.memdlm.errors import UserError
 from recipes.memdlm.loop import checkpoint as ckpt
 
 
@@ -24,13 +25,13 @@ def resolve_device(name: str, kernels: str = "auto") -> torch.device:
         try:
             device = torch.device(name)
         except RuntimeError:
-            raise ValueError(
+            raise UserError(
                 f"device {name!r} is not a device; use auto, cpu, cuda or cuda:N"
             ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+        raise UserError(f"device {name!r} requested but CUDA is not available; use --device cpu")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(
+        raise UserError(
             f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist"
         )
     if kernels == "triton":
@@ -38,12 +39,12 @@ def resolve_device(name: str, kernels: str = "auto") -> torch.device:
         from diffusion.kernels.dispatch import interpreter_enabled
 
         if not triton_available():
-            raise ValueError(
+            raise UserError(
                 "kernels='triton' needs the optional package triton, which is not installed: "
                 "pip install triton, or use --kernels auto"
             )
         if device.type != "cuda" and not interpreter_enabled():
-            raise ValueError(
+            raise UserError(
                 f"kernels='triton' runs on CUDA, not on {device}; use --kernels auto (or set "
                 "TRITON_INTERPRET=1 for Triton's slow CPU interpreter)"
             )
@@ -55,7 +56,7 @@ def new_model(cfg: Config, tok: ByteTokenizer, *, seed: int, device) -> torch.nn
     if cfg.model.path:
         from recipes.memdlm.backbones import hf
 
-        return hf.load_model(cfg, device=device)
+        return hf.load_model(cfg, device=device, vocab_size=tok.vocab_size)
     m = cfg.model
     model = dd.Transformer(
         tok.vocab_size,
@@ -85,14 +86,14 @@ def tokenizer_for(cfg: Config):
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+        raise UserError(f"checkpoint {str(path)!r} does not exist")
     state = ckpt.load(path)
     try:
         model.load_state_dict(state["model"])
     except (KeyError, RuntimeError) as error:  # PyTorch's message is one line per tensor
         problem = fit_problem(model.state_dict(), state["model"])
         problem = problem or (str(error).strip().splitlines() or [""])[0]
-        raise ValueError(
+        raise UserError(
             f"checkpoint {str(path)!r} does not fit this model: {problem}; pass the same "
             "--preset/--config/model options it was trained with"
         ) from None

@@ -35,6 +35,7 @@ from recipes.memdlm.commands.folders import (
 from recipes.memdlm.config import Config
 from recipes.memdlm.data.batches import BatchSampler
 from recipes.memdlm.data.prepare import Data, prepare_data, pretrain_sampler
+from recipes.memdlm.errors import UserError
 from recipes.memdlm.eval.metrics import eval_loss, niah_accuracy
 from recipes.memdlm.eval.report import (
     method_summary,
@@ -131,7 +132,7 @@ def _check_cached(path: Path) -> None:
     try:
         ckpt.load(path)
     except ValueError as error:
-        raise ValueError(
+        raise UserError(
             f"the cached base {str(path)!r} cannot be used: delete it, or run with --pretrain, "
             f"which replaces it ({error})"
         ) from None
@@ -144,9 +145,11 @@ def fresh_base(
     (a base checkpoint that is corrupt or does not fit, fast-weight targets that match no module)
     fails first: the model (with `base`'s weights when given) and its `announce` record."""
     if base is not None and base.is_dir():
-        raise FileNotFoundError(f"base checkpoint {str(base)!r} is a folder; give its model.pt")
+        raise UserError(f"base checkpoint {str(base)!r} is a folder; give its model.pt")
     if base is not None and not base.is_file():
-        raise FileNotFoundError(f"base checkpoint {str(base)!r} does not exist")
+        raise UserError(f"base checkpoint {str(base)!r} does not exist")
+    if base is not None:
+        ckpt.check(base)  # a corrupt base fails before the backbone line
     model = new_model(cfg, data.tokenizer, seed=cfg.seed, device=device)
     backbone = announce(model, cfg, reporter)
     if base is not None:

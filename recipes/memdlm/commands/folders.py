@@ -16,9 +16,10 @@ from recipes.memdlm.config import (
     error_line,
     parse_overrides,
 )
+from recipes.memdlm.errors import UserError
 
 
-class UsageError(ValueError):
+class UsageError(UserError):
     """A command-line mistake reported in one line with exit code 2."""
 
 
@@ -37,16 +38,10 @@ def fresh_folder(path: Path) -> Path:
     return path
 
 
-# The errors the CLI reports as the user's (cli.main); on them `removed_on_user_error` cleans up.
-# (ConfigError, DataError and UsageError are ValueErrors.)
-USER_ERRORS = (
-    ValueError,
-    TypeError,
-    FileNotFoundError,
-    NotADirectoryError,
-    IsADirectoryError,
-    PermissionError,
-)
+# The errors the CLI reports as the user's (cli.main); on them `removed_on_user_error` cleans
+# up. Only those raised deliberately about the user's input: ConfigError, DataError, UsageError
+# and the others are UserErrors. Anything else is a bug and keeps its traceback and the folder.
+USER_ERRORS = (UserError,)
 
 
 @contextlib.contextmanager

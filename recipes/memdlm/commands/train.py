@@ -19,6 +19,7 @@ from recipes.memdlm.commands.folders import (
 def cmd_train(args, extra, reporter) -> int:
     from recipes.memdlm.backbones.load import announce, load_weights, new_model, resolve_device
     from recipes.memdlm.data.prepare import prepare_data
+    from recipes.memdlm.loop import checkpoint as ckpt
     from recipes.memdlm.loop import parallel as distributed
 
     if distributed.launched():  # under torchrun: one process per device (docs/scaling.md)
@@ -31,7 +32,9 @@ def cmd_train(args, extra, reporter) -> int:
         cfg = config_from_args(args, extra, method=args.method)
         out = fresh_folder(args.out or Path("runs") / f"train-{cfg.method}-{stamp()}")
         if args.base is not None:
-            checkpoint_file(args.base)
+            ckpt.check(checkpoint_file(args.base))
+    if args.resume is not None and (out / "checkpoint.pt").is_file():
+        ckpt.check(out / "checkpoint.pt")  # a corrupt one fails before the backbone line
     device = resolve_device(cfg.device, cfg.kernels)
     data = prepare_data(cfg)
     model = new_model(cfg, data.tokenizer, seed=cfg.seed, device=device)

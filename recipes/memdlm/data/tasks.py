@@ -25,6 +25,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from recipes.memdlm.errors import UserError
+
 # fmt: off
 KEYS = (
     "amber", "apple", "badger", "birch", "cedar", "cobalt", "coral", "crane", "daisy", "eagle",
@@ -39,7 +41,7 @@ KEYS = (
 MIN_FILLER = 8  # bytes of prose at least, so that the needle is hidden in something
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A user error in the data (malformed file, impossible task length)."""
 
 

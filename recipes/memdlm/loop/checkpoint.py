@@ -1,14 +1,24 @@
-"""Atomic checkpoints: a crash or Ctrl-C never leaves a half-written file behind."""
+"""Atomic checkpoints: a crash or Ctrl-C never leaves a half-written file behind; loading runs
+no code from the file.
+
+A checkpoint is a `torch.save` of plain data: tensors (weights, optimizer moments, generator
+states), numbers, strings, lists and dicts. `load` reads it with PyTorch's weights-only
+unpickler, which rebuilds exactly those and refuses anything else, so a `.pt` that someone hands
+you cannot execute code while it is read (a full unpickler would run whatever it pickles).
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from recipes.memdlm.errors import UserError
 
 
 def atomic_write_bytes(path: Path, write) -> None:
@@ -42,31 +52,61 @@ def save(path: Path, payload: dict[str, Any]) -> None:
     atomic_write_bytes(path, lambda handle: torch.save(payload, handle))
 
 
-def load(path: Path, *, require_model: bool = True) -> dict[str, Any]:
-    """A checkpoint we wrote; a file that is not one (truncated, empty, another format, a folder)
-    raises ValueError in one line naming the file. require_model: it must hold a 'model' entry
-    (every checkpoint but the non-tensor part of an FSDP checkpoint, `sharding.load_dcp`)."""
+def load(path: Path, *, require_model: bool = True, mmap: bool = False) -> dict[str, Any]:
+    """A checkpoint we wrote, read without running code from it (module doc).
+
+    A file that is not one (truncated, empty, another format, a folder) or that holds Python
+    objects other than plain data raises UserError in one line naming the file.
+    require_model: it must hold a 'model' entry (every checkpoint but the non-tensor part of an
+    FSDP checkpoint, `sharding.load_dcp`). mmap: map the tensors instead of reading them (a
+    cheap check of a large file: its index and every object in it are still read)."""
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"checkpoint {str(path)!r} is a folder; give its model.pt")
+        raise UserError(f"checkpoint {str(path)!r} is a folder; give its model.pt")
     try:
-        # weights_only=False: checkpoints hold generator states and plain Python metadata we wrote.
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise
-    except Exception as error:  # torch.load raises many types: Unpickling, EOF, zipfile, Runtime
-        reason = (str(error).strip().splitlines() or [""])[0]
-        raise ValueError(
+    except pickle.UnpicklingError as error:
+        raise UserError(_refusal(path, error)) from None
+    except Exception as error:  # torch.load raises many types: EOF, zipfile, Runtime
+        raise UserError(
             f"checkpoint {str(path)!r} is not a readable checkpoint "
-            f"({type(error).__name__}: {reason[:160]}); it is truncated or not a file this "
-            "recipe wrote: train it again or point at another model.pt"
+            f"({type(error).__name__}: {_first_line(error)[:160]}); it is truncated or not a "
+            "file this recipe wrote: train it again or point at another model.pt"
         ) from None
     if not isinstance(state, dict) or (require_model and "model" not in state):
-        raise ValueError(
+        raise UserError(
             f"checkpoint {str(path)!r} is not a checkpoint of this recipe (no 'model' entry); "
             "point at a model.pt or checkpoint.pt from a run folder"
         )
     return state
+
+
+def check(path: Path) -> None:
+    """Fail now, in one line, if `path` cannot be loaded (`load`), without reading its tensors:
+    commands call it before they print anything about the run."""
+    load(path, mmap=True)
+
+
+def _refusal(path: Path, error: Exception) -> str:
+    """One line for a file the weights-only unpickler refused (or could not parse)."""
+    text = str(error)
+    if "Weights only load failed" in text or "Unsupported global" in text:
+        found = next((ln.strip() for ln in text.splitlines() if "GLOBAL" in ln), "")
+        return (
+            f"checkpoint {str(path)!r} was refused: it holds Python objects, not only tensors "
+            f"and plain data{f' ({found[:120]})' if found else ''}, and loading it could run "
+            "code; this recipe never writes such files: use a checkpoint from a run folder"
+        )
+    return (
+        f"checkpoint {str(path)!r} is not a readable checkpoint (UnpicklingError: "
+        f"{_first_line(error)[:160]}); it is truncated or not a file this recipe wrote"
+    )
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [""])[0]
 
 
 def write_json(path: Path, data: Any) -> None:

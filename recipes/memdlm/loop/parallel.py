@@ -42,6 +42,7 @@ from torch import nn
 import bilevel as bl
 from recipes.memdlm.config import DistributedConfig, MemDLMConfig
 from recipes.memdlm.data.batches import Batch, BatchSampler
+from recipes.memdlm.errors import UserError
 from recipes.memdlm.method import (
     Anchor,
     init_fast_weights,
@@ -94,7 +95,7 @@ class Context:
     def rows(self, batch_size: int) -> slice:
         """This rank's contiguous block of a global batch of `batch_size` rows."""
         if batch_size % self.world_size:
-            raise ValueError(
+            raise UserError(
                 f"train.batch_size={batch_size} (the global batch) must be divisible by the "
                 f"number of processes {self.world_size}"
             )
@@ -115,14 +116,14 @@ def init(cfg: DistributedConfig, device: str = "auto") -> Context:
     """
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         if name not in os.environ:
-            raise ValueError(f"environment variable {name} is not set; launch with torchrun")
+            raise UserError(f"environment variable {name} is not set; launch with torchrun")
     local_rank = int(os.environ["LOCAL_RANK"])
     use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
+        raise UserError(f"device {device!r} requested but CUDA is not available")
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if use_cuda else "gloo")
     if backend == "nccl" and not use_cuda:
-        raise ValueError("distributed.backend='nccl' needs CUDA devices; use 'gloo' on CPU")
+        raise UserError("distributed.backend='nccl' needs CUDA devices; use 'gloo' on CPU")
     if use_cuda:
         torch.cuda.set_device(local_rank)
         target = torch.device("cuda", local_rank)

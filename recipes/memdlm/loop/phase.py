@@ -16,6 +16,7 @@ from torch import nn
 
 from recipes.memdlm.config import MemDLMConfig, PhaseConfig
 from recipes.memdlm.data.batches import BatchSampler
+from recipes.memdlm.errors import UserError
 from recipes.memdlm.loop import checkpoint as ckpt
 from recipes.memdlm.loop.parallel import (
     Context,
@@ -93,7 +94,7 @@ def train_phase(
     if ctx is None:
         ctx = Context.single(next(model.parameters()).device)
     if sync_inner and memdlm.per_sample and method == "memdlm":
-        raise ValueError(
+        raise UserError(
             "distributed.sync_inner applies to shared fast weights; per-sample "
             "fast weights are already exact across ranks (memdlm.per_sample=true)"
         )
@@ -105,7 +106,7 @@ def train_phase(
 
     fsdp = ctx.strategy == "fsdp"
     if fsdp and (folder / "checkpoint.pt").exists() and not (folder / DCP_FOLDER).exists():
-        raise ValueError(
+        raise UserError(
             f"{folder} holds a DDP/single-process checkpoint; resume it with "
             "distributed.strategy=ddp (FSDP resumes from checkpoint.dcp/)"
         )

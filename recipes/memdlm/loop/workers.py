@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from recipes.memdlm.errors import UserError
 from recipes.memdlm.loop.steps import Interrupted
 
 EXIT_INTERRUPTED = 130
@@ -90,7 +91,7 @@ def run_jobs(jobs: list[Job], *, workers: int, reporter) -> Iterator[tuple[Job, 
 
     workers <= 1: one after another in this process, with `reporter` itself. Otherwise spawned
     processes of one thread each. A failed job stops the others (they checkpoint) and raises
-    WorkerError; Ctrl-C stops them the same way and raises `Interrupted`.
+    WorkerError (a UserError in a job is raised as UserError, its one line kept); Ctrl-C stops them the same way and raises `Interrupted`.
     """
     if workers <= 1:
         for job in jobs:
@@ -113,7 +114,7 @@ def _run_spawned(jobs, workers, reporter) -> Iterator[tuple[Job, Any]]:
     tasks: dict[tuple[str, int], int] = {}  # (job, worker's task id) -> reporter's task id
     labels = {job.name: job.label for job in jobs}
     interrupts = 0
-    failure: str | None = None
+    failure: Exception | None = None
     try:
         while running or (pending and not interrupts and failure is None):
             try:
@@ -136,10 +137,11 @@ def _run_spawned(jobs, workers, reporter) -> Iterator[tuple[Job, Any]]:
                     process.join()
                     reporter.job_finished(name)
                     yield job, message[2]
-                elif kind == "failed":
+                elif kind in ("failed", "user_error"):
                     running.pop(name)[1].join()
                     if failure is None:
-                        failure = message[2]
+                        error = UserError if kind == "user_error" else WorkerError
+                        failure = error(message[2])
                         _signal_all(running, signal.SIGINT)  # the others checkpoint and stop
                 elif kind == "interrupted":  # it checkpointed and stopped: so do the others
                     running.pop(name)[1].join()
@@ -163,7 +165,7 @@ def _run_spawned(jobs, workers, reporter) -> Iterator[tuple[Job, Any]]:
         for key in list(tasks):
             reporter.stop(tasks.pop(key))
     if failure is not None:
-        raise WorkerError(failure)
+        raise failure
     if interrupts:
         raise Interrupted("interrupted; every finished step of every job is checkpointed")
 
@@ -218,6 +220,9 @@ def _worker_main(job: Job, channel, parent_pid: int) -> None:
     except (Interrupted, KeyboardInterrupt, SystemExit):
         channel.put(("interrupted", job.name))
         _flush_and_exit(channel, EXIT_INTERRUPTED)
+    except UserError as error:  # the parent reports it as the user's, in one line
+        channel.put(("user_error", job.name, str(error)))
+        _flush_and_exit(channel, 1)
     except BaseException:  # everything goes back to the parent, then exit 1
         channel.put(("failed", job.name, f"job {job.name} failed:\n{traceback.format_exc()}"))
         _flush_and_exit(channel, 1)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -34,6 +34,9 @@ class Family:
     pad: str
     mask: str
     config: dict = field(default_factory=dict)
+    imported: tuple[str, ...] = ()  # more files of `folder` that the modules import
+    model_type: str = ""  # config.json's model_type
+    extra_rows: int = 0  # embedding rows past the tokenizer (Dream: 152064 vs 151665 + specials)
 
 
 FAMILIES = {
@@ -47,6 +50,7 @@ FAMILIES = {
         eos="<|endoftext|>",
         pad="<|endoftext|>",
         mask="<|mdm_mask|>",
+        model_type="llada",
         config={
             "d_model": 32,
             "n_heads": 2,
@@ -68,6 +72,7 @@ FAMILIES = {
         eos="<|endoftext|>",
         pad="<|endoftext|>",
         mask="<|mask|>",
+        model_type="lladamoe",
         config={
             "hidden_size": 32,
             "num_hidden_layers": 4,
@@ -109,6 +114,7 @@ FAMILIES = {
             "attention_dropout": 0.0,
             "use_cache": True,  # the family's default, kept in the checkpoint
         },
+        model_type="llada2_moe",
     ),
     "dream": Family(
         "dream",
@@ -127,8 +133,17 @@ FAMILIES = {
             "num_attention_heads": 2,
             "num_key_value_heads": 1,
         },
+        model_type="Dream",
+        extra_rows=16,  # the embedding is larger than the tokenizer, as in the real Dream
     ),
 }
+# LLaDA2.1: 2.0's structure with what 2.1 changed (remote/llada2/modeling_llada21_moe.py); its
+# checkpoints keep config.json's model_type `llada2_moe`.
+FAMILIES["llada21"] = replace(
+    FAMILIES["llada2"],
+    modules=("configuration_llada21_moe", "modeling_llada21_moe"),
+    imported=("configuration_llada2_moe", "modeling_llada2_moe"),
+)
 
 
 def corpus() -> list[str]:
@@ -155,11 +170,36 @@ def write_tokenizer(family: Family, folder: Path, vocab_size: int = 320):
     )
     tok.train_from_iterator(corpus(), trainer)
     options = {"eos_token": family.eos, "pad_token": family.pad}
-    if family.folder == "dream":  # Dream's tokenizer: eos = pad = unk, bos None, a mask token
-        options.update(unk_token=family.eos, mask_token=family.mask)
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, **options)
+    if family.folder == "dream":
+        return _write_dream_tokenizer(fast, family, folder)
     fast.save_pretrained(folder)
     return fast
+
+
+def _write_dream_tokenizer(fast, family: Family, folder: Path):
+    """Dream's slow tokenizer (remote/dream/tokenization_dream.py): the BPE vocabulary without
+    the specials in vocab.json + merges.txt, the specials added after it, a mask token."""
+    import importlib.util
+
+    model = json.loads(fast.backend_tokenizer.to_str())["model"]
+    plain = sorted((i, t) for t, i in model["vocab"].items() if t not in family.specials)
+    (folder / "vocab.json").write_text(json.dumps({t: n for n, (_, t) in enumerate(plain)}))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    (folder / "merges.txt").write_text("\n".join(["#version: 0.2", *merges]) + "\n")
+    source = REMOTE / "dream" / "tokenization_dream.py"
+    spec = importlib.util.spec_from_file_location("_dream_tokenization", source)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    tok = module.DreamTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    rest = [t for t in family.specials if t not in (family.eos, family.mask)]
+    tok.add_special_tokens({"additional_special_tokens": rest, "mask_token": family.mask})
+    tok.save_pretrained(folder)
+    shutil.copy(source, folder / source.name)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["auto_map"] = {"AutoTokenizer": ["tokenization_dream.DreamTokenizer", None]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return tok
 
 
 def write(name: str, folder: Path, *, seed: int = 0) -> Path:
@@ -169,18 +209,18 @@ def write(name: str, folder: Path, *, seed: int = 0) -> Path:
     family = FAMILIES[name]
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for module in family.modules:
+    for module in family.modules + family.imported:
         shutil.copy(REMOTE / family.folder / f"{module}.py", folder / f"{module}.py")
     tok = write_tokenizer(family, folder)
     vocab = tok.get_vocab()
     config = {
-        "model_type": _model_type(name),
+        "model_type": family.model_type,
         "architectures": [family.model_class],
         "auto_map": {
             "AutoConfig": f"{family.modules[0]}.{family.config_class}",
             **{auto: f"{family.modules[1]}.{family.model_class}" for auto in family.auto_map},
         },
-        "vocab_size": len(tok),
+        "vocab_size": len(tok) + family.extra_rows,
         "eos_token_id": vocab[family.eos],
         "pad_token_id": vocab[family.pad],
         "mask_token_id": vocab[family.mask],
@@ -193,9 +233,3 @@ def write(name: str, folder: Path, *, seed: int = 0) -> Path:
     model = auto.from_config(loaded, trust_remote_code=True)
     model.save_pretrained(folder)
     return folder
-
-
-def _model_type(name: str) -> str:
-    return {"llada": "llada", "llada_moe": "lladamoe", "llada2": "llada2_moe", "dream": "Dream"}[
-        name
-    ]

@@ -8,6 +8,8 @@ import contextlib
 import torch
 from torch import nn
 
+from recipes.memdlm.errors import UserError
+
 FAMILIES = ("llada", "llada_moe", "llada2", "dream", "decoder", "encoder")
 
 
@@ -94,7 +96,7 @@ def find_layer_stack(model: nn.Module) -> str:
         if size > best_size:
             best, best_size = name, size
     if best is None:
-        raise ValueError(f"{type(model).__name__} has no nn.ModuleList of layers")
+        raise UserError(f"{type(model).__name__} has no nn.ModuleList of layers")
     return best
 
 

@@ -28,6 +28,7 @@ from recipes.memdlm.backbones.hf.experts import (
     take_over_routing,
     unfuse_experts,
 )
+from recipes.memdlm.errors import UserError
 
 DEFAULT_FFN = ("gate_proj", "up_proj", "down_proj")
 # The FFN projections of a layer, relative to the layer, for the layouts we know: Llama, Qwen,
@@ -64,6 +65,10 @@ class HFDenoiser(nn.Module):
             "block_causal" (LLaDA2.x's sampler: bidirectional inside blocks of `block_size`,
             causal across blocks), for the families that take a 4-D mask.
         block_size: positions per block of "block_causal".
+        vocab_size: the tokenizer's size: logits keep only ids below it (None = all rows of
+            the head). Dream's head has more rows (152064) than its tokenizer has tokens
+            (151665 with specials); an id past the tokenizer cannot be decoded, so no sampler
+            and no loss should see it.
     """
 
     def __init__(
@@ -73,10 +78,14 @@ class HFDenoiser(nn.Module):
         verify_split: bool = True,
         attention: str = "bidirectional",
         block_size: int = 32,
+        vocab_size: int | None = None,
     ):
         super().__init__()
+        if vocab_size is not None and (isinstance(vocab_size, bool) or vocab_size < 1):
+            raise UserError(f"vocab_size must be None or an int >= 1, got {vocab_size!r}")
+        self.vocab_size = vocab_size
         if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
-            raise ValueError(
+            raise UserError(
                 "the model has activation checkpointing on; fast weights are bound only during "
                 "the forward pass, so a recomputation in backward would not see them: call "
                 "model.gradient_checkpointing_disable() first"
@@ -88,14 +97,14 @@ class HFDenoiser(nn.Module):
         self.family = detect_family(model)
         self.mask_style = MASK_STYLE[self.family]
         if attention not in ATTENTION:
-            raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
+            raise UserError(f"attention must be one of {ATTENTION}, got {attention!r}")
         if attention == "block_causal" and self.mask_style == "padding":
-            raise ValueError(
+            raise UserError(
                 f"attention='block_causal' needs a model that takes a 4-D mask; the {self.family} "
                 "family takes only a 2-D padding mask (use attention='bidirectional')"
             )
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-            raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+            raise UserError(f"block_size must be an int >= 1, got {block_size!r}")
         self.attention, self.block_size = attention, block_size
         self.shift = self.family == "dream"  # its logits at i - 1 predict token i
         self.layers_path = find_layer_stack(model)
@@ -113,6 +122,8 @@ class HFDenoiser(nn.Module):
         """Logits (B, L, V) of tokens x (B, L); attention_mask (B, L), 1 = real token."""
         out = self.hf(input_ids=x, **self.model_inputs(x, attention_mask))
         logits = out.logits if hasattr(out, "logits") else out[0]
+        if self.vocab_size is not None and logits.shape[-1] > self.vocab_size:
+            logits = logits[..., : self.vocab_size]  # head rows past the tokenizer
         if self.shift:  # Dream: the output at i - 1 predicts token i; position 0 keeps its own
             logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
         return logits
@@ -143,11 +154,11 @@ class HFDenoiser(nn.Module):
         sampler while training stays bidirectional); the previous mode is restored after."""
         previous = (self.attention, self.block_size)
         if attention not in ATTENTION:
-            raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
+            raise UserError(f"attention must be one of {ATTENTION}, got {attention!r}")
         if attention == "block_causal" and self.mask_style == "padding":
-            raise ValueError(f"attention='block_causal' is not available for {self.family}")
+            raise UserError(f"attention='block_causal' is not available for {self.family}")
         if block_size is not None and (isinstance(block_size, bool) or block_size < 1):
-            raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+            raise UserError(f"block_size must be an int >= 1, got {block_size!r}")
         self.attention = attention
         self.block_size = previous[1] if block_size is None else block_size
         try:
@@ -202,7 +213,7 @@ class HFDenoiser(nn.Module):
 
     def _check_index(self, name: str, value: int) -> None:
         if not 0 <= value < len(self.layers):
-            raise ValueError(f"{name} must be in [0, {len(self.layers)}), got {value}")
+            raise UserError(f"{name} must be in [0, {len(self.layers)}), got {value}")
 
     def _setup_split(self) -> bool:
         """Find the module whose output enters layer 0, then compare split and full forwards;
@@ -278,7 +289,7 @@ class HFDenoiser(nn.Module):
         code's rule). Outer-LoRA layers are looked through to their `base_layer`.
         """
         if not 0 < fraction <= 1:
-            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+            raise UserError(f"fraction must be in (0, 1], got {fraction}")
         stack = self.layers
         start = first_fast_index(len(stack), fraction)
         default = tuple(modules) == DEFAULT_FFN
@@ -286,7 +297,7 @@ class HFDenoiser(nn.Module):
         for index in range(start, len(stack)):
             layer = stack[index]
             if any(is_fused_experts(m) for m in layer.modules()):
-                raise ValueError(
+                raise UserError(
                     f"layer {index} still holds fused experts; wrap the model with "
                     f"layer_fraction >= {fraction} (hf.load_model / hf.wrap unfuse them)"
                 )
@@ -305,7 +316,7 @@ class HFDenoiser(nn.Module):
                 if wanted:
                     names.append(f"hf.{self.layers_path}.{index}.{name}")
         if not names:
-            raise ValueError(
+            raise UserError(
                 f"no FFN linear matches modules={tuple(modules)} in layers {start}.."
                 f"{len(stack) - 1} of {self.layers_path}; set memdlm.targets to the model's names"
             )
@@ -317,7 +328,9 @@ class HFDenoiser(nn.Module):
 
         Returns {"family", "forward", "split", "split_note", "attention", "logit_shift",
         "mask_style", "fast_weights": count, "fast_weight_layers": [indices],
-        "fast_weight_kinds": {relative name pattern: count}, "routing": {layer: router}}.
+        "fast_weight_kinds": {relative name pattern: count}, "routing": {MoE layer: how it
+        serves per-sample fast weights, "softmax" or "module" (the adapter's dispatch) or
+        "per_sample" (the block once per sample)}}.
         """
         targets = self.fast_weight_targets(fraction, modules)
         prefix = f"hf.{self.layers_path}."
@@ -328,9 +341,9 @@ class HFDenoiser(nn.Module):
                 layers.append(int(index))
             kinds[re.sub(r"\.\d+\.", ".*.", rest)] += 1
         routing = {
-            i: layer.mlp.memdlm_routing.router
+            i: layer.mlp.memdlm_dispatch
             for i, layer in enumerate(self.layers)
-            if hasattr(getattr(layer, "mlp", None), "memdlm_routing")
+            if hasattr(getattr(layer, "mlp", None), "memdlm_dispatch")
         }
         first = first_fast_index(len(self.layers), fraction)
         forward = (
@@ -357,7 +370,11 @@ class HFDenoiser(nn.Module):
         """`describe` as one line, for the recipe to print at start."""
         d = self.describe(fraction, modules)
         kinds = ", ".join(f"{n} {k}" for k, n in d["fast_weight_kinds"].items())
-        routed = f"; adapter MoE dispatch in layers {sorted(d['routing'])}" if d["routing"] else ""
+        fast = sorted(i for i, how in d["routing"].items() if how != "per_sample")
+        looped = sorted(i for i, how in d["routing"].items() if how == "per_sample")
+        routed = f"; adapter MoE dispatch in layers {fast}" if fast else ""
+        if looped:
+            routed += f"; MoE blocks run once per sample (exact, slower) in layers {looped}"
         shift = "; logits shifted back by one (Dream)" if d["logit_shift"] else ""
         return (
             f"backbone {d['family']} ({type(self.hf).__name__}): {d['forward']}; "

@@ -17,6 +17,7 @@ from recipes.memdlm.backbones.hf.attention import (
 from recipes.memdlm.backbones.hf.denoiser import HFDenoiser
 from recipes.memdlm.backbones.hf.experts import take_over_routing, unfuse_experts
 from recipes.memdlm.config import MissingExtraError
+from recipes.memdlm.errors import UserError
 
 
 def require_transformers():
@@ -51,10 +52,13 @@ class HFTokenizer:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def decode(self, ids) -> str:
-        """Text up to the first EOS, special tokens dropped."""
-        ids = list(ids)
+        """Text up to the first EOS, special tokens and ids the tokenizer does not have (a
+        head larger than the tokenizer, as Dream's) dropped: decoding a model's output never
+        raises."""
+        ids = [int(i) for i in ids]
         if self.eos_id in ids:
             ids = ids[: ids.index(self.eos_id)]
+        ids = [i for i in ids if 0 <= i < self.vocab_size]
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
@@ -75,7 +79,7 @@ def load_tokenizer(
 
     def token_id(name: str, token: str) -> int:
         if token not in vocab:
-            raise ValueError(f"model.{name}={token!r} is not in the tokenizer's vocabulary")
+            raise UserError(f"model.{name}={token!r} is not in the tokenizer's vocabulary")
         return vocab[token]
 
     if mask_token is not None:
@@ -85,7 +89,7 @@ def load_tokenizer(
     else:
         found = [vocab[t] for t in MASK_TOKENS if t in vocab]
         if not found:
-            raise ValueError(
+            raise UserError(
                 f"the tokenizer in {str(path)!r} has no mask token (looked for {MASK_TOKENS}); "
                 "set model.mask_token"
             )
@@ -95,7 +99,7 @@ def load_tokenizer(
     else:
         eos_id = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
         if eos_id is None:
-            raise ValueError(
+            raise UserError(
                 f"the tokenizer in {str(path)!r} has no EOS or SEP; set model.eos_token"
             )
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else eos_id
@@ -120,14 +124,15 @@ def auto_class(config):
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_model(cfg, *, device) -> HFDenoiser:
-    """The recipe's model from `cfg.model.path` (see module doc). `cfg`: recipe `Config`."""
+def load_model(cfg, *, device, vocab_size: int | None = None) -> HFDenoiser:
+    """The recipe's model from `cfg.model.path` (see module doc). `cfg`: recipe `Config`;
+    vocab_size: the tokenizer's size, to which the logits are cut (`HFDenoiser`)."""
     transformers = require_transformers()
     transformers.utils.logging.disable_progress_bar()  # the recipe reports its own progress
     m = cfg.model
     path = Path(m.path)
     if not path.is_dir():
-        raise ValueError(f"model.path {m.path!r} is not a folder")
+        raise UserError(f"model.path {m.path!r} is not a folder")
     config = transformers.AutoConfig.from_pretrained(
         str(path), trust_remote_code=m.trust_remote_code
     )
@@ -160,7 +165,7 @@ def load_model(cfg, *, device) -> HFDenoiser:
         )
     # Bidirectional for training and likelihoods; `model.sample_attention` applies while
     # sampling only (`HFBackbone.sampling_attention`).
-    return HFDenoiser(model, block_size=m.sample_block_size)
+    return HFDenoiser(model, block_size=m.sample_block_size, vocab_size=vocab_size)
 
 
 def add_outer_lora(model, *, rank: int, alpha: float, dropout: float, targets, kbit=False):

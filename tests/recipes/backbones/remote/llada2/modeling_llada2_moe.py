@@ -115,7 +115,7 @@ class LLaDA2MoeSparseMoeBlock(nn.Module):
         self.experts = nn.ModuleList(
             LLaDA2MoeMLP(config, config.moe_intermediate_size) for _ in range(config.num_experts)
         )
-        self.gate = LLaDA2MoeGate(config)
+        self.gate = self.gate_class(config)
         if config.num_shared_experts is not None:
             width = config.moe_intermediate_size * config.num_shared_experts
             self.shared_experts = LLaDA2MoeMLP(config, width)
@@ -154,6 +154,9 @@ class LLaDA2MoeSparseMoeBlock(nn.Module):
         back[order] = done
         weighted = back.view(*topk_idx.shape, -1).float() * topk_weight.unsqueeze(-1)
         return weighted.sum(dim=1).to(x.dtype)
+
+
+LLaDA2MoeSparseMoeBlock.gate_class = LLaDA2MoeGate
 
 
 class LLaDA2MoeAttention(nn.Module):
@@ -203,7 +206,7 @@ class LLaDA2MoeDecoderLayer(nn.Module):
         super().__init__()
         self.attention = LLaDA2MoeAttention(config, layer_idx)
         if layer_idx >= config.first_k_dense_replace:
-            self.mlp = LLaDA2MoeSparseMoeBlock(config)
+            self.mlp = self.moe_block(config)
         else:
             self.mlp = LLaDA2MoeMLP(config, config.intermediate_size)
         self.input_layernorm = LLaDA2MoeRMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -238,6 +241,9 @@ class LLaDA2MoeDecoderLayer(nn.Module):
         return outputs
 
 
+LLaDA2MoeDecoderLayer.moe_block = LLaDA2MoeSparseMoeBlock
+
+
 class LLaDA2MoePreTrainedModel(PreTrainedModel):
     config_class = LLaDA2MoeConfig
     base_model_prefix = "model"
@@ -256,7 +262,7 @@ class LLaDA2MoeModel(LLaDA2MoePreTrainedModel):
             config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id
         )
         self.layers = nn.ModuleList(
-            LLaDA2MoeDecoderLayer(config, i) for i in range(config.num_hidden_layers)
+            self.decoder_layer(config, i) for i in range(config.num_hidden_layers)
         )
         self.norm = LLaDA2MoeRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = LLaDA2MoeRotaryEmbedding(config)
@@ -264,6 +270,23 @@ class LLaDA2MoeModel(LLaDA2MoePreTrainedModel):
 
     def get_input_embeddings(self):
         return self.word_embeddings
+
+    def prepare_mask(self, attention_mask, shape, h):
+        """2.0: a 4-D bool mask made additive, a 4-D float one as is; otherwise eager is always
+        causal and SDPA causal as soon as a 2-D mask holds a 0."""
+        if attention_mask is not None and attention_mask.dim() == 4:
+            if attention_mask.dtype == torch.bool:
+                low = torch.finfo(h.dtype).min
+                attention_mask = torch.zeros_like(attention_mask, dtype=h.dtype).masked_fill(
+                    ~attention_mask, low
+                )
+        elif self.config._attn_implementation == "eager":
+            attention_mask = _prepare_4d_causal_attention_mask(attention_mask, shape, h, 0)
+        else:
+            attention_mask = _prepare_4d_causal_attention_mask_for_sdpa(
+                attention_mask, shape, h, 0
+            )
+        return attention_mask
 
     def forward(
         self,
@@ -286,18 +309,7 @@ class LLaDA2MoeModel(LLaDA2MoePreTrainedModel):
             past_key_values = DynamicCache()
         if position_ids is None:
             position_ids = torch.arange(length, device=h.device)[None]
-        if attention_mask is not None and attention_mask.dim() == 4:
-            if attention_mask.dtype == torch.bool:
-                low = torch.finfo(h.dtype).min
-                attention_mask = torch.zeros_like(attention_mask, dtype=h.dtype).masked_fill(
-                    ~attention_mask, low
-                )
-        elif self.config._attn_implementation == "eager":
-            attention_mask = _prepare_4d_causal_attention_mask(attention_mask, (b, length), h, 0)
-        else:
-            attention_mask = _prepare_4d_causal_attention_mask_for_sdpa(
-                attention_mask, (b, length), h, 0
-            )
+        attention_mask = self.prepare_mask(attention_mask, (b, length), h)
         position_embeddings = self.rotary_emb(h, position_ids)
         hidden = []
         for layer in self.layers:
@@ -322,10 +334,13 @@ class LLaDA2MoeModel(LLaDA2MoePreTrainedModel):
         )
 
 
+LLaDA2MoeModel.decoder_layer = LLaDA2MoeDecoderLayer
+
+
 class LLaDA2MoeModelLM(LLaDA2MoePreTrainedModel):
     def __init__(self, config):
         super().__init__(config)
-        self.model = LLaDA2MoeModel(config)
+        self.model = self.base_model_class(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
@@ -370,3 +385,6 @@ class LLaDA2MoeModelLM(LLaDA2MoePreTrainedModel):
             past_key_values=out.past_key_values,
             hidden_states=out.hidden_states,
         )
+
+
+LLaDA2MoeModelLM.base_model_class = LLaDA2MoeModel
