@@ -68,16 +68,112 @@ def test_corrupt_cached_base_names_the_cache_file_and_pretrain_replaces_it(tmp_p
     assert cached.read_bytes() == (out / "base" / "model.pt").read_bytes()  # replaced by it
 
 
-def test_resume_with_a_corrupt_checkpoint_keeps_the_folder(tmp_path, trained):
+@pytest.mark.parametrize("quiet", [(), ("--quiet",)])
+@pytest.mark.parametrize("kind", ["garbage", "truncated"])
+def test_resume_with_a_corrupt_checkpoint_keeps_the_folder(tmp_path, trained, kind, quiet):
+    """One line also without --quiet: the file is checked before the backbone line."""
     folder = tmp_path / "run"
     shutil.copytree(trained, folder)
     for name in ("model.pt", "summary.json"):  # an unfinished run
         (folder / name).unlink()
     checkpoint = folder / "checkpoint.pt"
-    checkpoint.write_bytes(checkpoint.read_bytes()[:2000])
-    line = one_line_error(run("train", "--resume", folder, "--quiet", cwd=tmp_path))
+    bad = bad_checkpoint(tmp_path, kind, trained)
+    shutil.copy(bad, checkpoint)
+    line = one_line_error(run("train", "--resume", folder, *quiet, cwd=tmp_path))
     assert f"checkpoint '{checkpoint}' is not a readable checkpoint" in line
     assert folder.is_dir() and (folder / "config.json").is_file()  # the user's folder stays
+
+
+@pytest.mark.parametrize("command", ["train", "compare"])
+def test_corrupt_base_is_one_line_without_quiet(tmp_path, trained, command):
+    base = bad_checkpoint(tmp_path, "truncated", trained)
+    out = tmp_path / "run"
+    workers = ("--workers", "1") if command == "compare" else ()
+    line = one_line_error(run(command, "--preset", "smoke", "--base", base, "--out", out, *workers))
+    assert f"checkpoint '{base}' is not a readable checkpoint" in line
+    assert not out.exists()
+
+
+def pickled_payload(path, marker):
+    """A .pt that would create `marker` if it were unpickled with the full unpickler."""
+
+    class RunsCode:
+        def __reduce__(self):
+            return (shutil.copyfile, (__file__, str(marker)))
+
+    torch.save({"model": {}, "result": RunsCode()}, path)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["eval", "{pt}"],
+        ["sample", "{pt}", "--prompt", "hi"],
+        ["train", *SMOKE, "--base", "{pt}", "--out", "{out}"],
+        ["compare", *SMOKE, "--base", "{pt}", "--out", "{out}", "--workers", "1"],
+        ["train", "--resume", "{resume}", "--quiet"],
+    ],
+    ids=["eval", "sample", "train-base", "compare-base", "resume"],
+)
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, trained, command):
+    marker = tmp_path / "code-ran"
+    resume = tmp_path / "resume"
+    shutil.copytree(trained, resume)
+    (resume / "model.pt").unlink()
+    (resume / "summary.json").unlink()
+    pt = resume / "checkpoint.pt" if "--resume" in command else tmp_path / "model.pt"
+    pickled_payload(pt, marker)
+    out = tmp_path / "run"
+    argv = [str(a).format(pt=pt, out=out, resume=resume) for a in command]
+    line = one_line_error(run(*argv, "--quiet", cwd=tmp_path))
+    assert f"checkpoint '{pt}' was refused: it holds Python objects" in line
+    assert "loading it could run code" in line
+    assert not marker.exists() and not out.exists()
+
+
+def test_a_cached_base_that_would_run_code_is_refused(tmp_path):
+    from recipes.memdlm.commands.bases import base_key
+    from recipes.memdlm.config import build_config
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    cached = cache / f"base-{base_key(build_config('smoke'))}.pt"
+    marker = tmp_path / "code-ran"
+    pickled_payload(cached, marker)
+    args = ("compare", *SMOKE, "--cache", cache, "--workers", "1", "--out", tmp_path / "run")
+    line = one_line_error(run(*args, cwd=tmp_path))
+    assert f"the cached base '{cached}' cannot be used" in line and "was refused" in line
+    assert not marker.exists()
+
+
+BUG = (  # the training loop raises a ValueError of its own before the first checkpoint
+    "import sys; from recipes.memdlm.loop import phase; from recipes.memdlm.cli import main\n"
+    "def broken(*args, **kwargs): raise ValueError('an injected bug')\n"
+    "phase.train_phase = broken\n"
+    "sys.exit(main(sys.argv[1:]))"
+)
+
+
+def test_an_internal_bug_keeps_its_traceback_exit_1_and_the_run_folder(tmp_path):
+    """A ValueError the recipe did not raise about the user's input is a bug: traceback, exit
+    1, the run folder kept for the report (a UserError would give one line, exit 2, no folder)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.recipes.test_cli import ROOT
+
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    argv = ["train", *SMOKE, "--method", "standard", "--train.steps", "2", "--out", str(out)]
+    result = subprocess.run(
+        [sys.executable, "-c", BUG, *argv], capture_output=True, text=True, env=env, cwd=tmp_path
+    )
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" in result.stderr and "ValueError: an injected bug" in result.stderr
+    assert (out / "config.json").is_file()  # kept, though no checkpoint was written yet
+    user = run("train", *SMOKE, "--memdlm.targets", "nothing_here", "--out", out / "x")
+    assert one_line_error(user).startswith("error: ") and not (out / "x").exists()
 
 
 def test_checkpoint_of_another_shape(tmp_path, trained):

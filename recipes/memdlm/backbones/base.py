@@ -20,6 +20,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+import memory as mm
 from recipes.memdlm.errors import UserError
 
 
@@ -101,3 +102,12 @@ def layer_of(name: str, prefix: str) -> int | None:
         return None
     head = name[len(prefix) :].split(".", 1)[0]
     return int(head) if head.isdigit() else None
+
+
+def last_layer_targets(module: nn.Module, fraction: float, modules: Sequence[str]) -> tuple:
+    """`memory.last_layers` of the configured `memdlm.layer_fraction` and `memdlm.targets`; a
+    name that matches nothing is the user's mistake (UserError), not a bug."""
+    try:
+        return tuple(mm.last_layers(module, fraction=fraction, modules=tuple(modules)))
+    except ValueError as error:
+        raise UserError(f"memdlm.targets / memdlm.layer_fraction: {error}") from None

@@ -14,8 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-import memory as mm
-from recipes.memdlm.backbones.base import bidirectional_only, layer_of
+from recipes.memdlm.backbones.base import bidirectional_only, last_layer_targets, layer_of
 
 
 class FullForward:
@@ -65,7 +64,7 @@ class GenericBackbone:
                 "pass fast_weights=mm.FastLoRA(model, targets, ...) (or hf.wrap a Hugging Face "
                 "model)"
             )
-        return tuple(mm.last_layers(self.module, fraction=fraction, modules=tuple(modules)))
+        return last_layer_targets(self.module, fraction, modules)
 
     def num_layers(self) -> int:
         # The split index 0 only: a full forward has nothing before the fast weights.

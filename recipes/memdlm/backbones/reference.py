@@ -12,8 +12,7 @@ from typing import Any
 import torch
 
 import diffusion as dd
-import memory as mm
-from recipes.memdlm.backbones.base import bidirectional_only, layer_of
+from recipes.memdlm.backbones.base import bidirectional_only, last_layer_targets, layer_of
 
 
 def unhooked(module: torch.nn.Module) -> bool:
@@ -33,7 +32,7 @@ class ReferenceBackbone:
         self.module = model
 
     def fast_weight_targets(self, fraction: float, modules: Sequence[str]) -> tuple[str, ...]:
-        return tuple(mm.last_layers(self.module, fraction=fraction, modules=tuple(modules)))
+        return last_layer_targets(self.module, fraction, modules)
 
     def num_layers(self) -> int:
         return len(self.module.layers)

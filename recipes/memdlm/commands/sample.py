@@ -15,8 +15,8 @@ from recipes.memdlm.commands.folders import (
 
 
 def check_sample_args(args) -> None:
-    """The decoding options, before any model is loaded (`diffusion.generate` checks how they
-    combine: block length dividing gen-length, steps per block)."""
+    """The decoding options, before any model is loaded, and how they combine (the rules of
+    `diffusion.generate`: block length dividing gen-length, whole steps per block)."""
     if args.gen_length < 1:
         raise UsageError(f"--gen-length must be at least 1, got {args.gen_length}")
     if args.steps is not None and args.steps < 1:
@@ -27,6 +27,18 @@ def check_sample_args(args) -> None:
         raise UsageError(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if args.threshold is not None and math.isnan(args.threshold):
         raise UsageError("--threshold must be a number, got nan")
+    length = args.gen_length
+    steps = length if args.steps is None else args.steps
+    block = args.block_length or length
+    if length % block:
+        raise UsageError(f"--gen-length {length} must be a multiple of block_length={block}")
+    blocks = length // block
+    if steps % blocks:
+        raise UsageError(f"--steps {steps} must be a multiple of the number of blocks {blocks}")
+    if args.threshold is None and steps // blocks > block:
+        raise UsageError(
+            f"--steps {steps} gives more steps per block than tokens; at most {length}"
+        )
 
 
 def cmd_sample(args, extra, reporter) -> int:

@@ -67,14 +67,8 @@ def load(path: Path, *, require_model: bool = True, mmap: bool = False) -> dict[
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise
-    except pickle.UnpicklingError as error:
-        raise UserError(_refusal(path, error)) from None
-    except Exception as error:  # torch.load raises many types: EOF, zipfile, Runtime
-        raise UserError(
-            f"checkpoint {str(path)!r} is not a readable checkpoint "
-            f"({type(error).__name__}: {_first_line(error)[:160]}); it is truncated or not a "
-            "file this recipe wrote: train it again or point at another model.pt"
-        ) from None
+    except Exception as error:  # torch.load raises many types: Unpickling, EOF, zipfile, Runtime
+        raise UserError(_unreadable(path, error)) from None
     if not isinstance(state, dict) or (require_model and "model" not in state):
         raise UserError(
             f"checkpoint {str(path)!r} is not a checkpoint of this recipe (no 'model' entry); "
@@ -89,24 +83,24 @@ def check(path: Path) -> None:
     load(path, mmap=True)
 
 
-def _refusal(path: Path, error: Exception) -> str:
-    """One line for a file the weights-only unpickler refused (or could not parse)."""
-    text = str(error)
-    if "Weights only load failed" in text or "Unsupported global" in text:
-        found = next((ln.strip() for ln in text.splitlines() if "GLOBAL" in ln), "")
+def _unreadable(path: Path, error: Exception) -> str:
+    """One line on why `torch.load` (weights only) failed: a refused global, or a broken file."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    refused = next((ln for ln in lines if "GLOBAL" in ln.upper()), None)
+    if isinstance(error, pickle.UnpicklingError) and refused:
         return (
             f"checkpoint {str(path)!r} was refused: it holds Python objects, not only tensors "
-            f"and plain data{f' ({found[:120]})' if found else ''}, and loading it could run "
-            "code; this recipe never writes such files: use a checkpoint from a run folder"
+            f"and plain data ({refused[:120]}), and loading it could run code; this recipe "
+            "never writes such files: use a checkpoint from a run folder"
         )
+    # torch's weights-only failures open with a paragraph on its defaults; the cause follows
+    cause = next((ln for ln in lines if ln.lower().startswith("unpickler error")), None)
+    reason = cause or (lines[0] if lines else "")
     return (
-        f"checkpoint {str(path)!r} is not a readable checkpoint (UnpicklingError: "
-        f"{_first_line(error)[:160]}); it is truncated or not a file this recipe wrote"
+        f"checkpoint {str(path)!r} is not a readable checkpoint ({type(error).__name__}: "
+        f"{reason[:160]}); it is truncated or not a file this recipe wrote: train it again or "
+        "point at another model.pt"
     )
-
-
-def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [""])[0]
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -91,7 +91,8 @@ def run_jobs(jobs: list[Job], *, workers: int, reporter) -> Iterator[tuple[Job, 
 
     workers <= 1: one after another in this process, with `reporter` itself. Otherwise spawned
     processes of one thread each. A failed job stops the others (they checkpoint) and raises
-    WorkerError (a UserError in a job is raised as UserError, its one line kept); Ctrl-C stops them the same way and raises `Interrupted`.
+    WorkerError (a UserError in a job is raised as a UserError, its one line kept); Ctrl-C
+    stops them the same way and raises `Interrupted`.
     """
     if workers <= 1:
         for job in jobs:

@@ -180,25 +180,23 @@ def write_tokenizer(family: Family, folder: Path, vocab_size: int = 320):
 def _write_dream_tokenizer(fast, family: Family, folder: Path):
     """Dream's slow tokenizer (remote/dream/tokenization_dream.py): the BPE vocabulary without
     the specials in vocab.json + merges.txt, the specials added after it, a mask token."""
-    import importlib.util
+    import transformers
 
     model = json.loads(fast.backend_tokenizer.to_str())["model"]
     plain = sorted((i, t) for t, i in model["vocab"].items() if t not in family.specials)
     (folder / "vocab.json").write_text(json.dumps({t: n for n, (_, t) in enumerate(plain)}))
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
     (folder / "merges.txt").write_text("\n".join(["#version: 0.2", *merges]) + "\n")
-    source = REMOTE / "dream" / "tokenization_dream.py"
-    spec = importlib.util.spec_from_file_location("_dream_tokenization", source)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    tok = module.DreamTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    shutil.copy(REMOTE / "dream" / "tokenization_dream.py", folder)
+    auto_map = {"AutoTokenizer": ["tokenization_dream.DreamTokenizer", None]}
+    config = {"auto_map": auto_map, "tokenizer_class": "DreamTokenizer"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
     rest = [t for t in family.specials if t not in (family.eos, family.mask)]
     tok.add_special_tokens({"additional_special_tokens": rest, "mask_token": family.mask})
     tok.save_pretrained(folder)
-    shutil.copy(source, folder / source.name)
     config = json.loads((folder / "tokenizer_config.json").read_text())
-    config["auto_map"] = {"AutoTokenizer": ["tokenization_dream.DreamTokenizer", None]}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "auto_map": auto_map}))
     return tok
 
 

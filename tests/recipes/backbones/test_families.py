@@ -28,7 +28,7 @@ from recipes.memdlm.config import build_config  # noqa: E402
 from tests.recipes.backbones import standins  # noqa: E402
 
 NAMES = tuple(standins.FAMILIES)
-MOE = ("llada_moe", "llada2")
+MOE = ("llada_moe", "llada2", "llada21")
 
 
 @pytest.fixture(scope="module")
@@ -274,6 +274,117 @@ def test_the_description_names_family_forward_and_fast_weights(folders):
     line = load(folders, "llada").description(0.5)
     assert line.startswith("backbone llada (LLaDAModelLM): split at layer 2")
     assert "2 ff_proj, 2 up_proj, 2 ff_out" in line
+
+
+# --------------------------------------------------------------------------- LLaDA2.1, Dream
+
+
+def test_llada21_keeps_the_routing_index_batched_and_the_adapter_returns_it_so(folders):
+    raw21, raw20 = raw(folders, "llada21"), raw(folders, "llada2")
+    assert raw21.config.model_type == "llada21_moe"  # config.json says llada2_moe
+    h = torch.randn(2, 5, 32)
+    y21, (logits21, index21) = raw21.model.layers[2].mlp.eval()(h)
+    _, (_, index20) = raw20.model.layers[2].mlp.eval()(h)
+    assert logits21.shape == (2, 5, 8) and index21.shape == (2, 5, 2) and index20.shape == (10, 2)
+    model = load(folders, "llada21")
+    assert model.describe(0.5)["routing"] == {2: "module", 3: "module"}
+    block = model.hf.model.layers[2].mlp.eval()
+    y, (logits, index) = block(h)  # the adapter's dispatch, same weights as raw21
+    assert index.shape == index21.shape and logits.shape == logits21.shape
+    torch.testing.assert_close(y, y21, rtol=1e-5, atol=1e-6)
+    assert torch.equal(index.sort(-1).values, index21.sort(-1).values)
+
+
+@pytest.fixture
+def looped(folders, monkeypatch):
+    """LLaDA2.1 with its MoE blocks served by the per-sample loop (as for routing code the
+    adapter's dispatch cannot reproduce)."""
+    monkeypatch.setattr(hf.experts, "find_routing", lambda block: None)
+    return load(folders, "llada21").double()
+
+
+def test_the_per_sample_loop_is_named_in_the_description(looped):
+    info = looped.describe(0.5)
+    assert info["routing"] == {2: "per_sample", 3: "per_sample"}
+    assert "MoE blocks run once per sample (exact, slower) in layers [2, 3]" in looped.description(
+        0.5
+    )
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_the_per_sample_loop_equals_the_adapter_dispatch_values_and_gradients(
+    folders, looped, train
+):
+    """Two exact paths, the same numbers: outputs, and gradients to the fast weights in eval
+    mode too (LLaDA2's eval-mode dispatch runs under no_grad; the loop switches to train mode)."""
+    fast = load(folders, "llada21").double()
+    results = []
+    for model in (looped.train(train), fast.train(train)):
+        mem = mm.FastLoRA(model, model.fast_weight_targets(0.5), rank=2, alpha=4.0)
+        state = {k: v.requires_grad_() for k, v in random_state(mem, 3).items()}
+        with mem.bind(state):
+            out = model(tokens((3, 9), seed=1))
+        out.square().mean().backward()
+        expert = next(k for k in state if ".mlp.experts." in k and k.endswith(".B"))
+        results.append((out.detach(), {k: v.grad for k, v in state.items()}, expert))
+        mem.remove()
+    (out_a, grad_a, expert), (out_b, grad_b, _) = results
+    torch.testing.assert_close(out_a, out_b, rtol=1e-9, atol=1e-9)
+    assert grad_a[expert].abs().sum() > 0
+    for key in grad_a:
+        torch.testing.assert_close(grad_a[key], grad_b[key], rtol=1e-7, atol=1e-9)
+
+
+def test_the_per_sample_loop_returns_the_blocks_own_auxiliary_shapes(folders, looped):
+    block = looped.hf.model.layers[2].mlp.eval()
+    mem = mm.FastLoRA(looped, looped.fast_weight_targets(0.5), rank=2, alpha=4.0)
+    h = torch.randn(3, 5, 32, dtype=torch.float64)
+    with torch.no_grad(), mem.bind(random_state(mem, 3)):
+        y, (logits, index) = block(h)
+    assert y.shape == (3, 5, 32) and logits.shape == (3, 5, 8) and index.shape == (3, 5, 2)
+
+
+def test_the_dream_standin_has_a_head_larger_than_its_tokenizer(folders):
+    model = raw(folders, "dream")
+    tok = hf.load_tokenizer(folders["dream"], trust_remote_code=True)
+    assert model.config.vocab_size == tok.vocab_size + 16
+    with pytest.raises(TypeError):  # the original's slow tokenizer cannot decode such an id
+        tok.tokenizer.decode([5, tok.vocab_size + 3])
+    assert tok.decode([5, tok.vocab_size + 3, -1]) == tok.tokenizer.decode([5])  # ours can
+
+
+SAMPLERS = [
+    {"remasking": "low_confidence"},
+    {"remasking": "random", "temperature": 1.0},
+    {"remasking": "margin", "temperature": 2.0},
+    {"remasking": "entropy", "temperature": 0.5},
+    {"threshold": 0.3},
+]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_sampler_path_emits_only_decodable_ids(folders, name):
+    """The recipe's model (logits cut to the tokenizer) never proposes an id the tokenizer
+    lacks, nor the mask; decoding its output never raises."""
+    from recipes.memdlm.backbones.load import new_model, tokenizer_for
+
+    cfg = config(folders[name])
+    tok = tokenizer_for(cfg)
+    model = new_model(cfg, tok, seed=0, device="cpu").eval()
+    # the head's extra rows get the highest logits: without the cut they would always win
+    head = model.hf.get_output_embeddings()
+    if head.weight.shape[0] > tok.vocab_size:
+        with torch.no_grad():
+            head.weight[tok.vocab_size :] = 50 * head.weight[: tok.vocab_size].abs().max()
+    prompt = tokens((2, 5), vocab=tok.vocab_size - 5)
+    for options in SAMPLERS:
+        g = torch.Generator().manual_seed(0)
+        out = dd.generate(
+            model, prompt, mask_id=tok.mask_id, gen_length=8, steps=8, generator=g, **options
+        )
+        assert int(out.max()) < tok.vocab_size and not bool((out == tok.mask_id).any()), options
+        for row in out.tolist():
+            assert isinstance(tok.decode(row), str)
 
 
 # --------------------------------------------------------------------------- the recipe

@@ -283,9 +283,7 @@ class LLaDA2MoeModel(LLaDA2MoePreTrainedModel):
         elif self.config._attn_implementation == "eager":
             attention_mask = _prepare_4d_causal_attention_mask(attention_mask, shape, h, 0)
         else:
-            attention_mask = _prepare_4d_causal_attention_mask_for_sdpa(
-                attention_mask, shape, h, 0
-            )
+            attention_mask = _prepare_4d_causal_attention_mask_for_sdpa(attention_mask, shape, h, 0)
         return attention_mask
 
     def forward(
