@@ -235,6 +235,7 @@ class Config(_Strict):
     memdlm: MemDLMConfig = MemDLMConfig()
     standard: StandardConfig = StandardConfig()
     eval: EvalConfig = EvalConfig()
+    distributed: DistributedConfig = DistributedConfig()
     # compare: extra runs against Standard on the same paired seeds (names in VARIANTS).
     variants: list[str] = []
 
@@ -256,7 +257,6 @@ class Config(_Strict):
         if len(set(self.variants)) != len(self.variants):
             raise ValueError(f"variants: a name is repeated in {self.variants}")
         return self
-    distributed: DistributedConfig = DistributedConfig()
 
 
 # compare's variants: name -> (method, overrides of the run's configuration). Each runs on the

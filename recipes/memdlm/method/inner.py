@@ -106,14 +106,15 @@ def objective_options(model, cfg: MemDLMConfig) -> dict[str, Any]:
 
 
 def token_divergence(student, teacher, kind: str, temperature: float = 1.0, hidden_type="mse"):
-    """Per-token inner distillation loss (B, L), float32 (the reference code's definitions,
+    """Per-token inner distillation loss (B, L), at least float32 (the reference code's definitions,
     `memdlm/memory.py` `_compute_*distill_loss`):
 
     distill:          KL(p_T || p_S) = sum_v p_T (log p_T - log p_S), p = softmax(z / tau)
     distill_reverse:  KL(p_S || p_T) = sum_v p_S (log p_S - log p_T)
     distill_hidden:   mse: mean_d (h_S - h_T)^2;  cosine: 1 - <h_S, h_T> / (|h_S| |h_T|)
     """
-    student, teacher = student.float(), teacher.float()
+    dtype = torch.promote_types(student.dtype, torch.float32)  # at least float32
+    student, teacher = student.to(dtype), teacher.to(dtype)
     if kind == "distill_hidden":
         if hidden_type == "cosine":
             return 1.0 - (F.normalize(student, dim=-1) * F.normalize(teacher, dim=-1)).sum(-1)
@@ -181,10 +182,11 @@ def _distill_loss(p: InnerProblem, phi, state: InnerState, weight) -> torch.Tens
         with torch.no_grad():
             teacher = _distill_outputs(p, state.teacher_hidden, state.teacher_tokens)
         student = _distill_outputs(p, state.hidden, state.tokens)
-    per_token = token_divergence(student, teacher.detach(), p.inner_loss, p.temperature,
-                                 p.hidden_type)
-    mask = state.loss_mask.float()
-    total = (per_token * mask * weight.float()[:, None]).sum()
+    per_token = token_divergence(
+        student, teacher.detach(), p.inner_loss, p.temperature, p.hidden_type
+    )
+    mask = state.loss_mask.to(per_token.dtype)
+    total = (per_token * mask * weight.to(per_token.dtype)[:, None]).sum()
     return total if p.per_sample else total / mask.sum().clamp(min=1)
 
 

@@ -124,9 +124,7 @@ def teacher_masks(
     if cfg.strategy == "pre_only":
         return [anchor_mask] * len(inputs)
     per_epoch = len(inputs) // cfg.inner_epochs
-    return [
-        inputs[i + 1] if (i + 1) % per_epoch else None for i in range(len(inputs))
-    ]
+    return [inputs[i + 1] if (i + 1) % per_epoch else None for i in range(len(inputs))]
 
 
 def state_times(
