@@ -10,9 +10,16 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from recipes.memdlm.errors import UserError
 
@@ -131,15 +138,33 @@ class PhaseConfig(_Strict):
 
 
 class MemDLMConfig(_Strict):
-    """The inner loop (memdlm-method.md section 2); defaults are the paper's values."""
+    """The inner loop (memdlm-method.md section 2); defaults are the paper's values.
 
-    strategy: Literal["pmc", "pre_only", "anchor_only"] = "pmc"
+    Every option names the reference code's (JarvisPei/MemDLM, `memdlm/memory.py`) equivalent in
+    docs/memdlm.md, "Options of the reference code"; the formulas are there too.
+    """
+
+    # memory.py `masking_strategy`: pmc (= progressive_memory_consistent), pre_only,
+    # no_progressive, progressive_memory; anchor_only is the recipe's own (one step on x_t
+    # weighted by its realised ratio; no_progressive weights it by the sampled t).
+    strategy: Literal["pmc", "pre_only", "anchor_only", "no_progressive", "progressive_memory"] = (
+        "pmc"
+    )
     inner_steps: int = Field(2, ge=1, description="K; pmc with K>2 reveals evenly in between")
+    inner_epochs: int = Field(1, ge=1, description="passes over the trajectory (num_inner_epochs)")
     s_pre: float = Field(1.5, ge=1.0, description="pre-anchor mask ratio = min(1, s_pre * r)")
     inner_lr: float = Field(0.1, ge=0)
     grad_transform: Literal["clip", "normalize"] = "clip"
     inner_clip: float = Field(1.0, gt=0, description="per-tensor max norm (grad_transform=clip)")
     inner_loss_mask: Literal["student_masked", "newly_revealed"] = "student_masked"
+    # memory.py `inner_loss_type`: cross-entropy against x0, or distillation from the same
+    # model with the current fast weights on the next (less masked) state, without gradient.
+    inner_loss: Literal["ce", "distill", "distill_reverse", "distill_hidden"] = "ce"
+    distill_temperature: float = Field(1.0, gt=0)
+    distill_hidden_type: Literal["mse", "cosine"] = "mse"
+    # "early": the hidden states after the first max(1, int(L * layer_fraction)) layers (the
+    # reference code's negative inner_layer_fraction); "last": the final features.
+    distill_hidden_layers: Literal["last", "early"] = "last"
     fast_weights: Literal["lora", "full"] = "lora"
     rank: int = Field(32, ge=1)
     alpha: float = Field(64.0, gt=0)
@@ -148,6 +173,26 @@ class MemDLMConfig(_Strict):
     per_sample: bool = False
     prompt_anchor_ratio: float = Field(0.2, gt=0, le=1, description="inference-time anchor")
     gap_every: int = Field(1, ge=1, description="log the same-batch fast-weights-off gap")
+    # The leak-free control (not in the reference code): the outer loss scores only a random
+    # part O of the anchor's masked positions (each with probability leak_free_fraction, weight
+    # 1/(t q) so that the expected loss is the standard one); every inner input masks O and no
+    # inner loss scores it, so the inner loop never sees the outer step's targets.
+    leak_free: bool = False
+    leak_free_fraction: float = Field(0.5, gt=0, lt=1)
+
+    def inner_passes(self) -> int:
+        """Forward/backward passes of the inner loop per training step (all epochs)."""
+        if self.strategy in ("pre_only", "anchor_only", "no_progressive"):
+            return self.inner_epochs
+        return self.inner_steps * self.inner_epochs
+
+
+class StandardConfig(_Strict):
+    """The Standard baseline; `anchors` > 1 is the compute-matched control."""
+
+    # Independent anchors (t, M_t) per batch, the loss averaged over them: one forward and
+    # backward pass each. "matched": as many as a MemDLM step makes (inner passes + 1).
+    anchors: Annotated[int, Field(ge=1)] | Literal["matched"] = 1
 
 
 class DistributedConfig(_Strict):
@@ -190,8 +235,71 @@ class Config(_Strict):
     pretrain: PhaseConfig = PhaseConfig(steps=2000, lr=3e-3, log_every=50, ckpt_every=250)
     train: PhaseConfig = PhaseConfig(steps=300, lr=5e-4, log_every=25, ckpt_every=100)
     memdlm: MemDLMConfig = MemDLMConfig()
+    standard: StandardConfig = StandardConfig()
     eval: EvalConfig = EvalConfig()
     distributed: DistributedConfig = DistributedConfig()
+    # compare: extra runs against Standard on the same paired seeds (names in VARIANTS).
+    variants: list[str] = []
+
+    def standard_anchors(self) -> int:
+        """Anchors per batch of the Standard method (`standard.anchors`, resolved)."""
+        if self.standard.anchors == "matched":
+            return self.memdlm.inner_passes() + 1
+        return self.standard.anchors
+
+    @field_validator("variants", mode="before")
+    @classmethod
+    def _one_variant(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value  # `--variants leak_free`
+
+    @model_validator(mode="after")
+    def _known_variants(self) -> Config:
+        for name in self.variants:
+            variant_overrides(name)  # raises for an unknown name
+        if len(set(self.variants)) != len(self.variants):
+            raise ValueError(f"variants: a name is repeated in {self.variants}")
+        return self
+
+
+# compare's variants: name -> (method, overrides of the run's configuration). Each runs on the
+# same paired seeds as Standard and gets its own paired verdict against it (docs/memdlm.md).
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "leak_free": ("memdlm", {"memdlm": {"leak_free": True}}),
+    "standard_matched": ("standard", {"standard": {"anchors": "matched"}}),
+    "distill": ("memdlm", {"memdlm": {"inner_loss": "distill"}}),
+    "distill_reverse": ("memdlm", {"memdlm": {"inner_loss": "distill_reverse"}}),
+    "distill_hidden": ("memdlm", {"memdlm": {"inner_loss": "distill_hidden"}}),
+    "distill_hidden_cosine": (
+        "memdlm",
+        {"memdlm": {"inner_loss": "distill_hidden", "distill_hidden_type": "cosine"}},
+    ),
+    "distill_hidden_early": (
+        "memdlm",
+        {"memdlm": {"inner_loss": "distill_hidden", "distill_hidden_layers": "early"}},
+    ),
+    "progressive_memory": ("memdlm", {"memdlm": {"strategy": "progressive_memory"}}),
+    "no_progressive": ("memdlm", {"memdlm": {"strategy": "no_progressive"}}),
+    "pre_only": ("memdlm", {"memdlm": {"strategy": "pre_only"}}),
+    "anchor_only": ("memdlm", {"memdlm": {"strategy": "anchor_only"}}),
+    "inner_epochs_2": ("memdlm", {"memdlm": {"inner_epochs": 2}}),
+    "newly_revealed": ("memdlm", {"memdlm": {"inner_loss_mask": "newly_revealed"}}),
+    "full_fast_weights": ("memdlm", {"memdlm": {"fast_weights": "full"}}),
+}
+
+
+def variant_overrides(name: str) -> tuple[str, dict[str, Any]]:
+    """(method, overrides) of a compare variant: a name in VARIANTS."""
+    if name not in VARIANTS:
+        raise ValueError(f"unknown variant {name!r}; choose from {sorted(VARIANTS)}")
+    return VARIANTS[name]
+
+
+def variant_config(cfg: Config, name: str) -> tuple[str, Config]:
+    """The method and the configuration of variant `name` of the run `cfg`."""
+    method, overrides = variant_overrides(name)
+    tree = deep_merge(cfg.model_dump(), overrides)
+    tree["variants"] = []
+    return method, Config.model_validate(tree)
 
 
 def _preset_cpu_tiny() -> dict[str, Any]:

@@ -113,3 +113,27 @@ def test_a_curriculum_stage_is_a_toml_array_of_tables(tmp_path):
         (["single"], [48], 0.25),
         (["single", "multikey"], [88], 0.25),
     ]
+
+
+def test_variants_and_the_compute_matched_standard():
+    from recipes.memdlm.config import VARIANTS, variant_config
+
+    cfg = build_config("smoke", overrides={"variants": "leak_free"})
+    assert cfg.variants == ["leak_free"] and cfg.standard_anchors() == 1
+    method, matched = variant_config(cfg, "standard_matched")
+    assert method == "standard" and matched.variants == []
+    assert matched.standard_anchors() == cfg.memdlm.inner_passes() + 1 == 3
+    deeper = build_config(
+        "smoke",
+        overrides={
+            "memdlm": {"inner_steps": 3, "inner_epochs": 2},
+            "standard": {"anchors": "matched"},
+        },
+    )
+    assert deeper.standard_anchors() == 7
+    for name in VARIANTS:
+        variant_config(cfg, name)  # every named variant is a valid configuration
+    with pytest.raises(ConfigError, match="unknown variant"):
+        build_config("smoke", overrides={"variants": ["nope"]})
+    with pytest.raises(ConfigError, match="standard.anchors"):
+        build_config("smoke", overrides={"standard": {"anchors": 0}})

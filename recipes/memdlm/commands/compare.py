@@ -8,6 +8,9 @@
    masks (`loop.steps.phase_generators`); every model is scored on the same held-out data and
    anchors. On a CPU the jobs run side by side, one process per core (`loop.workers`); their
    results do not depend on it.
+   `variants` (`--variants leak_free,standard_matched`, names in `config.VARIANTS`) add runs
+   of other configurations on the same seeds, each with its own paired verdict against Standard
+   (summary.json "variants").
 3. The table and the verdict, summary.json and plots. The summary is rewritten after every job,
    so results appear as they come out and an interrupted comparison keeps what it finished.
 """
@@ -32,7 +35,7 @@ from recipes.memdlm.commands.folders import (
     resumed_config,
     stamp,
 )
-from recipes.memdlm.config import Config
+from recipes.memdlm.config import Config, variant_config
 from recipes.memdlm.data.batches import BatchSampler
 from recipes.memdlm.data.prepare import Data, prepare_data, pretrain_sampler
 from recipes.memdlm.errors import UserError
@@ -184,7 +187,7 @@ def run_compare(
     device = resolve_device(cfg.device, cfg.kernels)
     data = prepare_data(cfg)  # every user error surfaces here, before the run folder exists
     model, backbone = fresh_base(cfg, data, base=base, reporter=reporter, device=device)
-    jobs = 1 + len(METHODS) * cfg.seeds
+    jobs = 1 + (len(METHODS) + len(cfg.variants)) * cfg.seeds
     workers = default_workers(device, jobs) if workers is None else workers
     with removed_on_user_error(out):
         out.mkdir(parents=True, exist_ok=True)
@@ -229,13 +232,14 @@ def _fine_tune_all(cfg, out, base_file, base_result, backbone, device, workers, 
     jobs = [Job("base-eval", evaluate_base, common, label="base")]
     clock.plan("base-eval", "base-eval")
     for seed in seeds:
-        for method in METHODS:
-            name = f"seed{seed}/{method}"
+        for run in (*METHODS, *cfg.variants):
+            name = f"seed{seed}/{run}"
+            method = run if run in METHODS else variant_config(cfg, run)[0]
             jobs.append(
                 Job(
                     name,
                     fine_tune_and_evaluate,
-                    {**common, "seed": seed, "method": method},
+                    {**common, "seed": seed, "method": run},
                     label=f"seed {seed}",
                 )
             )
@@ -243,7 +247,7 @@ def _fine_tune_all(cfg, out, base_file, base_result, backbone, device, workers, 
     if workers > 1:
         reporter.note(f"{len(jobs) - 1} fine-tuning runs on {workers} processes side by side")
     base_eval: dict[str, Any] | None = None
-    records: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
+    records: dict[str, list[dict[str, Any]]] = {m: [] for m in (*METHODS, *cfg.variants)}
     summary: dict[str, Any] = {}
     for job, result in run_jobs(jobs, workers=workers, reporter=reporter):
         if job.name == "base-eval":
@@ -255,7 +259,8 @@ def _fine_tune_all(cfg, out, base_file, base_result, backbone, device, workers, 
         summary["backbone"] = backbone
         ckpt.write_json(out / "summary.json", summary)
     print_report(summary, reporter.out)
-    metrics = merge_metrics(out, seeds)
+    print_variants(summary, reporter.out)
+    metrics = merge_metrics(out, seeds, cfg.variants)
     plot_all(summary, metrics, out / "plots")
     reporter.note(f"run folder: {out}")
     return summary
@@ -300,11 +305,17 @@ def fine_tune_and_evaluate(
 ) -> dict[str, Any]:
     """Fine-tune the base with `method` on `seed`'s batches, evaluate it: the per-seed record
     (`eval.report.per_seed_record`; a job). Its folder is out/seed<seed>/<method>, with its own
-    metrics.jsonl (merged into the run's at the end: jobs may run side by side)."""
+    metrics.jsonl (merged into the run's at the end: jobs may run side by side).
+
+    method: "standard", "memdlm", or a variant's name (`config.VARIANTS`): its method with its
+    configuration, logged under the variant's name."""
+    run = method
+    if run not in METHODS:
+        method, cfg = variant_config(cfg, run)
     data, model = _job_data(cfg, base_file, device)
-    folder = out / f"seed{seed}" / method
+    folder = out / f"seed{seed}" / run
     folder.mkdir(parents=True, exist_ok=True)
-    log = MetricsLog(folder / "metrics.jsonl", {"phase": "train", "method": method, "seed": seed})
+    log = MetricsLog(folder / "metrics.jsonl", {"phase": "train", "method": run, "seed": seed})
     sampler = BatchSampler(
         data.train, cfg.train.batch_size, seed=seed, eos_id=data.tokenizer.eos_id
     )
@@ -317,9 +328,10 @@ def fine_tune_and_evaluate(
         folder=folder,
         log=log,
         reporter=reporter,
+        anchors=cfg.standard_anchors() if method == "standard" else 1,
         **phase_options(cfg, data),
     )
-    reporter.note(f"evaluating seed {seed} {method}")
+    reporter.note(f"evaluating seed {seed} {run}")
     device_ = torch.device(device)
     with denormals_flushed():
         evaluation = _cached_eval(
@@ -336,14 +348,15 @@ def fine_tune_and_evaluate(
     return per_seed_record(seed, result, evaluation)
 
 
-def merge_metrics(out: Path, seeds: list[int]) -> list[dict[str, Any]]:
-    """out/metrics.jsonl: the pretraining records, then each run's (seed, method order).
+def merge_metrics(out: Path, seeds: list[int], variants=()) -> list[dict[str, Any]]:
+    """out/metrics.jsonl: the pretraining records, then each run's (seed, method order, then
+    the variants in their order).
 
     Idempotent (a resumed comparison merges again); returns the merged records."""
     path = out / "metrics.jsonl"
     kept = [r for r in MetricsLog(path, {}).records() if r.get("phase") != "train"]
     for seed in seeds:
-        for method in METHODS:
+        for method in (*METHODS, *variants):
             kept += MetricsLog(out / f"seed{seed}" / method / "metrics.jsonl", {}).records()
     text = "".join(json.dumps(r) + "\n" for r in kept)
     ckpt.atomic_write_bytes(path, lambda h: h.write(text.encode()))
@@ -368,7 +381,43 @@ def _summary(cfg, seeds, device, base_result, base_eval, records) -> dict[str, A
     for method in METHODS:
         summary[method] = method_summary(records[method]) if records[method] else {}
     summary["paired"] = paired(records["standard"], records["memdlm"])
+    if cfg.variants:
+        summary["variants"] = {}
+    for name in cfg.variants:
+        method, variant = variant_config(cfg, name)
+        entry: dict[str, Any] = {"method": method, "memdlm": variant.memdlm.model_dump()}
+        if method == "standard":
+            entry["anchors"] = variant.standard_anchors()
+        if records[name]:
+            entry.update(method_summary(records[name]))
+        loss_name = "eval loss (nats)" if method == "standard" else None
+        entry["paired"] = paired(
+            records["standard"],
+            records[name],
+            label=name,
+            **({"loss_name": loss_name} if loss_name else {}),
+        )
+        summary["variants"][name] = entry
     return summary
+
+
+def print_variants(summary: dict[str, Any], console) -> None:
+    """One line per compare variant: its paired differences from Standard and the verdicts."""
+    for name, entry in (summary.get("variants") or {}).items():
+        pair = entry.get("paired") or {}
+        if not pair:
+            continue
+        d_loss, d_acc = pair["eval_loss_delta"], pair["niah_accuracy_delta"]
+        console.print(
+            f"Variant {name} ({entry['method']}) - Standard over seeds {pair['seeds']}: eval loss "
+            f"{d_loss['mean']:+.4f} (sd {d_loss['sd']:.4f}), NIAH exact "
+            f"{100 * d_acc['mean']:+.1f} pt (sd {100 * d_acc['sd']:.1f}); a step costs "
+            f"{pair['step_time_ratio']['mean']:.2f}x a standard step.",
+            markup=False,
+            highlight=False,
+        )
+        for sentence in pair.get("verdict", []):
+            console.print(f"Verdict, {sentence}", markup=False, highlight=False)
 
 
 def cmd_compare(args, extra, reporter) -> int:

@@ -70,6 +70,7 @@ def _train(model, backbone, cfg, data, out: Path, args, reporter, device) -> int
         folder=out,
         log=log,
         reporter=reporter,
+        anchors=cfg.standard_anchors() if cfg.method == "standard" else 1,
         **phase_options(cfg, data),
     )
     evaluation = evaluate_model(model, data, cfg, method=cfg.method, device=device)
@@ -167,6 +168,7 @@ def train_distributed(args, extra: list[str], reporter) -> int:
                 time_eps=cfg.time_eps,
                 loss_backend=cfg.loss_backend,
                 sync_inner=cfg.distributed.sync_inner,
+                anchors=cfg.standard_anchors() if cfg.method == "standard" else 1,
             )
             if ctx.strategy == "ddp" and not ctx.is_main:
                 return 0

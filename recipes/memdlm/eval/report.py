@@ -137,8 +137,15 @@ def method_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
-def paired(standard: list[dict], memdlm: list[dict]) -> dict[str, Any]:
-    """MemDLM minus Standard on the same seed (same data order and anchor masks)."""
+def paired(
+    standard: list[dict],
+    memdlm: list[dict],
+    *,
+    label: str = "MemDLM",
+    loss_name: str = "fast-weights-off eval loss (nats)",
+) -> dict[str, Any]:
+    """MemDLM (or the run `label`, e.g. a compare variant) minus Standard on the same seed
+    (same data order and anchor masks)."""
     by_seed = {r["seed"]: r for r in standard}
     pairs = [(by_seed[m["seed"]], m) for m in memdlm if m["seed"] in by_seed]
     if not pairs:
@@ -157,8 +164,8 @@ def paired(standard: list[dict], memdlm: list[dict]) -> dict[str, Any]:
         "niah_char_accuracy_delta": _delta(chars, paired_interval(chars)),
         "step_time_ratio": {"per_seed": time_ratio, "mean": _mean(time_ratio)},
         "verdict": [
-            verdict("fast-weights-off eval loss (nats)", loss_interval),
-            verdict("NIAH exact-match accuracy", acc_interval, unit=" pt", scale=100),
+            verdict(loss_name, loss_interval, label=label),
+            verdict("NIAH exact-match accuracy", acc_interval, unit=" pt", scale=100, label=label),
         ],
     }
 

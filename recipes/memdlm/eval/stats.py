@@ -111,12 +111,19 @@ def paired_interval(differences: list[float]) -> dict[str, Any]:
     }
 
 
-def verdict(name: str, interval: dict[str, Any], *, unit: str = "", scale: float = 1.0) -> str:
+def verdict(
+    name: str,
+    interval: dict[str, Any],
+    *,
+    unit: str = "",
+    scale: float = 1.0,
+    label: str = "MemDLM",
+) -> str:
     """One sentence that claims no more than the interval allows: the sign of MemDLM - Standard
     only when the 95% interval excludes zero, else "no difference detectable at this scale".
 
     name: what was compared ("fast-weights-off eval loss"); unit: printed after numbers;
-    scale: 100 prints fractions as percentage points.
+    scale: 100 prints fractions as percentage points; label: what is compared with Standard.
     """
     n, mean = interval["n"], interval["mean"]
     if n == 0 or not math.isfinite(mean):
@@ -124,7 +131,7 @@ def verdict(name: str, interval: dict[str, Any], *, unit: str = "", scale: float
     fmt = lambda v: f"{scale * v:+.3g}{unit}"  # noqa: E731 - local formatter
     if interval["low"] is None:
         return (
-            f"{name}: MemDLM - Standard = {fmt(mean)} on one seed; no interval "
+            f"{name}: {label} - Standard = {fmt(mean)} on one seed; no interval "
             "(run --seeds 3 or more to tell a difference from seed noise)."
         )
     span = (
@@ -136,4 +143,4 @@ def verdict(name: str, interval: dict[str, Any], *, unit: str = "", scale: float
     if interval["low"] <= 0.0 <= interval["high"]:
         return f"{name}: no difference detectable at this scale ({span})."
     direction = "lower" if mean < 0 else "higher"
-    return f"{name}: MemDLM is {direction} than Standard ({span})."
+    return f"{name}: {label} is {direction} than Standard ({span})."

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -45,12 +45,10 @@ from recipes.memdlm.data.batches import Batch, BatchSampler
 from recipes.memdlm.errors import UserError
 from recipes.memdlm.method import (
     Anchor,
-    init_fast_weights,
-    loss_masks,
+    draw_inner,
     memdlm_core,
     sample_anchor,
     standard_loss,
-    trajectory_masks,
 )
 
 # --------------------------------------------------------------------------- process group
@@ -151,6 +149,9 @@ class Draws:
     inputs: list[torch.Tensor]  # inner-step input masks (MemDLM)
     targets: list[torch.Tensor]  # inner-step loss masks (MemDLM)
     phi0: dict[str, torch.Tensor] | None  # fast weights before the inner loop (MemDLM)
+    teachers: list[torch.Tensor | None] = field(default_factory=list)  # look-ahead masks
+    outer: torch.Tensor | None = None  # the leak-free control's outer positions (MemDLM)
+    extra_anchors: list[Anchor] = field(default_factory=list)  # Standard with anchors > 1
 
 
 def draw_global(
@@ -163,20 +164,26 @@ def draw_global(
     mask_id: int,
     time_eps: float,
     device: torch.device,
+    anchors: int = 1,
 ) -> Draws:
     """The global batch and its draws, in the order of the one-process step (`method.step`,
-    `method.memdlm_step`): batch, anchor; then pre-anchor masks and phi_0 from the inner stream.
+    `method.memdlm_step`): batch, anchor; then pre-anchor masks and phi_0 (and the leak-free
+    control's outer positions) from the inner stream (`method.draw_inner`). Standard with
+    `anchors` > 1: the first anchor from the anchor stream, as every method's, the others from
+    the inner stream, which Standard does not otherwise use.
     """
     batch = sampler.next().to(device)
     anchor = sample_anchor(batch, mask_id=mask_id, eps=time_eps, generator=generators["anchor"])
     if mem is None:
-        return Draws(batch, anchor, [], [], None)
-    inputs = trajectory_masks(anchor.mask, batch.maskable, memdlm, generators["inner"])
-    targets = loss_masks(inputs, anchor.mask, memdlm.inner_loss_mask)
-    phi0 = init_fast_weights(
-        model, mem, batch.x0, per_sample=memdlm.per_sample, generator=generators["inner"]
+        extra = [
+            sample_anchor(batch, mask_id=mask_id, eps=time_eps, generator=generators["inner"])
+            for _ in range(anchors - 1)
+        ]
+        return Draws(batch, anchor, [], [], None, extra_anchors=extra)
+    inner = draw_inner(model, mem, batch, anchor, memdlm, generators["inner"])
+    return Draws(
+        batch, anchor, inner.inputs, inner.targets, inner.phi0, inner.teachers, inner.outer
     )
-    return Draws(batch, anchor, inputs, targets, phi0)
 
 
 def take_rows(draws: Draws, rows: slice, *, per_sample: bool) -> Draws:
@@ -189,14 +196,24 @@ def take_rows(draws: Draws, rows: slice, *, per_sample: bool) -> Draws:
             cut[id(tensor)] = tensor[rows]
         return cut[id(tensor)]
 
-    b, a = draws.batch, draws.anchor
+    def anchor_rows(a: Anchor) -> Anchor:
+        return Anchor(rows_of(a.t), rows_of(a.mask), rows_of(a.xt))
+
+    b = draws.batch
     batch = Batch(rows_of(b.x0), rows_of(b.maskable), rows_of(b.prompt_lengths))
-    anchor = Anchor(rows_of(a.t), rows_of(a.mask), rows_of(a.xt))
+    anchor = anchor_rows(draws.anchor)
     phi0 = draws.phi0
     if phi0 is not None and per_sample:
         phi0 = {k: rows_of(v) for k, v in phi0.items()}
     return Draws(
-        batch, anchor, [rows_of(m) for m in draws.inputs], [rows_of(m) for m in draws.targets], phi0
+        batch,
+        anchor,
+        [rows_of(m) for m in draws.inputs],
+        [rows_of(m) for m in draws.targets],
+        phi0,
+        [None if m is None else rows_of(m) for m in draws.teachers],
+        None if draws.outer is None else rows_of(draws.outer),
+        [anchor_rows(a) for a in draws.extra_anchors],
     )
 
 
@@ -253,10 +270,13 @@ def local_step(model, mem, local: Draws, *, n_global: int, memdlm, mask_id, log_
     n_local = int(local.batch.maskable.sum())
     share = n_local / max(1, n_global)  # token loss over N_r -> over the global N
     compiled = options.get("compiled")
-    if mem is None:
+    if mem is None:  # with extra anchors: the mean of the standard loss over all of them
         loss_fn = compiled["standard"] if compiled is not None else standard_loss
-        loss = loss_fn(model, local.batch, local.anchor, options["loss_backend"])
-        return loss * share, {}
+        anchors = [local.anchor, *local.extra_anchors]
+        loss = loss_fn(model, local.batch, anchors[0], options["loss_backend"])
+        for anchor in anchors[1:]:
+            loss = loss + loss_fn(model, local.batch, anchor, options["loss_backend"])
+        return loss * (share / len(anchors)), {}
     core = compiled["memdlm"] if compiled is not None else memdlm_core
     loss, off, info = core(
         model,
@@ -271,6 +291,8 @@ def local_step(model, mem, local: Draws, *, n_global: int, memdlm, mask_id, log_
         log_gap,
         options["loss_backend"],
         grad_sync=options.get("grad_sync"),
+        teachers=local.teachers,
+        outer=local.outer,
     )
     parts = {"info": info}
     if off is not None:

@@ -76,6 +76,7 @@ def train_phase(
     loss_backend: str | None = "auto",
     compiled: bool = False,
     sync_inner: bool = False,
+    anchors: int = 1,
 ) -> PhaseResult:
     """Train `model` in place for `phase.steps` steps with `method` ("standard" or "memdlm").
 
@@ -89,8 +90,12 @@ def train_phase(
     loss_backend: the fused loss's kernel ("auto", "reference", "triton") or None for the plain
     logits path (`method.fused_head`). compiled: run the steps through `torch.compile`
     (`method.compile_steps`; the first steps pay the compilation). sync_inner: all-reduce the
-    inner gradients of shared fast weights across ranks. Returns the result on every rank.
+    inner gradients of shared fast weights across ranks. anchors: Standard only, independent
+    anchors per batch, the loss averaged over them (the compute-matched control,
+    `Config.standard_anchors`). Returns the result on every rank.
     """
+    if anchors < 1 or (anchors > 1 and method != "standard"):
+        raise ValueError(f"anchors={anchors}: more than one anchor per batch is for Standard")
     if ctx is None:
         ctx = Context.single(next(model.parameters()).device)
     if sync_inner and memdlm.per_sample and method == "memdlm":
@@ -166,6 +171,7 @@ def train_phase(
             mask_id=mask_id,
             time_eps=time_eps,
             device=ctx.device,
+            anchors=anchors,
         )
         local = take_rows(draws, rows, per_sample=memdlm.per_sample)
         n_global = int(draws.batch.maskable.sum())

@@ -19,7 +19,9 @@ from recipes.memdlm.method.inner import (
     inner_states,
     make_fast_weights,
     make_inner_loss,
+    objective_options,
     solve_inner,
+    token_divergence,
 )
 from recipes.memdlm.method.losses import (
     SCHEDULE,
@@ -33,12 +35,28 @@ from recipes.memdlm.method.losses import (
     standard_step,
 )
 from recipes.memdlm.method.split import Split, first_fast_layer, split_point
-from recipes.memdlm.method.step import compile_steps, memdlm_core, memdlm_step
-from recipes.memdlm.method.trajectory import loss_masks, realised_ratio, trajectory_masks
+from recipes.memdlm.method.step import (
+    InnerDraws,
+    compile_steps,
+    draw_inner,
+    memdlm_core,
+    memdlm_step,
+)
+from recipes.memdlm.method.trajectory import (
+    loss_masks,
+    outer_positions,
+    progressive_ratios,
+    realised_ratio,
+    state_times,
+    teacher_masks,
+    trajectory_masks,
+    without_outer,
+)
 
 __all__ = [
     "SCHEDULE",
     "Adaptation",
+    "InnerDraws",
     "Anchor",
     "InnerProblem",
     "InnerState",
@@ -48,6 +66,7 @@ __all__ = [
     "adapt_on_trajectory",
     "adapt_to_prompt",
     "compile_steps",
+    "draw_inner",
     "first_fast_layer",
     "fused_head",
     "head_loss",
@@ -59,12 +78,19 @@ __all__ = [
     "make_inner_loss",
     "memdlm_core",
     "memdlm_step",
+    "objective_options",
+    "outer_positions",
+    "progressive_ratios",
     "outer_loss",
     "realised_ratio",
     "sample_anchor",
     "solve_inner",
     "split_point",
+    "state_times",
+    "teacher_masks",
+    "token_divergence",
     "standard_loss",
     "standard_step",
     "trajectory_masks",
+    "without_outer",
 ]

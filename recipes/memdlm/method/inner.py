@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 import bilevel as bl
 import diffusion as dd
@@ -19,7 +20,13 @@ from recipes.memdlm.backbones import adapter
 from recipes.memdlm.config import MemDLMConfig
 from recipes.memdlm.method.losses import SCHEDULE, head_loss
 from recipes.memdlm.method.split import Split, split_point
-from recipes.memdlm.method.trajectory import loss_masks, realised_ratio, trajectory_masks
+from recipes.memdlm.method.trajectory import (
+    loss_masks,
+    realised_ratio,
+    state_times,
+    teacher_masks,
+    trajectory_masks,
+)
 
 
 @dataclass
@@ -28,7 +35,13 @@ class InnerState:
 
     hidden: torch.Tensor  # (B, L, D) early-layer output for this state's input, detached
     loss_mask: torch.Tensor  # (B, L) bool
-    ratio: torch.Tensor  # (B,) realised mask ratio of the input, the inner loss's t
+    ratio: torch.Tensor  # (B,) the inner loss's t: the input's realised mask ratio by default
+    # Distillation (`InnerProblem.inner_loss` != "ce"): the teacher's input, the state the step
+    # looks ahead to (`trajectory.teacher_masks`; the clean x0 when there is none), as early
+    # hidden states; and, for the early-layer hidden distillation, both inputs as tokens.
+    teacher_hidden: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None
+    teacher_tokens: torch.Tensor | None = None
 
 
 def inner_optimizer(cfg: MemDLMConfig, per_sample: bool, grad_sync=None):
@@ -68,6 +81,52 @@ class InnerProblem:
     split: Split
     per_sample: bool
     loss_backend: str | None = "auto"
+    inner_loss: str = "ce"  # "ce", "distill", "distill_reverse", "distill_hidden"
+    temperature: float = 1.0  # distill, distill_reverse
+    hidden_type: str = "mse"  # distill_hidden: "mse" or "cosine"
+    early_layers: int | None = None  # distill_hidden on the first `early_layers` layers
+
+
+def objective_options(model, cfg: MemDLMConfig) -> dict[str, Any]:
+    """InnerProblem's inner-objective fields from the configuration."""
+    early = None
+    if cfg.inner_loss == "distill_hidden" and cfg.distill_hidden_layers == "early":
+        if not (hasattr(model, "hidden_states") and hasattr(model, "norm")):
+            raise ValueError(
+                "memdlm.distill_hidden_layers='early' needs a backbone with hidden_states(x, "
+                f"upto=) and a final norm (the reference Transformer); got {type(model).__name__}"
+            )
+        early = max(1, int(adapter(model).num_layers() * cfg.layer_fraction))
+    return {
+        "inner_loss": cfg.inner_loss,
+        "temperature": cfg.distill_temperature,
+        "hidden_type": cfg.distill_hidden_type,
+        "early_layers": early,
+    }
+
+
+def token_divergence(student, teacher, kind: str, temperature: float = 1.0, hidden_type="mse"):
+    """Per-token inner distillation loss (B, L), at least float32 (the reference code's definitions,
+    `memdlm/memory.py` `_compute_*distill_loss`):
+
+    distill:          KL(p_T || p_S) = sum_v p_T (log p_T - log p_S), p = softmax(z / tau)
+    distill_reverse:  KL(p_S || p_T) = sum_v p_S (log p_S - log p_T)
+    distill_hidden:   mse: mean_d (h_S - h_T)^2;  cosine: 1 - <h_S, h_T> / (|h_S| |h_T|)
+    """
+    dtype = torch.promote_types(student.dtype, torch.float32)  # at least float32
+    student, teacher = student.to(dtype), teacher.to(dtype)
+    if kind == "distill_hidden":
+        if hidden_type == "cosine":
+            return 1.0 - (F.normalize(student, dim=-1) * F.normalize(teacher, dim=-1)).sum(-1)
+        diff = student - teacher  # by hand: no F.mse_loss (DESIGN, environment facts)
+        return (diff * diff).mean(-1)
+    log_s = torch.log_softmax(student / temperature, dim=-1)
+    log_t = torch.log_softmax(teacher / temperature, dim=-1)
+    if kind == "distill":
+        return (log_t.exp() * (log_t - log_s)).sum(-1)
+    if kind == "distill_reverse":
+        return (log_s.exp() * (log_s - log_t)).sum(-1)
+    raise ValueError(f"inner loss {kind!r}: expected distill, distill_reverse or distill_hidden")
 
 
 def make_inner_loss(problem: InnerProblem, *, uniform: bool):
@@ -77,6 +136,9 @@ def make_inner_loss(problem: InnerProblem, *, uniform: bool):
     Normalisation: mean over the state's loss-masked tokens, per row when per_sample (so each
     sample's fast weights see exactly the loss they would see alone). For the first-order inner
     loop only: the fused loss gets no gradient path to the output head's weight.
+    The distillation objectives (`token_divergence`) replace the cross-entropy by a divergence
+    from the teacher: the same network with the same phi, without gradient, on the state the
+    step looks ahead to; same weighting and normalisation.
     """
 
     p = problem
@@ -86,6 +148,8 @@ def make_inner_loss(problem: InnerProblem, *, uniform: bool):
         weight = torch.ones_like(state.ratio) if uniform else SCHEDULE.weight(state.ratio)
         if p.per_sample:  # sum_b (w_b / |M_b|) sum_{i in M_b} CE_bi
             weight = weight / state.loss_mask.sum(1).clamp(min=1)
+        if p.inner_loss != "ce":
+            return _distill_loss(p, phi, state, weight)
         with p.mem.bind(phi):
             return head_loss(
                 p.model,
@@ -104,6 +168,28 @@ def make_inner_loss(problem: InnerProblem, *, uniform: bool):
     return inner_loss
 
 
+def _distill_outputs(p: InnerProblem, hidden, tokens):
+    """What the distillation compares: logits, final features, or the early layers' features."""
+    if p.inner_loss != "distill_hidden":
+        return p.split.logits(p.model, hidden)
+    if p.early_layers is None:
+        return p.split.features(p.model, hidden)
+    return p.model.norm(p.model.hidden_states(tokens, upto=p.early_layers))
+
+
+def _distill_loss(p: InnerProblem, phi, state: InnerState, weight) -> torch.Tensor:
+    with p.mem.bind(phi):
+        with torch.no_grad():
+            teacher = _distill_outputs(p, state.teacher_hidden, state.teacher_tokens)
+        student = _distill_outputs(p, state.hidden, state.tokens)
+    per_token = token_divergence(
+        student, teacher.detach(), p.inner_loss, p.temperature, p.hidden_type
+    )
+    mask = state.loss_mask.to(per_token.dtype)
+    total = (per_token * mask * weight.to(per_token.dtype)[:, None]).sum()
+    return total if p.per_sample else total / mask.sum().clamp(min=1)
+
+
 @dataclass
 class Adaptation:
     phi: dict[str, torch.Tensor]  # detached fast weights after the inner loop
@@ -119,23 +205,50 @@ def inner_states(
     *,
     mask_id: int,
     precomputed: dict[int, torch.Tensor] | None = None,
+    teachers: list[torch.Tensor | None] | None = None,
+    times: list[torch.Tensor | None] | None = None,
 ) -> list[InnerState]:
     """The inner steps' data: early hidden states (no gradient), loss masks and mask ratios.
 
     precomputed: {state index: early hidden states} already computed by the caller (the anchor's,
     shared with the outer pass); other states run the early layers here without gradient.
+    teachers: each step's look-ahead mask (`trajectory.teacher_masks`), used by the
+    distillation objectives only. times: each step's t where it is not the realised ratio
+    (`trajectory.state_times`).
     """
+    # Early hidden states by mask object, found by identity (not id(): compile-clean).
+    cache: list[tuple[torch.Tensor | None, torch.Tensor]] = []
+
+    def early(mask: torch.Tensor | None) -> torch.Tensor:
+        for known, hidden in cache:
+            if known is mask:
+                return hidden
+        with torch.no_grad():
+            hidden = problem.split.early(problem.model, tokens_of(mask))
+        cache.append((mask, hidden))
+        return hidden
+
+    def tokens_of(mask: torch.Tensor | None) -> torch.Tensor:
+        return problem.x0 if mask is None else torch.where(mask, mask_id, problem.x0)
+
     states = []
     for i, (input_mask, loss_mask) in enumerate(zip(input_masks, loss_masks_)):
         if precomputed is not None and i in precomputed:
             hidden = precomputed[i].detach()
+            cache.append((input_mask, hidden))
         else:
-            with torch.no_grad():
-                x = torch.where(input_mask, mask_id, problem.x0)
-                hidden = problem.split.early(problem.model, x)
+            hidden = early(input_mask)
         # A row with nothing masked has no loss terms; the floor only keeps t inside (0, 1].
         ratio = realised_ratio(input_mask, problem.maskable).clamp(min=1e-6)
-        states.append(InnerState(hidden, loss_mask, ratio))
+        if times is not None and times[i] is not None:
+            ratio = times[i].to(ratio.dtype).clamp(min=1e-6)
+        state = InnerState(hidden, loss_mask, ratio)
+        if problem.inner_loss != "ce":
+            teacher = teachers[i] if teachers is not None else None
+            state.teacher_hidden = early(teacher)
+            if problem.early_layers is not None:
+                state.tokens, state.teacher_tokens = tokens_of(input_mask), tokens_of(teacher)
+        states.append(state)
     return states
 
 
@@ -196,16 +309,27 @@ def adapt(
     precomputed: dict[int, torch.Tensor] | None = None,
     loss_backend: str | None = "auto",
     allow_nonfinite: bool = False,
+    teachers: list[torch.Tensor | None] | None = None,
+    times: list[torch.Tensor | None] | None = None,
 ) -> Adaptation:
     """Run the inner loop through `bilevel.solve` in first-order mode.
 
     precomputed: {state index: early hidden states} already computed by the caller (the anchor's,
     shared with the outer pass); other states run the early layers here without gradient.
+    teachers, times: see `inner_states`.
     """
     split = split_point(model, mem, cfg)
-    problem = InnerProblem(model, mem, x0, maskable, split, per_sample, loss_backend)
+    problem = InnerProblem(
+        model, mem, x0, maskable, split, per_sample, loss_backend, **objective_options(model, cfg)
+    )
     states = inner_states(
-        problem, input_masks, loss_masks_, mask_id=mask_id, precomputed=precomputed
+        problem,
+        input_masks,
+        loss_masks_,
+        mask_id=mask_id,
+        precomputed=precomputed,
+        teachers=teachers,
+        times=times,
     )
     phi0 = init_fast_weights(model, mem, x0, per_sample=per_sample, generator=generator)
     phi, info = solve_inner(
@@ -230,15 +354,20 @@ def adapt_on_trajectory(
     anchor_hidden: torch.Tensor | None = None,
     loss_backend: str | None = "auto",
     allow_nonfinite: bool = False,
+    anchor_t: torch.Tensor | None = None,
 ) -> Adaptation:
     """The inner loop on the simulated trajectory that ends at `anchor_mask` (B, L) bool: the
     trajectory's masks (`trajectory_masks`, from `generator`), their loss masks, then `adapt`.
 
     anchor_hidden: the anchor's early hidden states when the caller has them (training shares
     them with the outer pass); used for the trajectory's last state when it is the anchor.
+    anchor_t: the anchor's sampled t (no_progressive weights its step by it; default: the
+    realised ratio).
     """
     inputs = trajectory_masks(anchor_mask, maskable, cfg, generator)
-    targets = loss_masks(inputs, anchor_mask, cfg.inner_loss_mask)
+    teachers = teacher_masks(inputs, anchor_mask, cfg)
+    targets = loss_masks(inputs, anchor_mask, cfg.inner_loss_mask, teachers)
+    times = None if anchor_t is None else state_times(cfg, anchor_t, len(inputs))
     shared = anchor_hidden is not None and inputs[-1] is anchor_mask
     return adapt(
         model,
@@ -255,6 +384,8 @@ def adapt_on_trajectory(
         precomputed={len(inputs) - 1: anchor_hidden} if shared else None,
         loss_backend=loss_backend,
         allow_nonfinite=allow_nonfinite,
+        teachers=teachers,
+        times=times,
     )
 
 

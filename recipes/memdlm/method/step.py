@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -35,15 +36,58 @@ from recipes.memdlm.method.inner import (
     adapt_on_trajectory,
     init_fast_weights,
     inner_states,
+    objective_options,
     solve_inner,
 )
-from recipes.memdlm.method.losses import Anchor, StepOutput, head_loss, standard_loss
+from recipes.memdlm.method.losses import SCHEDULE, Anchor, StepOutput, head_loss, standard_loss
 from recipes.memdlm.method.split import split_point
-from recipes.memdlm.method.trajectory import loss_masks, trajectory_masks
+from recipes.memdlm.method.trajectory import (
+    loss_masks,
+    outer_positions,
+    state_times,
+    teacher_masks,
+    trajectory_masks,
+    without_outer,
+)
 
 
-def outer_losses(model, mem, phi, hidden_t, split, batch, anchor, log_gap, loss_backend):
-    """The outer loss with phi bound, and (log_gap) the same loss with fast weights off."""
+@dataclass
+class InnerDraws:
+    """The random draws of one MemDLM step after its anchor (in the order they are drawn)."""
+
+    inputs: list[torch.Tensor]  # inner-step input masks
+    targets: list[torch.Tensor]  # inner-step loss masks
+    teachers: list[torch.Tensor | None]  # look-ahead masks (distillation, newly_revealed)
+    phi0: dict[str, torch.Tensor]
+    outer: torch.Tensor | None  # the leak-free control's outer positions O, else None
+
+
+def draw_inner(model, mem, batch: Batch, anchor: Anchor, cfg: MemDLMConfig, generator):
+    """Trajectory masks, then phi_0, then (leak_free) the outer positions, from `generator`."""
+    inputs = trajectory_masks(anchor.mask, batch.maskable, cfg, generator)
+    teachers = teacher_masks(inputs, anchor.mask, cfg)
+    targets = loss_masks(inputs, anchor.mask, cfg.inner_loss_mask, teachers)
+    phi0 = init_fast_weights(model, mem, batch.x0, per_sample=cfg.per_sample, generator=generator)
+    outer = None
+    if cfg.leak_free:
+        outer = outer_positions(anchor.mask, cfg.leak_free_fraction, generator)
+        inputs, targets, teachers = without_outer(inputs, targets, teachers, outer)
+    return InnerDraws(inputs, targets, teachers, phi0, outer)
+
+
+def outer_losses(
+    model, mem, phi, hidden_t, split, batch, anchor, log_gap, loss_backend, outer=None, cfg=None
+):
+    """The outer loss with phi bound, and (log_gap) the same loss with fast weights off.
+
+    outer: the leak-free control's positions O (None: all of M_t); the loss then scores O only,
+    with weight 1 / (t q), q = cfg.leak_free_fraction, so that its expectation over O is the
+    standard loss.
+    """
+    mask, weight = anchor.mask, None
+    if outer is not None:
+        mask = outer
+        weight = SCHEDULE.weight(anchor.t) / cfg.leak_free_fraction
 
     def loss_of(hidden):
         return head_loss(
@@ -51,10 +95,11 @@ def outer_losses(model, mem, phi, hidden_t, split, batch, anchor, log_gap, loss_
             hidden,
             split,
             batch.x0,
-            anchor.mask,
+            mask,
             anchor.t,
             batch.maskable,
             normalize="token",
+            weight=weight,
             loss_backend=loss_backend,
         )
 
@@ -95,23 +140,42 @@ def memdlm_core(
     log_gap: bool,
     loss_backend: str | None = "auto",
     grad_sync=None,
+    teachers: list[torch.Tensor | None] | None = None,
+    outer: torch.Tensor | None = None,
 ):
     """The MemDLM step from drawn masks and phi_0 (compile-clean: no generator, no `.item()`).
 
     Returns (loss, loss with fast weights off or None, inner info dict of tensors). grad_sync:
-    see `inner_optimizer` (data-parallel training with shared fast weights).
+    see `inner_optimizer` (data-parallel training with shared fast weights). teachers: the
+    look-ahead masks (`trajectory.teacher_masks`; needed by the distillation objectives).
+    outer: the leak-free control's outer positions (`InnerDraws.outer`).
     """
     split = split_point(model, mem, cfg)
     hidden_t = split.early(model, anchor.xt)  # with grad: reused by the outer pass
     anchor_index = {len(input_masks) - 1: hidden_t} if input_masks[-1] is anchor.mask else {}
     problem = InnerProblem(
-        model, mem, batch.x0, batch.maskable, split, cfg.per_sample, loss_backend
+        model,
+        mem,
+        batch.x0,
+        batch.maskable,
+        split,
+        cfg.per_sample,
+        loss_backend,
+        **objective_options(model, cfg),
     )
     states = inner_states(
-        problem, input_masks, loss_masks_, mask_id=mask_id, precomputed=anchor_index
+        problem,
+        input_masks,
+        loss_masks_,
+        mask_id=mask_id,
+        precomputed=anchor_index,
+        teachers=teachers,
+        times=state_times(cfg, anchor.t, len(input_masks)),
     )
     phi, info = solve_inner(problem, states, phi0, cfg, grad_sync=grad_sync, allow_nonfinite=True)
-    loss, off = outer_losses(model, mem, phi, hidden_t, split, batch, anchor, log_gap, loss_backend)
+    loss, off = outer_losses(
+        model, mem, phi, hidden_t, split, batch, anchor, log_gap, loss_backend, outer, cfg
+    )
     return loss, off, info
 
 
@@ -133,14 +197,23 @@ def memdlm_step(
     compiled: from `compile_steps`; the masks and phi_0 are then drawn here and the rest of the
     step runs as one compiled graph (`memdlm_core`). None = eager.
     """
-    if compiled is not None:
-        inputs = trajectory_masks(anchor.mask, batch.maskable, cfg, generator)
-        targets = loss_masks(inputs, anchor.mask, cfg.inner_loss_mask)
-        phi0 = init_fast_weights(
-            model, mem, batch.x0, per_sample=cfg.per_sample, generator=generator
-        )
-        loss, off, info = compiled["memdlm"](
-            model, mem, batch, anchor, inputs, targets, phi0, cfg, mask_id, log_gap, loss_backend
+    if compiled is not None or cfg.leak_free:
+        draws = draw_inner(model, mem, batch, anchor, cfg, generator)
+        core = compiled["memdlm"] if compiled is not None else memdlm_core
+        loss, off, info = core(
+            model,
+            mem,
+            batch,
+            anchor,
+            draws.inputs,
+            draws.targets,
+            draws.phi0,
+            cfg,
+            mask_id,
+            log_gap,
+            loss_backend,
+            teachers=draws.teachers,
+            outer=draws.outer,
         )
         largest = torch.stack(list(info["grad_norms"].values())).amax(0)
         metrics = step_metrics(
@@ -162,6 +235,7 @@ def memdlm_step(
         anchor_hidden=hidden_t,
         loss_backend=loss_backend,
         allow_nonfinite=True,
+        anchor_t=anchor.t,
     )
     loss, off = outer_losses(
         model, mem, adaptation.phi, hidden_t, split, batch, anchor, log_gap, loss_backend

@@ -202,3 +202,36 @@ def test_workers_stop_and_checkpoint_when_the_parent_is_killed(tmp_path):
     assert any((folder / "checkpoint.pt").is_file() for folder in folders)
     # Stopped, not finished: a worker that ran on without its parent would write model.pt.
     assert not any((folder / "model.pt").exists() for folder in folders)
+
+
+def test_variants_get_paired_verdicts_and_leave_the_pair_unchanged(two_ways, tmp_path):
+    """`--variants`: the controls run on the same seeds, each with its own paired verdict
+    against Standard; Standard and MemDLM give the results of a run without variants."""
+    cfg = build_config(
+        "smoke", overrides={"seeds": 2, "variants": ["leak_free", "standard_matched"]}
+    )
+    summary = run_compare(cfg, tmp_path / "run", workers=1, reporter=Reporter(quiet=True))
+    _, alone = two_ways[1]
+    assert per_seed(summary) == per_seed(alone)
+    variants = summary["variants"]
+    assert list(variants) == ["leak_free", "standard_matched"]
+    assert variants["leak_free"]["method"] == "memdlm"
+    assert variants["standard_matched"]["method"] == "standard"
+    assert variants["standard_matched"]["anchors"] == 3  # K = 2 inner passes + the outer one
+    for entry in variants.values():
+        pair = entry["paired"]
+        assert pair["seeds"] == [1, 2]
+        standard = {r["seed"]: r["eval_loss"] for r in summary["standard"]["per_seed"]}
+        own = {r["seed"]: r["eval_loss"] for r in entry["per_seed"]}
+        assert pair["eval_loss_delta"]["per_seed"] == pytest.approx(
+            [own[s] - standard[s] for s in (1, 2)]
+        )
+        assert len(pair["verdict"]) == 2
+        assert own != standard  # a different run, not a copy of Standard's
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert {r["method"] for r in records if r["phase"] == "train"} == {
+        "standard",
+        "memdlm",
+        "leak_free",
+        "standard_matched",
+    }
