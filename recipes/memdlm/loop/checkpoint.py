@@ -103,6 +103,54 @@ def _unreadable(path: Path, error: Exception) -> str:
     )
 
 
+class _DCPMetadataUnpickler(pickle.Unpickler):
+    """Reads the `.metadata` file of a torch.distributed.checkpoint folder (FSDP checkpoints),
+    which torch writes with plain pickle: the classes of DCP's metadata, torch sizes, dtypes and
+    layouts, and paths are rebuilt; any other global is refused, so the file runs no code."""
+
+    def find_class(self, module: str, name: str):
+        if module == "torch.distributed.checkpoint.metadata" or (module, name) in _DCP_GLOBALS:
+            found = super().find_class(module, name)
+            if isinstance(found, type) or (module, name) in _DCP_GLOBALS:
+                return found
+        if module == "torch":
+            found = getattr(torch, name, None)
+            if found is torch.Size or isinstance(found, (torch.dtype, torch.layout)):
+                return found
+        raise pickle.UnpicklingError(f"Unsupported GLOBAL {module}.{name} in DCP metadata")
+
+
+_DCP_GLOBALS = {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.serialization", "_get_layout"),  # layout by name: torch.strided, ...
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+def dcp_reader(folder: Path):
+    """A `torch.distributed.checkpoint` reader of `folder` whose metadata is read without
+    running code (`_DCPMetadataUnpickler`; the tensor files are read weights-only by torch)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            path = self._get_metadata_path(kwargs.get("rank"))
+            with self.fs.create_stream(path, "rb") as handle:
+                try:
+                    metadata = _DCPMetadataUnpickler(handle).load()
+                except Exception as error:
+                    raise UserError(_unreadable(Path(path), error)) from None
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(str(folder))
+
+
 def write_json(path: Path, data: Any) -> None:
     text = json.dumps(data, indent=2, sort_keys=False) + "\n"
     atomic_write_bytes(path, lambda handle: handle.write(text.encode()))

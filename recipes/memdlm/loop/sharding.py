@@ -90,7 +90,9 @@ def load_dcp(folder: Path, model, optimizer) -> dict[str, Any]:
 
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optim_state}
-    dcp.load(state, checkpoint_id=str(folder / DCP_FOLDER))
+    reader = ckpt.dcp_reader(folder / DCP_FOLDER)
+    reader.read_metadata()  # a refused or broken file fails here in one line (dcp.load wraps it)
+    dcp.load(state, storage_reader=reader)
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
     )
