@@ -20,7 +20,6 @@ import torch
 from torch import Tensor
 
 from bilevel._tree import Tree, check_matching, check_tree, flatten, unflatten
-from bilevel._warn import is_concrete
 from bilevel.linsolve import LinsolveInfo, NormalCG
 
 Structure = Tensor | dict[str, Tensor]
@@ -54,6 +53,10 @@ class _Problem:
         return out
 
 
+def _detached(info: LinsolveInfo) -> LinsolveInfo:
+    return LinsolveInfo(*(v.detach() if isinstance(v, Tensor) else v for v in info))
+
+
 def _meta_cotangent(problem: _Problem, solution: Tree, meta: Tree, cotangent: Tree) -> Tree:
     """``-(dF/dtheta)^T u`` with ``(dF/dw)^T u = cotangent``, solved by ``problem.linsolve``."""
     _, vjp_solution = torch.func.vjp(lambda w: problem.residual(w, meta), solution)
@@ -67,8 +70,8 @@ def _meta_cotangent(problem: _Problem, solution: Tree, meta: Tree, cotangent: Tr
         return flatten(out)
 
     u, info = problem.linsolve(matvec, flatten(cotangent), rmatvec=rmatvec)
-    if problem.on_solve is not None and is_concrete():
-        problem.on_solve(info._replace(residual=info.residual.detach()))
+    if problem.on_solve is not None:  # eagerly Python values, under vmap per-system tensors
+        problem.on_solve(_detached(info))
     _, vjp_meta = torch.func.vjp(lambda m: problem.residual(solution, m), meta)
     (meta_grad,) = vjp_meta(unflatten(-u, solution))
     return meta_grad
@@ -127,7 +130,9 @@ def implicit_root(
         symmetric: declare ``dF/dw`` symmetric. :class:`~bilevel.CG` is refused unless it is,
             because CG silently returns wrong answers on non-symmetric systems.
         on_solve: called with the :class:`~bilevel.LinsolveInfo` of each backward solve
-            (outside vmap/compile).
+            (detached): Python values eagerly, per-system tensors under ``vmap``, where they
+            are usable inside the vmapped function (the backward must run there, e.g.
+            ``vmap(grad(f, has_aux=True))``).
 
     Gradients reach ``meta`` only, not tensors that ``optimality_fn`` closes over, and not
     ``solution`` (whatever produced it). The backward is differentiable once.

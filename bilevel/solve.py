@@ -8,8 +8,9 @@ the functional transform composes with the enclosing ones.
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -113,12 +114,15 @@ def _check_loss(loss: Any, step: int) -> None:
 class _InnerLoop:
     """The optimizer loop, and a record of the loss and gradient norms at each step."""
 
-    def __init__(self, inner_loss, meta, optimizer, data_at, *, record_norms: bool):
+    def __init__(
+        self, inner_loss, meta, optimizer, data_at, *, record_norms: bool, first_norm: bool
+    ):
         self.inner_loss = inner_loss
         self.meta = meta
         self.optimizer = optimizer
         self.data_at = data_at
         self.record_norms = record_norms
+        self.record_first_norm = first_norm and not record_norms
         self.functional = under_functorch_transform()
         self.losses: list[Tensor] = []
         self.grad_norms: list[Tensor] = []
@@ -158,7 +162,10 @@ class _InnerLoop:
 
     def record(self, loss: Tensor, grads: Tree) -> None:
         self.losses.append(loss.detach() if loss.requires_grad else loss)
-        if self.record_norms:
+        if self.record_first_norm and not self.grad_norms:  # Implicit's reference, step 0 only
+            with torch.no_grad():
+                self.grad_norms.append(global_norm(grads))
+        elif self.record_norms:
             with torch.no_grad():
                 norms = {k: torch.linalg.vector_norm(g) for k, g in grads.items()}
                 self.tensor_norms.append(norms)
@@ -208,10 +215,46 @@ class _InnerLoop:
         return info
 
 
-def _check_arguments(inner_loss, params0, meta, optimizer, steps, mode, data, nonfinite) -> None:
+def _check_inner_loss(inner_loss: Any) -> None:
+    """``inner_loss`` must accept ``(params, meta, data)`` positionally; say so by name."""
     if not callable(inner_loss):
         raise TypeError(f"inner_loss must be callable, got {type(inner_loss).__name__}")
+    if torch.compiler.is_compiling():  # checked when the code ran eagerly; dynamo cannot trace it
+        return
+    try:
+        signature = inspect.signature(inner_loss)
+    except (TypeError, ValueError):  # builtins and some C callables have none: call and see
+        return
+    try:
+        signature.bind(None, None, None)
+    except TypeError:
+        name = getattr(inner_loss, "__name__", type(inner_loss).__name__)
+        raise TypeError(
+            f"inner_loss must take three positional arguments, inner_loss(params, meta, data), "
+            f"but {name}{signature} does not (write e.g. lambda params, meta, data: ...; "
+            "ignore the arguments you do not need)"
+        ) from None
+
+
+def _check_params0(params0: Any) -> None:
+    if isinstance(params0, torch.nn.Module):
+        raise TypeError(
+            f"params0 must be a dict[str, Tensor], got the module {type(params0).__name__}; "
+            "pass dict(module.named_parameters()) and run the module inside inner_loss with "
+            "torch.func.functional_call(module, params, ...)"
+        )
+    if isinstance(params0, (list, tuple, Iterator)) and not isinstance(params0, Mapping):
+        raise TypeError(
+            f"params0 must be a dict[str, Tensor], got {type(params0).__name__} (e.g. from "
+            "module.parameters()); pass dict(module.named_parameters()), so that every tensor "
+            "has a name"
+        )
     check_tree(params0, "params0")
+
+
+def _check_arguments(inner_loss, params0, meta, optimizer, steps, mode, data, nonfinite) -> None:
+    _check_inner_loss(inner_loss)
+    _check_params0(params0)
     if _outer_variables(meta) is not None and not isinstance(meta, Tensor):
         if not isinstance(meta, Mapping):
             raise TypeError(
@@ -276,18 +319,24 @@ def _implicit(
     grads, _ = loop.gradient(params_K, steps - 1, differentiable=False)
     with torch.no_grad():
         final_norm = global_norm(grads)
+        if mode.stationarity_scale is None:
+            reference, what = loop.grad_norms[0], "||grad f(params0)||"
+        else:
+            reference, what = final_norm.new_tensor(mode.stationarity_scale), "stationarity_scale"
+        threshold = torch.clamp(mode.stationarity_rtol * reference, min=mode.stationarity_atol)
+        stationary = final_norm <= threshold
     info["final_grad_norm"] = final_norm
-    if is_concrete():
-        first_norm, norm = float(loop.grad_norms[0]), float(final_norm)
-        if norm > max(mode.stationarity_rtol * first_norm, mode.stationarity_atol):
-            warn(
-                f"Implicit mode assumes params_K is stationary, but ||grad f(params_K)|| = "
-                f"{norm:.3e} exceeds stationarity_rtol * ||grad f(params0)|| = "
-                f"{mode.stationarity_rtol:g} * {first_norm:.3e} and stationarity_atol = "
-                f"{mode.stationarity_atol:g}; the implicit gradient may be wrong (run more "
-                "steps or raise the inner learning rate)",
-                depth=2,
-            )
+    info["stationary"] = stationary
+    if is_concrete() and not bool(stationary) and math.isfinite(float(final_norm)):
+        warn(
+            f"Implicit mode assumes params_K is stationary, but ||grad f(params_K)|| = "
+            f"{float(final_norm):.3e} exceeds stationarity_rtol * {what} = "
+            f"{mode.stationarity_rtol:g} * {float(reference):.3e} and stationarity_atol = "
+            f"{mode.stationarity_atol:g}; the implicit gradient may be wrong (run more "
+            "steps or raise the inner learning rate; with a warm start, set "
+            "Implicit(stationarity_scale=...) to the gradient norm of a cold start)",
+            depth=2,
+        )
     if _outer_variables(meta) is None:
         warn(
             "Implicit mode with no outer variables (meta=None or empty): nothing can receive "
@@ -305,6 +354,8 @@ def _implicit(
         info["linsolve_iterations"] = result.iterations
         info["linsolve_residual"] = result.residual
         info["linsolve_converged"] = result.converged
+        if result.nonpositive_curvature is not None:
+            info["linsolve_nonpositive_curvature"] = result.nonpositive_curvature
 
     return implicit_root(
         stationarity, params_K, meta, linsolve=mode.linsolve, symmetric=True, on_solve=on_solve
@@ -342,11 +393,13 @@ def solve(
         return_info: also return a diagnostics dict (no extra model evaluation): ``loss``
             ``(K,)``, the inner loss at the iterate each gradient is taken at; ``grad_norm``
             ``(K,)``, the global norm of the raw inner gradient; ``grad_norms``, ``{key: (K,)}``
-            per-tensor norms. Implicit mode adds ``final_grad_norm`` (0-d, at ``w_K``), and
-            ``linsolve_iterations``, ``linsolve_residual``, ``linsolve_converged`` appear once
-            the backward pass has run the linear solve (outside vmap, where the dict holds
-            tensors only and can be returned from the vmapped function). All tensors are
-            detached.
+            per-tensor norms. Implicit mode adds ``final_grad_norm`` (0-d, at ``w_K``) and
+            ``stationary`` (0-d bool: the stationarity check passed), and
+            ``linsolve_iterations``, ``linsolve_residual``, ``linsolve_converged`` (and, for
+            CG, ``linsolve_nonpositive_curvature``) once the backward pass has run the linear
+            solve: Python values eagerly, per-task tensors under ``vmap`` when the backward
+            runs inside the vmapped function (``vmap(grad(f, has_aux=True))`` with ``info``
+            as the aux output). All tensors are detached.
         final_grad_norm: with ``return_info``, evaluate ``||grad f(w_K)||`` with the last
             step's data in every mode (one extra gradient evaluation).
         nonfinite: None (default) raises ``ValueError`` on a non-finite inner loss. A
@@ -369,7 +422,10 @@ def solve(
         raise ValueError("final_grad_norm=True only has an effect with return_info=True")
     data_at = data.__getitem__ if isinstance(data, PerStep) else (lambda step: data)
     implicit = isinstance(mode, Implicit)
-    loop = _InnerLoop(inner_loss, meta, optimizer, data_at, record_norms=return_info or implicit)
+    first_norm = implicit and mode.stationarity_scale is None
+    loop = _InnerLoop(
+        inner_loss, meta, optimizer, data_at, record_norms=return_info, first_norm=first_norm
+    )
 
     if isinstance(mode, (Unrolled, Truncated)):
         exact = steps if isinstance(mode, Unrolled) else mode.T
