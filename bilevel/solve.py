@@ -350,12 +350,16 @@ def _implicit(
     def stationarity(w: Tree, m: Any) -> Tree:
         return torch.func.grad(lambda q: inner_loss(q, m, data))(w)
 
-    def on_solve(result: LinsolveInfo) -> None:
-        info["linsolve_iterations"] = result.iterations
-        info["linsolve_residual"] = result.residual
-        info["linsolve_converged"] = result.converged
+    def on_solve(result: LinsolveInfo) -> None:  # tensors only, eagerly as under vmap
+        residual = result.residual
+        info["linsolve_iterations"] = torch.as_tensor(result.iterations, device=residual.device)
+        info["linsolve_residual"] = residual
+        if result.converged is not None:
+            info["linsolve_converged"] = torch.as_tensor(result.converged, device=residual.device)
         if result.nonpositive_curvature is not None:
-            info["linsolve_nonpositive_curvature"] = result.nonpositive_curvature
+            info["linsolve_nonpositive_curvature"] = torch.as_tensor(
+                result.nonpositive_curvature, device=residual.device
+            )
 
     return implicit_root(
         stationarity, params_K, meta, linsolve=mode.linsolve, symmetric=True, on_solve=on_solve
@@ -397,9 +401,10 @@ def solve(
             ``stationary`` (0-d bool: the stationarity check passed), and
             ``linsolve_iterations``, ``linsolve_residual``, ``linsolve_converged`` (and, for
             CG, ``linsolve_nonpositive_curvature``) once the backward pass has run the linear
-            solve: Python values eagerly, per-task tensors under ``vmap`` when the backward
-            runs inside the vmapped function (``vmap(grad(f, has_aux=True))`` with ``info``
-            as the aux output). All tensors are detached.
+            solve (0-d tensors; per task under ``vmap`` when the backward runs inside the
+            vmapped function, as in ``vmap(grad(f, has_aux=True))`` with ``info`` as the aux
+            output). Every value is a detached tensor (or a dict of them), so ``info`` can be
+            returned through ``vmap`` and ``torch.func.grad(..., has_aux=True)``.
         final_grad_norm: with ``return_info``, evaluate ``||grad f(w_K)||`` with the last
             step's data in every mode (one extra gradient evaluation).
         nonfinite: None (default) raises ``ValueError`` on a non-finite inner loss. A
