@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from bilevel._tree import Tree, check_matching, check_tree, flatten, unflatten
+from bilevel._warn import under_functorch_transform
 from bilevel.linsolve import LinsolveInfo, NormalCG
 
 Structure = Tensor | dict[str, Tensor]
@@ -57,8 +58,46 @@ def _detached(info: LinsolveInfo) -> LinsolveInfo:
     return LinsolveInfo(*(v.detach() if isinstance(v, Tensor) else v for v in info))
 
 
+def _zeros_for_none(grads, like: list[Tensor]) -> list[Tensor]:
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, like)]
+
+
+def _meta_cotangent_eager(problem: _Problem, solution: Tree, meta: Tree, cotangent: Tree) -> Tree:
+    """:func:`_meta_cotangent` with ``torch.autograd``: ``F`` is evaluated once with a graph, and
+    each operator application is one reverse pass through it (no functorch wrapping). For a
+    plain ``backward()`` outside any ``torch.func`` transform; same numbers as the other path."""
+    with torch.enable_grad():
+        w = {k: v.detach().requires_grad_() for k, v in solution.items()}
+        m = {k: v.detach().requires_grad_() for k, v in meta.items()}
+        residual = problem.residual(w, m)
+    outputs, w_list, m_list = list(residual.values()), list(w.values()), list(m.values())
+
+    def pullback(u: Tensor, inputs: list[Tensor]) -> list[Tensor]:
+        pieces = unflatten(u, solution)
+        cotangents = [pieces[k] for k in residual]
+        grads = torch.autograd.grad(
+            outputs, inputs, cotangents, retain_graph=True, allow_unused=True
+        )
+        return _zeros_for_none(grads, inputs)
+
+    def matvec(u: Tensor) -> Tensor:  # u -> (dF/dw)^T u
+        return flatten(dict(zip(w, pullback(u, w_list))))
+
+    def rmatvec(x: Tensor) -> Tensor:  # x -> (dF/dw) x, forward mode
+        tangent = unflatten(x, solution)
+        _, out = torch.func.jvp(lambda q: problem.residual(q, meta), (solution,), (tangent,))
+        return flatten(out)
+
+    u, info = problem.linsolve(matvec, flatten(cotangent), rmatvec=rmatvec)
+    if problem.on_solve is not None:
+        problem.on_solve(_detached(info))
+    return dict(zip(m, pullback(-u, m_list)))
+
+
 def _meta_cotangent(problem: _Problem, solution: Tree, meta: Tree, cotangent: Tree) -> Tree:
     """``-(dF/dtheta)^T u`` with ``(dF/dw)^T u = cotangent``, solved by ``problem.linsolve``."""
+    if not torch.is_grad_enabled() and not under_functorch_transform():
+        return _meta_cotangent_eager(problem, solution, meta, cotangent)
     _, vjp_solution = torch.func.vjp(lambda w: problem.residual(w, meta), solution)
 
     def matvec(u: Tensor) -> Tensor:  # u -> (dF/dw)^T u

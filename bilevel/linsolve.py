@@ -58,9 +58,9 @@ def _check_nonnegative(value: object, name: str) -> None:
 
 
 def _safe_div(num: Tensor, den: Tensor) -> Tensor:
-    """``num / den`` where ``den != 0``, else 0: keeps a converged fixed-trip iteration still."""
-    nonzero = den != 0
-    return torch.where(nonzero, num / torch.where(nonzero, den, 1.0), 0.0)
+    """``num / den`` where ``den != 0``, else 0 (for finite ``num``): keeps a converged
+    fixed-trip iteration still. Dividing by inf costs one ``where`` less than masking twice."""
+    return num / torch.where(den != 0, den, torch.inf)
 
 
 def _relative(residual_norm: Tensor, b_norm: Tensor) -> Tensor:
@@ -75,7 +75,7 @@ def _finish(
     r_norm: Tensor,
     b_norm: Tensor,
     done: Tensor,
-    iterations: Tensor,
+    iterations: Tensor | int,
     negative: Tensor | None,
     concrete: bool,
 ) -> tuple[Tensor, LinsolveInfo]:
@@ -136,12 +136,37 @@ class CG:
         x = torch.zeros_like(b)
         r, p = b, b
         rs = torch.dot(r, r)
+        negative = torch.zeros((), dtype=torch.bool, device=b.device)
+        if concrete:  # stop when converged; identical arithmetic to the frozen batch below
+            iterations = 0
+            while iterations < self.maxiter and not bool(rs <= threshold):
+                iterations += 1
+                Ap = matvec(p) + self.damping * p
+                curvature = torch.dot(p, Ap)
+                negative = negative | (curvature <= 0)
+                alpha = _safe_div(rs, curvature)
+                x = x + alpha * p
+                r = r - alpha * Ap
+                rs_new = torch.dot(r, r)
+                p = r + _safe_div(rs_new, rs) * p
+                rs = rs_new
+            done = rs <= threshold
+            return _finish(
+                "CG",
+                self.maxiter,
+                self.tol,
+                x,
+                rs.sqrt(),
+                b_norm,
+                done,
+                iterations,
+                negative,
+                concrete,
+            )
+        # vmap/compile: maxiter iterations; a system that met the test stays frozen
         done = rs <= threshold  # b == 0 is solved by x = 0
         iterations = torch.zeros((), dtype=torch.long, device=b.device)
-        negative = torch.zeros((), dtype=torch.bool, device=b.device)
         for _ in range(self.maxiter):
-            if concrete and bool(done):
-                break
             Ap = matvec(p) + self.damping * p
             curvature = torch.dot(p, Ap)
             active = ~done
@@ -159,7 +184,7 @@ class CG:
             self.maxiter,
             self.tol,
             x,
-            torch.sqrt(rs),
+            rs.sqrt(),
             b_norm,
             done,
             iterations,

@@ -348,7 +348,13 @@ def _implicit(
     inner_loss = loop.inner_loss
 
     def stationarity(w: Tree, m: Any) -> Tree:
-        return torch.func.grad(lambda q: inner_loss(q, m, data))(w)
+        if under_functorch_transform() or not all(t.requires_grad for t in w.values()):
+            return torch.func.grad(lambda q: inner_loss(q, m, data))(w)
+        # eager backward: one graph that the linear solve's reverse passes reuse
+        grads = torch.autograd.grad(
+            inner_loss(w, m, data), list(w.values()), create_graph=True, materialize_grads=True
+        )
+        return dict(zip(w, grads))
 
     def on_solve(result: LinsolveInfo) -> None:  # tensors only, eagerly as under vmap
         residual = result.residual
