@@ -36,7 +36,13 @@ def as_tree(value: Any, name: str) -> tuple[Tree, Callable[[Tree], Structure]]:
 
 @dataclass(frozen=True)
 class _Problem:
-    """Everything the backward pass needs besides the saved tensors (never a tensor itself)."""
+    """Everything the backward pass needs besides the saved tensors.
+
+    ``linearization``, when given, is ``(w, theta, F)``: leaf copies of the solution and meta
+    and ``F(w, theta)`` computed from them with a graph (``create_graph``), which an eager
+    backward reuses instead of evaluating ``F`` again (``bl.solve`` has it from its
+    stationarity check).
+    """
 
     optimality_fn: Callable
     linsolve: Any
@@ -45,6 +51,7 @@ class _Problem:
     to_solution: Callable[[Tree], Structure]
     to_meta: Callable[[Tree], Structure]
     on_solve: Callable[[LinsolveInfo], None] | None
+    linearization: tuple[Tree, Tree, Tree] | None = None
 
     def residual(self, solution: Tree, meta: Tree) -> Tree:
         """``F(w, theta)`` as a tree shaped like ``solution``."""
@@ -66,22 +73,24 @@ def _meta_cotangent_eager(problem: _Problem, solution: Tree, meta: Tree, cotange
     """:func:`_meta_cotangent` with ``torch.autograd``: ``F`` is evaluated once with a graph, and
     each operator application is one reverse pass through it (no functorch wrapping). For a
     plain ``backward()`` outside any ``torch.func`` transform; same numbers as the other path."""
-    with torch.enable_grad():
-        w = {k: v.detach().requires_grad_() for k, v in solution.items()}
-        m = {k: v.detach().requires_grad_() for k, v in meta.items()}
-        residual = problem.residual(w, m)
-    outputs, w_list, m_list = list(residual.values()), list(w.values()), list(m.values())
+    if problem.linearization is not None:
+        w, m, residual = problem.linearization
+    else:
+        with torch.enable_grad():
+            w = {k: v.detach().requires_grad_() for k, v in solution.items()}
+            m = {k: v.detach().requires_grad_() for k, v in meta.items()}
+            residual = problem.residual(w, m)
+    with torch.enable_grad():  # one flat output: a cotangent needs no splitting per product
+        flat_residual = flatten({k: residual[k] for k in solution})
+    w_list, m_list = list(w.values()), list(m.values())
 
     def pullback(u: Tensor, inputs: list[Tensor]) -> list[Tensor]:
-        pieces = unflatten(u, solution)
-        cotangents = [pieces[k] for k in residual]
-        grads = torch.autograd.grad(
-            outputs, inputs, cotangents, retain_graph=True, allow_unused=True
-        )
+        # retain_graph: every application reuses F's graph (and so may a second backward)
+        grads = torch.autograd.grad(flat_residual, inputs, u, retain_graph=True, allow_unused=True)
         return _zeros_for_none(grads, inputs)
 
     def matvec(u: Tensor) -> Tensor:  # u -> (dF/dw)^T u
-        return flatten(dict(zip(w, pullback(u, w_list))))
+        return torch.cat([g.reshape(-1) for g in pullback(u, w_list)])
 
     def rmatvec(x: Tensor) -> Tensor:  # x -> (dF/dw) x, forward mode
         tangent = unflatten(x, solution)
@@ -189,6 +198,19 @@ def implicit_root(
         )
     if meta is None:
         raise ValueError("implicit_root needs meta (a Tensor or dict of Tensors) to differentiate")
+    return attach_implicit_gradient(optimality_fn, solution, meta, linsolve, on_solve)
+
+
+def attach_implicit_gradient(
+    optimality_fn: Callable,
+    solution: Structure,
+    meta: Structure,
+    linsolve: Any,
+    on_solve: Callable[[LinsolveInfo], None] | None,
+    linearization: tuple[Tree, Tree, Tree] | None = None,
+) -> Structure:
+    """:func:`implicit_root` after its checks, with an optional precomputed linearization
+    (see :class:`_Problem`); for :func:`bilevel.solve`."""
     solution_tree, to_solution = as_tree(solution, "solution")
     meta_tree, to_meta = as_tree(meta, "meta")
     problem = _Problem(
@@ -199,6 +221,7 @@ def implicit_root(
         to_solution,
         to_meta,
         on_solve,
+        linearization,
     )
     tensors = [t.detach() for t in solution_tree.values()] + list(meta_tree.values())
     outputs = _AttachImplicitGradient.apply(problem, *tensors)

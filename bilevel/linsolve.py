@@ -133,52 +133,23 @@ class CG:
         concrete = is_concrete()
         b_norm = torch.linalg.vector_norm(b)
         threshold = (self.tol * b_norm).square()
-        x = torch.zeros_like(b)
-        r, p = b, b
-        rs = torch.dot(r, r)
-        negative = torch.zeros((), dtype=torch.bool, device=b.device)
-        if concrete:  # stop when converged; identical arithmetic to the frozen batch below
-            iterations = 0
-            while iterations < self.maxiter and not bool(rs <= threshold):
-                iterations += 1
-                Ap = matvec(p) + self.damping * p
-                curvature = torch.dot(p, Ap)
-                negative = negative | (curvature <= 0)
-                alpha = _safe_div(rs, curvature)
-                x = x + alpha * p
-                r = r - alpha * Ap
-                rs_new = torch.dot(r, r)
-                p = r + _safe_div(rs_new, rs) * p
-                rs = rs_new
-            done = rs <= threshold
-            return _finish(
-                "CG",
-                self.maxiter,
-                self.tol,
-                x,
-                rs.sqrt(),
-                b_norm,
-                done,
-                iterations,
-                negative,
-                concrete,
-            )
-        # vmap/compile: maxiter iterations; a system that met the test stays frozen
-        done = rs <= threshold  # b == 0 is solved by x = 0
-        iterations = torch.zeros((), dtype=torch.long, device=b.device)
-        for _ in range(self.maxiter):
-            Ap = matvec(p) + self.damping * p
-            curvature = torch.dot(p, Ap)
-            active = ~done
-            negative = negative | (active & (curvature <= 0))
-            iterations = iterations + active.long()
-            alpha = torch.where(active, _safe_div(rs, curvature), 0.0)
-            x = x + alpha * p
-            r = r - alpha * Ap
-            rs_new = torch.dot(r, r)
-            p = torch.where(active, r + _safe_div(rs_new, rs) * p, p)
-            rs = rs_new
-            done = done | (rs <= threshold)
+        if concrete:
+            solved = self._eager(matvec, b, threshold)
+            if solved is not None:
+                x, rs, iterations, negative = solved
+                return _finish(
+                    "CG",
+                    self.maxiter,
+                    self.tol,
+                    x,
+                    rs.sqrt(),
+                    b_norm,
+                    rs <= threshold,
+                    iterations,
+                    negative,
+                    concrete,
+                )
+        x, rs, done, iterations, negative = self._masked(matvec, b, threshold)
         return _finish(
             "CG",
             self.maxiter,
@@ -191,6 +162,56 @@ class CG:
             negative,
             concrete,
         )
+
+    def _apply(self, matvec: MatVec, p: Tensor) -> Tensor:
+        return matvec(p) if self.damping == 0 else matvec(p) + self.damping * p
+
+    def _eager(self, matvec: MatVec, b: Tensor, threshold: Tensor):
+        """Plain CG that leaves the loop once converged: the arithmetic of :meth:`_masked`
+        for an unconverged system, without its masks. ``None`` if some curvature was exactly
+        0 (where only the guarded divisions of :meth:`_masked` give its answer)."""
+        x, r, p = torch.zeros_like(b), b, b
+        rs = torch.dot(r, r)
+        curvatures = []
+        while len(curvatures) < self.maxiter and not bool(rs <= threshold):
+            Ap = self._apply(matvec, p)
+            curvature = torch.dot(p, Ap)
+            curvatures.append(curvature)
+            alpha = rs / curvature
+            x = x + alpha * p
+            r = r - alpha * Ap
+            rs_new = torch.dot(r, r)
+            p = r + (rs_new / rs) * p
+            rs = rs_new
+        if not curvatures:
+            return x, rs, 0, torch.zeros((), dtype=torch.bool, device=b.device)
+        curvatures = torch.stack(curvatures)
+        zero, negative = torch.stack([(curvatures == 0).any(), (curvatures <= 0).any()]).tolist()
+        if zero:
+            return None
+        return x, rs, len(curvatures), torch.tensor(negative)
+
+    def _masked(self, matvec: MatVec, b: Tensor, threshold: Tensor):
+        """``maxiter`` iterations for vmap/compile; a system that met the test stays frozen."""
+        x, r, p = torch.zeros_like(b), b, b
+        rs = torch.dot(r, r)
+        negative = torch.zeros((), dtype=torch.bool, device=b.device)
+        done = rs <= threshold  # b == 0 is solved by x = 0
+        iterations = torch.zeros((), dtype=torch.long, device=b.device)
+        for _ in range(self.maxiter):
+            Ap = self._apply(matvec, p)
+            curvature = torch.dot(p, Ap)
+            active = ~done
+            negative = negative | (active & (curvature <= 0))
+            iterations = iterations + active.long()
+            alpha = torch.where(active, _safe_div(rs, curvature), 0.0)
+            x = x + alpha * p
+            r = r - alpha * Ap
+            rs_new = torch.dot(r, r)
+            p = torch.where(active, r + _safe_div(rs_new, rs) * p, p)
+            rs = rs_new
+            done = done | (rs <= threshold)
+        return x, rs, done, iterations, negative
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from bilevel._tree import Tree, check_tree, detach, global_norm, is_empty_tree
 from bilevel._warn import is_concrete, under_functorch_transform, warn
-from bilevel.implicit import implicit_root
+from bilevel.implicit import as_tree, attach_implicit_gradient
 from bilevel.linsolve import LinsolveInfo
 from bilevel.modes import FirstOrder, Implicit, Mode, Truncated, Unrolled
 from bilevel.transform import GradientTransformation, apply_updates
@@ -111,6 +111,15 @@ def _check_loss(loss: Any, step: int) -> None:
         )
 
 
+def _autograd_grad(loss: Tensor, inputs: list[Tensor], *, create_graph: bool) -> list[Tensor]:
+    """``torch.autograd.grad`` with zeros for inputs the loss does not use (what
+    ``materialize_grads=True`` does, without its per-call cost)."""
+    grads = torch.autograd.grad(loss, inputs, create_graph=create_graph, allow_unused=True)
+    if any(g is None for g in grads):
+        return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)]
+    return list(grads)
+
+
 class _InnerLoop:
     """The optimizer loop, and a record of the loss and gradient norms at each step."""
 
@@ -127,6 +136,7 @@ class _InnerLoop:
         self.losses: list[Tensor] = []
         self.grad_norms: list[Tensor] = []
         self.tensor_norms: list[dict[str, Tensor]] = []
+        self.checked_updates = False
 
     def loss_of(self, step: int) -> Callable[[Tree], Tensor]:
         data = self.data_at(step)
@@ -153,9 +163,7 @@ class _InnerLoop:
                 for k, p in params.items()
             }
             loss = loss_fn(leaves)
-            grads = torch.autograd.grad(
-                loss, list(leaves.values()), create_graph=differentiable, materialize_grads=True
-            )
+            grads = _autograd_grad(loss, list(leaves.values()), create_graph=differentiable)
         # First-order: drop the loss graph now. Branches that do not lead to params (e.g. through
         # closed-over weights) were not run by autograd.grad and would otherwise stay alive.
         return dict(zip(leaves, grads)), loss if differentiable else loss.detach()
@@ -172,12 +180,17 @@ class _InnerLoop:
                 self.grad_norms.append(global_norm(norms))
 
     def run(self, params: Tree, state: Any, steps: range, *, differentiable: bool):
+        track = differentiable and torch.is_grad_enabled()
         for step in steps:
             grads, loss = self.gradient(params, step, differentiable=differentiable)
             self.record(loss, grads)
-            with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
+            with torch.set_grad_enabled(track):
                 updates, state = self.optimizer.update(grads, state, params)
-                params = apply_updates(params, updates)
+                if self.checked_updates:  # keys and shapes cannot change between steps
+                    params = {k: p + updates[k] for k, p in params.items()}
+                else:
+                    params = apply_updates(params, updates)
+                    self.checked_updates = True
         return params, state
 
     def check_finite(self, report: NonFiniteReport | None) -> None:
@@ -316,7 +329,27 @@ def _implicit(
     loop: _InnerLoop, params_K: Tree, meta: Any, mode: Implicit, steps: int, info: dict
 ) -> Tree:
     """Attach IFT gradients at ``params_K`` for the stationarity condition of the last step."""
-    grads, _ = loop.gradient(params_K, steps - 1, differentiable=False)
+    data = loop.data_at(steps - 1)
+    inner_loss = loop.inner_loss
+    linearization = None
+    if (
+        not loop.functional
+        and torch.is_grad_enabled()
+        and any(t.requires_grad for t in _meta_tensors(meta))
+    ):
+        # Eagerly, the gradient at w_K is taken once with a graph: the stationarity check
+        # reads its norm and an eager backward reuses it for the linear solve.
+        meta_tree, to_meta = as_tree(meta, "meta")
+        with torch.enable_grad():
+            w = {k: v.detach().requires_grad_() for k, v in params_K.items()}
+            m = {k: v.detach().requires_grad_() for k, v in meta_tree.items()}
+            loss = inner_loss(w, to_meta(m), data)
+            _check_loss(loss, steps - 1)
+            residual = _autograd_grad(loss, list(w.values()), create_graph=True)
+        linearization = (w, m, dict(zip(w, residual)))
+        grads = {k: g.detach() for k, g in linearization[2].items()}
+    else:
+        grads, _ = loop.gradient(params_K, steps - 1, differentiable=False)
     with torch.no_grad():
         final_norm = global_norm(grads)
         if mode.stationarity_scale is None:
@@ -344,8 +377,6 @@ def _implicit(
             depth=2,
         )
         return params_K
-    data = loop.data_at(steps - 1)
-    inner_loss = loop.inner_loss
 
     def stationarity(w: Tree, m: Any) -> Tree:
         if under_functorch_transform() or not all(t.requires_grad for t in w.values()):
@@ -367,8 +398,8 @@ def _implicit(
                 result.nonpositive_curvature, device=residual.device
             )
 
-    return implicit_root(
-        stationarity, params_K, meta, linsolve=mode.linsolve, symmetric=True, on_solve=on_solve
+    return attach_implicit_gradient(
+        stationarity, params_K, meta, mode.linsolve, on_solve, linearization
     )
 
 

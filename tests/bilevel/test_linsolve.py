@@ -114,9 +114,11 @@ def test_cg_on_an_indefinite_system_is_plain_cg_and_reports_the_curvature():
 
 def test_cg_gives_one_answer_eagerly_and_under_vmap_on_indefinite_systems(spd):
     """The same system, eagerly and as one task of a vmapped batch: the same iterate and the same
-    diagnostics (as tensors under vmap), converged or not."""
+    diagnostics (as tensors under vmap), converged or not, even at exactly zero curvature."""
     gen = torch.Generator().manual_seed(3)
     systems = [_indefinite(seed=s) for s in range(3)] + [(spd(8, 30.0, gen), torch.zeros(8))]
+    # exactly zero curvature at the first step (p^T A p = 0): the guarded division stalls
+    systems.append((torch.diag(torch.tensor([1.0, -1.0] * 4, dtype=torch.float64)), torch.ones(8)))
     As = torch.stack([A for A, _ in systems])
     bs = torch.stack([b.to(torch.float64) for _, b in systems])
     for solver in (bl.CG(maxiter=40, tol=1e-12), bl.CG(maxiter=3, tol=1e-12)):
