@@ -150,8 +150,8 @@ class _InnerLoop:
 
     def gradient(self, params: Tree, step: int, *, differentiable: bool) -> tuple[Tree, Tensor]:
         """``(grad_w f(params, meta, data_step), f)``, with or without a graph to the inputs."""
-        loss_fn = self.loss_of(step)
         if self.functional:
+            loss_fn = self.loss_of(step)
             if differentiable:
                 return torch.func.grad_and_value(loss_fn)(params)
             with torch.no_grad():  # torch.func.grad still differentiates at its own level
@@ -162,7 +162,8 @@ class _InnerLoop:
                 k: p if differentiable and p.requires_grad else p.detach().requires_grad_()
                 for k, p in params.items()
             }
-            loss = loss_fn(leaves)
+            loss = self.inner_loss(leaves, self.meta, self.data_at(step))
+            _check_loss(loss, step)
             grads = _autograd_grad(loss, list(leaves.values()), create_graph=differentiable)
         # First-order: drop the loss graph now. Branches that do not lead to params (e.g. through
         # closed-over weights) were not run by autograd.grad and would otherwise stay alive.
