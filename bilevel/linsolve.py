@@ -91,13 +91,15 @@ def _finish(
             "positive definite (is the inner problem at a minimum?). CG went on as plain CG, "
             "exactly as under vmap; its result is the solution only if it converged "
             f"(relative residual {float(residual.detach()):.3e}). Add damping, or use "
-            "NormalCG for indefinite systems"
+            "NormalCG for indefinite systems",
+            depth=2,
         )
     if not converged:
         warn(
             f"{name} hit maxiter={maxiter} with relative residual "
             f"{float(residual.detach()):.3e} > tol={tol:g}; the implicit gradient is inexact "
-            "(raise maxiter, add damping, or loosen tol)"
+            "(raise maxiter, add damping, or loosen tol)",
+            depth=2,
         )
     return x, LinsolveInfo(int(iterations), residual, converged, nonpositive)
 
