@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from bilevel._tree import Tree, check_matching, check_tree, flatten, unflatten
-from bilevel._warn import is_concrete
+from bilevel._warn import under_functorch_transform
 from bilevel.linsolve import LinsolveInfo, NormalCG
 
 Structure = Tensor | dict[str, Tensor]
@@ -36,7 +36,13 @@ def as_tree(value: Any, name: str) -> tuple[Tree, Callable[[Tree], Structure]]:
 
 @dataclass(frozen=True)
 class _Problem:
-    """Everything the backward pass needs besides the saved tensors (never a tensor itself)."""
+    """Everything the backward pass needs besides the saved tensors.
+
+    ``linearization``, when given, is ``(w, theta, F)``: leaf copies of the solution and meta
+    and ``F(w, theta)`` computed from them with a graph (``create_graph``), which an eager
+    backward reuses instead of evaluating ``F`` again (``bl.solve`` has it from its
+    stationarity check).
+    """
 
     optimality_fn: Callable
     linsolve: Any
@@ -45,6 +51,7 @@ class _Problem:
     to_solution: Callable[[Tree], Structure]
     to_meta: Callable[[Tree], Structure]
     on_solve: Callable[[LinsolveInfo], None] | None
+    linearization: tuple[Tree, Tree, Tree] | None = None
 
     def residual(self, solution: Tree, meta: Tree) -> Tree:
         """``F(w, theta)`` as a tree shaped like ``solution``."""
@@ -54,8 +61,52 @@ class _Problem:
         return out
 
 
+def _detached(info: LinsolveInfo) -> LinsolveInfo:
+    return LinsolveInfo(*(v.detach() if isinstance(v, Tensor) else v for v in info))
+
+
+def _zeros_for_none(grads, like: list[Tensor]) -> list[Tensor]:
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, like)]
+
+
+def _meta_cotangent_eager(problem: _Problem, solution: Tree, meta: Tree, cotangent: Tree) -> Tree:
+    """:func:`_meta_cotangent` with ``torch.autograd``: ``F`` is evaluated once with a graph, and
+    each operator application is one reverse pass through it (no functorch wrapping). For a
+    plain ``backward()`` outside any ``torch.func`` transform; same numbers as the other path."""
+    if problem.linearization is not None:
+        w, m, residual = problem.linearization
+    else:
+        with torch.enable_grad():
+            w = {k: v.detach().requires_grad_() for k, v in solution.items()}
+            m = {k: v.detach().requires_grad_() for k, v in meta.items()}
+            residual = problem.residual(w, m)
+    with torch.enable_grad():  # one flat output: a cotangent needs no splitting per product
+        flat_residual = flatten({k: residual[k] for k in solution})
+    w_list, m_list = list(w.values()), list(m.values())
+
+    def pullback(u: Tensor, inputs: list[Tensor]) -> list[Tensor]:
+        # retain_graph: every application reuses F's graph (and so may a second backward)
+        grads = torch.autograd.grad(flat_residual, inputs, u, retain_graph=True, allow_unused=True)
+        return _zeros_for_none(grads, inputs)
+
+    def matvec(u: Tensor) -> Tensor:  # u -> (dF/dw)^T u
+        return torch.cat([g.reshape(-1) for g in pullback(u, w_list)])
+
+    def rmatvec(x: Tensor) -> Tensor:  # x -> (dF/dw) x, forward mode
+        tangent = unflatten(x, solution)
+        _, out = torch.func.jvp(lambda q: problem.residual(q, meta), (solution,), (tangent,))
+        return flatten(out)
+
+    u, info = problem.linsolve(matvec, flatten(cotangent), rmatvec=rmatvec)
+    if problem.on_solve is not None:
+        problem.on_solve(_detached(info))
+    return dict(zip(m, pullback(-u, m_list)))
+
+
 def _meta_cotangent(problem: _Problem, solution: Tree, meta: Tree, cotangent: Tree) -> Tree:
     """``-(dF/dtheta)^T u`` with ``(dF/dw)^T u = cotangent``, solved by ``problem.linsolve``."""
+    if not torch.is_grad_enabled() and not under_functorch_transform():
+        return _meta_cotangent_eager(problem, solution, meta, cotangent)
     _, vjp_solution = torch.func.vjp(lambda w: problem.residual(w, meta), solution)
 
     def matvec(u: Tensor) -> Tensor:  # u -> (dF/dw)^T u
@@ -67,8 +118,8 @@ def _meta_cotangent(problem: _Problem, solution: Tree, meta: Tree, cotangent: Tr
         return flatten(out)
 
     u, info = problem.linsolve(matvec, flatten(cotangent), rmatvec=rmatvec)
-    if problem.on_solve is not None and is_concrete():
-        problem.on_solve(info._replace(residual=info.residual.detach()))
+    if problem.on_solve is not None:  # eagerly Python values, under vmap per-system tensors
+        problem.on_solve(_detached(info))
     _, vjp_meta = torch.func.vjp(lambda m: problem.residual(solution, m), meta)
     (meta_grad,) = vjp_meta(unflatten(-u, solution))
     return meta_grad
@@ -127,7 +178,9 @@ def implicit_root(
         symmetric: declare ``dF/dw`` symmetric. :class:`~bilevel.CG` is refused unless it is,
             because CG silently returns wrong answers on non-symmetric systems.
         on_solve: called with the :class:`~bilevel.LinsolveInfo` of each backward solve
-            (outside vmap/compile).
+            (detached): Python values eagerly, per-system tensors under ``vmap``, where they
+            are usable inside the vmapped function (the backward must run there, e.g.
+            ``vmap(grad(f, has_aux=True))``).
 
     Gradients reach ``meta`` only, not tensors that ``optimality_fn`` closes over, and not
     ``solution`` (whatever produced it). The backward is differentiable once.
@@ -145,6 +198,19 @@ def implicit_root(
         )
     if meta is None:
         raise ValueError("implicit_root needs meta (a Tensor or dict of Tensors) to differentiate")
+    return attach_implicit_gradient(optimality_fn, solution, meta, linsolve, on_solve)
+
+
+def attach_implicit_gradient(
+    optimality_fn: Callable,
+    solution: Structure,
+    meta: Structure,
+    linsolve: Any,
+    on_solve: Callable[[LinsolveInfo], None] | None,
+    linearization: tuple[Tree, Tree, Tree] | None = None,
+) -> Structure:
+    """:func:`implicit_root` after its checks, with an optional precomputed linearization
+    (see :class:`_Problem`); for :func:`bilevel.solve`."""
     solution_tree, to_solution = as_tree(solution, "solution")
     meta_tree, to_meta = as_tree(meta, "meta")
     problem = _Problem(
@@ -155,6 +221,7 @@ def implicit_root(
         to_solution,
         to_meta,
         on_solve,
+        linearization,
     )
     tensors = [t.detach() for t in solution_tree.values()] + list(meta_tree.values())
     outputs = _AttachImplicitGradient.apply(problem, *tensors)

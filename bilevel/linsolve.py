@@ -4,10 +4,11 @@ Every solver is a frozen dataclass called as ``solver(matvec, b, rmatvec=None)``
 ``(A + damping*I) x = b`` for a 1-D ``b``, where ``matvec(v) = A v`` and, for solvers that need
 it, ``rmatvec(v) = A^T v``. It returns ``(x, LinsolveInfo)``.
 
-Outside ``vmap`` and ``torch.compile`` the iterative solvers stop early once
-``||r|| <= tol * ||b||`` and check their assumptions; under those transforms (where a tensor
-cannot steer Python control flow) they run exactly ``maxiter`` iterations, with divisions
-guarded so that a converged iterate stays put.
+The iterative solvers give the same answer eagerly and under ``vmap``/``torch.compile``:
+eagerly they stop once ``||r|| <= tol * ||b||``; under those transforms (where a tensor cannot
+steer Python control flow) they run ``maxiter`` iterations and freeze each system from the
+iteration where it met that test, so the iterate is the one the eager loop returns. Nothing
+else (curvature, say) changes the course of an iteration; it is reported instead.
 """
 
 from __future__ import annotations
@@ -30,13 +31,18 @@ class LinsolveInfo(NamedTuple):
 
     ``iterations``: operator applications of the main loop. ``residual``: the relative
     residual ``||b - (A + damping*I) x|| / ||b||`` (0-d tensor; 0 when ``b == 0``).
-    ``converged``: ``residual <= tol``; ``None`` when it could not be decided (under ``vmap``
-    or compile) or for :class:`Neumann`, which has no tolerance.
+    ``converged``: ``residual <= tol``; ``None`` for :class:`Neumann`, which has no tolerance.
+    ``nonpositive_curvature``: :class:`CG` met ``p^T (A + damping*I) p <= 0`` (the system is
+    not positive definite); ``None`` for the other solvers.
+
+    Eagerly ``iterations`` is an int and the flags are bools. Under ``vmap`` and compile they
+    are tensors (an int64 count, bool flags), one per system, with the same values.
     """
 
-    iterations: int
+    iterations: int | Tensor
     residual: Tensor
-    converged: bool | None
+    converged: bool | Tensor | None
+    nonpositive_curvature: bool | Tensor | None = None
 
 
 def _check_positive_int(value: object, name: str) -> None:
@@ -52,30 +58,64 @@ def _check_nonnegative(value: object, name: str) -> None:
 
 
 def _safe_div(num: Tensor, den: Tensor) -> Tensor:
-    """``num / den`` where ``den != 0``, else 0: keeps a converged fixed-trip iteration still."""
-    nonzero = den != 0
-    return torch.where(nonzero, num / torch.where(nonzero, den, 1.0), 0.0)
+    """``num / den`` where ``den != 0``, else 0 (for finite ``num``): keeps a converged
+    fixed-trip iteration still. Dividing by inf costs one ``where`` less than masking twice."""
+    return num / torch.where(den != 0, den, torch.inf)
 
 
 def _relative(residual_norm: Tensor, b_norm: Tensor) -> Tensor:
     return _safe_div(residual_norm, b_norm)
 
 
-def _warn_maxiter(name: str, maxiter: int, residual: Tensor, tol: float) -> None:
-    warn(
-        f"{name} hit maxiter={maxiter} with relative residual {float(residual.detach()):.3e} > "
-        f"tol={tol:g}; the implicit gradient is inexact (raise maxiter, add damping, or "
-        "loosen tol)"
-    )
+def _finish(
+    name: str,
+    maxiter: int,
+    tol: float,
+    x: Tensor,
+    r_norm: Tensor,
+    b_norm: Tensor,
+    done: Tensor,
+    iterations: Tensor | int,
+    negative: Tensor | None,
+    concrete: bool,
+) -> tuple[Tensor, LinsolveInfo]:
+    """Package a Krylov solve's result; eagerly, turn the flags into Python values and warn."""
+    residual = _relative(r_norm, b_norm)
+    if not concrete:
+        return x, LinsolveInfo(iterations, residual, done, negative)
+    converged = bool(done)
+    nonpositive = None if negative is None else bool(negative)
+    if nonpositive:
+        warn(
+            f"{name} met non-positive curvature p^T(A + damping*I)p <= 0: the system is not "
+            "positive definite (is the inner problem at a minimum?). CG went on as plain CG, "
+            "exactly as under vmap; its result is the solution only if it converged "
+            f"(relative residual {float(residual.detach()):.3e}). Add damping, or use "
+            "NormalCG for indefinite systems",
+            depth=2,
+        )
+    if not converged:
+        warn(
+            f"{name} hit maxiter={maxiter} with relative residual "
+            f"{float(residual.detach()):.3e} > tol={tol:g}; the implicit gradient is inexact "
+            "(raise maxiter, add damping, or loosen tol)",
+            depth=2,
+        )
+    return x, LinsolveInfo(int(iterations), residual, converged, nonpositive)
 
 
 @dataclass(frozen=True)
 class CG:
-    """Conjugate gradients for symmetric positive-definite ``A + damping*I``.
+    """Conjugate gradients for symmetric ``A + damping*I`` (Hestenes & Stiefel 1952).
 
-    Hestenes & Stiefel (1952). ``damping`` (Tikhonov/ridge) gives ``(A + damping*I)^-1``.
-    Non-positive curvature ``p^T (A + damping*I) p <= 0`` means the assumption is violated:
-    the solver warns and stops (outside vmap/compile).
+    ``damping`` (Tikhonov/ridge) gives ``(A + damping*I)^-1``. The iteration is plain CG, the
+    same eagerly and under ``vmap``/compile: it stops once ``||r|| <= tol * ||b||`` (eagerly
+    by leaving the loop, under ``vmap`` by freezing a converged system, so both give the same
+    iterate) and nothing else changes its course. Non-positive curvature
+    ``p^T (A + damping*I) p <= 0`` means the system is not positive definite: CG goes on (as the
+    textbook method and TorchOpt do; on a nonsingular indefinite system it usually still
+    converges), the fact is reported in ``LinsolveInfo.nonpositive_curvature`` and, eagerly, by a
+    warning.
     """
 
     maxiter: int = 100
@@ -94,40 +134,86 @@ class CG:
     ) -> tuple[Tensor, LinsolveInfo]:
         concrete = is_concrete()
         b_norm = torch.linalg.vector_norm(b)
-        x = torch.zeros_like(b)
-        r, p = b, b
-        rs = torch.dot(r, r)
-        iterations = 0
-        if concrete and float(b_norm.detach()) == 0.0:
-            return x, LinsolveInfo(0, torch.zeros_like(b_norm), True)
-        for iterations in range(1, self.maxiter + 1):
-            Ap = matvec(p) + self.damping * p
-            curvature = torch.dot(p, Ap)
-            if concrete and float(curvature.detach()) <= 0.0:
-                warn(
-                    "CG met non-positive curvature p^T(A + damping*I)p = "
-                    f"{float(curvature.detach()):.3e} "
-                    f"at iteration {iterations}: the system is not symmetric positive definite, "
-                    "so CG's result is unreliable (is the inner problem at a minimum? add "
-                    "damping, or use NormalCG for non-symmetric or indefinite systems)"
+        threshold = (self.tol * b_norm).square()
+        if concrete:
+            solved = self._eager(matvec, b, threshold)
+            if solved is not None:
+                x, rs, iterations, negative = solved
+                return _finish(
+                    "CG",
+                    self.maxiter,
+                    self.tol,
+                    x,
+                    rs.sqrt(),
+                    b_norm,
+                    rs <= threshold,
+                    iterations,
+                    negative,
+                    concrete,
                 )
-                residual = _relative(torch.sqrt(rs), b_norm)
-                return x, LinsolveInfo(iterations, residual, False)
-            alpha = _safe_div(rs, curvature)
+        x, rs, done, iterations, negative = self._masked(matvec, b, threshold)
+        return _finish(
+            "CG",
+            self.maxiter,
+            self.tol,
+            x,
+            rs.sqrt(),
+            b_norm,
+            done,
+            iterations,
+            negative,
+            concrete,
+        )
+
+    def _apply(self, matvec: MatVec, p: Tensor) -> Tensor:
+        return matvec(p) if self.damping == 0 else matvec(p) + self.damping * p
+
+    def _eager(self, matvec: MatVec, b: Tensor, threshold: Tensor):
+        """Plain CG that leaves the loop once converged: the arithmetic of :meth:`_masked`
+        for an unconverged system, without its masks. ``None`` if some curvature was exactly
+        0 (where only the guarded divisions of :meth:`_masked` give its answer)."""
+        x, r, p = torch.zeros_like(b), b, b
+        rs = torch.dot(r, r)
+        curvatures = []
+        while len(curvatures) < self.maxiter and not bool(rs <= threshold):
+            Ap = self._apply(matvec, p)
+            curvature = torch.dot(p, Ap)
+            curvatures.append(curvature)
+            alpha = rs / curvature
             x = x + alpha * p
             r = r - alpha * Ap
             rs_new = torch.dot(r, r)
-            if concrete and float(rs_new.detach().sqrt()) <= self.tol * float(b_norm.detach()):
-                return x, LinsolveInfo(iterations, _relative(torch.sqrt(rs_new), b_norm), True)
-            p = r + _safe_div(rs_new, rs) * p
+            p = r + (rs_new / rs) * p
             rs = rs_new
-        residual = _relative(torch.sqrt(rs), b_norm)
-        if not concrete:
-            return x, LinsolveInfo(iterations, residual, None)
-        converged = float(residual.detach()) <= self.tol
-        if not converged:
-            _warn_maxiter("CG", self.maxiter, residual, self.tol)
-        return x, LinsolveInfo(iterations, residual, converged)
+        if not curvatures:
+            return x, rs, 0, torch.zeros((), dtype=torch.bool, device=b.device)
+        curvatures = torch.stack(curvatures)
+        zero, negative = torch.stack([(curvatures == 0).any(), (curvatures <= 0).any()]).tolist()
+        if zero:
+            return None
+        return x, rs, len(curvatures), torch.tensor(negative)
+
+    def _masked(self, matvec: MatVec, b: Tensor, threshold: Tensor):
+        """``maxiter`` iterations for vmap/compile; a system that met the test stays frozen."""
+        x, r, p = torch.zeros_like(b), b, b
+        rs = torch.dot(r, r)
+        negative = torch.zeros((), dtype=torch.bool, device=b.device)
+        done = rs <= threshold  # b == 0 is solved by x = 0
+        iterations = torch.zeros((), dtype=torch.long, device=b.device)
+        for _ in range(self.maxiter):
+            Ap = self._apply(matvec, p)
+            curvature = torch.dot(p, Ap)
+            active = ~done
+            negative = negative | (active & (curvature <= 0))
+            iterations = iterations + active.long()
+            alpha = torch.where(active, _safe_div(rs, curvature), 0.0)
+            x = x + alpha * p
+            r = r - alpha * Ap
+            rs_new = torch.dot(r, r)
+            p = torch.where(active, r + _safe_div(rs_new, rs) * p, p)
+            rs = rs_new
+            done = done | (rs <= threshold)
+        return x, rs, done, iterations, negative
 
 
 @dataclass(frozen=True)
@@ -158,33 +244,48 @@ class NormalCG:
             raise ValueError("NormalCG needs rmatvec (v -> A^T v); none was given")
         concrete = is_concrete()
         b_norm = torch.linalg.vector_norm(b)
+        threshold = self.tol * b_norm
         x = torch.zeros_like(b)
         r = b
-        if concrete and float(b_norm.detach()) == 0.0:
-            return x, LinsolveInfo(0, torch.zeros_like(b_norm), True)
+        r_norm = b_norm
+        done = r_norm <= threshold
+        iterations = torch.zeros((), dtype=torch.long, device=b.device)
+        if concrete and bool(done):
+            return _finish(
+                "NormalCG",
+                self.maxiter,
+                self.tol,
+                x,
+                r_norm,
+                b_norm,
+                done,
+                iterations,
+                None,
+                concrete,
+            )
         z = rmatvec(r) + self.damping * r
         p = z
         zz = torch.dot(z, z)
-        iterations = 0
-        for iterations in range(1, self.maxiter + 1):
+        for _ in range(self.maxiter):
+            if concrete and bool(done):
+                break
+            active = ~done
+            iterations = iterations + active.long()
             w = matvec(p) + self.damping * p
-            alpha = _safe_div(zz, torch.dot(w, w))
+            alpha = torch.where(active, _safe_div(zz, torch.dot(w, w)), 0.0)
             x = x + alpha * p
             r = r - alpha * w
             r_norm = torch.linalg.vector_norm(r)
-            if concrete and float(r_norm.detach()) <= self.tol * float(b_norm.detach()):
-                return x, LinsolveInfo(iterations, _relative(r_norm, b_norm), True)
+            done = done | (r_norm <= threshold)
+            if concrete and bool(done):
+                break
             z = rmatvec(r) + self.damping * r
             zz_new = torch.dot(z, z)
-            p = z + _safe_div(zz_new, zz) * p
-            zz = zz_new
-        residual = _relative(torch.linalg.vector_norm(r), b_norm)
-        if not concrete:
-            return x, LinsolveInfo(iterations, residual, None)
-        converged = float(residual.detach()) <= self.tol
-        if not converged:
-            _warn_maxiter("NormalCG", self.maxiter, residual, self.tol)
-        return x, LinsolveInfo(iterations, residual, converged)
+            p = torch.where(active, z + _safe_div(zz_new, zz) * p, p)
+            zz = torch.where(active, zz_new, zz)
+        return _finish(
+            "NormalCG", self.maxiter, self.tol, x, r_norm, b_norm, done, iterations, None, concrete
+        )
 
 
 @dataclass(frozen=True)

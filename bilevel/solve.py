@@ -8,8 +8,9 @@ the functional transform composes with the enclosing ones.
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ from torch import Tensor
 
 from bilevel._tree import Tree, check_tree, detach, global_norm, is_empty_tree
 from bilevel._warn import is_concrete, under_functorch_transform, warn
-from bilevel.implicit import implicit_root
+from bilevel.implicit import as_tree, attach_implicit_gradient
 from bilevel.linsolve import LinsolveInfo
 from bilevel.modes import FirstOrder, Implicit, Mode, Truncated, Unrolled
 from bilevel.transform import GradientTransformation, apply_updates
@@ -110,19 +111,32 @@ def _check_loss(loss: Any, step: int) -> None:
         )
 
 
+def _autograd_grad(loss: Tensor, inputs: list[Tensor], *, create_graph: bool) -> list[Tensor]:
+    """``torch.autograd.grad`` with zeros for inputs the loss does not use (what
+    ``materialize_grads=True`` does, without its per-call cost)."""
+    grads = torch.autograd.grad(loss, inputs, create_graph=create_graph, allow_unused=True)
+    if any(g is None for g in grads):
+        return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)]
+    return list(grads)
+
+
 class _InnerLoop:
     """The optimizer loop, and a record of the loss and gradient norms at each step."""
 
-    def __init__(self, inner_loss, meta, optimizer, data_at, *, record_norms: bool):
+    def __init__(
+        self, inner_loss, meta, optimizer, data_at, *, record_norms: bool, first_norm: bool
+    ):
         self.inner_loss = inner_loss
         self.meta = meta
         self.optimizer = optimizer
         self.data_at = data_at
         self.record_norms = record_norms
+        self.record_first_norm = first_norm and not record_norms
         self.functional = under_functorch_transform()
         self.losses: list[Tensor] = []
         self.grad_norms: list[Tensor] = []
         self.tensor_norms: list[dict[str, Tensor]] = []
+        self.checked_updates = False
 
     def loss_of(self, step: int) -> Callable[[Tree], Tensor]:
         data = self.data_at(step)
@@ -136,8 +150,8 @@ class _InnerLoop:
 
     def gradient(self, params: Tree, step: int, *, differentiable: bool) -> tuple[Tree, Tensor]:
         """``(grad_w f(params, meta, data_step), f)``, with or without a graph to the inputs."""
-        loss_fn = self.loss_of(step)
         if self.functional:
+            loss_fn = self.loss_of(step)
             if differentiable:
                 return torch.func.grad_and_value(loss_fn)(params)
             with torch.no_grad():  # torch.func.grad still differentiates at its own level
@@ -148,29 +162,36 @@ class _InnerLoop:
                 k: p if differentiable and p.requires_grad else p.detach().requires_grad_()
                 for k, p in params.items()
             }
-            loss = loss_fn(leaves)
-            grads = torch.autograd.grad(
-                loss, list(leaves.values()), create_graph=differentiable, materialize_grads=True
-            )
+            loss = self.inner_loss(leaves, self.meta, self.data_at(step))
+            _check_loss(loss, step)
+            grads = _autograd_grad(loss, list(leaves.values()), create_graph=differentiable)
         # First-order: drop the loss graph now. Branches that do not lead to params (e.g. through
         # closed-over weights) were not run by autograd.grad and would otherwise stay alive.
         return dict(zip(leaves, grads)), loss if differentiable else loss.detach()
 
     def record(self, loss: Tensor, grads: Tree) -> None:
         self.losses.append(loss.detach() if loss.requires_grad else loss)
-        if self.record_norms:
+        if self.record_first_norm and not self.grad_norms:  # Implicit's reference, step 0 only
+            with torch.no_grad():
+                self.grad_norms.append(global_norm(grads))
+        elif self.record_norms:
             with torch.no_grad():
                 norms = {k: torch.linalg.vector_norm(g) for k, g in grads.items()}
                 self.tensor_norms.append(norms)
                 self.grad_norms.append(global_norm(norms))
 
     def run(self, params: Tree, state: Any, steps: range, *, differentiable: bool):
+        track = differentiable and torch.is_grad_enabled()
         for step in steps:
             grads, loss = self.gradient(params, step, differentiable=differentiable)
             self.record(loss, grads)
-            with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
+            with torch.set_grad_enabled(track):
                 updates, state = self.optimizer.update(grads, state, params)
-                params = apply_updates(params, updates)
+                if self.checked_updates:  # keys and shapes cannot change between steps
+                    params = {k: p + updates[k] for k, p in params.items()}
+                else:
+                    params = apply_updates(params, updates)
+                    self.checked_updates = True
         return params, state
 
     def check_finite(self, report: NonFiniteReport | None) -> None:
@@ -208,10 +229,46 @@ class _InnerLoop:
         return info
 
 
-def _check_arguments(inner_loss, params0, meta, optimizer, steps, mode, data, nonfinite) -> None:
+def _check_inner_loss(inner_loss: Any) -> None:
+    """``inner_loss`` must accept ``(params, meta, data)`` positionally; say so by name."""
     if not callable(inner_loss):
         raise TypeError(f"inner_loss must be callable, got {type(inner_loss).__name__}")
+    if torch.compiler.is_compiling():  # checked when the code ran eagerly; dynamo cannot trace it
+        return
+    try:
+        signature = inspect.signature(inner_loss)
+    except (TypeError, ValueError):  # builtins and some C callables have none: call and see
+        return
+    try:
+        signature.bind(None, None, None)
+    except TypeError:
+        name = getattr(inner_loss, "__name__", type(inner_loss).__name__)
+        raise TypeError(
+            f"inner_loss must take three positional arguments, inner_loss(params, meta, data), "
+            f"but {name}{signature} does not (write e.g. lambda params, meta, data: ...; "
+            "ignore the arguments you do not need)"
+        ) from None
+
+
+def _check_params0(params0: Any) -> None:
+    if isinstance(params0, torch.nn.Module):
+        raise TypeError(
+            f"params0 must be a dict[str, Tensor], got the module {type(params0).__name__}; "
+            "pass dict(module.named_parameters()) and run the module inside inner_loss with "
+            "torch.func.functional_call(module, params, ...)"
+        )
+    if isinstance(params0, (list, tuple, Iterator)) and not isinstance(params0, Mapping):
+        raise TypeError(
+            f"params0 must be a dict[str, Tensor], got {type(params0).__name__} (e.g. from "
+            "module.parameters()); pass dict(module.named_parameters()), so that every tensor "
+            "has a name"
+        )
     check_tree(params0, "params0")
+
+
+def _check_arguments(inner_loss, params0, meta, optimizer, steps, mode, data, nonfinite) -> None:
+    _check_inner_loss(inner_loss)
+    _check_params0(params0)
     if _outer_variables(meta) is not None and not isinstance(meta, Tensor):
         if not isinstance(meta, Mapping):
             raise TypeError(
@@ -273,21 +330,47 @@ def _implicit(
     loop: _InnerLoop, params_K: Tree, meta: Any, mode: Implicit, steps: int, info: dict
 ) -> Tree:
     """Attach IFT gradients at ``params_K`` for the stationarity condition of the last step."""
-    grads, _ = loop.gradient(params_K, steps - 1, differentiable=False)
+    data = loop.data_at(steps - 1)
+    inner_loss = loop.inner_loss
+    linearization = None
+    if (
+        not loop.functional
+        and torch.is_grad_enabled()
+        and any(t.requires_grad for t in _meta_tensors(meta))
+    ):
+        # Eagerly, the gradient at w_K is taken once with a graph: the stationarity check
+        # reads its norm and an eager backward reuses it for the linear solve.
+        meta_tree, to_meta = as_tree(meta, "meta")
+        with torch.enable_grad():
+            w = {k: v.detach().requires_grad_() for k, v in params_K.items()}
+            m = {k: v.detach().requires_grad_() for k, v in meta_tree.items()}
+            loss = inner_loss(w, to_meta(m), data)
+            _check_loss(loss, steps - 1)
+            residual = _autograd_grad(loss, list(w.values()), create_graph=True)
+        linearization = (w, m, dict(zip(w, residual)))
+        grads = {k: g.detach() for k, g in linearization[2].items()}
+    else:
+        grads, _ = loop.gradient(params_K, steps - 1, differentiable=False)
     with torch.no_grad():
         final_norm = global_norm(grads)
+        if mode.stationarity_scale is None:
+            reference, what = loop.grad_norms[0], "||grad f(params0)||"
+        else:
+            reference, what = final_norm.new_tensor(mode.stationarity_scale), "stationarity_scale"
+        threshold = torch.clamp(mode.stationarity_rtol * reference, min=mode.stationarity_atol)
+        stationary = final_norm <= threshold
     info["final_grad_norm"] = final_norm
-    if is_concrete():
-        first_norm, norm = float(loop.grad_norms[0]), float(final_norm)
-        if norm > max(mode.stationarity_rtol * first_norm, mode.stationarity_atol):
-            warn(
-                f"Implicit mode assumes params_K is stationary, but ||grad f(params_K)|| = "
-                f"{norm:.3e} exceeds stationarity_rtol * ||grad f(params0)|| = "
-                f"{mode.stationarity_rtol:g} * {first_norm:.3e} and stationarity_atol = "
-                f"{mode.stationarity_atol:g}; the implicit gradient may be wrong (run more "
-                "steps or raise the inner learning rate)",
-                depth=2,
-            )
+    info["stationary"] = stationary
+    if is_concrete() and not bool(stationary) and math.isfinite(float(final_norm)):
+        warn(
+            f"Implicit mode assumes params_K is stationary, but ||grad f(params_K)|| = "
+            f"{float(final_norm):.3e} exceeds stationarity_rtol * {what} = "
+            f"{mode.stationarity_rtol:g} * {float(reference):.3e} and stationarity_atol = "
+            f"{mode.stationarity_atol:g}; the implicit gradient may be wrong (run more "
+            "steps or raise the inner learning rate; with a warm start, set "
+            "Implicit(stationarity_scale=...) to the gradient norm of a cold start)",
+            depth=2,
+        )
     if _outer_variables(meta) is None:
         warn(
             "Implicit mode with no outer variables (meta=None or empty): nothing can receive "
@@ -295,19 +378,29 @@ def _implicit(
             depth=2,
         )
         return params_K
-    data = loop.data_at(steps - 1)
-    inner_loss = loop.inner_loss
 
     def stationarity(w: Tree, m: Any) -> Tree:
-        return torch.func.grad(lambda q: inner_loss(q, m, data))(w)
+        if under_functorch_transform() or not all(t.requires_grad for t in w.values()):
+            return torch.func.grad(lambda q: inner_loss(q, m, data))(w)
+        # eager backward: one graph that the linear solve's reverse passes reuse
+        grads = torch.autograd.grad(
+            inner_loss(w, m, data), list(w.values()), create_graph=True, materialize_grads=True
+        )
+        return dict(zip(w, grads))
 
-    def on_solve(result: LinsolveInfo) -> None:
-        info["linsolve_iterations"] = result.iterations
-        info["linsolve_residual"] = result.residual
-        info["linsolve_converged"] = result.converged
+    def on_solve(result: LinsolveInfo) -> None:  # tensors only, eagerly as under vmap
+        residual = result.residual
+        info["linsolve_iterations"] = torch.as_tensor(result.iterations, device=residual.device)
+        info["linsolve_residual"] = residual
+        if result.converged is not None:
+            info["linsolve_converged"] = torch.as_tensor(result.converged, device=residual.device)
+        if result.nonpositive_curvature is not None:
+            info["linsolve_nonpositive_curvature"] = torch.as_tensor(
+                result.nonpositive_curvature, device=residual.device
+            )
 
-    return implicit_root(
-        stationarity, params_K, meta, linsolve=mode.linsolve, symmetric=True, on_solve=on_solve
+    return attach_implicit_gradient(
+        stationarity, params_K, meta, mode.linsolve, on_solve, linearization
     )
 
 
@@ -342,11 +435,14 @@ def solve(
         return_info: also return a diagnostics dict (no extra model evaluation): ``loss``
             ``(K,)``, the inner loss at the iterate each gradient is taken at; ``grad_norm``
             ``(K,)``, the global norm of the raw inner gradient; ``grad_norms``, ``{key: (K,)}``
-            per-tensor norms. Implicit mode adds ``final_grad_norm`` (0-d, at ``w_K``), and
-            ``linsolve_iterations``, ``linsolve_residual``, ``linsolve_converged`` appear once
-            the backward pass has run the linear solve (outside vmap, where the dict holds
-            tensors only and can be returned from the vmapped function). All tensors are
-            detached.
+            per-tensor norms. Implicit mode adds ``final_grad_norm`` (0-d, at ``w_K``) and
+            ``stationary`` (0-d bool: the stationarity check passed), and
+            ``linsolve_iterations``, ``linsolve_residual``, ``linsolve_converged`` (and, for
+            CG, ``linsolve_nonpositive_curvature``) once the backward pass has run the linear
+            solve (0-d tensors; per task under ``vmap`` when the backward runs inside the
+            vmapped function, as in ``vmap(grad(f, has_aux=True))`` with ``info`` as the aux
+            output). Every value is a detached tensor (or a dict of them), so ``info`` can be
+            returned through ``vmap`` and ``torch.func.grad(..., has_aux=True)``.
         final_grad_norm: with ``return_info``, evaluate ``||grad f(w_K)||`` with the last
             step's data in every mode (one extra gradient evaluation).
         nonfinite: None (default) raises ``ValueError`` on a non-finite inner loss. A
@@ -369,7 +465,10 @@ def solve(
         raise ValueError("final_grad_norm=True only has an effect with return_info=True")
     data_at = data.__getitem__ if isinstance(data, PerStep) else (lambda step: data)
     implicit = isinstance(mode, Implicit)
-    loop = _InnerLoop(inner_loss, meta, optimizer, data_at, record_norms=return_info or implicit)
+    first_norm = implicit and mode.stationarity_scale is None
+    loop = _InnerLoop(
+        inner_loss, meta, optimizer, data_at, record_norms=return_info, first_norm=first_norm
+    )
 
     if isinstance(mode, (Unrolled, Truncated)):
         exact = steps if isinstance(mode, Unrolled) else mode.T

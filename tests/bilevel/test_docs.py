@@ -21,9 +21,9 @@ def _run(source: str) -> dict:
     return namespace
 
 
-def test_the_page_has_the_quick_example_and_two_worked_examples():
+def test_the_page_has_the_quick_example_the_bridge_and_two_worked_examples():
     blocks = _python_blocks()
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     assert len(blocks[0].strip().splitlines()) <= 10  # the README quick example
 
 
@@ -33,15 +33,23 @@ def test_quick_example_gives_the_closed_form_hypergradient():
     torch.testing.assert_close(ns["theta"].grad, torch.tensor(1.4), rtol=1e-5, atol=1e-6)
 
 
+def test_implicit_root_at_a_given_solution_gives_the_closed_form_hypergradient():
+    """The same problem as the quick example, solved without a graph (evaluation only), then
+    differentiated at that solution through implicit_root and the grad_w f bridge."""
+    ns = _run(_python_blocks()[1])
+    assert not ns["w_star"]["w"].requires_grad
+    torch.testing.assert_close(ns["theta"].grad, torch.tensor(1.4), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_maml_example_learns_an_initialisation_that_adapts():
-    ns = _run(_python_blocks()[1])
+    ns = _run(_python_blocks()[2])
     assert ns["after"] < 0.7 * ns["baseline"]
 
 
 @pytest.mark.slow
 def test_ridge_example_lowers_the_validation_loss_and_penalises_noise_features():
-    ns = _run(_python_blocks()[2])
+    ns = _run(_python_blocks()[3])
     assert ns["val_losses"][-1] < 0.2 * ns["val_losses"][0]
     penalties = ns["log_lam"].detach().exp()
     assert penalties[3:].min() > penalties[:3].max()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -84,12 +86,60 @@ def test_cg_warns_at_maxiter_and_reports_the_residual(spd):
     assert float(info.residual) > 1e-12
 
 
-def test_cg_refuses_indefinite_systems_loudly():
+def _indefinite(d=8, seed=0):
+    """A symmetric matrix with eigenvalues of both signs, away from zero, and a right-hand side."""
+    gen = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
+    eigenvalues = torch.linspace(-3.0, 5.0, d, dtype=torch.float64)
+    eigenvalues = torch.where(eigenvalues.abs() < 0.3, eigenvalues + 0.7, eigenvalues)
+    return Q @ torch.diag(eigenvalues) @ Q.T, torch.randn(d, generator=gen, dtype=torch.float64)
+
+
+def test_cg_on_an_indefinite_system_is_plain_cg_and_reports_the_curvature():
+    """No early exit at non-positive curvature: the first direction has p^T A p < 0 here, and CG
+    goes on to the dense solution (within d iterations), with a warning and the flag set."""
     A = torch.diag(torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64))
     b = torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64)
     with pytest.warns(bl.BilevelWarning, match="non-positive curvature"):
-        _, info = bl.CG()(lambda v: A @ v, b)
-    assert info.converged is False
+        x, info = bl.CG()(lambda v: A @ v, b)
+    torch.testing.assert_close(x, torch.tensor([0.0, -0.5, 0.0], dtype=torch.float64))
+    assert info.nonpositive_curvature is True and info.converged is True
+
+    A, b = _indefinite()
+    with pytest.warns(bl.BilevelWarning, match="non-positive curvature"):
+        x, info = bl.CG(maxiter=40, tol=1e-12)(lambda v: A @ v, b)
+    torch.testing.assert_close(x, torch.linalg.solve(A, b), rtol=1e-9, atol=1e-10)
+    assert info.nonpositive_curvature is True and info.converged is True
+
+
+def test_cg_gives_one_answer_eagerly_and_under_vmap_on_indefinite_systems(spd):
+    """The same system, eagerly and as one task of a vmapped batch: the same iterate and the same
+    diagnostics (as tensors under vmap), converged or not, even at exactly zero curvature."""
+    gen = torch.Generator().manual_seed(3)
+    systems = [_indefinite(seed=s) for s in range(3)] + [(spd(8, 30.0, gen), torch.zeros(8))]
+    # exactly zero curvature at the first step (p^T A p = 0): the guarded division stalls
+    systems.append((torch.diag(torch.tensor([1.0, -1.0] * 4, dtype=torch.float64)), torch.ones(8)))
+    As = torch.stack([A for A, _ in systems])
+    bs = torch.stack([b.to(torch.float64) for _, b in systems])
+    for solver in (bl.CG(maxiter=40, tol=1e-12), bl.CG(maxiter=3, tol=1e-12)):
+
+        def run(A, b, solver=solver):
+            x, info = solver(lambda v: A @ v, b)
+            return x, info.iterations, info.residual, info.converged, info.nonpositive_curvature
+
+        batched = torch.func.vmap(run)(As, bs)
+        for i, (A, b) in enumerate(systems):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", bl.BilevelWarning)
+                x, info = solver(lambda v, A=A: A @ v, b.to(torch.float64))
+            torch.testing.assert_close(batched[0][i], x, rtol=1e-10, atol=1e-11)
+            assert int(batched[1][i]) == info.iterations
+            torch.testing.assert_close(batched[2][i], info.residual, rtol=1e-9, atol=1e-12)
+            assert bool(batched[3][i]) == info.converged
+            assert bool(batched[4][i]) == info.nonpositive_curvature
+            if solver.maxiter == 40 and i < 3:
+                assert info.converged and info.nonpositive_curvature
+                torch.testing.assert_close(x, torch.linalg.solve(A, b), rtol=1e-9, atol=1e-10)
 
 
 def test_solvers_run_fixed_trip_under_vmap(spd):
