@@ -128,7 +128,12 @@ def generate(
         generator: random source of the adaptation masks, the LoRA init and the sampler noise
             (None = seeded with 0, reproducible).
         **sampler_options: passed to `diffusion.generate` (block_length, remasking,
-            temperature, threshold, callback, eos_id, stop_at_eos, ...).
+            temperature, threshold, callback, eos_id, stop_at_eos, cache="prefix" | "dual",
+            cache_refresh, cfg_scale, ...). With `cfg_scale` > 0 the unconditional rows (the
+            prompt masked) keep the adapted fast weights of their prompt (`guided_state`).
+            With `cache`, a model with the `diffusion.CachedDenoiser` methods is sampled
+            through them, with the adapted fast weights bound in the cached and in the fresh
+            calls alike.
 
     Returns:
         (B, P + gen_length) tokens without `mask_id`; the prompt is unchanged.
@@ -136,6 +141,8 @@ def generate(
     if adapt and sampler_options.get("attention_mask") is not None:
         raise ValueError("adapt=True needs unpadded prompts of one length (no attention_mask)")
     denoiser = _denoiser(model)
+    if sampler_options.get("cache") is not None and dd.supports_cache(model):
+        denoiser = model  # its own cached forward (a FullForward view would hide it)
     if generator is None:
         generator = torch.Generator(device=prompt_ids.device).manual_seed(0)
 
@@ -158,11 +165,21 @@ def generate(
         phi = adapt_prompt(
             model, prompt_ids, mask_id=mask_id, fast_weights=mem, config=config, generator=generator
         )
-        with torch.no_grad(), mem.bind(phi):
+        with torch.no_grad(), mem.bind(guided_state(phi, sampler_options.get("cfg_scale", 0))):
             return sample()
     finally:
         if owned:
             mem.remove()
+
+
+def guided_state(state: Mapping[str, torch.Tensor] | None, cfg_scale: float | None):
+    """A per-sample fast-weight state of B prompts for the rows `diffusion.generate` runs:
+    unchanged without guidance; with `cfg_scale` > 0 (2B rows: the B conditional rows, then
+    the B unconditional ones with the prompt masked) repeated along dim 0, so each
+    unconditional row keeps its prompt's adapted weights. None stays None."""
+    if state is None or not cfg_scale:
+        return state
+    return {key: torch.cat([value, value]) for key, value in state.items()}
 
 
 def shared_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
