@@ -1,0 +1,80 @@
+"""The accuracy cost of the KV cache on the recipe's own needle-in-a-haystack task.
+
+The shipped base of the default preset (cpu-tiny, `recipes/memdlm/assets`), its held-out
+needle cells (tasks x context lengths, 32 examples each), greedy low-confidence decoding with one
+token per step and the oracle answer length (`eval.metrics.niah_accuracy`, as `eval` reports it),
+with `diffusion.generate(cache=None | "prefix" | "dual")`: exact match per cell and overall, and
+how many answers differ from the uncached ones.
+
+    OMP_NUM_THREADS=1 python benchmarks/niah_cache.py [--block-length N]
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import argparse
+import time
+
+import torch
+
+from recipes.memdlm.backbones.load import load_weights, new_model
+from recipes.memdlm.commands.bases import shipped_base
+from recipes.memdlm.config import build_config
+from recipes.memdlm.data.prepare import prepare_data
+from recipes.memdlm.data.tasks import ByteTokenizer
+from recipes.memdlm.eval.metrics import niah_accuracy
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--block-length", type=int, default=None, help="default: one block")
+    args = parser.parse_args()
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    cfg = build_config("cpu-tiny", None, {"device": "cpu"})
+    tok = ByteTokenizer()
+    model = new_model(cfg, tok, seed=0, device="cpu")
+    base = shipped_base(cfg)
+    if base is None:
+        raise SystemExit("no shipped base for the cpu-tiny preset")
+    load_weights(model, base)
+    model.eval()
+    examples = prepare_data(cfg).accuracy_eval
+    results, outputs = {}, {}
+    for cache in (None, "prefix", "dual"):
+        options = {"cache": cache}
+        if args.block_length is not None:
+            options["block_length"] = args.block_length
+        start = time.perf_counter()
+        res = niah_accuracy(
+            model, examples, tok, batch_size=32, device="cpu", generate_options=options
+        )
+        results[cache] = (res, time.perf_counter() - start)
+        outputs[cache] = [s["output"] for s in res["samples"]]
+    cells = sorted(
+        (task, length) for task, by in results[None][0]["by_task"].items() for length in by
+    )
+    print(f"torch {torch.__version__}; base {base.name}; {len(examples)} examples")
+    print("| task | context bytes | none | prefix | dual |")
+    print("|---|---|---|---|---|")
+    for task, length in cells:
+        accs = [results[c][0]["by_task"][task][length] for c in (None, "prefix", "dual")]
+        print(f"| {task} | {length} | " + " | ".join(f"{a:.0%}" for a in accs) + " |")
+    overall = []
+    for cache in (None, "prefix", "dual"):
+        res = results[cache][0]
+        accs = [res["by_task"][t][n] for t, n in cells]
+        overall.append(sum(accs) / len(accs))
+    print("| all | | " + " | ".join(f"{a:.1%}" for a in overall) + " |")
+    for cache in ("prefix", "dual"):
+        same = sum(a == b for a, b in zip(outputs[cache], outputs[None]))
+        print(
+            f"{cache}: {same}/{len(outputs[None])} of the first recorded answers equal the "
+            f"uncached ones; {results[cache][1]:.1f} s vs {results[None][1]:.1f} s uncached"
+        )
+
+
+if __name__ == "__main__":
+    main()
