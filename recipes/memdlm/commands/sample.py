@@ -40,6 +40,7 @@ def cmd_sample(args, extra, reporter) -> int:
 
     import diffusion as dd
     from recipes.memdlm.api import guided_state
+    from recipes.memdlm.backbones.hf.cache import CACHED_FAMILIES
     from recipes.memdlm.method import adapt_to_prompt, make_fast_weights
 
     check_sample_args(args)
@@ -52,10 +53,13 @@ def cmd_sample(args, extra, reporter) -> int:
             f"prompt ({len(ids)} tokens) + gen-length {args.gen_length} exceeds the model's "
             f"maximum length {cfg.model.max_seq_len}"
         )
-    if args.cache != "none" and not dd.supports_cache(model):
+    family = getattr(model, "family", None)  # a Hugging Face backbone's (hf.HFDenoiser)
+    if args.cache != "none" and (
+        not dd.supports_cache(model) or (family is not None and family not in CACHED_FAMILIES)
+    ):
         raise UsageError(
-            f"--cache {args.cache}: the {type(model).__name__} backbone has no cached forward "
-            "(diffusion.CachedDenoiser); use --cache none"
+            f"--cache {args.cache}: the {family or type(model).__name__} backbone has no cached "
+            "forward (diffusion.CachedDenoiser); use --cache none"
         )
     prompt = torch.tensor([ids], device=device)
     generator = torch.Generator(device=device).manual_seed(args.sample_seed)
