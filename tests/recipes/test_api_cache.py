@@ -232,3 +232,49 @@ def test_lm_eval_model_args_reach_the_sampler(run_dir):
             cache="dual", cfg_scale=0.5,
         )  # fmt: skip
     assert text == [lm.tokenizer.decode(row[len(ids) : len(ids) + 8].tolist()) for row in out]
+
+
+def test_the_guided_likelihood_is_the_elbo_of_llada_cfg_logits(model):
+    """api.log_likelihood(cfg_scale=w) = the ELBO estimator run on un + (w+1)(cond - un)."""
+    prompt = torch.randint(0, 48, (6,), generator=torch.Generator().manual_seed(2))
+    responses = torch.randint(0, 48, (2, 5), generator=torch.Generator().manual_seed(3))
+    w = 0.5
+
+    def guided(x):
+        un = x.clone()
+        un[:, :6] = MASK
+        return model(un) + (w + 1) * (model(x) - model(un))
+
+    with torch.no_grad():
+        got = api.log_likelihood(
+            model, prompt, responses, mask_id=MASK, mc_num=8, mc_batch=4, cfg_scale=w,
+            generator=torch.Generator().manual_seed(5),
+        )  # fmt: skip
+        want = dd.elbo_log_likelihood(
+            guided, prompt.expand(2, -1), responses, mask_id=MASK, mc_num=8, batch_size=4,
+            generator=torch.Generator().manual_seed(5),
+        )  # fmt: skip
+        plain = api.log_likelihood(
+            model, prompt, responses, mask_id=MASK, mc_num=8, mc_batch=4,
+            generator=torch.Generator().manual_seed(5),
+        )  # fmt: skip
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-9)
+    assert (got - plain).abs().max() > 1e-6
+    with pytest.raises(ValueError, match="cfg_scale"):
+        api.log_likelihood(model, prompt, responses, mask_id=MASK, cfg_scale=-1.0)
+
+
+def test_the_lm_eval_models_likelihood_takes_cfg_scale(run_dir):
+    pytest.importorskip("lm_eval")
+    from recipes.memdlm.eval.harness import MemDLMLM, load_run, request_seed
+
+    loaded = load_run(run_dir, device="cpu")
+    lm = MemDLMLM.from_loaded(loaded, cfg_scale=0.5, mc_num=4, mc_batch=4)
+    context, continuation = list(b"amber code is "), list(b"1234")
+    ((value, _),) = lm.score(context, [continuation])
+    generator = torch.Generator().manual_seed(request_seed(0, context, "elbo"))
+    want = api.log_likelihood(
+        lm.model, torch.tensor(context), torch.tensor([continuation]), mask_id=lm.mask_id,
+        mc_num=4, mc_batch=4, generator=generator, cfg_scale=0.5,
+    )  # fmt: skip
+    assert value == pytest.approx(float(want[0]), abs=1e-9)

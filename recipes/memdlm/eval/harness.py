@@ -158,6 +158,7 @@ class MemDLMLM(LM):
                 mc_num=self.options.mc_num,
                 mc_batch=self.options.mc_batch,
                 generator=self._generator(context_ids, "elbo"),
+                cfg_scale=self.options.cfg_scale,
             )
             greedy = greedy_matches(
                 self.model, prompt, response, mask_id=self.mask_id, state=state, fast_weights=mem
