@@ -6,7 +6,7 @@ token per step and the oracle answer length (`eval.metrics.niah_accuracy`, as `e
 with `diffusion.generate(cache=None | "prefix" | "dual")`: exact match per cell and overall, and
 how many answers differ from the uncached ones.
 
-    OMP_NUM_THREADS=1 python benchmarks/niah_cache.py [--block-length N]
+    OMP_NUM_THREADS=1 python benchmarks/niah_cache.py [--threshold T] [--cfg-scale W]
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from recipes.memdlm.eval.metrics import niah_accuracy
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--block-length", type=int, default=None, help="default: one block")
+    parser.add_argument("--threshold", type=float, default=None, help="parallel decoding")
+    parser.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     cfg = build_config("cpu-tiny", None, {"device": "cpu"})
@@ -44,9 +46,11 @@ def main() -> None:
     examples = prepare_data(cfg).accuracy_eval
     results, outputs = {}, {}
     for cache in (None, "prefix", "dual"):
-        options = {"cache": cache}
+        options = {"cache": cache, "cfg_scale": args.cfg_scale}
         if args.block_length is not None:
             options["block_length"] = args.block_length
+        if args.threshold is not None:
+            options["threshold"] = args.threshold
         start = time.perf_counter()
         res = niah_accuracy(
             model, examples, tok, batch_size=32, device="cpu", generate_options=options
