@@ -7,6 +7,7 @@ with `diffusion.generate(cache=None | "prefix" | "dual")`: exact match per cell 
 how many answers differ from the uncached ones.
 
     OMP_NUM_THREADS=1 python benchmarks/niah_cache.py [--threshold T] [--cfg-scale W]
+        [--gen-length 32 --block-length 8]
 """
 
 from __future__ import annotations
@@ -28,11 +29,43 @@ from recipes.memdlm.data.tasks import ByteTokenizer
 from recipes.memdlm.eval.metrics import niah_accuracy
 
 
+def long_generation_accuracy(model, examples, tok, gen_length: int, options: dict) -> dict:
+    """Accuracy with `gen_length` generated tokens (one per step): right when the generation
+    (read up to EOS) starts with the answer. Every answer is recorded in "samples"."""
+    import diffusion as dd
+
+    cells: dict = {}
+    for example in examples:
+        cells.setdefault((example.task, example.context_len), []).append(example)
+    by_task: dict = {}
+    samples = []
+    for (task, length), group in sorted(cells.items()):
+        prompt = torch.tensor([tok.encode(e.prompt) for e in group])
+        with torch.no_grad():
+            out = dd.generate(
+                model, prompt, mask_id=tok.mask_id, gen_length=gen_length, steps=gen_length,
+                **options,
+            )  # fmt: skip
+        answers = [tok.decode(row) for row in out[:, prompt.shape[1] :].tolist()]
+        by_task.setdefault(task, {})[length] = sum(
+            a.startswith(e.response) for a, e in zip(answers, group)
+        ) / len(group)
+        samples += [{"output": a} for a in answers]
+    return {"by_task": by_task, "samples": samples}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--block-length", type=int, default=None, help="default: one block")
     parser.add_argument("--threshold", type=float, default=None, help="parallel decoding")
     parser.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance")
+    parser.add_argument(
+        "--gen-length",
+        type=int,
+        default=None,
+        help="generate this many tokens in blocks of --block-length instead of the oracle "
+        "answer length; right = the generation starts with the answer",
+    )
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     cfg = build_config("cpu-tiny", None, {"device": "cpu"})
@@ -52,9 +85,12 @@ def main() -> None:
         if args.threshold is not None:
             options["threshold"] = args.threshold
         start = time.perf_counter()
-        res = niah_accuracy(
-            model, examples, tok, batch_size=32, device="cpu", generate_options=options
-        )
+        if args.gen_length is None:
+            res = niah_accuracy(
+                model, examples, tok, batch_size=32, device="cpu", generate_options=options
+            )
+        else:
+            res = long_generation_accuracy(model, examples, tok, args.gen_length, options)
         results[cache] = (res, time.perf_counter() - start)
         outputs[cache] = [s["output"] for s in res["samples"]]
     cells = sorted(
