@@ -1,8 +1,11 @@
 """Iterative unmasking samplers for masked diffusion LMs (LLaDA / Fast-dLLM style).
 
-Every step makes one model call on the whole sequence, proposes a token for every masked position
-of the current semi-autoregressive block, scores each proposal with a confidence, and commits
-some of them; committed tokens and the prompt never change afterwards.
+Every step makes one model call on the whole sequence (with `cache=`, Fast-dLLM's block-wise KV
+cache, only a block's first step does; its later steps run the block from the cache:
+`diffusion.cache`), proposes a token for every masked position of the current
+semi-autoregressive block, scores each proposal with a confidence, and commits some of them;
+committed tokens and the prompt never change afterwards. `cfg_scale` adds LLaDA's
+classifier-free guidance.
 
 Rules (docs/diffusion.md has the details):
     proposal     temperature 0: argmax; T > 0: argmax(logits / T + Gumbel) in float64, which is a
