@@ -255,15 +255,16 @@ def generate(
             else:
                 logits_start = lo
                 logits = forward.window(x, lo, hi if cache == "dual" else x.shape[1])
-            block_logits = logits[:, lo - logits_start : hi - logits_start]
             if commit is None:
                 propose_fn = functools.partial(
                     _propose, cfg=cfg, generator=generator, backend=backend, step=step
                 )
-                out = _commit(block_logits, x, lo, hi, candidates, count, propose_fn, cfg)
+                out = _commit(logits, x, lo, hi, candidates, count, propose_fn, cfg, logits_start)
             else:
-                noise, uniform = _step_randomness(block_logits, hi - lo, cfg, generator)
-                out = commit(block_logits, x, lo, hi, candidates, count, noise, uniform, cfg)
+                noise, uniform = _step_randomness(logits, hi - lo, cfg, generator)
+                out = commit(
+                    logits, x, lo, hi, candidates, count, noise, uniform, cfg, logits_start
+                )
                 if not bool(out.finite):  # checked between steps: no sync inside the graph
                     raise _non_finite(step)
             if callback is not None:
@@ -303,8 +304,10 @@ class _StepOutput(NamedTuple):
     finite: Tensor  # 0-d bool, every candidate had finite scores
 
 
-def _commit(block_logits, x, lo, hi, candidates, count, propose_fn, cfg) -> _StepOutput:
-    """The block's proposals, the commits and the new sequence, from the block's logits."""
+def _commit(logits, x, lo, hi, candidates, count, propose_fn, cfg, start=0) -> _StepOutput:
+    """The block's proposals, the commits and the new sequence, from one model output whose
+    first position is `start` (0, or the window's start with a cache)."""
+    block_logits = logits[:, lo - start : hi - start]
     predicted, confidence, finite = propose_fn(block_logits, x[:, lo:hi], candidates)
     if cfg.threshold is None:
         chosen = _top_k(confidence, candidates, count)
@@ -317,10 +320,12 @@ def _commit(block_logits, x, lo, hi, candidates, count, propose_fn, cfg) -> _Ste
     return _StepOutput(new_x, predicted, confidence, chosen, finite)
 
 
-def _dense_commit(block_logits, x, lo, hi, candidates, count, noise, uniform, cfg) -> _StepOutput:
+def _dense_commit(
+    logits, x, lo, hi, candidates, count, noise, uniform, cfg, start=0
+) -> _StepOutput:
     """`_commit` with static shapes, for compilers: every block position is scored."""
     propose_fn = functools.partial(_propose_dense, cfg=cfg, noise=noise, uniform=uniform)
-    return _commit(block_logits, x, lo, hi, candidates, count, propose_fn, cfg)
+    return _commit(logits, x, lo, hi, candidates, count, propose_fn, cfg, start)
 
 
 def _non_finite(step: int) -> FloatingPointError:
