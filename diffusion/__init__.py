@@ -7,6 +7,7 @@ docs/kernels.md.
 """
 
 from . import kernels
+from .cache import CACHE_MODES, CachedDenoiser, supports_cache
 from .corruption import corrupt, nested_mask
 from .likelihood import choose, elbo_log_likelihood
 from .loss import masked_diffusion_loss, masked_diffusion_loss_from_hidden
@@ -15,6 +16,8 @@ from .schedules import CosineSchedule, LinearSchedule, LogLinearSchedule, Schedu
 from .transformer import Transformer
 
 __all__ = [
+    "CACHE_MODES",
+    "CachedDenoiser",
     "CosineSchedule",
     "GenerationStats",
     "LinearSchedule",
@@ -31,5 +34,6 @@ __all__ = [
     "masked_diffusion_loss_from_hidden",
     "nested_mask",
     "sample_t",
+    "supports_cache",
     "transfer_schedule",
 ]

@@ -1,8 +1,11 @@
 """Iterative unmasking samplers for masked diffusion LMs (LLaDA / Fast-dLLM style).
 
-Every step makes one model call on the whole sequence, proposes a token for every masked position
-of the current semi-autoregressive block, scores each proposal with a confidence, and commits
-some of them; committed tokens and the prompt never change afterwards.
+Every step makes one model call on the whole sequence (with `cache=`, Fast-dLLM's block-wise KV
+cache, only a block's first step does; its later steps run the block from the cache:
+`diffusion.cache`), proposes a token for every masked position of the current
+semi-autoregressive block, scores each proposal with a confidence, and commits some of them;
+committed tokens and the prompt never change afterwards. `cfg_scale` adds LLaDA's
+classifier-free guidance.
 
 Rules (docs/diffusion.md has the details):
     proposal     temperature 0: argmax; T > 0: argmax(logits / T + Gumbel) in float64, which is a
@@ -38,6 +41,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_int, check_mask_id, check_tensor
+from .cache import CACHE_MODES, supports_cache
 from .kernels.dispatch import BACKENDS
 from .kernels.proposal import confidence_of
 from .kernels.sampler import REMASKING, propose
@@ -54,12 +58,15 @@ class StepInfo:
         block: index of the semi-autoregressive block being decoded.
         block_step: index of the step within its block.
         tokens: (B, L) the sequence the model saw, before this step's commits.
-        logits: (B, L, V) the model output used at this step, unmodified.
+        logits: (B, L, V) the model output used at this step, unmodified (with `cfg_scale`,
+            the guided logits). At a step that ran from a KV cache only the window's logits
+            exist: (B, w, V) for positions [logits_start, logits_start + w).
         predicted: (B, L) the proposed token at each position of the current block (equal to
             `tokens` elsewhere).
         confidence: (B, L) float64 confidence of each candidate (a masked position of the current
             block in an unfinished row), -inf elsewhere.
         committed: (B, L) bool, the positions committed at this step.
+        logits_start: the position of `logits[:, 0]` (0 unless the step ran from a cache).
     """
 
     step: int
@@ -70,6 +77,7 @@ class StepInfo:
     predicted: Tensor
     confidence: Tensor
     committed: Tensor
+    logits_start: int = 0
 
 
 @dataclass(frozen=True)
@@ -141,6 +149,9 @@ def generate(
     return_stats: bool = False,
     backend: str = "auto",
     compiler: Callable[[Callable], Callable] | None = None,
+    cache: str | None = None,
+    cache_refresh: int | None = None,
+    cfg_scale: float = 0.0,
 ) -> Tensor | tuple[Tensor, GenerationStats]:
     """Generate `gen_length` tokens after `prompt` by iterative unmasking.
 
@@ -171,6 +182,19 @@ def generate(
             `torch.compile` (module docstring). Greedy results equal the eager ones; with
             temperature > 0 the noise is drawn for every block position, so samples agree in
             law, not bit for bit.
+        cache: None (every step runs the whole sequence), "prefix" or "dual": Fast-dLLM v1's
+            block-wise approximate KV cache (`diffusion.cache`; the model must implement
+            `CachedDenoiser`). A block's first step is a full forward that also caches every
+            layer's keys and values; its later steps run only [block start, end) ("prefix")
+            or the block itself ("dual") against that cache. The number of model calls is
+            unchanged; each cached call is shorter. Exact for a block-causal model ("dual").
+        cache_refresh: with a cache, also rebuild it (a full forward) every `cache_refresh`
+            steps inside a block; None = only at the block's first step (Fast-dLLM). 1 makes
+            every step a full forward: the output then equals the uncached sampler's.
+        cfg_scale: w >= 0, LLaDA's unsupervised classifier-free guidance: each step's logits
+            are `un + (w + 1) * (cond - un)`, where `un` are the logits of the sequence with
+            every prompt position (padding included) set to `mask_id`; both in one model call
+            on 2B rows. 0 = no guidance (B rows).
 
     Returns:
         (B, P + gen_length) tokens without `mask_id`, or (tokens, stats).
@@ -191,6 +215,10 @@ def generate(
         return_stats,
         backend,
         compiler,
+        cache,
+        cache_refresh,
+        cfg_scale,
+        model,
     )
     batch, prompt_length = prompt.shape
     device = prompt.device
@@ -205,6 +233,7 @@ def generate(
         call_model, commit = compiler(_call_model), compiler(_dense_commit)
     else:
         call_model, commit = _call_model, None
+    forward = _Forward(model, call_model, full_mask, cfg, float(cfg_scale))
 
     committed_per_step: list[Tensor] = []
     step = 0
@@ -218,15 +247,24 @@ def generate(
             if not bool(candidates.any()):
                 break  # filled (or every row finished at EOS): no model call is needed
             count = counts[:, block_step] if threshold is None else None
-            logits = call_model(model, x, full_mask, mask_id, eos_id)
+            logits_start = 0
+            if cache is None:
+                logits = forward.full(x)
+            elif block_step == 0 or (cache_refresh is not None and block_step % cache_refresh == 0):
+                logits = forward.refresh(x)
+            else:
+                logits_start = lo
+                logits = forward.window(x, lo, hi if cache == "dual" else x.shape[1])
             if commit is None:
                 propose_fn = functools.partial(
                     _propose, cfg=cfg, generator=generator, backend=backend, step=step
                 )
-                out = _commit(logits, x, lo, hi, candidates, count, propose_fn, cfg)
+                out = _commit(logits, x, lo, hi, candidates, count, propose_fn, cfg, logits_start)
             else:
                 noise, uniform = _step_randomness(logits, hi - lo, cfg, generator)
-                out = commit(logits, x, lo, hi, candidates, count, noise, uniform, cfg)
+                out = commit(
+                    logits, x, lo, hi, candidates, count, noise, uniform, cfg, logits_start
+                )
                 if not bool(out.finite):  # checked between steps: no sync inside the graph
                     raise _non_finite(step)
             if callback is not None:
@@ -241,6 +279,7 @@ def generate(
                         out.confidence,
                         out.chosen,
                         lo,
+                        logits_start,
                     )
                 )
             x = out.x
@@ -265,9 +304,11 @@ class _StepOutput(NamedTuple):
     finite: Tensor  # 0-d bool, every candidate had finite scores
 
 
-def _commit(logits, x, lo, hi, candidates, count, propose_fn, cfg) -> _StepOutput:
-    """The block's proposals, the commits and the new sequence, from one model output."""
-    predicted, confidence, finite = propose_fn(logits[:, lo:hi], x[:, lo:hi], candidates)
+def _commit(logits, x, lo, hi, candidates, count, propose_fn, cfg, start=0) -> _StepOutput:
+    """The block's proposals, the commits and the new sequence, from one model output whose
+    first position is `start` (0, or the window's start with a cache)."""
+    block_logits = logits[:, lo - start : hi - start]
+    predicted, confidence, finite = propose_fn(block_logits, x[:, lo:hi], candidates)
     if cfg.threshold is None:
         chosen = _top_k(confidence, candidates, count)
     else:
@@ -279,10 +320,12 @@ def _commit(logits, x, lo, hi, candidates, count, propose_fn, cfg) -> _StepOutpu
     return _StepOutput(new_x, predicted, confidence, chosen, finite)
 
 
-def _dense_commit(logits, x, lo, hi, candidates, count, noise, uniform, cfg) -> _StepOutput:
+def _dense_commit(
+    logits, x, lo, hi, candidates, count, noise, uniform, cfg, start=0
+) -> _StepOutput:
     """`_commit` with static shapes, for compilers: every block position is scored."""
     propose_fn = functools.partial(_propose_dense, cfg=cfg, noise=noise, uniform=uniform)
-    return _commit(logits, x, lo, hi, candidates, count, propose_fn, cfg)
+    return _commit(logits, x, lo, hi, candidates, count, propose_fn, cfg, start)
 
 
 def _non_finite(step: int) -> FloatingPointError:
@@ -291,7 +334,9 @@ def _non_finite(step: int) -> FloatingPointError:
     )
 
 
-def _step_info(step, block, block_step, x, logits, predicted, confidence, chosen, lo) -> StepInfo:
+def _step_info(
+    step, block, block_step, x, logits, predicted, confidence, chosen, lo, logits_start
+) -> StepInfo:
     """Embed the block's (B, Lb) proposals, confidences and commits into (B, L) tensors."""
     hi = lo + chosen.shape[1]
     predicted_full = x.clone()
@@ -300,19 +345,70 @@ def _step_info(step, block, block_step, x, logits, predicted, confidence, chosen
     confidence_full[:, lo:hi] = confidence
     committed = torch.zeros_like(x, dtype=torch.bool)
     committed[:, lo:hi] = chosen
-    return StepInfo(step, block, block_step, x, logits, predicted_full, confidence_full, committed)
+    return StepInfo(
+        step, block, block_step, x, logits, predicted_full, confidence_full, committed, logits_start
+    )
+
+
+class _Forward:
+    """The model calls of one `generate` run: whole sequence, cache refresh or cached window,
+    each with classifier-free guidance applied when `cfg_scale` > 0 (2B rows per call, the
+    second half with the prompt masked)."""
+
+    def __init__(self, model, call_model, full_mask, cfg: _StepConfig, cfg_scale: float):
+        self.model, self.call_model, self.cfg, self.scale = model, call_model, cfg, cfg_scale
+        self.mask = full_mask
+        if cfg_scale > 0 and full_mask is not None:
+            self.mask = torch.cat([full_mask, full_mask])
+        self.cache = None
+
+    def _rows(self, x: Tensor) -> Tensor:
+        if self.scale == 0:
+            return x
+        unconditional = x.clone()
+        unconditional[:, : self.cfg.prompt_length] = self.cfg.mask_id
+        return torch.cat([x, unconditional])
+
+    def _guide(self, logits: Tensor) -> Tensor:
+        if self.scale == 0:
+            return logits
+        cond, uncond = logits.chunk(2)
+        return uncond + (self.scale + 1) * (cond - uncond)
+
+    def full(self, x: Tensor) -> Tensor:
+        rows = self._rows(x)
+        logits = self.call_model(self.model, rows, self.mask, self.cfg.mask_id, self.cfg.eos_id)
+        return self._guide(logits)
+
+    def refresh(self, x: Tensor) -> Tensor:
+        rows = self._rows(x)
+        out = self.model.forward_with_cache(rows, attention_mask=self.mask)
+        if not isinstance(out, tuple) or len(out) != 2:
+            raise ValueError("generate: model.forward_with_cache must return (logits, cache)")
+        logits, self.cache = out
+        return self._guide(_checked_logits(logits, rows.shape, self.cfg.mask_id, self.cfg.eos_id))
+
+    def window(self, x: Tensor, start: int, stop: int) -> Tensor:
+        rows = self._rows(x)[:, start:stop]
+        out = self.model.forward_from_cache(rows, self.cache, start=start, attention_mask=self.mask)
+        logits = _checked_logits(
+            getattr(out, "logits", out), rows.shape, self.cfg.mask_id, self.cfg.eos_id
+        )
+        return self._guide(logits)
 
 
 def _call_model(
     model, x: Tensor, full_mask: Tensor | None, mask_id: int, eos_id: int | None
 ) -> Tensor:
     out = model(x) if full_mask is None else model(x, attention_mask=full_mask)
-    logits = getattr(out, "logits", out)
-    if not isinstance(logits, Tensor) or logits.dim() != 3 or logits.shape[:2] != x.shape:
-        shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+    return _checked_logits(getattr(out, "logits", out), x.shape, mask_id, eos_id)
+
+
+def _checked_logits(logits, shape, mask_id: int, eos_id: int | None) -> Tensor:
+    if not isinstance(logits, Tensor) or logits.dim() != 3 or logits.shape[:2] != shape:
+        got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
         raise ValueError(
-            f"generate: model must return logits of shape ({x.shape[0]}, {x.shape[1]}, V), "
-            f"got {shape}"
+            f"generate: model must return logits of shape ({shape[0]}, {shape[1]}, V), got {got}"
         )
     vocab = logits.shape[-1]
     if not logits.is_floating_point() or vocab < 2 or mask_id >= vocab:
@@ -467,6 +563,10 @@ def _validate(
     return_stats,
     backend,
     compiler,
+    cache,
+    cache_refresh,
+    cfg_scale,
+    model,
 ) -> tuple[int, int, int]:
     fn = "generate"
     check_tensor(fn, "prompt", prompt, ndim=2, dtype="long")
@@ -532,4 +632,22 @@ def _validate(
             f"{fn}: compiler must be None or callable (e.g. torch.compile), "
             f"got {type(compiler).__name__}"
         )
+    if cache not in CACHE_MODES:
+        raise ValueError(f"{fn}: cache must be one of {CACHE_MODES}, got {cache!r}")
+    if cache is not None:
+        if not supports_cache(model):
+            raise TypeError(
+                f"{fn}: cache={cache!r} needs a model with forward_with_cache and "
+                f"forward_from_cache (diffusion.CachedDenoiser); {type(model).__name__} has not"
+            )
+        if compiler is not None:
+            raise ValueError(f"{fn}: compiler is not supported with cache={cache!r}")
+    if cache_refresh is not None:
+        check_int(fn, "cache_refresh", cache_refresh, minimum=1)
+        if cache is None:
+            raise ValueError(f"{fn}: cache_refresh={cache_refresh} needs cache='prefix' or 'dual'")
+    if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)):
+        raise TypeError(f"{fn}: cfg_scale must be a float, got {type(cfg_scale).__name__}")
+    if not (0.0 <= cfg_scale < float("inf")):
+        raise ValueError(f"{fn}: cfg_scale must be finite and >= 0, got {cfg_scale}")
     return num_blocks, steps_per_block, block_length

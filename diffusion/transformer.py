@@ -8,7 +8,11 @@ diffusion denoiser does not need t).
 Padding: `attention_mask` (B, L) bool, True = real token, is a key padding mask, and rotary
 positions are `cumsum(mask) - 1`, so a left-padded row gets the same positions, and the same
 logits on its real tokens, as the row alone. A row with no real token at all gives NaN (every key
-is masked).
+is masked). A (B, L, L) bool `attention_mask` says which keys each query may attend to (e.g.
+LLaDA2.x's block-causal attention); positions are then 0..L-1.
+
+KV cache: `forward_with_cache` / `forward_from_cache` implement `diffusion.CachedDenoiser`, which
+`diffusion.generate(..., cache="prefix" | "dual")` uses (Fast-dLLM's block-wise cache).
 """
 
 from __future__ import annotations
@@ -72,15 +76,26 @@ class SelfAttention(nn.Module):
         self.o_proj = nn.Linear(d_model, d_model, bias=False)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor | None) -> Tensor:
-        batch, length, d_model = x.shape
+        q, k, v = self.qkv(x, cos, sin)
+        return self.mix(q, k, v, key_mask)
+
+    def qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries and keys (after rotary) and values, each (B, H, L, hd)."""
+        batch, length, _ = x.shape
 
         def heads(proj: nn.Linear) -> Tensor:  # (B, L, D) -> (B, H, L, hd)
             return proj(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
 
         q = apply_rotary(heads(self.q_proj), cos, sin)
         k = apply_rotary(heads(self.k_proj), cos, sin)
-        out = F.scaled_dot_product_attention(q, k, heads(self.v_proj), attn_mask=key_mask)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, length, d_model))
+        return q, k, heads(self.v_proj)
+
+    def mix(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> Tensor:
+        """Attention of the queries (B, H, Lq, hd) over the keys and values (B, H, Lk, hd),
+        then the output projection: (B, Lq, D)."""
+        batch, _, length, _ = q.shape
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
 
 class SwiGLU(nn.Module):
@@ -193,6 +208,71 @@ class Transformer(nn.Module):
             self.hidden_states(x, attention_mask, upto=0), attention_mask, start=0
         )
 
+    def forward_with_cache(
+        self, x: Tensor, attention_mask: Tensor | None = None
+    ) -> tuple[Tensor, tuple[tuple[Tensor, Tensor], ...]]:
+        """The forward, plus every layer's keys (after rotary) and values, each (B, H, L, hd):
+        the `diffusion.CachedDenoiser` protocol (docs/diffusion.md, "KV cache")."""
+        self._check_inputs(x, attention_mask)
+        cos, sin, mask = self._positions(attention_mask, x.shape[1])
+        h, cache = self.embed(x), []
+        with self._attention_context():
+            for layer in self.layers:
+                q, k, v = layer.attn.qkv(layer.attn_norm(h), cos, sin)
+                cache.append((k, v))
+                h = layer.feed_forward(h + layer.attn.mix(q, k, v, mask))
+        return self.lm_head(self.norm(h)), tuple(cache)
+
+    def forward_from_cache(
+        self,
+        tokens: Tensor,
+        cache: tuple[tuple[Tensor, Tensor], ...],
+        *,
+        start: int,
+        attention_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Logits (B, w, V) of `tokens` (B, w) at positions [start, start + w) of the sequence
+        `cache` came from (`forward_with_cache`): at every layer they attend to the cached keys
+        and values with their own positions' replaced by theirs. `attention_mask`: the full
+        (B, L) or (B, L, L) mask of that sequence."""
+        if not isinstance(cache, tuple) or len(cache) != len(self.layers):
+            raise ValueError(
+                f"Transformer.forward_from_cache: cache must be the tuple of {len(self.layers)} "
+                "(keys, values) pairs that forward_with_cache returned"
+            )
+        self._check_inputs(tokens, None)
+        batch, width = tokens.shape
+        length = cache[0][0].shape[2]
+        if (
+            isinstance(start, bool)
+            or not isinstance(start, int)
+            or not 0 <= start <= length - width
+            or cache[0][0].shape[0] != batch
+        ):
+            raise ValueError(
+                f"Transformer.forward_from_cache: tokens of shape {tuple(tokens.shape)} at "
+                f"start={start!r} do not fit a cache of {cache[0][0].shape[0]} rows of "
+                f"length {length}"
+            )
+        if attention_mask is not None:
+            self._check_mask(attention_mask, batch, length)
+        stop = start + width
+        cos, sin, mask = self._positions(attention_mask, length)
+        if cos.dim() == 2:  # positions 0..L-1
+            cos, sin = cos[start:stop], sin[start:stop]
+        else:  # per row, from the padding mask
+            cos, sin = cos[:, :, start:stop], sin[:, :, start:stop]
+        if mask is not None and mask.shape[2] != 1:  # query-by-key: the window's rows
+            mask = mask[:, :, start:stop]
+        h = self.embed(tokens)
+        with self._attention_context():
+            for layer, (keys, values) in zip(self.layers, cache):
+                q, k, v = layer.attn.qkv(layer.attn_norm(h), cos, sin)
+                k = torch.cat([keys[:, :, :start], k, keys[:, :, stop:]], dim=2)
+                v = torch.cat([values[:, :, :start], v, values[:, :, stop:]], dim=2)
+                h = layer.feed_forward(h + layer.attn.mix(q, k, v, mask))
+        return self.lm_head(self.norm(h))
+
     def hidden_states(
         self,
         x: Tensor,
@@ -274,9 +354,12 @@ class Transformer(nn.Module):
         return h
 
     def _positions(self, attention_mask: Tensor | None, length: int):
-        """Rotary cos/sin broadcastable to (B, H, L, hd/2) and the SDPA key mask (B, 1, 1, L)."""
+        """Rotary cos/sin broadcastable to (B, H, L, hd/2) and the SDPA mask: (B, 1, 1, L) for a
+        key padding mask, (B, 1, L, L) for a query-by-key mask (positions 0..L-1 then)."""
         if attention_mask is None:
             return self.rope_cos[:length], self.rope_sin[:length], None
+        if attention_mask.dim() == 3:
+            return self.rope_cos[:length], self.rope_sin[:length], attention_mask[:, None]
         positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
         cos = self.rope_cos[positions].unsqueeze(1)
         sin = self.rope_sin[positions].unsqueeze(1)
@@ -302,12 +385,22 @@ class Transformer(nn.Module):
             raise ValueError(
                 f"Transformer: sequence length {x.shape[1]} exceeds max_seq_len={self.max_seq_len}"
             )
-        if attention_mask is not None and (
-            attention_mask.shape != x.shape or attention_mask.dtype != torch.bool
+        if attention_mask is not None:
+            self._check_mask(attention_mask, x.shape[0], x.shape[1])
+
+    def _check_mask(self, attention_mask: Tensor, batch: int, length: int) -> None:
+        shapes = ((batch, length), (batch, length, length))
+        if not isinstance(attention_mask, Tensor) or (
+            tuple(attention_mask.shape) not in shapes or attention_mask.dtype != torch.bool
         ):
+            got = (
+                f"{attention_mask.dtype} of shape {tuple(attention_mask.shape)}"
+                if isinstance(attention_mask, Tensor)
+                else type(attention_mask).__name__
+            )
             raise ValueError(
-                f"Transformer: attention_mask must be a bool tensor of shape {tuple(x.shape)}, "
-                f"got {attention_mask.dtype} of shape {tuple(attention_mask.shape)}"
+                f"Transformer: attention_mask must be a bool tensor of shape {shapes[0]} (key "
+                f"padding) or {shapes[1]} (query by key), got {got}"
             )
 
     def _check_layer_index(self, name: str, value: int) -> None:

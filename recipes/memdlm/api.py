@@ -128,7 +128,12 @@ def generate(
         generator: random source of the adaptation masks, the LoRA init and the sampler noise
             (None = seeded with 0, reproducible).
         **sampler_options: passed to `diffusion.generate` (block_length, remasking,
-            temperature, threshold, callback, eos_id, stop_at_eos, ...).
+            temperature, threshold, callback, eos_id, stop_at_eos, cache="prefix" | "dual",
+            cache_refresh, cfg_scale, ...). With `cfg_scale` > 0 the unconditional rows (the
+            prompt masked) keep the adapted fast weights of their prompt (`guided_state`).
+            With `cache`, a model with the `diffusion.CachedDenoiser` methods is sampled
+            through them, with the adapted fast weights bound in the cached and in the fresh
+            calls alike.
 
     Returns:
         (B, P + gen_length) tokens without `mask_id`; the prompt is unchanged.
@@ -136,6 +141,8 @@ def generate(
     if adapt and sampler_options.get("attention_mask") is not None:
         raise ValueError("adapt=True needs unpadded prompts of one length (no attention_mask)")
     denoiser = _denoiser(model)
+    if sampler_options.get("cache") is not None and dd.supports_cache(model):
+        denoiser = model  # its own cached forward (a FullForward view would hide it)
     if generator is None:
         generator = torch.Generator(device=prompt_ids.device).manual_seed(0)
 
@@ -158,11 +165,21 @@ def generate(
         phi = adapt_prompt(
             model, prompt_ids, mask_id=mask_id, fast_weights=mem, config=config, generator=generator
         )
-        with torch.no_grad(), mem.bind(phi):
+        with torch.no_grad(), mem.bind(guided_state(phi, sampler_options.get("cfg_scale", 0))):
             return sample()
     finally:
         if owned:
             mem.remove()
+
+
+def guided_state(state: Mapping[str, torch.Tensor] | None, cfg_scale: float | None):
+    """A per-sample fast-weight state of B prompts for the rows `diffusion.generate` runs:
+    unchanged without guidance; with `cfg_scale` > 0 (2B rows: the B conditional rows, then
+    the B unconditional ones with the prompt masked) repeated along dim 0, so each
+    unconditional row keeps its prompt's adapted weights. None stays None."""
+    if state is None or not cfg_scale:
+        return state
+    return {key: torch.cat([value, value]) for key, value in state.items()}
 
 
 def shared_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -195,6 +212,7 @@ def log_likelihood(
     mc_num: int = 128,
     mc_batch: int = 32,
     generator: torch.Generator | None = None,
+    cfg_scale: float = 0.0,
 ) -> torch.Tensor:
     """Monte Carlo ELBO of log p(response | prompt) for B responses after one prompt, with
     that prompt's adapted fast weights bound (or none).
@@ -212,6 +230,9 @@ def log_likelihood(
             neither).
         mc_num: Monte Carlo samples per response; mc_batch: samples per response per forward.
         generator: random source of the masks (None = seeded with 0).
+        cfg_scale: w >= 0, LLaDA's classifier-free guidance inside the estimate (its
+            `get_log_likelihood`): every forward's logits become `un + (w + 1)(cond - un)`,
+            `un` with the prompt positions masked (`Guided`); 0 = none.
 
     Returns:
         (B,) float64 ELBO estimates in nats (a lower bound on log p for an exact denoiser).
@@ -227,9 +248,15 @@ def log_likelihood(
         generator = torch.Generator(device=prompt.device).manual_seed(0)
     rows = prompt.expand(response_ids.shape[0], -1)
 
+    if isinstance(cfg_scale, bool) or not 0 <= cfg_scale < float("inf"):
+        raise ValueError(f"cfg_scale must be a finite float >= 0, got {cfg_scale!r}")
+    denoiser = _denoiser(model)
+    if cfg_scale > 0:
+        denoiser = Guided(denoiser, prompt.shape[1], mask_id=mask_id, cfg_scale=cfg_scale)
+
     def estimate() -> torch.Tensor:
         return dd.elbo_log_likelihood(
-            _denoiser(model),
+            denoiser,
             rows,
             response_ids,
             mask_id=mask_id,
@@ -244,3 +271,25 @@ def log_likelihood(
     is_shared = all(tuple(state[k].shape) == shapes[k] for k in shapes if k in state)
     with torch.no_grad(), fast_weights.bind(state if is_shared else shared_state(state)):
         return estimate()
+
+
+class Guided:
+    """A denoiser with LLaDA's classifier-free guidance, for likelihoods: each call runs the
+    rows and the rows with their first `prompt_length` positions set to `mask_id` in one batch
+    (2N rows, a shared fast-weight state applies to all) and returns `un + (w + 1)(cond - un)`
+    on the raw logits. (`diffusion.generate(cfg_scale=...)` does the same while sampling.)"""
+
+    def __init__(self, model, prompt_length: int, *, mask_id: int, cfg_scale: float):
+        self.model, self.prompt_length = model, prompt_length
+        self.mask_id, self.cfg_scale = mask_id, float(cfg_scale)
+
+    def __call__(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        unconditional = x.clone()
+        unconditional[:, : self.prompt_length] = self.mask_id
+        rows = torch.cat([x, unconditional])
+        if attention_mask is None:
+            out = self.model(rows)
+        else:
+            out = self.model(rows, attention_mask=torch.cat([attention_mask, attention_mask]))
+        cond, uncond = getattr(out, "logits", out).chunk(2)
+        return uncond + (self.cfg_scale + 1) * (cond - uncond)

@@ -125,6 +125,23 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("low_confidence", "random", "margin", "entropy"),
     )
     p.add_argument("--threshold", type=float, help="parallel decoding confidence threshold")
+    p.add_argument(
+        "--cache",
+        choices=("none", "prefix", "dual"),
+        default="none",
+        help="Fast-dLLM's block-wise KV cache (approximate; docs/diffusion.md)",
+    )
+    p.add_argument(
+        "--cache-refresh",
+        type=int,
+        help="with --cache, also rebuild the cache every N steps inside a block",
+    )
+    p.add_argument(
+        "--cfg-scale",
+        type=float,
+        default=0.0,
+        help="classifier-free guidance scale w (LLaDA: un + (w+1)(cond - un), prompt masked)",
+    )
     p.add_argument("--seed", type=int, default=0, dest="sample_seed")
 
     p = sub.add_parser(

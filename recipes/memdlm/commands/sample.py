@@ -39,11 +39,20 @@ def check_sample_args(args) -> None:
         raise UsageError(
             f"--steps {steps} gives more steps per block than tokens; at most {length}"
         )
+    if not math.isfinite(args.cfg_scale) or args.cfg_scale < 0:
+        raise UsageError(f"--cfg-scale must be a finite number >= 0, got {args.cfg_scale}")
+    if args.cache_refresh is not None:
+        if args.cache == "none":
+            raise UsageError("--cache-refresh needs --cache prefix or --cache dual")
+        if args.cache_refresh < 1:
+            raise UsageError(f"--cache-refresh must be at least 1, got {args.cache_refresh}")
 
 
 def cmd_sample(args, extra, reporter) -> int:
 
     import diffusion as dd
+    from recipes.memdlm.api import guided_state
+    from recipes.memdlm.backbones.hf.cache import CACHED_FAMILIES
     from recipes.memdlm.method import adapt_to_prompt, make_fast_weights
 
     check_sample_args(args)
@@ -55,6 +64,14 @@ def cmd_sample(args, extra, reporter) -> int:
         raise UsageError(
             f"prompt ({len(ids)} tokens) + gen-length {args.gen_length} exceeds the model's "
             f"maximum length {cfg.model.max_seq_len}"
+        )
+    family = getattr(model, "family", None)  # a Hugging Face backbone's (hf.HFDenoiser)
+    if args.cache != "none" and (
+        not dd.supports_cache(model) or (family is not None and family not in CACHED_FAMILIES)
+    ):
+        raise UsageError(
+            f"--cache {args.cache}: the {family or type(model).__name__} backbone has no cached "
+            "forward (diffusion.CachedDenoiser); use --cache none"
         )
     prompt = torch.tensor([ids], device=device)
     generator = torch.Generator(device=device).manual_seed(args.sample_seed)
@@ -75,7 +92,13 @@ def cmd_sample(args, extra, reporter) -> int:
             cfg.model.sample_attention, cfg.model.sample_block_size
         )
         with torch.no_grad(), attention:
-            context = mem.bind(phi) if mem is not None else nullcontext()
+            cache = None if args.cache == "none" else args.cache
+            options = cfg.generate_options()
+            if cache is not None:
+                options["compiler"] = None  # the cached calls run eagerly
+            context = (
+                mem.bind(guided_state(phi, args.cfg_scale)) if mem is not None else nullcontext()
+            )
             with context:
                 out = dd.generate(
                     model,
@@ -88,7 +111,10 @@ def cmd_sample(args, extra, reporter) -> int:
                     temperature=args.temperature,
                     threshold=args.threshold,
                     generator=generator,
-                    **cfg.generate_options(),
+                    cache=cache,
+                    cache_refresh=args.cache_refresh,
+                    cfg_scale=args.cfg_scale,
+                    **options,
                 )
     finally:
         if mem is not None:

@@ -158,6 +158,7 @@ class MemDLMLM(LM):
                 mc_num=self.options.mc_num,
                 mc_batch=self.options.mc_batch,
                 generator=self._generator(context_ids, "elbo"),
+                cfg_scale=self.options.cfg_scale,
             )
             greedy = greedy_matches(
                 self.model, prompt, response, mask_id=self.mask_id, state=state, fast_weights=mem
@@ -267,12 +268,18 @@ class MemDLMLM(LM):
             remasking=self.options.remasking,
             temperature=temperature,
             threshold=self.options.threshold,
+            cfg_scale=self.options.cfg_scale,
             **self.loaded.config.generate_options(),
         )
+        if self.options.cache is not None:  # the cached calls run eagerly
+            options.update(
+                cache=self.options.cache, cache_refresh=self.options.cache_refresh, compiler=None
+            )
         if states[0] is None:
             out = api.generate(self.model, prompt, **options)
         else:
             batched = {k: torch.cat([s[k] for s in states]) for k in states[0]}
+            batched = api.guided_state(batched, self.options.cfg_scale)
             with torch.no_grad(), self.fast_weights.bind(batched):
                 out = api.generate(self.model, prompt, **options)
         generated = out[:, prompt.shape[1] : prompt.shape[1] + max_gen_toks].tolist()

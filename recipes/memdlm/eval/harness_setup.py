@@ -48,6 +48,9 @@ class Options:
     block_length: int | None = None
     remasking: str = "low_confidence"
     threshold: float | None = None
+    cache: str | None = None  # None / "none", "prefix" or "dual" (diffusion.generate's cache)
+    cache_refresh: int | None = None
+    cfg_scale: float = 0.0
     max_length: int | None = None
     max_gen_toks: int = 256
     seed: int = 0
@@ -73,6 +76,9 @@ _KINDS = {
     "block_length": "int?",
     "remasking": "str",
     "threshold": "float?",
+    "cache": "str?",
+    "cache_refresh": "int?",
+    "cfg_scale": "float",
     "max_length": "int?",
     "max_gen_toks": "int",
     "seed": "int",
@@ -138,6 +144,8 @@ def parse_model_args(args: Mapping[str, Any]) -> tuple[Options, dict[str, Any]]:
             f"memdlm model_args: unknown key {unknown[0]!r}; expected one of {sorted(known)}"
         )
     values = {k: _coerce(k, v, _KINDS[k]) for k, v in args.items() if k in _KINDS}
+    if values.get("cache") == "none":
+        values["cache"] = None
     overrides = {k: v for k, v in args.items() if k in inner}
     options = Options(**values)
     if (options.run is None) == (options.pretrained is None):
@@ -168,6 +176,15 @@ def _check_options(o: Options) -> None:
         raise ValueError(f"memdlm model arg threshold must be in (0, 1], got {o.threshold}")
     if o.dtype not in DTYPES:
         raise ValueError(f"memdlm model arg dtype={o.dtype!r}: expected one of {DTYPES}")
+    if o.cache not in (None, "prefix", "dual"):
+        raise ValueError(f"memdlm model arg cache={o.cache!r}: expected none, prefix or dual")
+    if o.cache_refresh is not None and (o.cache is None or o.cache_refresh < 1):
+        raise ValueError(
+            f"memdlm model arg cache_refresh={o.cache_refresh} needs cache=prefix or cache=dual "
+            "and must be >= 1"
+        )
+    if not 0 <= o.cfg_scale < float("inf"):
+        raise ValueError(f"memdlm model arg cfg_scale must be finite and >= 0, got {o.cfg_scale}")
     if o.run is not None and (o.trust_remote_code or o.load_in_4bit or o.dtype != "float32"):
         raise ValueError(
             "memdlm model args trust_remote_code, dtype and load_in_4bit apply to pretrained=; "

@@ -128,6 +128,21 @@ class HFDenoiser(nn.Module):
             logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
         return logits
 
+    def forward_with_cache(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """`forward` plus every layer's keys and values (`diffusion.CachedDenoiser`; LLaDA
+        family only, hf/cache.py)."""
+        from recipes.memdlm.backbones.hf import cache
+
+        return cache.forward_with_cache(self, x, attention_mask)
+
+    def forward_from_cache(self, tokens, kv_cache, *, start: int, attention_mask=None):
+        """Logits of `tokens` at positions [start, start + w) against `kv_cache` (hf/cache.py)."""
+        from recipes.memdlm.backbones.hf import cache
+
+        return cache.forward_from_cache(
+            self, tokens, kv_cache, start=start, attention_mask=attention_mask
+        )
+
     def model_inputs(self, x: torch.Tensor, attention_mask: torch.Tensor | None) -> dict:
         """The keyword arguments that give the model this wrapper's attention (`mask_style`)."""
         inputs: dict[str, Any] = {}

@@ -1,0 +1,170 @@
+"""`diffusion.CachedDenoiser` for the LLaDA family's remote code (LLaDA-8B, LLaDA-MoE, LLaDA2.x,
+Dream), driven through the model's OWN forward, as the split forward is (denoiser.py).
+
+Every family's attention ends in `torch.nn.functional.scaled_dot_product_attention` with queries
+and keys after rotary (and QK-norm, and the GQA repeat). While the model runs, that function is
+replaced (in this thread's process, for the duration of one forward) by:
+
+- `forward_with_cache`: a recorder that keeps each call's keys and values (call i = layer i) and
+  runs attention unchanged: the logits are the full forward's;
+- `forward_from_cache`: a window call. The model runs on the window's tokens only, with
+  `position_ids` of their true positions (LLaDA-8B takes none: its rotary starts at 0 in the
+  window, and the queries and keys are rotated on by `start` positions, RoPE's angles adding
+  up); at each layer the window's keys and values replace the cached ones at its positions and
+  its queries attend to all of them, under the rows of the same mask the full forward uses
+  (padding, block-causal), as an additive mask.
+
+Dream's logits at i - 1 predict token i: its window starts one position early (the token there
+comes from the cache's sequence, which never changes before a block) and the shift is undone as
+in `HFDenoiser.forward`. Fast weights bound on the model's linear layers act in both calls.
+A model whose attention does not call SDPA once per layer (an eager LLaDA2, say) is refused
+with a TypeError.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from recipes.memdlm.backbones.hf.attention import allowed_keys
+
+CACHED_FAMILIES = ("llada", "llada_moe", "llada2", "dream")
+
+
+@dataclass(frozen=True)
+class HFKVCache:
+    """Each layer's keys and values (B, H, L, hd) as its SDPA call saw them, and the tokens."""
+
+    tokens: torch.Tensor
+    keys: tuple[torch.Tensor, ...]
+    values: tuple[torch.Tensor, ...]
+
+    @property
+    def length(self) -> int:
+        return self.tokens.shape[1]
+
+
+@contextlib.contextmanager
+def _sdpa_replaced(function):
+    original = F.scaled_dot_product_attention
+
+    def patched(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):
+        return function(original, query, key, value, attn_mask, dropout_p, is_causal, kwargs)
+
+    torch.nn.functional.scaled_dot_product_attention = patched
+    try:
+        yield
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = original
+
+
+def check_family(denoiser) -> None:
+    if denoiser.family not in CACHED_FAMILIES:
+        raise TypeError(
+            f"the KV cache is implemented for the LLaDA family {CACHED_FAMILIES}, not for a "
+            f"{denoiser.family} backbone; sample without cache"
+        )
+
+
+def forward_with_cache(denoiser, x: torch.Tensor, attention_mask=None):
+    """The denoiser's logits (B, L, V) and an `HFKVCache` of every layer's keys and values."""
+    check_family(denoiser)
+    keys, values = [], []
+
+    def record(original, q, k, v, mask, dropout_p, is_causal, kwargs):
+        keys.append(k)
+        values.append(v)
+        return original(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, **kwargs)
+
+    with _sdpa_replaced(record):
+        logits = denoiser(x, attention_mask)
+    _check_calls(denoiser, len(keys))
+    return logits, HFKVCache(x, tuple(keys), tuple(values))
+
+
+def forward_from_cache(denoiser, tokens, cache: HFKVCache, *, start: int, attention_mask=None):
+    """Logits (B, w, V) of `tokens` at positions [start, start + w) against `cache`."""
+    check_family(denoiser)
+    if not isinstance(cache, HFKVCache):
+        raise ValueError("cache must be the HFKVCache that forward_with_cache returned")
+    rows, width = tokens.shape
+    stop = start + width
+    if not 0 <= start <= stop <= cache.length or rows != cache.tokens.shape[0]:
+        raise ValueError(
+            f"tokens of shape {tuple(tokens.shape)} at start={start} do not fit a cache of "
+            f"{cache.tokens.shape[0]} rows of length {cache.length}"
+        )
+    begin = start - 1 if denoiser.shift and start > 0 else start  # Dream: one position early
+    run = torch.cat([cache.tokens[:, begin:start], tokens], dim=1)
+    device = tokens.device
+    allowed = allowed_keys(
+        attention_mask,
+        (rows, cache.length),
+        attention=denoiser.attention,
+        block_size=denoiser.block_size,
+        device=device,
+    )
+    allowed = None if allowed is None else allowed[:, None, begin:stop]  # (B, 1, w', L)
+    head_dim = getattr(denoiser.hf.config, "d_model", 0) // max(
+        getattr(denoiser.hf.config, "n_heads", 1), 1
+    )
+    theta = float(getattr(denoiser.hf.config, "rope_theta", 10_000.0))
+    calls = [0]
+
+    def window(original, q, k, v, mask, dropout_p, is_causal, kwargs):
+        index = calls[0]
+        calls[0] += 1
+        if index >= len(cache.keys):
+            raise TypeError("the model called attention more often than when the cache was built")
+        if denoiser.family == "llada" and begin:  # its rotary counted from 0 in the window
+            q, k = _rotate_on(q, begin, head_dim, theta), _rotate_on(k, begin, head_dim, theta)
+        keys, values = cache.keys[index], cache.values[index]
+        k = torch.cat([keys[:, :, :begin], k, keys[:, :, stop:]], dim=2)
+        v = torch.cat([values[:, :, :begin], v, values[:, :, stop:]], dim=2)
+        additive = None
+        if allowed is not None:
+            low = torch.finfo(q.dtype).min
+            additive = torch.zeros(allowed.shape, dtype=q.dtype, device=device)
+            additive = additive.masked_fill(~allowed, low)
+        return original(q, k, v, attn_mask=additive, dropout_p=dropout_p, is_causal=False, **kwargs)
+
+    inputs = {}
+    if denoiser.family != "llada":  # the HF-style families take positions
+        positions = torch.arange(begin, stop, device=device)
+        inputs["position_ids"] = positions[None].expand(rows, -1)
+    if denoiser.mask_style == "additive":  # never let the model build a (causal) mask
+        dtype = denoiser._compute_dtype()
+        inputs["attention_mask"] = torch.zeros(rows, 1, run.shape[1], run.shape[1], dtype=dtype)
+    with _sdpa_replaced(window):
+        out = denoiser.hf(input_ids=run, **inputs)
+    _check_calls(denoiser, calls[0])
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    if denoiser.shift:
+        logits = logits[:, :-1] if begin < start else torch.cat([logits[:, :1], logits[:, :-1]], 1)
+    return logits
+
+
+def _rotate_on(t: torch.Tensor, offset: int, head_dim: int, theta: float) -> torch.Tensor:
+    """Rotary (rotate-half layout, whole head) by `offset` more positions, in float32."""
+    if head_dim != t.shape[-1]:
+        raise TypeError(
+            f"cannot re-position LLaDA's rotary: head dim {t.shape[-1]} != d_model / n_heads "
+            f"= {head_dim}"
+        )
+    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=t.device).float() / head_dim)
+    angles = torch.cat([offset * inv, offset * inv])
+    a, b = t.float().chunk(2, dim=-1)
+    rotated = t.float() * angles.cos() + torch.cat([-b, a], dim=-1) * angles.sin()
+    return rotated.to(t.dtype)
+
+
+def _check_calls(denoiser, calls: int) -> None:
+    if calls != len(denoiser.layers):
+        raise TypeError(
+            f"the KV cache needs one scaled_dot_product_attention call per layer; the "
+            f"{denoiser.family} model made {calls} for {len(denoiser.layers)} layers (an eager "
+            "attention implementation? load it with attn_implementation='sdpa')"
+        )
