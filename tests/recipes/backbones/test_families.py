@@ -359,13 +359,17 @@ SAMPLERS = [
     {"remasking": "margin", "temperature": 2.0},
     {"remasking": "entropy", "temperature": 0.5},
     {"threshold": 0.3},
+    {"cache": "prefix", "block_length": 4},
+    {"cache": "dual", "block_length": 4, "threshold": 0.3},
+    {"cfg_scale": 0.5, "remasking": "random", "temperature": 1.0},
 ]
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_every_sampler_path_emits_only_decodable_ids(folders, name):
     """The recipe's model (logits cut to the tokenizer) never proposes an id the tokenizer
-    lacks, nor the mask; decoding its output never raises."""
+    lacks, nor the mask, on any sampler path (remasking rules, temperature, threshold, the KV
+    caches, guidance); decoding its output never raises."""
     from recipes.memdlm.backbones.load import new_model, tokenizer_for
 
     cfg = config(folders[name])

@@ -141,7 +141,7 @@ def forward_from_cache(denoiser, tokens, cache: HFKVCache, *, start: int, attent
     with _sdpa_replaced(window):
         out = denoiser.hf(input_ids=run, **inputs)
     _check_calls(denoiser, calls[0])
-    logits = out.logits if hasattr(out, "logits") else out[0]
+    logits = denoiser.cut_vocab(out.logits if hasattr(out, "logits") else out[0])
     if denoiser.shift:
         logits = logits[:, :-1] if begin < start else torch.cat([logits[:, :1], logits[:, :-1]], 1)
     return logits

@@ -121,11 +121,15 @@ class HFDenoiser(nn.Module):
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None):
         """Logits (B, L, V) of tokens x (B, L); attention_mask (B, L), 1 = real token."""
         out = self.hf(input_ids=x, **self.model_inputs(x, attention_mask))
-        logits = out.logits if hasattr(out, "logits") else out[0]
-        if self.vocab_size is not None and logits.shape[-1] > self.vocab_size:
-            logits = logits[..., : self.vocab_size]  # head rows past the tokenizer
+        logits = self.cut_vocab(out.logits if hasattr(out, "logits") else out[0])
         if self.shift:  # Dream: the output at i - 1 predicts token i; position 0 keeps its own
             logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        return logits
+
+    def cut_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits (..., V) without the head rows past the tokenizer (`vocab_size`)."""
+        if self.vocab_size is not None and logits.shape[-1] > self.vocab_size:
+            return logits[..., : self.vocab_size]
         return logits
 
     def forward_with_cache(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None):
