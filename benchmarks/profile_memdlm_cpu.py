@@ -122,7 +122,7 @@ def instrument(timer: PhaseTimer, model, mem, monkey: list):
     patch(method_step, "solve_inner", "inner backward + update")
     patch(method_inner, "head_loss", head_label)
     patch(method_step, "head_loss", head_label)
-    patch(method_step, "step_metrics", "diagnostics")
+    patch(method_step, "step_record", "diagnostics")
     patch(mem, "_output_delta", "fast-weight application")
 
 

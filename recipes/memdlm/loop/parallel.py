@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,16 +40,9 @@ import torch.distributed as dist
 from torch import nn
 
 import bilevel as bl
-from recipes.memdlm.config import DistributedConfig, MemDLMConfig
-from recipes.memdlm.data.batches import Batch, BatchSampler
+from recipes.memdlm.config import DistributedConfig
 from recipes.memdlm.errors import UserError
-from recipes.memdlm.method import (
-    Anchor,
-    draw_inner,
-    memdlm_core,
-    sample_anchor,
-    standard_loss,
-)
+from recipes.memdlm.method import step_record
 
 # --------------------------------------------------------------------------- process group
 
@@ -140,83 +133,6 @@ def shutdown() -> None:
 # --------------------------------------------------------------------------- global draws
 
 
-@dataclass
-class Draws:
-    """One batch with every random draw of its training step."""
-
-    batch: Batch
-    anchor: Anchor
-    inputs: list[torch.Tensor]  # inner-step input masks (MemDLM)
-    targets: list[torch.Tensor]  # inner-step loss masks (MemDLM)
-    phi0: dict[str, torch.Tensor] | None  # fast weights before the inner loop (MemDLM)
-    teachers: list[torch.Tensor | None] = field(default_factory=list)  # look-ahead masks
-    outer: torch.Tensor | None = None  # the leak-free control's outer positions (MemDLM)
-    extra_anchors: list[Anchor] = field(default_factory=list)  # Standard with anchors > 1
-
-
-def draw_global(
-    sampler: BatchSampler,
-    generators: dict[str, torch.Generator],
-    *,
-    model,
-    mem,
-    memdlm: MemDLMConfig,
-    mask_id: int,
-    time_eps: float,
-    device: torch.device,
-    anchors: int = 1,
-) -> Draws:
-    """The global batch and its draws, in the order of the one-process step (`method.step`,
-    `method.memdlm_step`): batch, anchor; then pre-anchor masks and phi_0 (and the leak-free
-    control's outer positions) from the inner stream (`method.draw_inner`). Standard with
-    `anchors` > 1: the first anchor from the anchor stream, as every method's, the others from
-    the inner stream, which Standard does not otherwise use.
-    """
-    batch = sampler.next().to(device)
-    anchor = sample_anchor(batch, mask_id=mask_id, eps=time_eps, generator=generators["anchor"])
-    if mem is None:
-        extra = [
-            sample_anchor(batch, mask_id=mask_id, eps=time_eps, generator=generators["inner"])
-            for _ in range(anchors - 1)
-        ]
-        return Draws(batch, anchor, [], [], None, extra_anchors=extra)
-    inner = draw_inner(model, mem, batch, anchor, memdlm, generators["inner"])
-    return Draws(
-        batch, anchor, inner.inputs, inner.targets, inner.phi0, inner.teachers, inner.outer
-    )
-
-
-def take_rows(draws: Draws, rows: slice, *, per_sample: bool) -> Draws:
-    """The rows of `draws` that belong to one rank. Tensors that are one object stay one object
-    (the MemDLM step recognises the anchor mask among the inner inputs by identity)."""
-    cut: dict[int, torch.Tensor] = {}
-
-    def rows_of(tensor: torch.Tensor) -> torch.Tensor:
-        if id(tensor) not in cut:
-            cut[id(tensor)] = tensor[rows]
-        return cut[id(tensor)]
-
-    def anchor_rows(a: Anchor) -> Anchor:
-        return Anchor(rows_of(a.t), rows_of(a.mask), rows_of(a.xt))
-
-    b = draws.batch
-    batch = Batch(rows_of(b.x0), rows_of(b.maskable), rows_of(b.prompt_lengths))
-    anchor = anchor_rows(draws.anchor)
-    phi0 = draws.phi0
-    if phi0 is not None and per_sample:
-        phi0 = {k: rows_of(v) for k, v in phi0.items()}
-    return Draws(
-        batch,
-        anchor,
-        [rows_of(m) for m in draws.inputs],
-        [rows_of(m) for m in draws.targets],
-        phi0,
-        [None if m is None else rows_of(m) for m in draws.teachers],
-        None if draws.outer is None else rows_of(draws.outer),
-        [anchor_rows(a) for a in draws.extra_anchors],
-    )
-
-
 # --------------------------------------------------------------------------- inner sync
 
 
@@ -265,43 +181,9 @@ class StepModule(nn.Module):
         return step(self.model)
 
 
-def local_step(model, mem, local: Draws, *, n_global: int, memdlm, mask_id, log_gap, options):
-    """Loss S_r / N of this rank's rows (differentiable) and the raw parts of its metrics."""
-    n_local = int(local.batch.maskable.sum())
-    share = n_local / max(1, n_global)  # token loss over N_r -> over the global N
-    compiled = options.get("compiled")
-    if mem is None:  # with extra anchors: the mean of the standard loss over all of them
-        loss_fn = compiled["standard"] if compiled is not None else standard_loss
-        anchors = [local.anchor, *local.extra_anchors]
-        loss = loss_fn(model, local.batch, anchors[0], options["loss_backend"])
-        for anchor in anchors[1:]:
-            loss = loss + loss_fn(model, local.batch, anchor, options["loss_backend"])
-        return loss * (share / len(anchors)), {}
-    core = compiled["memdlm"] if compiled is not None else memdlm_core
-    loss, off, info = core(
-        model,
-        mem,
-        local.batch,
-        local.anchor,
-        local.inputs,
-        local.targets,
-        local.phi0,
-        memdlm,
-        mask_id,
-        log_gap,
-        options["loss_backend"],
-        grad_sync=options.get("grad_sync"),
-        teachers=local.teachers,
-        outer=local.outer,
-    )
-    parts = {"info": info}
-    if off is not None:
-        parts["loss_off"] = off * share
-    return loss * share, parts
-
-
-def _inner_metrics(parts, *, per_sample: bool, sync: dict | None, ctx: Context) -> dict:
-    """Inner-loop metrics of the global batch where they are exact, else the mean over ranks.
+def _inner_metrics(parts, *, per_sample: bool, sync: dict | None, ctx: Context):
+    """Inner-loop metrics of the global batch where they are exact, else the mean over ranks:
+    (losses, gradient norms, largest per-tensor norms), a list each, one value per inner step.
 
     Per-sample phi: inner losses add up over rows (sum over ranks), gradient norms are norms of
     row-disjoint tensors (square root of the summed squares). Shared phi with sync: losses are
@@ -329,22 +211,12 @@ def _inner_metrics(parts, *, per_sample: bool, sync: dict | None, ctx: Context) 
         packed = packed / ctx.world_size
         k = len(losses)
         losses, norms, largest = packed[:k], packed[k : 2 * k], packed[2 * k :]
-        return _inner_record(losses, norms, largest)
+        return losses.tolist(), norms.tolist(), largest.tolist()
     largest = per_key.amax(0) if per_key is not None else torch.full_like(norms, math.nan)
-    return _inner_record(losses, norms, largest)
+    return losses.tolist(), norms.tolist(), largest.tolist()
 
 
-def _inner_record(losses, norms, largest) -> dict[str, float]:
-    record = {}
-    for k, (value, norm, big) in enumerate(zip(losses.tolist(), norms.tolist(), largest.tolist())):
-        record[f"inner_loss_{k + 1}"] = value
-        record[f"inner_grad_norm_{k + 1}"] = norm
-        if math.isfinite(big):
-            record[f"inner_max_tensor_norm_{k + 1}"] = big
-    return record
-
-
-def sync_shares(local: Draws, draws: Draws) -> list[float]:
+def sync_shares(local, draws) -> list[float]:
     """n_r^k / N^k for each inner step's loss mask."""
     return [
         float(mine.sum()) / max(1.0, float(whole.sum()))
@@ -359,16 +231,11 @@ def reduce_metrics(step, loss, parts, per_sample, sync, ctx: Context) -> dict[st
         values.append(parts["loss_off"].detach().double().reshape(()))
     packed = torch.stack(values)
     ctx.all_reduce(packed)
-    record: dict[str, Any] = {"step": step, "loss": float(packed[0])}
+    inner = ([], [], [])
     if "info" in parts:
-        record.update(_inner_metrics(parts, per_sample=per_sample, sync=sync, ctx=ctx))
-    if any(not math.isfinite(v) for k, v in record.items() if k.startswith("inner_loss_")):
-        record["inner_nonfinite"] = True  # as `method.step.step_metrics`: the step is skipped
-        record["loss"] = math.nan
-    if len(values) > 1:
-        record["loss_off"] = float(packed[1])
-        record["gap"] = record["loss_off"] - record["loss"]
-    return record
+        inner = _inner_metrics(parts, per_sample=per_sample, sync=sync, ctx=ctx)
+    off = float(packed[1]) if len(values) > 1 else None
+    return {"step": step, **step_record(float(packed[0]), off, *inner)}
 
 
 def clip(model: nn.Module, max_norm: float) -> float:

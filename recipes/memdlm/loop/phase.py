@@ -8,6 +8,7 @@ once finished, `model.pt`. Starting a phase whose folder has `model.pt` reuses i
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +23,9 @@ from recipes.memdlm.loop.parallel import (
     Context,
     StepModule,
     clip,
-    draw_global,
     inner_grad_sync,
-    local_step,
     reduce_metrics,
     sync_shares,
-    take_rows,
 )
 from recipes.memdlm.loop.progress import Reporter
 from recipes.memdlm.loop.schedule import cosine_with_warmup
@@ -55,183 +53,234 @@ from recipes.memdlm.loop.steps import (
 )
 from recipes.memdlm.method import (
     compile_steps,
+    draw,
     make_fast_weights,
+    sample_anchor,
+    step_loss,
 )
+
+
+@dataclass
+class StepSettings:
+    """What a step needs besides the model and the data (`phase_options` builds it from the
+    configuration). anchors: Standard only, independent anchors per batch, the loss averaged
+    over them (the compute-matched control). sync_inner: all-reduce the inner gradients of
+    shared fast weights across ranks. compiled: the steps through `torch.compile`."""
+
+    method: str
+    memdlm: MemDLMConfig
+    mask_id: int
+    time_eps: float = 1e-3
+    loss_backend: str | None = "auto"
+    compiled: bool = False
+    sync_inner: bool = False
+    anchors: int = 1
 
 
 def train_phase(
     model: nn.Module,
     *,
-    method: str,
     phase: PhaseConfig,
-    memdlm: MemDLMConfig,
     sampler: BatchSampler,
     seed: int,
     folder: Path,
     log: MetricsLog,
     reporter: Reporter,
-    mask_id: int,
     ctx: Context | None = None,
-    time_eps: float = 1e-3,
-    loss_backend: str | None = "auto",
-    compiled: bool = False,
-    sync_inner: bool = False,
-    anchors: int = 1,
+    **settings,
 ) -> PhaseResult:
-    """Train `model` in place for `phase.steps` steps with `method` ("standard" or "memdlm").
-
-    The one training phase, for one process (`ctx` None) and for `torchrun` jobs alike
-    (`ctx` from `parallel.init`): every rank draws the global batch and its random draws, keeps
-    its rows (`parallel.take_rows`), and the loss is normalised by the global token count, so
-    N processes compute the one-process step (docs/scaling.md). `model` is the unwrapped model
-    on `ctx.device`, identical on every rank; it is wrapped here (DDP, or sharded in place with
-    FSDP2). Rank 0 writes the metrics and the checkpoints (FSDP: every rank its shards).
-
-    loss_backend: the fused loss's kernel ("auto", "reference", "triton") or None for the plain
-    logits path (`method.fused_head`). compiled: run the steps through `torch.compile`
-    (`method.compile_steps`; the first steps pay the compilation). sync_inner: all-reduce the
-    inner gradients of shared fast weights across ranks. anchors: Standard only, independent
-    anchors per batch, the loss averaged over them (the compute-matched control,
-    `Config.standard_anchors`). Returns the result on every rank.
-    """
-    if anchors < 1 or (anchors > 1 and method != "standard"):
-        raise ValueError(f"anchors={anchors}: more than one anchor per batch is for Standard")
-    if ctx is None:
-        ctx = Context.single(next(model.parameters()).device)
-    if sync_inner and memdlm.per_sample and method == "memdlm":
-        raise UserError(
-            "distributed.sync_inner applies to shared fast weights; per-sample "
-            "fast weights are already exact across ranks (memdlm.per_sample=true)"
-        )
-    rows = ctx.rows(phase.batch_size)
-    folder.mkdir(parents=True, exist_ok=True)
-    done = folder / "model.pt"
+    """Train `model` in place for `phase.steps` steps of `settings.method` ("standard" or
+    "memdlm"; `StepSettings` fields as keywords), in one process (`ctx` None) or under torchrun
+    (`ctx` from `parallel.init`): every rank draws the global step and keeps its rows, so N
+    processes compute the one-process step (docs/scaling.md). Rank 0 writes the metrics and
+    checkpoints (FSDP: every rank its shards). Returns the result on every rank."""
+    s = StepSettings(**settings)
+    ctx = ctx or Context.single(next(model.parameters()).device)
+    check_settings(s)
     if (finished := finished_phase(folder, model, reporter)) is not None:
         return finished
-
-    fsdp = ctx.strategy == "fsdp"
-    if fsdp and (folder / "checkpoint.pt").exists() and not (folder / DCP_FOLDER).exists():
-        raise UserError(
-            f"{folder} holds a DDP/single-process checkpoint; resume it with "
-            "distributed.strategy=ddp (FSDP resumes from checkpoint.dcp/)"
-        )
-    resume_pt = None if fsdp else folder / "checkpoint.pt"
-    resume_state = ckpt.load(resume_pt) if resume_pt is not None and resume_pt.exists() else None
-    if resume_state is not None:
-        model.load_state_dict(resume_state["model"])
-
-    mem = make_fast_weights(model, memdlm) if method == "memdlm" else None
-    runner = None  # one process: the step runs on the model itself
-    if fsdp:
-        runner = shard_model(model, ctx)
-    elif ctx.distributed:
-        device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-        runner = nn.parallel.DistributedDataParallel(
-            StepModule(model),
-            device_ids=device_ids,
-            forward_sync_buffers=False,
-            find_unused_parameters=find_unused(model),
-        )
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=phase.lr, betas=(0.9, 0.999), weight_decay=phase.weight_decay
-    )
-    factor = cosine_with_warmup(phase.steps, phase.warmup_ratio, phase.min_lr_ratio)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    generators = phase_generators(seed, ctx.device)
-    compiled_steps = compile_steps() if compiled else None
-    counters = new_counters()
-
-    def save_checkpoint() -> None:
-        extra = resume_payload(optimizer, scheduler, sampler, generators, counters)
-        if fsdp:
-            del extra["optimizer"]  # in the sharded part
-            save_dcp(folder, model, optimizer, extra, ctx)
-            return
-        if ctx.is_main:
-            ckpt.save(folder / "checkpoint.pt", {"model": model.state_dict(), **extra})
-        ctx.barrier()
-
-    if resume_state is not None:
-        restore(resume_state, optimizer, scheduler, sampler, generators, counters)
-    elif fsdp and (folder / DCP_FOLDER).exists():
-        restore(load_dcp(folder, model, optimizer), None, scheduler, sampler, generators, counters)
-    if ctx.is_main:  # as the single-process phase: records past the checkpoint are redone
-        log.drop_after(counters["step"] - 1)
-        ckpt.remove_stale_temporaries(folder)
-    if counters["step"]:
-        reporter.note(f"resuming {folder} at step {counters['step']} on {ctx.world_size} ranks")
-
-    def one_step(step: int) -> StepOutcome:
-        draws = draw_global(
-            sampler,
-            generators,
-            model=model,
-            mem=mem,
-            memdlm=memdlm,
-            mask_id=mask_id,
-            time_eps=time_eps,
-            device=ctx.device,
-            anchors=anchors,
-        )
-        local = take_rows(draws, rows, per_sample=memdlm.per_sample)
-        n_global = int(draws.batch.maskable.sum())
-        log_gap = mem is not None and step % memdlm.gap_every == 0
-        options: dict[str, Any] = {"loss_backend": loss_backend, "compiled": compiled_steps}
-        sync = None
-        if mem is not None and sync_inner:
-            sync = {"shares": sync_shares(local, draws), "record": []}
-            options["grad_sync"] = inner_grad_sync(sync["shares"], sync["record"])
-
-        def step_fn(net):
-            return local_step(
-                net,
-                mem,
-                local,
-                n_global=n_global,
-                memdlm=memdlm,
-                mask_id=mask_id,
-                log_gap=log_gap,
-                options=options,
-            )
-
-        with autocast_for(ctx.device):
-            loss, parts = runner(step_fn) if runner is not None and not fsdp else step_fn(model)
-        record = reduce_metrics(step, loss, parts, memdlm.per_sample, sync, ctx)
-
-        def backward() -> float:
-            (loss * ctx.world_size).backward()  # undo the mean over ranks of DDP / FSDP
-            return clip(model, phase.grad_clip)
-
-        return StepOutcome(record, backward, int(draws.batch.x0.numel()))
-
+    folder.mkdir(parents=True, exist_ok=True)
+    resumed = resume_state(model, folder, ctx)
+    mem = make_fast_weights(model, s.memdlm) if s.method == "memdlm" else None
+    state = PhaseState.start(model, resumed, phase, sampler, seed, folder, ctx, reporter, log)
+    one_step = step_function(model, mem, s, state, ctx)
     model.train()
     try:
         with denormals_flushed():
             run_steps(
                 one_step,
                 phase=phase,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                counters=counters,
-                save_checkpoint=save_checkpoint,
+                optimizer=state.optimizer,
+                scheduler=state.scheduler,
+                counters=state.counters,
+                save_checkpoint=state.save,
                 log=log,
                 reporter=reporter,
-                label=f"{log.tags.get('phase')}/{method}",
+                label=f"{log.tags.get('phase')}/{s.method}",
                 folder=folder,
                 write_log=ctx.is_main,
             )
     finally:
         if mem is not None:
             mem.remove()
+    return state.finish(log)
 
-    save_checkpoint()
-    weights = full_state_dict(model, ctx)
-    result = summarise(log.records(), counters) if ctx.is_main else None
-    result = ctx.broadcast(result)
-    if ctx.is_main:
-        ckpt.save(done, {"model": weights, "result": result.__dict__})
-    ctx.barrier()
-    return result
+
+def check_settings(s: StepSettings) -> None:
+    if s.anchors < 1 or (s.anchors > 1 and s.method != "standard"):
+        raise UserError(f"anchors={s.anchors}: more than one anchor per batch is for Standard")
+    if s.sync_inner and s.memdlm.per_sample and s.method == "memdlm":
+        raise UserError(
+            "distributed.sync_inner applies to shared fast weights; per-sample "
+            "fast weights are already exact across ranks (memdlm.per_sample=true)"
+        )
+
+
+def step_function(model, mem, s: StepSettings, state: PhaseState, ctx: Context):
+    """`one_step(step) -> StepOutcome` for `run_steps`: draw the global step (`method.draw`),
+    keep this rank's rows, compute the loss (`method.step_loss`), reduce the metrics."""
+    rows = ctx.rows(state.sampler.batch_size)
+    compiled = compile_steps() if s.compiled else None
+    generators = state.generators
+
+    def one_step(step: int) -> StepOutcome:
+        batch = state.sampler.next().to(ctx.device)
+        anchor = sample_anchor(
+            batch, mask_id=s.mask_id, eps=s.time_eps, generator=generators["anchor"]
+        )
+        draws = draw(
+            model, mem, batch, anchor, s.memdlm, generators["inner"],
+            mask_id=s.mask_id, time_eps=s.time_eps, anchors=s.anchors,
+        )  # fmt: skip
+        local = draws.rows(rows, per_sample=s.memdlm.per_sample)
+        share = int(local.batch.maskable.sum()) / max(1, int(batch.maskable.sum()))
+        sync = None
+        if mem is not None and s.sync_inner:
+            sync = {"shares": sync_shares(local, draws), "record": []}
+
+        def loss_of(net):
+            return step_loss(
+                net, mem, local, s.memdlm, mask_id=s.mask_id,
+                log_gap=mem is not None and step % s.memdlm.gap_every == 0,
+                loss_backend=s.loss_backend, compiled=compiled, share=share,
+                grad_sync=None if sync is None else inner_grad_sync(sync["shares"], sync["record"]),
+            )  # fmt: skip
+
+        with autocast_for(ctx.device):
+            loss, parts = state.run(loss_of)
+        record = reduce_metrics(step, loss, parts, s.memdlm.per_sample, sync, ctx)
+
+        def backward() -> float:
+            (loss * ctx.world_size).backward()  # undo the mean over ranks of DDP / FSDP
+            return clip(model, state.phase.grad_clip)
+
+        return StepOutcome(record, backward, int(batch.x0.numel()))
+
+    return one_step
+
+
+@dataclass
+class PhaseState:
+    """A phase's optimizer, schedule, data position, generators and counters (restored from
+    its checkpoint when there is one), the model's runner (itself, DDP, or FSDP-sharded in
+    place), and its checkpoint writer."""
+
+    model: nn.Module
+    phase: PhaseConfig
+    sampler: BatchSampler
+    folder: Path
+    ctx: Context
+    runner: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    generators: dict[str, torch.Generator]
+    counters: dict[str, Any]
+
+    @classmethod
+    def start(cls, model, resumed, phase, sampler, seed, folder, ctx, reporter, log):
+        """Wrap the model (before the optimizer: FSDP2 replaces its parameters), build the
+        optimizer and schedule, and restore `resumed` (or FSDP's sharded checkpoint)."""
+        runner = _runner(model, ctx)
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=phase.lr, betas=(0.9, 0.999), weight_decay=phase.weight_decay
+        )
+        factor = cosine_with_warmup(phase.steps, phase.warmup_ratio, phase.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        generators, counters = phase_generators(seed, ctx.device), new_counters()
+        if resumed is not None:
+            restore(resumed, optimizer, scheduler, sampler, generators, counters)
+        elif ctx.strategy == "fsdp" and (folder / DCP_FOLDER).exists():
+            restore(
+                load_dcp(folder, model, optimizer), None, scheduler, sampler, generators, counters
+            )
+        if ctx.is_main:  # as the single-process phase: records past the checkpoint are redone
+            log.drop_after(counters["step"] - 1)
+            ckpt.remove_stale_temporaries(folder)
+        if counters["step"]:
+            reporter.note(f"resuming {folder} at step {counters['step']} on {ctx.world_size} ranks")
+        return cls(
+            model, phase, sampler, folder, ctx, runner, optimizer, scheduler, generators, counters
+        )
+
+    def run(self, loss_of):
+        """`loss_of(model)` through the runner (DDP needs its forward to run the step)."""
+        if self.runner is None or self.ctx.strategy == "fsdp":
+            return loss_of(self.model)
+        return self.runner(loss_of)
+
+    def save(self) -> None:
+        extra = resume_payload(
+            self.optimizer, self.scheduler, self.sampler, self.generators, self.counters
+        )
+        if self.ctx.strategy == "fsdp":
+            del extra["optimizer"]  # in the sharded part
+            save_dcp(self.folder, self.model, self.optimizer, extra, self.ctx)
+            return
+        if self.ctx.is_main:
+            ckpt.save(self.folder / "checkpoint.pt", {"model": self.model.state_dict(), **extra})
+        self.ctx.barrier()
+
+    def finish(self, log: MetricsLog) -> PhaseResult:
+        """The last checkpoint, `model.pt` (full weights and the result), the result."""
+        self.save()
+        weights = full_state_dict(self.model, self.ctx)
+        result = summarise(log.records(), self.counters) if self.ctx.is_main else None
+        result = self.ctx.broadcast(result)
+        if self.ctx.is_main:
+            ckpt.save(self.folder / "model.pt", {"model": weights, "result": result.__dict__})
+        self.ctx.barrier()
+        return result
+
+
+def resume_state(model, folder: Path, ctx: Context) -> dict[str, Any] | None:
+    """The single-process/DDP checkpoint's state (its weights loaded into `model`), or None."""
+    fsdp = ctx.strategy == "fsdp"
+    if fsdp and (folder / "checkpoint.pt").exists() and not (folder / DCP_FOLDER).exists():
+        raise UserError(
+            f"{folder} holds a DDP/single-process checkpoint; resume it with "
+            "distributed.strategy=ddp (FSDP resumes from checkpoint.dcp/)"
+        )
+    path = folder / "checkpoint.pt"
+    if fsdp or not path.exists():
+        return None
+    state = ckpt.load(path)
+    model.load_state_dict(state["model"])
+    return state
+
+
+def _runner(model, ctx: Context):
+    """None (one process: the step runs on the model), DDP, or FSDP2 (sharded in place)."""
+    if ctx.strategy == "fsdp":
+        return shard_model(model, ctx)
+    if not ctx.distributed:
+        return None
+    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(
+        StepModule(model),
+        device_ids=device_ids,
+        forward_sync_buffers=False,
+        find_unused_parameters=find_unused(model),
+    )
 
 
 # ------------------------------------------------------------------ shared by both trainers

@@ -32,15 +32,17 @@ from recipes.memdlm.method.losses import (
     outer_loss,
     sample_anchor,
     standard_loss,
-    standard_step,
 )
 from recipes.memdlm.method.split import Split, first_fast_layer, split_point
 from recipes.memdlm.method.step import (
-    InnerDraws,
+    Draws,
     compile_steps,
-    draw_inner,
+    draw,
     memdlm_core,
     memdlm_step,
+    standard_step,
+    step_loss,
+    step_record,
 )
 from recipes.memdlm.method.trajectory import (
     loss_masks,
@@ -56,7 +58,7 @@ from recipes.memdlm.method.trajectory import (
 __all__ = [
     "SCHEDULE",
     "Adaptation",
-    "InnerDraws",
+    "Draws",
     "Anchor",
     "InnerProblem",
     "InnerState",
@@ -66,7 +68,7 @@ __all__ = [
     "adapt_on_trajectory",
     "adapt_to_prompt",
     "compile_steps",
-    "draw_inner",
+    "draw",
     "first_fast_layer",
     "fused_head",
     "head_loss",
@@ -91,6 +93,8 @@ __all__ = [
     "token_divergence",
     "standard_loss",
     "standard_step",
+    "step_loss",
+    "step_record",
     "trajectory_masks",
     "without_outer",
 ]

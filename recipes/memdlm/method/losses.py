@@ -8,7 +8,6 @@ projected, docs/kernels.md).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -120,17 +119,3 @@ def standard_loss(model, batch: Batch, anchor: Anchor, loss_backend: str | None 
         normalize="token",
         loss_backend=loss_backend,
     )
-
-
-def standard_step(
-    model,
-    batch: Batch,
-    anchor: Anchor,
-    *,
-    loss_backend: str | None = "auto",
-    compiled: dict[str, Callable] | None = None,
-) -> StepOutput:
-    """compiled: from `compile_steps` (None = eager)."""
-    loss_fn = compiled["standard"] if compiled is not None else standard_loss
-    loss = loss_fn(model, batch, anchor, loss_backend)
-    return StepOutput(loss, {"loss": loss.item()})

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -33,13 +34,19 @@ from recipes.memdlm.config import MemDLMConfig
 from recipes.memdlm.data.batches import Batch
 from recipes.memdlm.method.inner import (
     InnerProblem,
-    adapt_on_trajectory,
     init_fast_weights,
     inner_states,
     objective_options,
     solve_inner,
 )
-from recipes.memdlm.method.losses import SCHEDULE, Anchor, StepOutput, head_loss, standard_loss
+from recipes.memdlm.method.losses import (
+    SCHEDULE,
+    Anchor,
+    StepOutput,
+    head_loss,
+    sample_anchor,
+    standard_loss,
+)
 from recipes.memdlm.method.split import split_point
 from recipes.memdlm.method.trajectory import (
     loss_masks,
@@ -52,18 +59,78 @@ from recipes.memdlm.method.trajectory import (
 
 
 @dataclass
-class InnerDraws:
-    """The random draws of one MemDLM step after its anchor (in the order they are drawn)."""
+class Draws:
+    """Everything random in one training step, drawn before any model call (so that the rest
+    is one deterministic, compile-clean function, and every rank of a torchrun job draws the
+    global step and keeps its rows, `rows`).
 
-    inputs: list[torch.Tensor]  # inner-step input masks
-    targets: list[torch.Tensor]  # inner-step loss masks
-    teachers: list[torch.Tensor | None]  # look-ahead masks (distillation, newly_revealed)
-    phi0: dict[str, torch.Tensor]
-    outer: torch.Tensor | None  # the leak-free control's outer positions O, else None
+    batch, anchor: the global batch and its x_t (both methods). MemDLM: the inner steps' input
+    and loss masks, the look-ahead masks of the distillation objectives, phi_0, and the
+    leak-free control's outer positions O (None unless `leak_free`). Standard with more than
+    one anchor per batch (the compute-matched control): the extra anchors.
+    """
+
+    batch: Batch
+    anchor: Anchor
+    inputs: list[torch.Tensor] = field(default_factory=list)
+    targets: list[torch.Tensor] = field(default_factory=list)
+    teachers: list[torch.Tensor | None] = field(default_factory=list)
+    phi0: dict[str, torch.Tensor] | None = None
+    outer: torch.Tensor | None = None
+    extra_anchors: list[Anchor] = field(default_factory=list)
+
+    def rows(self, rows: slice, *, per_sample: bool) -> Draws:
+        """The rows that belong to one rank. A tensor that is one object stays one object (the
+        MemDLM step recognises the anchor mask among the inner inputs by identity); a shared
+        phi_0 (no batch dim) is every rank's."""
+        cut: dict[int, torch.Tensor] = {}
+
+        def of(tensor: torch.Tensor) -> torch.Tensor:
+            if id(tensor) not in cut:
+                cut[id(tensor)] = tensor[rows]
+            return cut[id(tensor)]
+
+        def anchor_of(a: Anchor) -> Anchor:
+            return Anchor(of(a.t), of(a.mask), of(a.xt))
+
+        b, phi0 = self.batch, self.phi0
+        if phi0 is not None and per_sample:
+            phi0 = {k: of(v) for k, v in phi0.items()}
+        return Draws(
+            Batch(of(b.x0), of(b.maskable), of(b.prompt_lengths)),
+            anchor_of(self.anchor),
+            [of(m) for m in self.inputs],
+            [of(m) for m in self.targets],
+            [None if m is None else of(m) for m in self.teachers],
+            phi0,
+            None if self.outer is None else of(self.outer),
+            [anchor_of(a) for a in self.extra_anchors],
+        )
 
 
-def draw_inner(model, mem, batch: Batch, anchor: Anchor, cfg: MemDLMConfig, generator):
-    """Trajectory masks, then phi_0, then (leak_free) the outer positions, from `generator`."""
+def draw(
+    model,
+    mem,
+    batch: Batch,
+    anchor: Anchor,
+    cfg: MemDLMConfig,
+    generator,
+    *,
+    mask_id: int,
+    time_eps: float = 1e-3,
+    anchors: int = 1,
+) -> Draws:
+    """The step's draws after its batch and anchor, from `generator` (the inner stream).
+
+    MemDLM (mem given): trajectory masks, then phi_0, then (leak_free) the outer positions, in
+    that order. Standard: `anchors - 1` extra anchors (the stream is otherwise unused by it).
+    """
+    if mem is None:
+        extra = [
+            sample_anchor(batch, mask_id=mask_id, eps=time_eps, generator=generator)
+            for _ in range(anchors - 1)
+        ]
+        return Draws(batch, anchor, extra_anchors=extra)
     inputs = trajectory_masks(anchor.mask, batch.maskable, cfg, generator)
     teachers = teacher_masks(inputs, anchor.mask, cfg)
     targets = loss_masks(inputs, anchor.mask, cfg.inner_loss_mask, teachers)
@@ -72,7 +139,7 @@ def draw_inner(model, mem, batch: Batch, anchor: Anchor, cfg: MemDLMConfig, gene
     if cfg.leak_free:
         outer = outer_positions(anchor.mask, cfg.leak_free_fraction, generator)
         inputs, targets, teachers = without_outer(inputs, targets, teachers, outer)
-    return InnerDraws(inputs, targets, teachers, phi0, outer)
+    return Draws(batch, anchor, inputs, targets, teachers, phi0, outer)
 
 
 def outer_losses(
@@ -112,21 +179,6 @@ def outer_losses(
     return loss, off
 
 
-def step_metrics(loss, off, losses, grad_norms, max_tensor_norms) -> dict[str, float]:
-    metrics = {"loss": loss.item()}
-    for k, (value, norm, largest) in enumerate(zip(losses, grad_norms, max_tensor_norms), 1):
-        metrics[f"inner_loss_{k}"] = value
-        metrics[f"inner_grad_norm_{k}"] = norm
-        metrics[f"inner_max_tensor_norm_{k}"] = largest
-    if not all(math.isfinite(value) for value in losses):
-        metrics["inner_nonfinite"] = True  # phi is not finite: the outer loss is skipped too
-        metrics["loss"] = math.nan
-    if off is not None:
-        metrics["loss_off"] = off.item()
-        metrics["gap"] = off.item() - loss.item()
-    return metrics
-
-
 def memdlm_core(
     model,
     mem,
@@ -148,7 +200,7 @@ def memdlm_core(
     Returns (loss, loss with fast weights off or None, inner info dict of tensors). grad_sync:
     see `inner_optimizer` (data-parallel training with shared fast weights). teachers: the
     look-ahead masks (`trajectory.teacher_masks`; needed by the distillation objectives).
-    outer: the leak-free control's outer positions (`InnerDraws.outer`).
+    outer: the leak-free control's outer positions (`Draws.outer`).
     """
     split = split_point(model, mem, cfg)
     hidden_t = split.early(model, anchor.xt)  # with grad: reused by the outer pass
@@ -179,6 +231,99 @@ def memdlm_core(
     return loss, off, info
 
 
+def step_loss(
+    model,
+    mem,
+    draws: Draws,
+    cfg: MemDLMConfig,
+    *,
+    mask_id: int,
+    log_gap: bool,
+    loss_backend: str | None = "auto",
+    compiled: dict[str, Callable] | None = None,
+    grad_sync=None,
+    share: float = 1.0,
+):
+    """The step's loss from its draws, for both methods: (loss times `share`, parts).
+
+    Standard (mem None): the masked-diffusion loss on x_t, averaged over the anchors. MemDLM:
+    `memdlm_core` (the inner loop on phi, then the outer loss with phi bound); parts holds the
+    inner loop's info and, with log_gap, the fast-weights-off loss. share: this rank's fraction
+    of the global batch's maskable tokens (1 in one process), so that the ranks' losses add up
+    to the one-process loss. compiled: from `compile_steps` (None = eager). grad_sync: see
+    `inner_optimizer`.
+    """
+    if mem is None:
+        loss_fn = compiled["standard"] if compiled is not None else standard_loss
+        anchors = [draws.anchor, *draws.extra_anchors]
+        loss = sum(loss_fn(model, draws.batch, a, loss_backend) for a in anchors[1:])
+        loss = loss_fn(model, draws.batch, anchors[0], loss_backend) + loss
+        return loss * (share / len(anchors)), {}
+    core = compiled["memdlm"] if compiled is not None else memdlm_core
+    loss, off, info = core(
+        model,
+        mem,
+        draws.batch,
+        draws.anchor,
+        draws.inputs,
+        draws.targets,
+        draws.phi0,
+        cfg,
+        mask_id,
+        log_gap,
+        loss_backend,
+        grad_sync=grad_sync,
+        teachers=draws.teachers,
+        outer=draws.outer,
+    )
+    parts = {"info": info}
+    if off is not None:
+        parts["loss_off"] = off * share
+    return loss * share, parts
+
+
+def step_record(loss: float, off: float | None, losses, norms, largest) -> dict[str, Any]:
+    """The logged record of a step from plain numbers (one process, or reduced over ranks):
+    loss, the inner losses, gradient norms and largest per-tensor norms per inner step, and the
+    fast-weights-off loss and the gap when measured. A non-finite inner loss means phi is not
+    finite: the step is skipped, so its loss (and gap) are NaN and `inner_nonfinite` is set."""
+    record: dict[str, Any] = {"loss": loss}
+    for k, (value, norm, big) in enumerate(zip(losses, norms, largest), 1):
+        record[f"inner_loss_{k}"] = value
+        record[f"inner_grad_norm_{k}"] = norm
+        if math.isfinite(big):
+            record[f"inner_max_tensor_norm_{k}"] = big
+    if not all(math.isfinite(value) for value in losses):
+        record["inner_nonfinite"] = True
+        record["loss"] = math.nan
+    if off is not None:
+        record["loss_off"] = off
+        record["gap"] = off - record["loss"]
+    return record
+
+
+def standard_step(
+    model,
+    batch: Batch,
+    anchor: Anchor,
+    *,
+    loss_backend: str | None = "auto",
+    compiled: dict[str, Callable] | None = None,
+) -> StepOutput:
+    """One standard step in one process (without the optimizer update): `step_loss`."""
+    loss, _ = step_loss(
+        model,
+        None,
+        Draws(batch, anchor),
+        MemDLMConfig(),
+        mask_id=-1,
+        log_gap=False,
+        loss_backend=loss_backend,
+        compiled=compiled,
+    )
+    return StepOutput(loss, step_record(loss.item(), None, [], [], []))
+
+
 def memdlm_step(
     model,
     mem,
@@ -192,58 +337,26 @@ def memdlm_step(
     loss_backend: str | None = "auto",
     compiled: dict[str, Callable] | None = None,
 ) -> StepOutput:
-    """One MemDLM training step (without the optimizer update). See the module docstring.
-
-    compiled: from `compile_steps`; the masks and phi_0 are then drawn here and the rest of the
-    step runs as one compiled graph (`memdlm_core`). None = eager.
-    """
-    if compiled is not None or cfg.leak_free:
-        draws = draw_inner(model, mem, batch, anchor, cfg, generator)
-        core = compiled["memdlm"] if compiled is not None else memdlm_core
-        loss, off, info = core(
-            model,
-            mem,
-            batch,
-            anchor,
-            draws.inputs,
-            draws.targets,
-            draws.phi0,
-            cfg,
-            mask_id,
-            log_gap,
-            loss_backend,
-            teachers=draws.teachers,
-            outer=draws.outer,
-        )
-        largest = torch.stack(list(info["grad_norms"].values())).amax(0)
-        metrics = step_metrics(
-            loss, off, info["loss"].tolist(), info["grad_norm"].tolist(), largest.tolist()
-        )
-        return StepOutput(loss, metrics)
-    split = split_point(model, mem, cfg)
-    hidden_t = split.early(model, anchor.xt)  # with grad: reused by the outer pass
-    adaptation = adapt_on_trajectory(
+    """One MemDLM step in one process (without the optimizer update): `draw` from `generator`,
+    then `step_loss` (see the module docstring); compiled: from `compile_steps`."""
+    draws = draw(model, mem, batch, anchor, cfg, generator, mask_id=mask_id)
+    loss, parts = step_loss(
         model,
         mem,
-        batch.x0,
-        batch.maskable,
-        anchor.mask,
+        draws,
         cfg,
         mask_id=mask_id,
-        generator=generator,
-        per_sample=cfg.per_sample,
-        anchor_hidden=hidden_t,
+        log_gap=log_gap,
         loss_backend=loss_backend,
-        allow_nonfinite=True,
-        anchor_t=anchor.t,
+        compiled=compiled,
     )
-    loss, off = outer_losses(
-        model, mem, adaptation.phi, hidden_t, split, batch, anchor, log_gap, loss_backend
+    info = parts["info"]
+    largest = torch.stack(list(info["grad_norms"].values())).amax(0)
+    off = parts["loss_off"].item() if "loss_off" in parts else None
+    record = step_record(
+        loss.item(), off, info["loss"].tolist(), info["grad_norm"].tolist(), largest.tolist()
     )
-    metrics = step_metrics(
-        loss, off, adaptation.losses, adaptation.grad_norms, adaptation.max_tensor_norms
-    )
-    return StepOutput(loss, metrics)
+    return StepOutput(loss, record)
 
 
 def compile_steps(compiler: Callable[[Callable], Callable] | None = None) -> dict[str, Callable]:

@@ -16,10 +16,10 @@ from recipes.memdlm.backbones.load import new_model
 from recipes.memdlm.config import build_config
 from recipes.memdlm.data.batches import BatchSampler, Encoded
 from recipes.memdlm.data.prepare import prepare_data
-from recipes.memdlm.loop import parallel
 from recipes.memdlm.loop import phase as train
 from recipes.memdlm.loop import steps as loop_steps
 from recipes.memdlm.loop.progress import Reporter
+from recipes.memdlm.method import step as method_step
 
 # Losses of the four steps of the smoke preset (seed 1) on synthetic rows, recorded from this
 # implementation (torch 2.13 CPU, float32). A change means the numerics of a training step changed.
@@ -133,7 +133,7 @@ def test_non_finite_losses_are_skipped_counted_and_stop_training(setup, tmp_path
         return loss * float("nan") if sometimes_nan.calls - 1 in bad_steps else loss
 
     sometimes_nan.calls = 0
-    monkeypatch.setattr(parallel, "standard_loss", sometimes_nan)
+    monkeypatch.setattr(method_step, "standard_loss", sometimes_nan)
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_nonfinite_in_row": 3})})
     with pytest.raises(
         loop_steps.TrainingError, match="3 non-finite losses or gradients in a row at step 5"
@@ -151,7 +151,7 @@ def test_a_skipped_step_leaves_the_weights_untouched(setup, tmp_path, monkeypatc
     def always_nan(*args):
         return real(*args) * float("nan")
 
-    monkeypatch.setattr(parallel, "standard_loss", always_nan)
+    monkeypatch.setattr(method_step, "standard_loss", always_nan)
     initial = new_model(cfg, data.tokenizer, seed=cfg.seed, device="cpu").state_dict()
     with pytest.raises(loop_steps.TrainingError):
         model, _, _ = run_phase(cfg, data, tmp_path, "standard", steps=10)

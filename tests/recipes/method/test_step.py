@@ -18,7 +18,7 @@ from recipes.memdlm import method
 from recipes.memdlm.config import MemDLMConfig
 from recipes.memdlm.data.batches import Batch, Encoded, collate
 from recipes.memdlm.loop.schedule import cosine_with_warmup
-from recipes.memdlm.method import inner as method_inner
+from recipes.memdlm.method import step as method_step
 
 MASK_ID, VOCAB = 13, 14
 
@@ -92,7 +92,7 @@ def reference_step(model, batch, anchor, pre_mask, phi0, cfg: MemDLMConfig, name
 def test_memdlm_step_equals_reference_pseudocode(cfg, monkeypatch):
     model = tiny_model()
     batch, anchor, pre_mask = fixed_batch()
-    monkeypatch.setattr(method_inner, "trajectory_masks", lambda *args: [pre_mask, anchor.mask])
+    monkeypatch.setattr(method_step, "trajectory_masks", lambda *args: [pre_mask, anchor.mask])
     mem = method.make_fast_weights(model, cfg)
     assert mem.targets == (
         "layers.1.mlp.gate_proj",
@@ -126,16 +126,16 @@ def test_inner_loop_is_first_order_and_leaves_no_fast_weight_gradient(monkeypatc
     cfg = MemDLMConfig(rank=4, alpha=8.0, inner_lr=0.5)
     model = tiny_model()
     batch, anchor, pre_mask = fixed_batch()
-    monkeypatch.setattr(method_inner, "trajectory_masks", lambda *args: [pre_mask, anchor.mask])
+    monkeypatch.setattr(method_step, "trajectory_masks", lambda *args: [pre_mask, anchor.mask])
     mem = method.make_fast_weights(model, cfg)
     captured = {}
-    real_adapt = method.adapt
+    real_solve = method.solve_inner
 
     def spy(*args, **kwargs):
-        captured["adaptation"] = real_adapt(*args, **kwargs)
-        return captured["adaptation"]
+        captured["phi"], captured["info"] = real_solve(*args, **kwargs)
+        return captured["phi"], captured["info"]
 
-    monkeypatch.setattr(method_inner, "adapt", spy)
+    monkeypatch.setattr(method_step, "solve_inner", spy)
     out = method.memdlm_step(
         model,
         mem,
@@ -146,10 +146,10 @@ def test_inner_loop_is_first_order_and_leaves_no_fast_weight_gradient(monkeypatc
         generator=torch.Generator().manual_seed(0),
         log_gap=False,
     )
-    phi = captured["adaptation"].phi
+    phi = captured["phi"]
     assert all(v.grad_fn is None and not v.requires_grad for v in phi.values())
     # A first step on B (A's gradient is zero while B = 0) then a step on both.
-    assert captured["adaptation"].grad_norms[0] > 0
+    assert captured["info"]["grad_norm"][0] > 0
     # The outer gradient is the plain gradient of L(theta, phi_2) with phi_2 constant.
     out.loss.backward()
     grads = {k: p.grad.clone() for k, p in model.named_parameters()}

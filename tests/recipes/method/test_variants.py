@@ -155,7 +155,9 @@ def test_step_equals_the_hand_written_loop(cfg):
     model = model_of(4 if cfg.distill_hidden_layers == "early" else 2)
     batch, anchor, _ = fixed_batch()
     mem = method.make_fast_weights(model, cfg)
-    draws = method.draw_inner(model, mem, batch, anchor, cfg, torch.Generator().manual_seed(5))
+    draws = method.draw(
+        model, mem, batch, anchor, cfg, torch.Generator().manual_seed(5), mask_id=MASK_ID
+    )
     loss, off, info = method.memdlm_core(
         model,
         mem,
@@ -193,7 +195,9 @@ def test_early_hidden_distillation_before_the_fast_layers_leaves_phi_unchanged()
     model = model_of(4)
     batch, anchor, _ = fixed_batch()
     mem = method.make_fast_weights(model, cfg)
-    draws = method.draw_inner(model, mem, batch, anchor, cfg, torch.Generator().manual_seed(5))
+    draws = method.draw(
+        model, mem, batch, anchor, cfg, torch.Generator().manual_seed(5), mask_id=MASK_ID
+    )
     loss, off, info = method.memdlm_core(
         model, mem, batch, anchor, draws.inputs, draws.targets, draws.phi0, cfg, MASK_ID, True,
         teachers=draws.teachers,
@@ -231,10 +235,12 @@ def test_leak_free_inner_loop_never_sees_the_outer_targets():
     model = model_of(2)
     batch, anchor, _ = fixed_batch()
     mem = method.make_fast_weights(model, cfg)
-    draws = method.draw_inner(model, mem, batch, anchor, cfg, torch.Generator().manual_seed(1))
-    plain = method.draw_inner(
+    draws = method.draw(
+        model, mem, batch, anchor, cfg, torch.Generator().manual_seed(1), mask_id=MASK_ID
+    )
+    plain = method.draw(
         model, mem, batch, anchor, cfg.model_copy(update={"leak_free": False}),
-        torch.Generator().manual_seed(1),
+        torch.Generator().manual_seed(1), mask_id=MASK_ID,
     )  # fmt: skip
     mem.remove()
     outer = draws.outer
