@@ -32,7 +32,7 @@ import time
 import torch
 
 from recipes.memdlm import method
-from recipes.memdlm.backbones.load import new_model
+from recipes.memdlm.build import new_model
 from recipes.memdlm.config import build_config
 from recipes.memdlm.data.batches import BatchSampler
 from recipes.memdlm.data.prepare import prepare_data

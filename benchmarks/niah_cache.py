@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from recipes.memdlm.backbones.load import load_weights, new_model
+from recipes.memdlm.build import load_weights, new_model
 from recipes.memdlm.commands.bases import shipped_base
 from recipes.memdlm.config import build_config
 from recipes.memdlm.data.prepare import prepare_data

@@ -37,7 +37,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from recipes.memdlm import method
-from recipes.memdlm.backbones.load import new_model
+from recipes.memdlm.build import new_model
 from recipes.memdlm.config import build_config
 from recipes.memdlm.data.batches import BatchSampler
 from recipes.memdlm.data.prepare import prepare_data

@@ -125,6 +125,32 @@ def test_no_import_circle_anywhere():
     assert cycle is None, "import circle: " + " -> ".join(cycle)
 
 
+def unit_graph(graph: dict[str, set[str]], prefix: str = "recipes.memdlm.") -> dict:
+    """The module graph folded to the recipe's units: its subpackages and top-level modules."""
+    units: dict[str, set[str]] = {}
+
+    def unit(module: str) -> str | None:
+        return module[len(prefix) :].split(".")[0] if module.startswith(prefix) else None
+
+    for module, imports in graph.items():
+        if (me := unit(module)) is not None:
+            units.setdefault(me, set()).update(
+                u for m in imports if (u := unit(m)) is not None and u != me
+            )
+    return units
+
+
+def test_no_import_circle_between_the_recipes_subpackages():
+    """backbones/, data/, loop/, method/, eval/, commands/ and the top-level modules: the
+    model's construction and checkpoint loading sit in build.py, above all of them."""
+    cycle = find_cycle(unit_graph(import_graph()))
+    assert cycle is None, "subpackage circle: " + " -> ".join(cycle)
+    folded = unit_graph(
+        {"recipes.memdlm.a.x": {"recipes.memdlm.b.y"}, "recipes.memdlm.b.z": {"recipes.memdlm.a.w"}}
+    )
+    assert find_cycle(folded) == ["a", "b", "a"]
+
+
 def test_cycle_finder_finds_a_circle():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert find_cycle(graph) == ["a", "b", "c", "a"]

@@ -14,7 +14,7 @@ import torch
 import diffusion as dd
 import recipes.memdlm as memdlm
 from recipes.memdlm import api, method
-from recipes.memdlm.backbones.load import new_model
+from recipes.memdlm.build import new_model
 from recipes.memdlm.config import MemDLMConfig, build_config
 from recipes.memdlm.data.tasks import ByteTokenizer
 from recipes.memdlm.loop import checkpoint as ckpt

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from recipes.memdlm.backbones.load import announce, load_weights, new_model, resolve_device
+from recipes.memdlm.build import announce, load_weights, new_model, resolve_device
 from recipes.memdlm.commands.bases import base_key, differences, shipped_base
 from recipes.memdlm.commands.folders import (
     UsageError,

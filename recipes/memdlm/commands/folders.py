@@ -109,7 +109,8 @@ def checkpoint_config(args, extra, checkpoint: Path) -> Config:
 
 
 def load_model(args, extra):
-    from recipes.memdlm.backbones.load import load_weights, new_model, resolve_device, tokenizer_for
+    from recipes.memdlm.build import load_weights, new_model, resolve_device
+    from recipes.memdlm.data.prepare import tokenizer_for
 
     if args.checkpoint is None:  # a pretrained Hugging Face model as it is
         cfg = config_from_args(args, extra)

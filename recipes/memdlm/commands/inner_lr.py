@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from rich.table import Table
 
-from recipes.memdlm.backbones.load import resolve_device
+from recipes.memdlm.build import resolve_device
 from recipes.memdlm.commands.compare import fresh_base, obtain_base
 from recipes.memdlm.commands.folders import (
     UsageError,

@@ -17,7 +17,7 @@ from recipes.memdlm.commands.folders import (
 
 
 def cmd_train(args, extra, reporter) -> int:
-    from recipes.memdlm.backbones.load import announce, load_weights, new_model, resolve_device
+    from recipes.memdlm.build import announce, load_weights, new_model, resolve_device
     from recipes.memdlm.data.prepare import prepare_data
     from recipes.memdlm.loop import checkpoint as ckpt
     from recipes.memdlm.loop import parallel as distributed
@@ -110,7 +110,7 @@ def train_distributed(args, extra: list[str], reporter) -> int:
     """
     import torch.distributed as dist
 
-    from recipes.memdlm.backbones.load import announce, load_weights, new_model
+    from recipes.memdlm.build import announce, load_weights, new_model
     from recipes.memdlm.data.batches import BatchSampler
     from recipes.memdlm.data.prepare import prepare_data
     from recipes.memdlm.eval.suite import evaluate_model

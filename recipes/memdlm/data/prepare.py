@@ -8,7 +8,6 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from recipes.memdlm.backbones.load import tokenizer_for
 from recipes.memdlm.config import Config
 from recipes.memdlm.data.batches import (
     BatchSampler,
@@ -35,6 +34,21 @@ class Data:
     reports: dict[str, LengthReport]
     # The rows of each `data.pretrain_curriculum` stage, in order; empty without a curriculum.
     pretrain_curriculum: list[list[Encoded]] = field(default_factory=list)
+
+
+def tokenizer_for(cfg: Config):
+    """The run's tokenizer: bytes, or the Hugging Face model's own (`model.path`)."""
+    if not cfg.model.path:
+        return ByteTokenizer()
+    from recipes.memdlm.backbones import hf
+
+    m = cfg.model
+    return hf.load_tokenizer(
+        m.path,
+        mask_token=m.mask_token,
+        eos_token=m.eos_token,
+        trust_remote_code=m.trust_remote_code,
+    )
 
 
 def builtin_examples(cfg: Config) -> dict[str, list[Example]]:

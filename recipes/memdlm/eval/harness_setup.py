@@ -250,7 +250,8 @@ def load_run(
     """A run of this recipe (its folder, or its model.pt; the config from config.json beside
     it) or, with `path_or_none=None`, the Hugging Face model in folder `pretrained` with its own
     weights and the paper's inner-loop settings. The model is in eval mode on `device`."""
-    from recipes.memdlm.backbones.load import load_weights, new_model, tokenizer_for
+    from recipes.memdlm.build import load_weights, new_model
+    from recipes.memdlm.data.prepare import tokenizer_for
 
     where = pick_device(None if device is None else str(device))
     if path_or_none is not None:

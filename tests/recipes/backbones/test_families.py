@@ -370,7 +370,8 @@ def test_every_sampler_path_emits_only_decodable_ids(folders, name):
     """The recipe's model (logits cut to the tokenizer) never proposes an id the tokenizer
     lacks, nor the mask, on any sampler path (remasking rules, temperature, threshold, the KV
     caches, guidance); decoding its output never raises."""
-    from recipes.memdlm.backbones.load import new_model, tokenizer_for
+    from recipes.memdlm.build import new_model
+    from recipes.memdlm.data.prepare import tokenizer_for
 
     cfg = config(folders[name])
     tok = tokenizer_for(cfg)

@@ -28,10 +28,10 @@ import diffusion as dd  # noqa: E402
 import memory as mm  # noqa: E402
 from recipes.memdlm import method  # noqa: E402
 from recipes.memdlm.backbones import hf  # noqa: E402
-from recipes.memdlm.backbones.load import tokenizer_for  # noqa: E402
 from recipes.memdlm.cli import main  # noqa: E402
 from recipes.memdlm.config import build_config  # noqa: E402
 from recipes.memdlm.data.batches import Batch  # noqa: E402
+from recipes.memdlm.data.prepare import tokenizer_for  # noqa: E402
 from recipes.memdlm.data.tasks import filler_text  # noqa: E402
 
 KINDS = ("moe", "bert", "modernbert")

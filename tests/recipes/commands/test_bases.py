@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from recipes.memdlm.backbones.load import new_model
+from recipes.memdlm.build import new_model
 from recipes.memdlm.commands import bases
 from recipes.memdlm.commands.compare import obtain_base, run_compare
 from recipes.memdlm.config import build_config

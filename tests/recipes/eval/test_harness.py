@@ -34,7 +34,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 
 import diffusion as dd  # noqa: E402
 from recipes.memdlm import api  # noqa: E402
-from recipes.memdlm.backbones.load import new_model  # noqa: E402
+from recipes.memdlm.build import new_model  # noqa: E402
 from recipes.memdlm.config import build_config  # noqa: E402
 from recipes.memdlm.data.prepare import prepare_data  # noqa: E402
 from recipes.memdlm.data.tasks import ByteTokenizer  # noqa: E402

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from recipes.memdlm.backbones.load import new_model
+from recipes.memdlm.build import new_model
 from recipes.memdlm.config import build_config
 from recipes.memdlm.data.batches import BatchSampler, Encoded
 from recipes.memdlm.data.tasks import ByteTokenizer

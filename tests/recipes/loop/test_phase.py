@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from recipes.memdlm import method
-from recipes.memdlm.backbones.load import new_model
+from recipes.memdlm.build import new_model
 from recipes.memdlm.config import build_config
 from recipes.memdlm.data.batches import BatchSampler, Encoded
 from recipes.memdlm.data.prepare import prepare_data

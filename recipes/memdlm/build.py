@@ -1,5 +1,7 @@
-"""The run's model and tokenizer from its configuration: the reference Transformer over bytes, or
-a Hugging Face model (`model.path`, hf.py) with its own tokenizer; checkpoint loading."""
+"""The run's model from its configuration (the reference Transformer, or a Hugging Face model,
+`model.path`, through `backbones.hf`), its device, its weights from a checkpoint, and the line
+that announces it. Above `backbones/`, `data/` and `loop/`, so that none of them imports the
+others back through it."""
 
 from __future__ import annotations
 
@@ -11,7 +13,6 @@ import torch
 import diffusion as dd
 from recipes.memdlm.backbones import adapter, describe_line
 from recipes.memdlm.config import Config
-from recipes.memdlm.data.tasks import ByteTokenizer
 from recipes.memdlm.errors import UserError
 from recipes.memdlm.loop import checkpoint as ckpt
 
@@ -51,7 +52,10 @@ def resolve_device(name: str, kernels: str = "auto") -> torch.device:
     return device
 
 
-def new_model(cfg: Config, tok: ByteTokenizer, *, seed: int, device) -> torch.nn.Module:
+def new_model(cfg: Config, tok, *, seed: int, device) -> torch.nn.Module:
+    """The run's model on `device`, initialised from `seed`; tok: the run's tokenizer
+    (`data.prepare.tokenizer_for`: its size is the reference model's vocabulary, and a Hugging
+    Face model's logits are cut to it)."""
     torch.manual_seed(seed)
     if cfg.model.path:
         from recipes.memdlm.backbones import hf
@@ -67,21 +71,6 @@ def new_model(cfg: Config, tok: ByteTokenizer, *, seed: int, device) -> torch.nn
         max_seq_len=m.max_seq_len,
     )
     return model.to(device)
-
-
-def tokenizer_for(cfg: Config):
-    """The run's tokenizer: bytes, or the Hugging Face model's own (`model.path`)."""
-    if not cfg.model.path:
-        return ByteTokenizer()
-    from recipes.memdlm.backbones import hf
-
-    m = cfg.model
-    return hf.load_tokenizer(
-        m.path,
-        mask_token=m.mask_token,
-        eos_token=m.eos_token,
-        trust_remote_code=m.trust_remote_code,
-    )
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
