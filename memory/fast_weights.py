@@ -375,7 +375,7 @@ def _preview(items: list[str], limit: int = 4) -> str:
     return f"[{shown}{more}]"
 
 
-def _uniform(shape: Shape, bound: float, generator, device, dtype) -> torch.Tensor:
+def uniform_draw(shape: Shape, bound: float, generator, device, dtype) -> torch.Tensor:
     """U(-bound, bound) drawn on the generator's device (if any), then moved to `device`."""
     draw_on = generator.device if generator is not None else device
     sample = torch.empty(shape, device=draw_on, dtype=dtype)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memory.fast_weights import FastWeights, _uniform, batched_linear
+from memory.fast_weights import FastWeights, batched_linear, uniform_draw
 
 
 class FastLoRA(FastWeights):
@@ -72,7 +72,9 @@ class FastLoRA(FastWeights):
 
     def _init_params(self, linear, batch, generator, device, dtype):
         shape_a, shape_b = self._param_shapes(linear)
-        a = _uniform(batch + shape_a, 1.0 / math.sqrt(linear.in_features), generator, device, dtype)
+        a = uniform_draw(
+            batch + shape_a, 1.0 / math.sqrt(linear.in_features), generator, device, dtype
+        )
         b = torch.zeros(batch + shape_b, device=device, dtype=dtype)
         return a, b
 

@@ -24,6 +24,7 @@ same contract, so the chunking, the matmuls and the autograd plumbing are shared
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -147,20 +148,64 @@ def _scaled(grad: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
     return grad.to(dtype).mul_(scale.to(dtype))
 
 
-_DTYPE_MM = {"cuda": True}  # torch.addmm(..., out_dtype=float32) for bf16/fp16 on CUDA
+# Devices on which acc += a @ b is first tried as one addmm(out_dtype=float32) into acc.
+FUSED_ACCUMULATE_DEVICES = {"cuda"}
+_fused_unsupported: set[str] = set()  # device types where this torch build lacks it (warned once)
+
+
+def _addmm_into(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc += a @ b in one cuBLAS call that accumulates into the float32 buffer."""
+    torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+
+
+def _unsupported_out_dtype(error: Exception) -> bool:
+    """Whether `error` says only that addmm(out_dtype=...) is missing from this torch build or
+    backend, or does not take these dtypes: an old torch without the overload (TypeError), no
+    kernel for `aten::addmm.dtype_out` on the device (NotImplementedError), or a dtype check
+    that names `out_dtype`. An out-of-memory error or any other failure is not."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return False
+    text = str(error)
+    if isinstance(error, TypeError):
+        return "out_dtype" in text or "invalid combination of arguments" in text
+    if isinstance(error, NotImplementedError):
+        return "addmm.dtype_out" in text
+    return isinstance(error, RuntimeError) and "out_dtype" in text
 
 
 def _accumulate(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """acc += a @ b, in place, with acc in float32/float64 and a, b maybe bf16/fp16."""
+    """acc += a @ b, in place, with acc in float32/float64 and a, b maybe bf16/fp16.
+
+    Where the device allows it, cuBLAS accumulates into the float32 buffer directly (no (V, D)
+    temporary). Where this torch build cannot (`_unsupported_out_dtype`), a warning says so
+    once per device type and the half-precision product is added instead; any other error,
+    an out-of-memory one included, propagates.
+    """
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
         return
-    if acc.device.type == "cuda" and _DTYPE_MM["cuda"] and not torch.compiler.is_compiling():
-        try:  # cuBLAS accumulates into the float32 buffer: no (V, D) temporary
-            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    device = acc.device.type
+    if (
+        device in FUSED_ACCUMULATE_DEVICES
+        and device not in _fused_unsupported
+        and not torch.compiler.is_compiling()
+    ):
+        try:
+            _addmm_into(acc, a, b)
             return
-        except (RuntimeError, TypeError):  # older torch or unsupported dtypes
-            _DTYPE_MM["cuda"] = False
+        except (RuntimeError, TypeError) as error:
+            if not _unsupported_out_dtype(error):
+                raise
+            _fused_unsupported.add(device)
+            warnings.warn(
+                f"linear_cross_entropy: torch {torch.__version__} cannot accumulate a "
+                f"{a.dtype} matmul into a {acc.dtype} buffer on {device} "
+                f"(addmm out_dtype: {type(error).__name__}: {str(error).splitlines()[0][:160]}); "
+                "adding the half-precision product instead, which needs one more "
+                "(V, D) temporary per chunk, for the rest of this process",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     acc.add_(a @ b)  # a half-precision (V, D) product, then a float32 in-place add
 
 

@@ -305,3 +305,58 @@ def test_cuda_auto_dispatch_uses_the_kernel_and_saves_memory():
     fused = peak(lambda: dd.kernels.linear_cross_entropy(hidden, weight, targets))
     dense = peak(lambda: F.cross_entropy((hidden @ weight.T).float(), targets, reduction="sum"))
     assert fused * 4 <= dense, (fused, dense)
+
+
+# --------------------------------------------------------------------------- accumulate fallback
+
+
+def _bf16_grads():
+    hidden, weight, targets, row_weight = _problem(rows=9, dim=8, vocab=21, dtype=torch.float32)
+    hidden = hidden.detach().bfloat16().requires_grad_()
+    weight = weight.detach().bfloat16().requires_grad_()
+    loss = dd.kernels.linear_cross_entropy(
+        hidden, weight, targets, row_weight.detach(), backend="reference", chunk_size=4
+    )
+    return (loss, *_grads(loss, hidden, weight))
+
+
+@pytest.fixture
+def fused_on_cpu(monkeypatch):
+    """The fused addmm(out_dtype=) accumulation tried on CPU too, with no fallback recorded."""
+    monkeypatch.setattr(linear_ce, "FUSED_ACCUMULATE_DEVICES", {"cuda", "cpu"})
+    monkeypatch.setattr(linear_ce, "_fused_unsupported", set())
+
+
+def test_an_unsupported_out_dtype_addmm_warns_once_and_gives_the_reference_result(
+    fused_on_cpu, monkeypatch
+):
+    # This CPU torch has no `aten::addmm.dtype_out` kernel: the known, unsupported case.
+    with pytest.warns(RuntimeWarning, match="cannot accumulate") as caught:
+        first = _bf16_grads()
+        second = _bf16_grads()
+    assert len([w for w in caught if "cannot accumulate" in str(w.message)]) == 1
+    assert linear_ce._fused_unsupported == {"cpu"}
+    monkeypatch.setattr(linear_ce, "FUSED_ACCUMULATE_DEVICES", {"cuda"})
+    reference = _bf16_grads()
+    for got in (first, second):
+        for a, b in zip(got, reference, strict=True):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError("CUDA error: an illegal memory access was encountered"),
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        TypeError("unsupported operand type(s)"),
+    ],
+    ids=["runtime", "oom", "type"],
+)
+def test_any_other_error_of_the_fused_accumulation_propagates(fused_on_cpu, monkeypatch, error):
+    def fail(acc, a, b):
+        raise error
+
+    monkeypatch.setattr(linear_ce, "_addmm_into", fail)
+    with pytest.raises(type(error), match=str(error).split(".")[0][:20]):
+        _bf16_grads()
+    assert linear_ce._fused_unsupported == set()  # nothing switched off behind the caller's back

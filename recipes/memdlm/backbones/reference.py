@@ -57,7 +57,7 @@ class ReferenceBackbone:
         return self.module.lm_head
 
     def max_positions(self) -> int | None:
-        return None  # rotary: the run's model.max_seq_len is the trained length
+        return self.module.max_seq_len  # the rotary tables' length: the run's model.max_seq_len
 
     def uses_every_parameter(self) -> bool:
         return True

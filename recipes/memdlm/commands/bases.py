@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from recipes.memdlm.config import Config
+from recipes.memdlm.errors import UserError
 from recipes.memdlm.loop import checkpoint as ckpt
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -35,13 +36,22 @@ NOT_PRETRAINING = {
 # Phase settings that only say how often to log and checkpoint.
 BOOKKEEPING = {"log_every", "ckpt_every"}
 RECORDED_LOSSES = 5  # first pretraining losses kept in the record, to check reproduction
+DATA_FILES = ("train_file", "eval_file")  # user data: identified by content, not by path
 
 
 def base_identity(cfg: Config) -> dict[str, Any]:
-    """Everything that shapes a pretrained base's weights, as plain JSON values."""
+    """Everything that shapes a pretrained base's weights, as plain JSON values.
+
+    A user data file (`data.train_file`, `data.eval_file`) enters as "sha256:<hex>" of its
+    bytes, so the same examples at another path give the same base and an edited file a new
+    one; the embedded data (no file, None) enters as None, as in the shipped base's record."""
+    data = cfg.data.model_dump(exclude=NOT_PRETRAINING)
+    for name in DATA_FILES:
+        if data.get(name) is not None:
+            data[name] = f"sha256:{data_file_sha256(name, data[name])}"
     return {
         "model": cfg.model.model_dump(),
-        "data": cfg.data.model_dump(exclude=NOT_PRETRAINING),
+        "data": data,
         "pretrain": cfg.pretrain.model_dump(exclude=BOOKKEEPING),
         "seed": cfg.seed,
         "time_eps": cfg.time_eps,
@@ -52,6 +62,14 @@ def base_key(cfg: Config) -> str:
     """16 hex digits of the SHA-256 of `base_identity`: the name of a cached or shipped base."""
     payload = json.dumps(base_identity(cfg), sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def data_file_sha256(name: str, path: str | Path) -> str:
+    """`file_sha256` of the data file `data.<name>`; a missing one is the user's mistake."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"data.{name} {str(path)!r} is not a file")
+    return file_sha256(path)
 
 
 def file_sha256(path: Path) -> str:

@@ -15,7 +15,6 @@ from pydantic import ValidationError
 
 from recipes.memdlm import api
 from recipes.memdlm.backbones import FullForward, adapter
-from recipes.memdlm.backbones.reference import ReferenceBackbone
 from recipes.memdlm.config import Config, MemDLMConfig, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -284,12 +283,10 @@ def load_run(
 
 
 def default_max_length(loaded: LoadedRun) -> int:
-    """The reference Transformer's max_seq_len; for Hugging Face models the authors' 4096, or
-    less when the model's position embeddings are shorter."""
-    backbone = adapter(loaded.model)
-    if isinstance(backbone, ReferenceBackbone):  # the length the run was trained at
-        return loaded.config.model.max_seq_len
-    positions = backbone.max_positions()
+    """The authors' 4096, or less when the backbone says its inputs must be shorter
+    (`Backbone.max_positions`: the reference Transformer's max_seq_len, the length the run was
+    trained at; a Hugging Face model's position embeddings)."""
+    positions = adapter(loaded.model).max_positions()
     return min(4096, positions) if positions is not None else 4096
 
 

@@ -12,7 +12,12 @@ sample standard deviations and `per_seed` the raw values:
                 "niah_accuracy_adapted", "exposure_bias_adapted_final", "train_loss_off_final",
                 "gap_final", "inner_grad_norm_final"},
      "paired": {"seeds", "eval_loss_delta", "niah_accuracy_delta", "niah_char_accuracy_delta",
-                "step_time_ratio", "verdict"}}
+                "step_time_ratio", "verdict", "dropped_seeds"}}
+
+A seed whose value is not finite (a diverged run) is left out of that value's mean and spread,
+never silently: each method's `dropped_seeds` and the paired one name them per value
+({"eval_loss": [seed, ...]}; empty when none), the comparison table's caption counts and names
+them, and a verdict computed without some seeds says which.
 
 Each `*_delta` is MemDLM Train-Only minus Standard on the same seed: {"per_seed", "mean", "sd",
 "ci95": [low, high] | null, "detectable"} (`eval.stats.paired_interval`: Student's t over seeds,
@@ -45,6 +50,15 @@ def _mean(values: list[float]) -> float:
 def _sd(values: list[float]) -> float:
     finite = [v for v in values if v is not None and math.isfinite(v)]
     return statistics.stdev(finite) if len(finite) > 1 else 0.0
+
+
+def _finite(value) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def _non_finite_seeds(seeds: list[int], values: list[float]) -> list[int]:
+    """The seeds whose value is left out of a mean (None, NaN or infinite)."""
+    return [seed for seed, value in zip(seeds, values, strict=True) if not _finite(value)]
 
 
 def _keyed_mean(dicts: list[dict]) -> dict[str, float]:
@@ -110,10 +124,19 @@ SCALARS = (
 def method_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     spread: dict[str, Any] = {}
+    seeds = [r["seed"] for r in records]
+    dropped: dict[str, list[int]] = {}
+
+    def note(key: str, values: list[float]) -> None:
+        left_out = _non_finite_seeds(seeds, values)
+        if left_out:
+            dropped[key] = left_out
+
     for key in SCALARS:
         if key in records[0]:
             values = [r[key] for r in records]
             summary[key], spread[key] = _mean(values), _sd(values)
+            note(key, values)
     for key in (
         "niah_accuracy",
         "niah_accuracy_adapted",
@@ -122,7 +145,9 @@ def method_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
     ):
         if key in records[0]:
             summary[key] = _keyed_mean([r[key] for r in records])
-            spread[key] = _sd([_overall(r[key]) for r in records])
+            overall = [_overall(r[key]) for r in records]
+            spread[key] = _sd(overall)
+            note(key, overall)
     tasks = sorted({t for r in records for t in r["niah_accuracy_by_task"]})
     summary["niah_accuracy_by_task"] = {
         t: _keyed_mean([r["niah_accuracy_by_task"].get(t, {}) for r in records]) for t in tasks
@@ -131,8 +156,10 @@ def method_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
         if key in records[0]:
             finals = [r[key][-1] for r in records if r[key]]
             summary[f"{key}_final"], spread[f"{key}_final"] = _mean(finals), _sd(finals)
+            note(f"{key}_final", [r[key][-1] if r[key] else math.nan for r in records])
             summary[f"{key}_curve"] = [_mean(list(v)) for v in zip(*[r[key] for r in records])]
     summary["spread"] = spread
+    summary["dropped_seeds"] = dropped
     summary["per_seed"] = records
     return summary
 
@@ -157,16 +184,39 @@ def paired(
     ]
     time_ratio = [m["seconds_per_step"] / s["seconds_per_step"] for s, m in pairs]
     loss_interval, acc_interval = paired_interval(loss), paired_interval(acc)
+    seeds = [s["seed"] for s, _ in pairs]
+    dropped = {
+        key: left_out
+        for key, values in (
+            ("eval_loss_delta", loss),
+            ("niah_accuracy_delta", acc),
+            ("niah_char_accuracy_delta", chars),
+            ("step_time_ratio", time_ratio),
+        )
+        if (left_out := _non_finite_seeds(seeds, values))
+    }
+
+    def said(sentence: str, key: str) -> str:
+        if key not in dropped:
+            return sentence
+        return f"{sentence} Left out: seed(s) {dropped[key]} (non-finite difference)."
+
     return {
-        "seeds": [s["seed"] for s, _ in pairs],
+        "seeds": seeds,
         "eval_loss_delta": _delta(loss, loss_interval),
         "niah_accuracy_delta": _delta(acc, acc_interval),
         "niah_char_accuracy_delta": _delta(chars, paired_interval(chars)),
         "step_time_ratio": {"per_seed": time_ratio, "mean": _mean(time_ratio)},
         "verdict": [
-            verdict(loss_name, loss_interval, label=label),
-            verdict("NIAH exact-match accuracy", acc_interval, unit=" pt", scale=100, label=label),
+            said(verdict(loss_name, loss_interval, label=label), "eval_loss_delta"),
+            said(
+                verdict(
+                    "NIAH exact-match accuracy", acc_interval, unit=" pt", scale=100, label=label
+                ),
+                "niah_accuracy_delta",
+            ),
         ],
+        "dropped_seeds": dropped,
     }
 
 
@@ -220,6 +270,9 @@ def comparison_table(summary: dict[str, Any]) -> Table:
             "exposure_bias_adapted_final",
         ),
     ]
+    caption = dropped_caption({"Standard": std, "MemDLM": mem})
+    if caption:
+        table.caption = caption
     for label, entry, loss_key, suffix, bias_key in rows:
         table.add_row(
             label,
@@ -231,6 +284,22 @@ def comparison_table(summary: dict[str, Any]) -> Table:
             _fmt(entry.get(bias_key), entry["spread"].get(bias_key), n, 2),
         )
     return table
+
+
+def dropped_caption(entries: dict[str, dict[str, Any]]) -> str:
+    """The comparison table's caption from each entry's `dropped_seeds`, e.g. "Non-finite
+    values left out of the means (1 of them): MemDLM eval_loss seed [2]"; "" when none."""
+    parts = [
+        f"{label} {key} seed{'s' * (len(seeds) > 1)} {seeds}"
+        for label, entry in entries.items()
+        for key, seeds in (entry.get("dropped_seeds") or {}).items()
+    ]
+    count = sum(
+        len(seeds) for e in entries.values() for seeds in (e.get("dropped_seeds") or {}).values()
+    )
+    if not parts:
+        return ""
+    return f"Non-finite values left out of the means ({count} of them): " + "; ".join(parts)
 
 
 def training_table(summary: dict[str, Any]) -> Table:

@@ -133,4 +133,5 @@ def test_what_fsdp_and_the_harness_ask_of_each_backbone():
     assert all(callable(getattr(ref, name)) for name in adapter(ref).split_methods())
     assert adapter(ref).output_head() is ref.lm_head
     assert adapter(plain).split_methods() == () and adapter(plain).output_head() is None
-    assert adapter(ref).max_positions() is None and adapter(plain).max_positions() is None
+    assert adapter(ref).max_positions() == ref.max_seq_len  # the trained length (rotary tables)
+    assert adapter(plain).max_positions() is None

@@ -187,3 +187,30 @@ def test_the_shipped_base_finds_single_needles_at_the_fine_tuning_lengths():
     assert len(needles) == cfg.data.eval_per_cell
     result = niah_accuracy(model, needles, data.tokenizer, batch_size=16, device="cpu")
     assert result["by_length"][128] >= 0.875
+
+
+def test_a_user_data_file_keys_the_base_by_its_content_not_its_path(tmp_path):
+    line = '{"prompt": "code is 7. code? ", "response": "7"}\n'
+    first, second = tmp_path / "a.jsonl", tmp_path / "b" / "same.jsonl"
+    second.parent.mkdir()
+    first.write_text(line * 4)
+    second.write_text(line * 4)
+
+    def key(path):
+        return bases.base_key(build_config(overrides={"data": {"train_file": str(path)}}))
+
+    assert key(first) == key(second)  # the same examples at two paths: one base
+    before = key(first)
+    first.write_text(line * 5)  # edited in place: a new base
+    assert key(first) != before
+    assert key(first) != bases.base_key(build_config())  # and never the embedded data's
+    identity = bases.base_identity(build_config(overrides={"data": {"train_file": str(first)}}))
+    assert identity["data"]["train_file"] == f"sha256:{bases.file_sha256(first)}"
+
+
+def test_a_missing_data_file_is_the_users_mistake(tmp_path):
+    from recipes.memdlm.errors import UserError
+
+    cfg = build_config(overrides={"data": {"train_file": str(tmp_path / "missing.jsonl")}})
+    with pytest.raises(UserError, match="data.train_file .*missing.jsonl.* is not a file"):
+        bases.base_key(cfg)

@@ -51,7 +51,9 @@ from recipes.memdlm.backbones.hf.backbone import HFBackbone, broadcast_state
 from recipes.memdlm.backbones.hf.denoiser import (
     DEFAULT_FFN,
     FFN_PATTERN,
+    SPLIT_FAILURES,
     HFDenoiser,
+    SplitUnsupported,
     StopForward,
     has_expert_list,
     wrap,
@@ -89,6 +91,8 @@ __all__ = [
     "MASK_STYLE",
     "MASK_TOKENS",
     "Routing",
+    "SPLIT_FAILURES",
+    "SplitUnsupported",
     "StopForward",
     "UnfusedExperts",
     "add_outer_lora",

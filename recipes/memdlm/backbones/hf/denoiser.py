@@ -50,6 +50,18 @@ class StopForward(Exception):
         self.hidden = hidden
 
 
+class SplitUnsupported(RuntimeError):
+    """The hooks cannot drive this model: layer `index` of the stack is never called through
+    its `__call__`, or is called without its hidden states as first argument or keyword."""
+
+
+# What the split check may meet on a model the hooks cannot drive; the full forward is then
+# used, and `split_note` (printed in the backbone line, kept in summary.json) says why. An
+# IndexError comes from a model that indexes its layer stack by absolute position, which
+# `logits_from`'s shortened stack breaks. Any other exception is a bug and propagates.
+SPLIT_FAILURES = (SplitUnsupported, IndexError)
+
+
 class HFDenoiser(nn.Module):
     """A Hugging Face model as a denoiser, tokens (B, L) -> logits (B, L, V); see module doc.
 
@@ -219,7 +231,14 @@ class HFDenoiser(nn.Module):
 
     def _capture(self, x, attention_mask, index: int) -> torch.Tensor:
         def stop(module, args, kwargs):
-            raise StopForward(args[0] if args else kwargs["hidden_states"])
+            if args:
+                raise StopForward(args[0])
+            if "hidden_states" in kwargs:
+                raise StopForward(kwargs["hidden_states"])
+            raise SplitUnsupported(
+                f"layer {index} of {self.layers_path} is called without its hidden states "
+                f"(keywords {sorted(kwargs)})"
+            )
 
         handle = self.layers[index].register_forward_pre_hook(stop, with_kwargs=True, prepend=True)
         try:
@@ -228,7 +247,7 @@ class HFDenoiser(nn.Module):
             return stopped.hidden
         finally:
             handle.remove()
-        raise RuntimeError(f"layer {index} of {self.layers_path} was never called")
+        raise SplitUnsupported(f"layer {index} of {self.layers_path} was never called")
 
     def _check_index(self, name: str, value: int) -> None:
         if not 0 <= value < len(self.layers):
@@ -236,7 +255,8 @@ class HFDenoiser(nn.Module):
 
     def _setup_split(self) -> bool:
         """Find the module whose output enters layer 0, then compare split and full forwards;
-        `split_note` says what was found (or why the full forward is used)."""
+        `split_note` says what was found (or why the full forward is used). Only a mismatch or
+        one of SPLIT_FAILURES selects the full forward; any other exception propagates."""
         was_training = self.training
         self.eval()
         try:
@@ -258,7 +278,7 @@ class HFDenoiser(nn.Module):
                         return False
                 self.split_note = f"checked against the full forward at layers {points}"
                 return True
-        except Exception as error:  # a model the hooks cannot drive: full forwards are correct
+        except SPLIT_FAILURES as error:  # the hooks cannot drive it: full forwards are correct
             self.split_note = f"the split forward raised {type(error).__name__}: {error}"[:200]
             return False
         finally:
