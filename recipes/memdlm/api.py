@@ -71,6 +71,7 @@ def adapt_prompt(
     fast_weights: mm.FastWeights,
     config: MemDLMConfig | Mapping[str, Any] | None = None,
     generator: torch.Generator | None = None,
+    loss_backend: str | None = "auto",
 ) -> dict[str, torch.Tensor]:
     """Fast weights adapted to each prompt: the inner loop on the prompt alone (module doc).
 
@@ -92,11 +93,15 @@ def adapt_prompt(
         raise ValueError("prompt_ids is empty: there is no prompt to adapt to (use adapt=False)")
     if bool((prompt_ids == mask_id).any()):
         raise ValueError(f"prompt_ids contains the mask id {mask_id}")
-    if generator is None:
-        generator = torch.Generator(device=prompt_ids.device).manual_seed(0)
     cfg = memdlm_config(config)
     return adapt_to_prompt(
-        _denoiser(model), fast_weights, prompt_ids, cfg, mask_id=mask_id, generator=generator
+        _denoiser(model),
+        fast_weights,
+        prompt_ids,
+        cfg,
+        mask_id=mask_id,
+        generator=generator,
+        loss_backend=loss_backend,
     )
 
 
@@ -111,9 +116,14 @@ def generate(
     fast_weights: mm.FastWeights | None = None,
     config: MemDLMConfig | Mapping[str, Any] | None = None,
     generator: torch.Generator | None = None,
+    sample_attention: str = "bidirectional",
+    sample_block_size: int | None = None,
+    loss_backend: str | None = "auto",
     **sampler_options,
 ) -> torch.Tensor:
     """Sample `gen_length` tokens after each prompt, after adapting fast weights to it.
+
+    The one sampling path of the recipe: the `sample` command and the lm-eval model call it.
 
     Args:
         model: see the module doc.
@@ -126,7 +136,12 @@ def generate(
             alpha 64 on gate/up/down_proj of the last 10% of layers; two inner SGD steps, lr
             0.1, per-tensor clip 1; anchor 20% of the prompt).
         generator: random source of the adaptation masks, the LoRA init and the sampler noise
-            (None = seeded with 0, reproducible).
+            (None = torch's global random state, as torch's own functions: repeated calls
+            give different samples; pass a seeded generator to reproduce one).
+        sample_attention, sample_block_size: the attention while sampling (`model.
+            sample_attention`: "block_causal" is LLaDA2.x's sampler, for the Hugging Face
+            backbones that take 4-D masks); the adaptation stays bidirectional, as training.
+        loss_backend: the adaptation's loss kernel (`loss_backend` of the recipe's config).
         **sampler_options: passed to `diffusion.generate` (block_length, remasking,
             temperature, threshold, callback, eos_id, stop_at_eos, cache="prefix" | "dual",
             cache_refresh, cfg_scale, ...). With `cfg_scale` > 0 the unconditional rows (the
@@ -143,19 +158,19 @@ def generate(
     denoiser = _denoiser(model)
     if sampler_options.get("cache") is not None and dd.supports_cache(model):
         denoiser = model  # its own cached forward (a FullForward view would hide it)
-    if generator is None:
-        generator = torch.Generator(device=prompt_ids.device).manual_seed(0)
 
     def sample() -> torch.Tensor:
-        return dd.generate(
-            denoiser,
-            prompt_ids,
-            mask_id=mask_id,
-            gen_length=gen_length,
-            steps=steps,
-            generator=generator,
-            **sampler_options,
-        )
+        attention = adapter(model).sampling_attention(sample_attention, sample_block_size)
+        with attention:
+            return dd.generate(
+                denoiser,
+                prompt_ids,
+                mask_id=mask_id,
+                gen_length=gen_length,
+                steps=steps,
+                generator=generator,
+                **sampler_options,
+            )
 
     if not adapt:
         return sample()
@@ -163,7 +178,13 @@ def generate(
     mem = fast_weights_for(model, config) if owned else fast_weights
     try:
         phi = adapt_prompt(
-            model, prompt_ids, mask_id=mask_id, fast_weights=mem, config=config, generator=generator
+            model,
+            prompt_ids,
+            mask_id=mask_id,
+            fast_weights=mem,
+            config=config,
+            generator=generator,
+            loss_backend=loss_backend,
         )
         with torch.no_grad(), mem.bind(guided_state(phi, sampler_options.get("cfg_scale", 0))):
             return sample()

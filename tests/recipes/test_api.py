@@ -39,6 +39,31 @@ def test_without_adaptation_it_is_plain_sampling(model, prompts):
     assert torch.equal(out, expected)
 
 
+def test_without_a_generator_repeated_samples_differ_and_a_seed_repeats_them(model, prompts):
+    """generator=None is torch's global random state, not a hidden fixed seed."""
+    sampler = {"gen_length": 8, "steps": 8, "temperature": 1.0, "remasking": "random"}
+    torch.manual_seed(3)
+    first = memdlm.generate(model, prompts, mask_id=MASK, config=CONFIG, **sampler)
+    second = memdlm.generate(model, prompts, mask_id=MASK, config=CONFIG, **sampler)
+    assert not torch.equal(first, second)
+    torch.manual_seed(3)
+    assert torch.equal(
+        memdlm.generate(model, prompts, mask_id=MASK, config=CONFIG, **sampler), first
+    )
+    seeded = [
+        memdlm.generate(
+            model,
+            prompts,
+            mask_id=MASK,
+            config=CONFIG,
+            generator=torch.Generator().manual_seed(5),
+            **sampler,
+        )  # fmt: skip
+        for _ in range(2)
+    ]
+    assert torch.equal(*seeded)
+
+
 def test_adaptation_then_sampling_is_the_recipe_composed(model, prompts):
     """generate = fresh fast weights, the recipe's prompt adaptation, sampling with them bound."""
     sampler = {"gen_length": 8, "steps": 4, "temperature": 0.7, "remasking": "random"}

@@ -326,3 +326,11 @@ def test_base_is_a_folder_and_bad_inner_lr_options(tmp_path):
         result = run("inner-lr", *SMOKE, "--out", out, *args, cwd=tmp_path)
         assert expected in one_line_error(result)
     assert not out.exists()
+
+
+def test_a_train_run_folder_has_its_plots(trained):
+    """Every run folder holds plots (DESIGN: recipes), `train`'s too: one method's curves."""
+    plots = trained / "plots"
+    for name in ("training_loss.png", "niah_accuracy.png", "exposure_bias.png"):
+        assert (plots / name).stat().st_size > 1000, name
+    assert not (plots / "inner_loop.png").exists()  # a Standard run has no inner loop

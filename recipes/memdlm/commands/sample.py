@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 
 import torch
 
-from recipes.memdlm.backbones import adapter
 from recipes.memdlm.commands.folders import (
     UsageError,
     load_model,
@@ -51,9 +49,8 @@ def check_sample_args(args) -> None:
 def cmd_sample(args, extra, reporter) -> int:
 
     import diffusion as dd
-    from recipes.memdlm.api import guided_state
+    from recipes.memdlm import api
     from recipes.memdlm.backbones.hf.cache import CACHED_FAMILIES
-    from recipes.memdlm.method import adapt_to_prompt, make_fast_weights
 
     check_sample_args(args)
     cfg, tok, model, device = load_model(args, extra)
@@ -74,50 +71,27 @@ def cmd_sample(args, extra, reporter) -> int:
             "forward (diffusion.CachedDenoiser); use --cache none"
         )
     prompt = torch.tensor([ids], device=device)
-    generator = torch.Generator(device=device).manual_seed(args.sample_seed)
-    mem = make_fast_weights(model, cfg.memdlm) if args.adapt else None
-    try:
-        phi = None
-        if mem is not None:
-            phi = adapt_to_prompt(
-                model,
-                mem,
-                prompt,
-                cfg.memdlm,
-                mask_id=tok.mask_id,
-                generator=generator,
-                loss_backend=cfg.loss_backend,
-            )
-        attention = adapter(model).sampling_attention(
-            cfg.model.sample_attention, cfg.model.sample_block_size
-        )
-        with torch.no_grad(), attention:
-            cache = None if args.cache == "none" else args.cache
-            options = cfg.generate_options()
-            if cache is not None:
-                options["compiler"] = None  # the cached calls run eagerly
-            context = (
-                mem.bind(guided_state(phi, args.cfg_scale)) if mem is not None else nullcontext()
-            )
-            with context:
-                out = dd.generate(
-                    model,
-                    prompt,
-                    mask_id=tok.mask_id,
-                    gen_length=args.gen_length,
-                    steps=args.gen_length if args.steps is None else args.steps,
-                    block_length=args.block_length,
-                    remasking=args.remasking,
-                    temperature=args.temperature,
-                    threshold=args.threshold,
-                    generator=generator,
-                    cache=cache,
-                    cache_refresh=args.cache_refresh,
-                    cfg_scale=args.cfg_scale,
-                    **options,
-                )
-    finally:
-        if mem is not None:
-            mem.remove()
+    options = cfg.generate_options()
+    if args.cache != "none":
+        options.update(cache=args.cache, cache_refresh=args.cache_refresh, compiler=None)
+    out = api.generate(  # the cached calls above run eagerly (no compiler)
+        model,
+        prompt,
+        mask_id=tok.mask_id,
+        gen_length=args.gen_length,
+        steps=args.gen_length if args.steps is None else args.steps,
+        adapt=args.adapt,
+        config=cfg.memdlm,
+        generator=torch.Generator(device=device).manual_seed(args.sample_seed),
+        sample_attention=cfg.model.sample_attention,
+        sample_block_size=cfg.model.sample_block_size,
+        loss_backend=cfg.loss_backend,
+        block_length=args.block_length,
+        remasking=args.remasking,
+        temperature=args.temperature,
+        threshold=args.threshold,
+        cfg_scale=args.cfg_scale,
+        **options,
+    )
     print(tok.decode(out[0, len(ids) :].tolist()))
     return 0

@@ -79,16 +79,18 @@ def _train(model, backbone, cfg, data, out: Path, args, reporter, device) -> int
 
 
 def _write_summary(out, cfg, result, evaluation, backbone, reporter, distributed=None) -> None:
-    """summary.json of a finished `train` run, and its one-line result (`distributed`: the
-    {world_size, strategy} of a torchrun job)."""
-    from recipes.memdlm.eval.report import per_seed_record
+    """summary.json and plots/ of a finished `train` run, and its one-line result
+    (`distributed`: the {world_size, strategy} of a torchrun job)."""
+    from recipes.memdlm.eval.report import per_seed_record, plot_all
     from recipes.memdlm.loop import checkpoint as ckpt
+    from recipes.memdlm.loop.steps import MetricsLog
 
     summary = {cfg.method: per_seed_record(cfg.seed, result, evaluation)}
     if distributed is not None:
         summary["distributed"] = distributed
     summary["backbone"] = backbone
     ckpt.write_json(out / "summary.json", summary)
+    plot_all(summary, MetricsLog(out / "metrics.jsonl", {}).records(), out / "plots")
     record = summary[cfg.method]
     where = (
         f" on {distributed['world_size']} ranks"
@@ -116,7 +118,7 @@ def train_distributed(args, extra: list[str], reporter) -> int:
     from recipes.memdlm.eval.suite import evaluate_model
     from recipes.memdlm.loop import checkpoint as ckpt
     from recipes.memdlm.loop.parallel import broadcast, init, shutdown
-    from recipes.memdlm.loop.phase import train_phase
+    from recipes.memdlm.loop.phase import phase_options, train_phase
     from recipes.memdlm.loop.progress import Reporter
     from recipes.memdlm.loop.steps import MetricsLog
 
@@ -153,22 +155,19 @@ def train_distributed(args, extra: list[str], reporter) -> int:
                 data.train, cfg.train.batch_size, seed=cfg.seed, eos_id=data.tokenizer.eos_id
             )
             tags = {"phase": "train", "method": cfg.method, "seed": cfg.seed}
-            result = train_phase(
+            result = train_phase(  # the one-process phase's settings (compile included)
                 model,
                 method=cfg.method,
                 phase=cfg.train,
-                memdlm=cfg.memdlm,
                 sampler=sampler,
                 seed=cfg.seed,
                 folder=out,
                 log=MetricsLog(out / "metrics.jsonl", tags),
                 reporter=reporter,
-                mask_id=data.tokenizer.mask_id,
                 ctx=ctx,
-                time_eps=cfg.time_eps,
-                loss_backend=cfg.loss_backend,
                 sync_inner=cfg.distributed.sync_inner,
                 anchors=cfg.standard_anchors() if cfg.method == "standard" else 1,
+                **phase_options(cfg, data),
             )
             if ctx.strategy == "ddp" and not ctx.is_main:
                 return 0

@@ -269,6 +269,8 @@ class MemDLMLM(LM):
             temperature=temperature,
             threshold=self.options.threshold,
             cfg_scale=self.options.cfg_scale,
+            sample_attention=self.loaded.config.model.sample_attention,
+            sample_block_size=self.loaded.config.model.sample_block_size,
             **self.loaded.config.generate_options(),
         )
         if self.options.cache is not None:  # the cached calls run eagerly

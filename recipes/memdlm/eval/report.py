@@ -360,7 +360,8 @@ def print_report(summary: dict[str, Any], console: Console) -> None:
 
 
 def plot_all(summary: dict[str, Any], metrics: list[dict[str, Any]], folder: Path) -> list[Path]:
-    """PNG plots: training curves, gap and inner gradient norms, NIAH accuracy, R_EB curve."""
+    """PNG plots: training curves, gap and inner gradient norms, NIAH accuracy, R_EB curve, for
+    a comparison's summary or a `train` run's (one method); a plot with no data is left out."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -414,33 +415,42 @@ def plot_all(summary: dict[str, Any], metrics: list[dict[str, Any]], folder: Pat
         right.legend(fontsize=7)
         save(fig, "inner_loop.png")
 
-    std, mem = summary["standard"], summary["memdlm"]
-    lengths = list(std["niah_accuracy"])
-    if lengths:
+    std, mem = summary.get("standard", {}), summary.get("memdlm", {})  # `train`: one of them
+    accuracy = [
+        (label, acc)
+        for label, acc in [
+            ("Standard", std.get("niah_accuracy")),
+            ("MemDLM Train-Only", mem.get("niah_accuracy")),
+            ("MemDLM Train & Inf.", mem.get("niah_accuracy_adapted")),
+        ]
+        if acc
+    ]
+    if accuracy:
+        lengths = list(accuracy[0][1])
         fig, ax = plt.subplots(figsize=(6, 4))
         xs = [int(k) for k in lengths]
-        for label, acc in [
-            ("Standard", std["niah_accuracy"]),
-            ("MemDLM Train-Only", mem["niah_accuracy"]),
-            ("MemDLM Train & Inf.", mem.get("niah_accuracy_adapted", {})),
-        ]:
-            if acc:
-                ax.plot(xs, [100 * acc[k] for k in lengths], marker="o", label=label)
+        for label, acc in accuracy:
+            ax.plot(xs, [100 * acc[k] for k in lengths], marker="o", label=label)
         ax.set(xlabel="context length (bytes)", ylabel="accuracy (%)", title="Needle retrieval")
         ax.legend(fontsize=8)
         save(fig, "niah_accuracy.png")
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, curve in [
-        ("Standard", std.get("exposure_bias_curve")),
-        ("MemDLM Train-Only", mem.get("exposure_bias_curve")),
-        ("MemDLM Train & Inf.", mem.get("exposure_bias_adapted_curve")),
-    ]:
-        if curve:
+    curves = [
+        (label, curve)
+        for label, curve in [
+            ("Standard", std.get("exposure_bias_curve")),
+            ("MemDLM Train-Only", mem.get("exposure_bias_curve")),
+            ("MemDLM Train & Inf.", mem.get("exposure_bias_adapted_curve")),
+        ]
+        if curve
+    ]
+    if curves:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for label, curve in curves:
             ax.plot(range(1, len(curve) + 1), curve, label=label)
-    ax.set(xlabel="denoising step", ylabel="L_seq / L_static", title="Exposure-bias ratio")
-    ax.legend(fontsize=8)
-    save(fig, "exposure_bias.png")
+        ax.set(xlabel="denoising step", ylabel="L_seq / L_static", title="Exposure-bias ratio")
+        ax.legend(fontsize=8)
+        save(fig, "exposure_bias.png")
     return written
 
 

@@ -139,7 +139,7 @@ def check_settings(s: StepSettings) -> None:
 def step_function(model, mem, s: StepSettings, state: PhaseState, ctx: Context):
     """`one_step(step) -> StepOutcome` for `run_steps`: draw the global step (`method.draw`),
     keep this rank's rows, compute the loss (`method.step_loss`), reduce the metrics."""
-    rows = ctx.rows(state.sampler.batch_size)
+    rows = ctx.rows(state.phase.batch_size)
     compiled = compile_steps() if s.compiled else None
     generators = state.generators
 

@@ -417,3 +417,20 @@ def test_train_eval_sample_and_compare_run_on_each_family(folders, name, tmp_pat
     assert main([*compare, "--no-cache"]) == 0
     result = json.loads((tmp_path / "cmp" / "summary.json").read_text())
     assert result["memdlm"]["eval_loss_adapted"] > 0 and result["standard"]["train_loss_final"] > 0
+
+
+def test_api_generate_samples_with_the_configured_attention(folders):
+    """`model.sample_attention` reaches the one sampling path (`api.generate`, which `sample`
+    and the lm-eval model call): the same tokens as sampling inside the attention mode."""
+    from recipes.memdlm import api
+
+    model = load(folders, "llada2").eval()
+    prompt = tokens((2, 5), seed=4)
+    options = dict(mask_id=2, gen_length=8, steps=8, block_length=4)
+    with model.attention_mode("block_causal", block_size=4):
+        expected = dd.generate(model, prompt, generator=torch.Generator().manual_seed(0), **options)
+    out = api.generate(
+        model, prompt, adapt=False, sample_attention="block_causal", sample_block_size=4,
+        generator=torch.Generator().manual_seed(0), **options,
+    )  # fmt: skip
+    assert torch.equal(out, expected) and model.attention == "bidirectional"

@@ -14,7 +14,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from recipes.memdlm.backbones import hf  # noqa: E402
-from recipes.memdlm.backbones.load import announce  # noqa: E402
+from recipes.memdlm.build import announce  # noqa: E402
 from recipes.memdlm.config import build_config  # noqa: E402
 
 

@@ -301,7 +301,8 @@ def find_routing(block: nn.Module) -> Routing | None:
                 try:
                     if _same_output(expected, routed_forward(block, routing, probe), dtype):
                         return routing
-                except Exception:  # a candidate that does not fit this block's structure
+                except (AttributeError, TypeError, ValueError, RuntimeError, IndexError):
+                    # a candidate that does not fit this block's structure
                     continue
         return None
     finally:
