@@ -135,23 +135,12 @@ class CG:
         concrete = is_concrete()
         b_norm = torch.linalg.vector_norm(b)
         threshold = (self.tol * b_norm).square()
-        if concrete:
-            solved = self._eager(matvec, b, threshold)
-            if solved is not None:
-                x, rs, iterations, negative = solved
-                return _finish(
-                    "CG",
-                    self.maxiter,
-                    self.tol,
-                    x,
-                    rs.sqrt(),
-                    b_norm,
-                    rs <= threshold,
-                    iterations,
-                    negative,
-                    concrete,
-                )
-        x, rs, done, iterations, negative = self._masked(matvec, b, threshold)
+        solved = self._eager(matvec, b, threshold) if concrete else None
+        if solved is not None:
+            x, rs, iterations, negative = solved
+            done = rs <= threshold
+        else:
+            x, rs, done, iterations, negative = self._masked(matvec, b, threshold)
         return _finish(
             "CG",
             self.maxiter,
