@@ -438,9 +438,13 @@ def plot_all(summary: dict[str, Any], metrics: list[dict[str, Any]], folder: Pat
     curves = [
         (label, curve)
         for label, curve in [
-            ("Standard", std.get("exposure_bias_curve")),
-            ("MemDLM Train-Only", mem.get("exposure_bias_curve")),
-            ("MemDLM Train & Inf.", mem.get("exposure_bias_adapted_curve")),
+            # a comparison's mean curves, or a `train` run's own (its per-seed record)
+            ("Standard", std.get("exposure_bias_curve", std.get("exposure_bias"))),
+            ("MemDLM Train-Only", mem.get("exposure_bias_curve", mem.get("exposure_bias"))),
+            (
+                "MemDLM Train & Inf.",
+                mem.get("exposure_bias_adapted_curve", mem.get("exposure_bias_adapted")),
+            ),
         ]
         if curve
     ]
