@@ -68,3 +68,35 @@ def test_the_tokenizers_type_is_looked_at_only_where_the_doc_says():
     )
     assert found == ["data/prepare.py", "eval/suite.py"]
     assert all(f"`{name}`" in DOC for name in found)
+
+
+SPLIT_CALLS = {"hidden_states", "logits_from", "features_from"}
+
+
+def test_the_split_forward_and_layer_stack_are_reached_through_the_backbone():
+    """Outside backbones/ (and the early-layer distillation, which needs the reference model's
+    norm), no code calls the split forward or walks `.layers` on a model itself."""
+    allowed = {
+        ("method/inner.py", "hidden_states"),  # distill_hidden_layers='early'
+        ("estimate.py", "layers"),  # Shape.layers, a count in the memory estimate
+    }
+    offences = []
+    for path in _outside_backbones():
+        rel = str(path.relative_to(RECIPE))
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in SPLIT_CALLS | {"layers"}:
+                owner = node.value
+                through = isinstance(owner, ast.Call) and getattr(owner.func, "id", "") == "adapter"
+                named = getattr(owner, "id", "") in ("backbone", "self")
+                if not (through or named) and (rel, node.attr) not in allowed:
+                    offences.append(f"{rel}:{node.lineno} .{node.attr}")
+    assert not offences, "\n".join(offences)
+
+
+def test_the_backbone_is_built_once_per_model():
+    import diffusion as dd
+    from recipes.memdlm.backbones import adapter
+
+    model = dd.Transformer(20, d_model=16, n_layers=2, n_heads=2, d_ff=32, max_seq_len=16)
+    assert adapter(model) is adapter(model)
+    assert "_memdlm_backbone" not in model.state_dict() and adapter(model).module is model

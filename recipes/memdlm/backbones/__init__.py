@@ -1,12 +1,15 @@
 """Model families behind one interface (`Backbone`, base.py): one adapter module per family.
 
 `adapter(model)` is the only place that looks at a model's type; everything above the model asks
-its questions through the `Backbone` it returns. `load.py` builds the run's model and tokenizer
-from the configuration. Adding a family: one adapter module implementing `Backbone` (and, if it
-is loaded from the configuration, a branch in `load.py`), plus its test.
+its questions through the `Backbone` it returns, the split forward included. `build.py` (above
+this package) builds the run's model from the configuration. Adding a family: one adapter module
+implementing `Backbone` (and, if it is loaded from the configuration, a branch in `build.py`),
+plus its test.
 """
 
 from __future__ import annotations
+
+import torch
 
 import diffusion as dd
 from recipes.memdlm.backbones.base import Backbone, describe_line
@@ -16,7 +19,21 @@ from recipes.memdlm.backbones.reference import ReferenceBackbone
 
 def adapter(model) -> Backbone:
     """The `Backbone` of `model`: the reference Transformer, a wrapped Hugging Face model
-    (`hf.HFDenoiser`), or any tokens -> logits module (a full forward)."""
+    (`hf.HFDenoiser`), or any tokens -> logits module (a full forward). Built once per model
+    and kept on it (the Backbone holds no state of its own but the module)."""
+    found = getattr(model, BACKBONE_ATTRIBUTE, None)
+    if found is not None:
+        return found
+    backbone = _make_backbone(model)
+    if isinstance(model, torch.nn.Module):
+        object.__setattr__(model, BACKBONE_ATTRIBUTE, backbone)  # not a submodule
+    return backbone
+
+
+BACKBONE_ATTRIBUTE = "_memdlm_backbone"
+
+
+def _make_backbone(model) -> Backbone:
     from recipes.memdlm.backbones.hf import HFBackbone, HFDenoiser
 
     if isinstance(model, dd.Transformer):

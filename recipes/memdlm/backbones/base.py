@@ -54,6 +54,25 @@ class Backbone(Protocol):
         """The module's own split-forward methods (FSDP2 must gather weights when they run)."""
         ...
 
+    def layers(self) -> Sequence[nn.Module]:
+        """The layer stack (FSDP2 shards each layer as one unit); empty when there is none."""
+        ...
+
+    def hidden_states(self, x, attention_mask=None, *, upto: int, mid_layer: bool = False):
+        """The input of layer `upto` (B, L, D) of tokens x (B, L) (with `mid_layer`, after that
+        layer's attention); a module without a split forward returns the tokens themselves."""
+        ...
+
+    def logits_from(self, h, attention_mask=None, *, start: int, mid_layer: bool = False):
+        """Logits (B, L, V) from `hidden_states(..., upto=start)` (a full forward of the tokens
+        for a module without a split forward)."""
+        ...
+
+    def features_from(self, h, *, start: int, mid_layer: bool = False):
+        """The head's input (B, L, D) from `hidden_states(..., upto=start)`, for the fused loss
+        (`head_weight` not None)."""
+        ...
+
     def output_head(self) -> nn.Module | None:
         """The output head module when the fused loss reads its weight directly, else None."""
         ...
@@ -75,6 +94,33 @@ class Backbone(Protocol):
         """Family, forward path and fast-weight placement, for the start-up line and the run's
         `config.json` / `summary.json` (`describe_line` formats it)."""
         ...
+
+
+class SplitForwardOf:
+    """The split-forward part of `Backbone` for a module that has it (`hidden_states`,
+    `logits_from`, `features_from`, a `layers` stack): every call goes to the module's own
+    method, so FSDP2's registered forward methods (`loop.sharding`) gather its weights."""
+
+    module: nn.Module
+
+    def layers(self) -> Sequence[nn.Module]:
+        return self.module.layers
+
+    def hidden_states(self, x, attention_mask=None, *, upto: int, mid_layer: bool = False):
+        extra = {"mid_layer": True} if mid_layer else {}
+        if attention_mask is not None:
+            extra["attention_mask"] = attention_mask
+        return self.module.hidden_states(x, upto=upto, **extra)
+
+    def logits_from(self, h, attention_mask=None, *, start: int, mid_layer: bool = False):
+        extra = {"mid_layer": True} if mid_layer else {}
+        if attention_mask is not None:
+            extra["attention_mask"] = attention_mask
+        return self.module.logits_from(h, start=start, **extra)
+
+    def features_from(self, h, *, start: int, mid_layer: bool = False):
+        extra = {"mid_layer": True} if mid_layer else {}
+        return self.module.features_from(h, start=start, **extra)
 
 
 def describe_line(info: dict[str, Any]) -> str:

@@ -81,6 +81,18 @@ class GenericBackbone:
     def split_methods(self) -> tuple[str, ...]:
         return ()
 
+    def layers(self):
+        return self.layer_stack() or ()
+
+    def hidden_states(self, x, attention_mask=None, *, upto: int, mid_layer: bool = False):
+        return FullForward(self.module).hidden_states(x, attention_mask, upto=upto)
+
+    def logits_from(self, h, attention_mask=None, *, start: int, mid_layer: bool = False):
+        return FullForward(self.module).logits_from(h, attention_mask, start=start)
+
+    def features_from(self, h, *, start: int, mid_layer: bool = False):
+        raise TypeError(f"{type(self.module).__name__} has no split forward (no fused loss)")
+
     def output_head(self) -> nn.Module | None:
         return None
 

@@ -12,7 +12,12 @@ from typing import Any
 import torch
 
 import diffusion as dd
-from recipes.memdlm.backbones.base import bidirectional_only, last_layer_targets, layer_of
+from recipes.memdlm.backbones.base import (
+    SplitForwardOf,
+    bidirectional_only,
+    last_layer_targets,
+    layer_of,
+)
 
 
 def unhooked(module: torch.nn.Module) -> bool:
@@ -25,7 +30,7 @@ def unhooked(module: torch.nn.Module) -> bool:
     )
 
 
-class ReferenceBackbone:
+class ReferenceBackbone(SplitForwardOf):
     """`Backbone` view of a `dd.Transformer` (the model itself stays the trained module)."""
 
     def __init__(self, model: dd.Transformer):

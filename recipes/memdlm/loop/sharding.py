@@ -19,7 +19,8 @@ DCP_FOLDER = "checkpoint.dcp"
 
 
 def shard_model(model: nn.Module, ctx: Context) -> nn.Module:
-    """FSDP2: every layer of `model.layers` is one unit, the rest (embeddings, head) the root.
+    """FSDP2: every layer of the Backbone's stack is one unit, the rest (embeddings, head) the
+    root.
 
     Mixed precision on CUDA: bf16 compute, float32 gradient reduction, float32 master weights.
     The split-forward methods are registered so that calling them gathers the root's weights.
@@ -44,7 +45,7 @@ def shard_model(model: nn.Module, ctx: Context) -> nn.Module:
         # lm_head.weight directly) cannot run; a hook on the head makes `method.fused_head`
         # choose the logits path, in training and in evaluation alike.
         head.register_forward_pre_hook(_keep_head_call)
-    for layer in model.layers:
+    for layer in backbone.layers():
         fully_shard(layer, **options)
     fully_shard(model, **options)
     for name in backbone.split_methods():

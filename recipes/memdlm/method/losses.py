@@ -107,7 +107,7 @@ def standard_loss(model, batch: Batch, anchor: Anchor, loss_backend: str | None 
     """The standard masked-diffusion loss on x_t (compile-clean)."""
     if fused_head(model, loss_backend) is None:
         return outer_loss(model(anchor.xt), batch, anchor)
-    hidden = model.hidden_states(anchor.xt, upto=0)
+    hidden = Split(0).early(model, anchor.xt)
     return head_loss(
         model,
         hidden,

@@ -33,16 +33,13 @@ class Split:
 
     def early(self, model, x: torch.Tensor) -> torch.Tensor:
         """Everything before the split: (B, L) tokens -> (B, L, D)."""
-        return model.hidden_states(x, upto=self.layer, **self._kwargs())
+        return adapter(model).hidden_states(x, upto=self.layer, mid_layer=self.mid)
 
     def features(self, model, hidden: torch.Tensor) -> torch.Tensor:
-        return model.features_from(hidden, start=self.layer, **self._kwargs())
+        return adapter(model).features_from(hidden, start=self.layer, mid_layer=self.mid)
 
     def logits(self, model, hidden: torch.Tensor) -> torch.Tensor:
-        return model.logits_from(hidden, start=self.layer, **self._kwargs())
-
-    def _kwargs(self) -> dict[str, bool]:
-        return {"mid_layer": True} if self.mid else {}
+        return adapter(model).logits_from(hidden, start=self.layer, mid_layer=self.mid)
 
 
 def split_point(model, mem, cfg: MemDLMConfig) -> Split:

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from recipes.memdlm.backbones.base import SplitForwardOf
 from recipes.memdlm.backbones.hf.denoiser import HFDenoiser
 
 
@@ -31,7 +32,7 @@ def broadcast_state(mem, state: dict[str, torch.Tensor], rows: int) -> dict[str,
     return out
 
 
-class HFBackbone:
+class HFBackbone(SplitForwardOf):
     """`Backbone` (base.py) view of an `HFDenoiser`: the split forward lives on the denoiser,
     the fused loss does not apply (logits path), and routed experts may stay unused in a step."""
 
