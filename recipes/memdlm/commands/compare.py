@@ -29,10 +29,9 @@ from recipes.memdlm.build import announce, load_weights, new_model, resolve_devi
 from recipes.memdlm.commands.bases import base_key, differences, shipped_base
 from recipes.memdlm.commands.folders import (
     UsageError,
-    config_from_args,
     fresh_folder,
     removed_on_user_error,
-    resumed_config,
+    run_config,
     stamp,
 )
 from recipes.memdlm.config import Config, variant_config
@@ -423,13 +422,9 @@ def print_variants(summary: dict[str, Any], console) -> None:
 def cmd_compare(args, extra, reporter) -> int:
     from recipes.memdlm.commands.compare import run_compare
 
-    if args.resume is not None:
-        if extra or args.seeds or args.out or args.config:
-            raise UsageError("--resume takes the saved configuration; drop other options")
-        cfg, out = resumed_config(args.resume), args.resume
-    else:
-        cfg = config_from_args(args, extra, seeds=args.seeds)
-        out = fresh_folder(args.out or Path("runs") / f"compare-{cfg.preset}-{stamp()}")
+    cfg, out = run_config(args, extra, conflicting=("seeds", "out"), seeds=args.seeds)
+    if args.resume is None:
+        out = fresh_folder(out or Path("runs") / f"compare-{cfg.preset}-{stamp()}")
     if args.workers is not None and args.workers < 1:
         raise UsageError(f"--workers must be at least 1, got {args.workers}")
     cache = None if args.no_cache else args.cache

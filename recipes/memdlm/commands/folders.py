@@ -67,6 +67,18 @@ def config_from_args(args, extra: list[str], **fixed) -> Config:
     return build_config(args.preset, args.config, overrides)
 
 
+def run_config(args, extra, *, conflicting: tuple[str, ...], **fixed) -> tuple[Config, Path | None]:
+    """The run's configuration and folder, for every command that writes a run folder:
+    `--resume FOLDER` takes the configuration saved there (and no other option: `conflicting`
+    names the command's own), else the command line (`config_from_args`) and `--out` (None:
+    the command picks a fresh folder's name)."""
+    if args.resume is not None:
+        if extra or args.config or any(getattr(args, name, None) for name in conflicting):
+            raise UsageError("--resume takes the saved configuration; drop other options")
+        return resumed_config(args.resume), args.resume
+    return config_from_args(args, extra, **fixed), args.out
+
+
 def resumed_config(folder: Path) -> Config:
     path = folder / "config.json"
     if not path.is_file():

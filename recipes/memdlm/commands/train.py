@@ -6,14 +6,14 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from recipes.memdlm.commands.folders import (
-    UsageError,
     checkpoint_file,
-    config_from_args,
     fresh_folder,
     removed_on_user_error,
-    resumed_config,
+    run_config,
     stamp,
 )
+
+TRAIN_OPTIONS = ("method", "out", "base")  # what `--resume` does not take
 
 
 def cmd_train(args, extra, reporter) -> int:
@@ -24,13 +24,9 @@ def cmd_train(args, extra, reporter) -> int:
 
     if distributed.launched():  # under torchrun: one process per device (docs/scaling.md)
         return train_distributed(args, extra, reporter)
-    if args.resume is not None:
-        if extra or args.method or args.out or args.config or args.base:
-            raise UsageError("--resume takes the saved configuration; drop other options")
-        cfg, out = resumed_config(args.resume), args.resume
-    else:
-        cfg = config_from_args(args, extra, method=args.method)
-        out = fresh_folder(args.out or Path("runs") / f"train-{cfg.method}-{stamp()}")
+    cfg, out = run_config(args, extra, conflicting=TRAIN_OPTIONS, method=args.method)
+    if args.resume is None:
+        out = fresh_folder(out or Path("runs") / f"train-{cfg.method}-{stamp()}")
         if args.base is not None:
             ckpt.check(checkpoint_file(args.base))
     if args.resume is not None and (out / "checkpoint.pt").is_file():
@@ -122,12 +118,7 @@ def train_distributed(args, extra: list[str], reporter) -> int:
     from recipes.memdlm.loop.progress import Reporter
     from recipes.memdlm.loop.steps import MetricsLog
 
-    if args.resume is not None:
-        if extra or args.method or args.out or args.config or args.base:
-            raise UsageError("--resume takes the saved configuration; drop other options")
-        cfg, out = resumed_config(args.resume), args.resume
-    else:
-        cfg, out = config_from_args(args, extra, method=args.method), args.out
+    cfg, out = run_config(args, extra, conflicting=TRAIN_OPTIONS, method=args.method)
     ctx = init(cfg.distributed, cfg.device)
     try:
         if out is None:  # one time stamp for every rank
