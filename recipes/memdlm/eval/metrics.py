@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-import diffusion as dd
+from recipes.memdlm import api
 from recipes.memdlm.config import MemDLMConfig
 from recipes.memdlm.data.batches import Batch, Encoded, collate, fixed_batches
 from recipes.memdlm.data.tasks import ByteTokenizer, Example
@@ -134,12 +134,16 @@ def _prompt_adaptation(model, mem, batch: Batch, cfg, mask_id, generator, backen
 
 
 def _generate(model, prompt, gen_length, tok: ByteTokenizer, callback=None, options=None):
-    return dd.generate(
+    """Greedy low-confidence sampling, one token per step, through the recipe's one sampling
+    path (`api.generate`; fast weights, when adapted, are bound by the caller). options: its
+    keyword arguments (`sample_attention`, kernels and compiler settings)."""
+    return api.generate(
         model,
         prompt,
         mask_id=tok.mask_id,
         gen_length=gen_length,
         steps=gen_length,
+        adapt=False,
         remasking="low_confidence",
         temperature=0.0,
         callback=callback,

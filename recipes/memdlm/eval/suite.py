@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from recipes.memdlm.backbones import adapter
 from recipes.memdlm.config import Config
 from recipes.memdlm.data.prepare import Data
 from recipes.memdlm.data.tasks import ByteTokenizer
@@ -33,20 +32,18 @@ def evaluate_model(
     tok = data.tokenizer
     loss_set = loss_set or loss_set_for(data, cfg, device)
     backend = {"loss_backend": cfg.loss_backend}
-    sampling = {"generate_options": cfg.generate_options(), **backend}
-    common = {"batch_size": cfg.eval.batch_size, "device": device, **sampling}
-    backbone = adapter(model)
+    # Sampling attends as `model.sample_attention` (inside `api.generate`); losses and the
+    # prompt adaptation stay bidirectional, as in training and in `sample --adapt`.
     m = cfg.model
-
-    def attending():  # sampling's attention (`model.sample_attention`); losses stay bidirectional
-        return backbone.sampling_attention(m.sample_attention, m.sample_block_size)
+    options = {"sample_attention": m.sample_attention, "sample_block_size": m.sample_block_size}
+    sampling = {"generate_options": {**cfg.generate_options(), **options}, **backend}
+    common = {"batch_size": cfg.eval.batch_size, "device": device, **sampling}
 
     result: dict[str, Any] = {"eval_loss": eval_loss(model, loss_set, **backend)}
-    with attending():
-        result["niah"] = niah_accuracy(model, data.accuracy_eval, tok, **common)
-        result["exposure_bias"] = exposure_bias_curve(
-            model, data.exposure_eval, tok, device=device, **sampling
-        )
+    result["niah"] = niah_accuracy(model, data.accuracy_eval, tok, **common)
+    result["exposure_bias"] = exposure_bias_curve(
+        model, data.exposure_eval, tok, device=device, **sampling
+    )
     if method == "memdlm":
         mem = make_fast_weights(model, cfg.memdlm)
         try:
@@ -57,19 +54,18 @@ def evaluate_model(
             result["eval_loss_adapted"] = eval_loss(
                 model, loss_set, mode="prompt", mask_id=tok.mask_id, **fast, **backend
             )
-            with attending():
-                result["niah_adapted"] = niah_accuracy(
-                    model, data.accuracy_eval, tok, adapt_prompt=True, **common, **fast
-                )
-                result["exposure_bias_adapted"] = exposure_bias_curve(
-                    model,
-                    data.exposure_eval,
-                    tok,
-                    device=device,
-                    adapt_prompt=True,
-                    **fast,
-                    **sampling,
-                )
+            result["niah_adapted"] = niah_accuracy(
+                model, data.accuracy_eval, tok, adapt_prompt=True, **common, **fast
+            )
+            result["exposure_bias_adapted"] = exposure_bias_curve(
+                model,
+                data.exposure_eval,
+                tok,
+                device=device,
+                adapt_prompt=True,
+                **fast,
+                **sampling,
+            )
         finally:
             mem.remove()
     return result
