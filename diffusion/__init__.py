@@ -7,6 +7,7 @@ docs/kernels.md.
 """
 
 from . import kernels
+from .block_sampling import block_aligned_steps, even_transfer_schedule, generate_block_aligned
 from .cache import CACHE_MODES, CachedDenoiser, supports_cache
 from .corruption import corrupt, nested_mask
 from .likelihood import choose, elbo_log_likelihood
@@ -25,10 +26,13 @@ __all__ = [
     "Schedule",
     "StepInfo",
     "Transformer",
+    "block_aligned_steps",
     "choose",
     "corrupt",
     "elbo_log_likelihood",
+    "even_transfer_schedule",
     "generate",
+    "generate_block_aligned",
     "kernels",
     "masked_diffusion_loss",
     "masked_diffusion_loss_from_hidden",

@@ -18,7 +18,8 @@ forward of the first two run whole forward passes in the inner loop.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -111,7 +112,7 @@ def generate(
     *,
     mask_id: int,
     gen_length: int,
-    steps: int,
+    steps: int | None = None,
     adapt: bool = True,
     fast_weights: mm.FastWeights | None = None,
     config: MemDLMConfig | Mapping[str, Any] | None = None,
@@ -119,6 +120,7 @@ def generate(
     sample_attention: str = "bidirectional",
     sample_block_size: int | None = None,
     loss_backend: str | None = "auto",
+    sampler: Callable[..., torch.Tensor] | None = None,
     **sampler_options,
 ) -> torch.Tensor:
     """Sample `gen_length` tokens after each prompt, after adapting fast weights to it.
@@ -128,7 +130,8 @@ def generate(
     Args:
         model: see the module doc.
         prompt_ids: (B, P) long prompts (one length; no left padding when adapting).
-        mask_id, gen_length, steps: as `diffusion.generate`.
+        mask_id, gen_length, steps: as `diffusion.generate` (`steps` is required by it and
+            not taken by another `sampler`).
         adapt: run inference-time adaptation first (False = plain sampling).
         fast_weights: fast weights attached to `model` (kept afterwards); None = made here from
             `config` (`fast_weights_for`) and removed when done.
@@ -150,9 +153,22 @@ def generate(
             through them, with the adapted fast weights bound in the cached and in the fresh
             calls alike.
 
+        sampler: None = `diffusion.generate`; else a function with its calling convention
+            `sampler(model, prompt_ids, mask_id=, gen_length=, generator=, **sampler_options)`,
+            e.g. `diffusion.generate_block_aligned` (LLaDA2.x's sampler; give it the block-causal
+            `sample_attention` of a Hugging Face LLaDA2 backbone).
+
     Returns:
-        (B, P + gen_length) tokens without `mask_id`; the prompt is unchanged.
+        (B, P + gen_length) tokens without `mask_id` (another `sampler` returns what it
+        returns: `generate_block_aligned` the whole block-padded canvas); the prompt is
+        unchanged.
     """
+    if sampler is None:
+        if steps is None:
+            raise ValueError("steps is required by diffusion.generate (sampler=None)")
+        sampler = functools.partial(dd.generate, steps=steps)
+    elif steps is not None:
+        raise ValueError("steps is diffusion.generate's; pass another sampler's own step options")
     if adapt and sampler_options.get("attention_mask") is not None:
         raise ValueError("adapt=True needs unpadded prompts of one length (no attention_mask)")
     denoiser = _denoiser(model)
@@ -162,12 +178,11 @@ def generate(
     def sample() -> torch.Tensor:
         attention = adapter(model).sampling_attention(sample_attention, sample_block_size)
         with attention:
-            return dd.generate(
+            return sampler(
                 denoiser,
                 prompt_ids,
                 mask_id=mask_id,
                 gen_length=gen_length,
-                steps=steps,
                 generator=generator,
                 **sampler_options,
             )

@@ -115,16 +115,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", type=Path, nargs="?", help=CHECKPOINT_HELP)
     p.add_argument("--prompt", required=True, help="prompt text")
     p.add_argument("--adapt", action="store_true", help="adapt fast weights on the prompt first")
+    p.add_argument(
+        "--sampler",
+        choices=("diffusion", "llada21"),
+        default="diffusion",
+        help="diffusion: diffusion.generate (LLaDA / Fast-dLLM); llada21: the LLaDA2.1 sampler "
+        "of the authors' evaluation (diffusion.generate_block_aligned; docs/diffusion.md)",
+    )
     p.add_argument("--gen-length", type=int, default=16)
-    p.add_argument("--steps", type=int, help="denoising steps (default: gen-length)")
-    p.add_argument("--block-length", type=int, help="semi-autoregressive block length")
+    p.add_argument(
+        "--steps",
+        type=int,
+        help="denoising steps (default: gen-length); llada21: steps per block (default: "
+        "block length)",
+    )
+    p.add_argument(
+        "--block-length",
+        type=int,
+        help="semi-autoregressive block length (llada21: blocks from position 0, default 32)",
+    )
+    p.add_argument(
+        "--minimal-topk",
+        type=int,
+        default=1,
+        help="llada21: at most gen-length // minimal-topk steps per block (default 1)",
+    )
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument(
         "--remasking",
         default="low_confidence",
         choices=("low_confidence", "random", "margin", "entropy"),
     )
-    p.add_argument("--threshold", type=float, help="parallel decoding confidence threshold")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        help="parallel decoding confidence threshold (llada21: default 0.95)",
+    )
     p.add_argument(
         "--cache",
         choices=("none", "prefix", "dual"),

@@ -25,6 +25,9 @@ def check_sample_args(args) -> None:
         raise UsageError(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if args.threshold is not None and math.isnan(args.threshold):
         raise UsageError("--threshold must be a number, got nan")
+    if getattr(args, "sampler", "diffusion") == "llada21":
+        check_llada21_args(args)
+        return
     length = args.gen_length
     steps = length if args.steps is None else args.steps
     block = args.block_length or length
@@ -46,6 +49,39 @@ def check_sample_args(args) -> None:
             raise UsageError(f"--cache-refresh must be at least 1, got {args.cache_refresh}")
 
 
+LLADA21_DEFAULTS = {"block_length": 32, "threshold": 0.95}
+
+
+def check_llada21_args(args) -> None:
+    """`--sampler llada21`: the options of `diffusion.generate_block_aligned`; the options that
+    belong to `diffusion.generate` only must keep their defaults."""
+    if args.minimal_topk < 1 or args.minimal_topk > args.gen_length:
+        raise UsageError(
+            f"--minimal-topk must be between 1 and --gen-length {args.gen_length}, "
+            f"got {args.minimal_topk}"
+        )
+    for name, default in [
+        ("remasking", "low_confidence"),
+        ("cache", "none"),
+        ("cfg_scale", 0.0),
+        ("cache_refresh", None),
+    ]:
+        if getattr(args, name) != default:
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(f"{flag} is an option of --sampler diffusion, not of llada21")
+
+
+def llada21_options(args) -> dict:
+    """The keyword arguments of `diffusion.generate_block_aligned` from the command line."""
+    return {
+        "block_length": args.block_length or LLADA21_DEFAULTS["block_length"],
+        "steps_per_block": args.steps,
+        "threshold": LLADA21_DEFAULTS["threshold"] if args.threshold is None else args.threshold,
+        "minimal_topk": args.minimal_topk,
+        "temperature": args.temperature,
+    }
+
+
 def cmd_sample(args, extra, reporter) -> int:
 
     import diffusion as dd
@@ -57,12 +93,21 @@ def cmd_sample(args, extra, reporter) -> int:
     ids = tok.encode(args.prompt)
     if not ids:
         raise UsageError("--prompt is empty")
-    if len(ids) + args.gen_length > cfg.model.max_seq_len:
+    length, canvas = len(ids) + args.gen_length, ""
+    if args.sampler == "llada21":  # the canvas is padded up to whole blocks
+        block = llada21_options(args)["block_length"]
+        length = -(-length // block) * block
+        canvas = f" (a canvas of {length} positions in whole blocks of {block})"
+    if length > cfg.model.max_seq_len:
         raise UsageError(
             f"prompt ({len(ids)} tokens) + gen-length {args.gen_length} exceeds the model's "
-            f"maximum length {cfg.model.max_seq_len}"
+            f"maximum length {cfg.model.max_seq_len}{canvas}"
         )
     family = getattr(model, "family", None)  # a Hugging Face backbone's (hf.HFDenoiser)
+    if args.sampler == "llada21":
+        out = sample_llada21(args, cfg, tok, model, torch.tensor([ids], device=device), device)
+        print(tok.decode(out[0, len(ids) :].tolist()))
+        return 0
     if args.cache != "none" and (
         not dd.supports_cache(model) or (family is not None and family not in CACHED_FAMILIES)
     ):
@@ -95,3 +140,29 @@ def cmd_sample(args, extra, reporter) -> int:
     )
     print(tok.decode(out[0, len(ids) :].tolist()))
     return 0
+
+
+def sample_llada21(args, cfg, tok, model, prompt, device):
+    """`--sampler llada21`: `diffusion.generate_block_aligned` through `api.generate` (with the
+    optional adaptation), block-causal for a Hugging Face backbone (as the authors run
+    LLaDA2.1), bidirectional for the reference Transformer. Returns the whole canvas; the
+    command decodes everything after the prompt, padding included, as the authors' evaluation."""
+    import diffusion as dd
+    from recipes.memdlm import api
+
+    options = llada21_options(args)
+    hf = getattr(model, "family", None) is not None  # hf.HFDenoiser
+    return api.generate(
+        model,
+        prompt,
+        mask_id=tok.mask_id,
+        gen_length=args.gen_length,
+        adapt=args.adapt,
+        config=cfg.memdlm,
+        generator=torch.Generator(device=device).manual_seed(args.sample_seed),
+        sample_attention="block_causal" if hf else "bidirectional",
+        sample_block_size=options["block_length"],
+        loss_backend=cfg.loss_backend,
+        sampler=dd.generate_block_aligned,
+        **options,
+    )
