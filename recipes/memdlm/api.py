@@ -208,6 +208,37 @@ def generate(
             mem.remove()
 
 
+LLADA21 = {"block_length": 32, "threshold": 0.95, "minimal_topk": 1}  # the authors' evaluation
+
+
+def llada21_sampling(
+    model,
+    *,
+    block_length: int | None = None,
+    steps_per_block: int | None = None,
+    threshold: float | None = None,
+    minimal_topk: int | None = None,
+    temperature: float = 0.0,
+) -> dict[str, Any]:
+    """Keyword arguments of `generate` for the LLaDA2.1 sampler of the authors' evaluation
+    (`diffusion.generate_block_aligned`; None takes their value, `LLADA21`): block-causal
+    attention in blocks of `block_length` for a Hugging Face backbone, as they run LLaDA2.1,
+    bidirectional for the reference Transformer. Used by `sample --sampler llada21` and the
+    lm-eval model's `sampler=llada21`."""
+    block = block_length or LLADA21["block_length"]
+    hf = getattr(model, "family", None) is not None  # hf.HFDenoiser
+    return {
+        "sampler": dd.generate_block_aligned,
+        "block_length": block,
+        "steps_per_block": steps_per_block,
+        "threshold": LLADA21["threshold"] if threshold is None else threshold,
+        "minimal_topk": minimal_topk or LLADA21["minimal_topk"],
+        "temperature": temperature,
+        "sample_attention": "block_causal" if hf else "bidirectional",
+        "sample_block_size": block,
+    }
+
+
 def guided_state(state: Mapping[str, torch.Tensor] | None, cfg_scale: float | None):
     """A per-sample fast-weight state of B prompts for the rows `diffusion.generate` runs:
     unchanged without guidance; with `cfg_scale` > 0 (2B rows: the B conditional rows, then

@@ -234,6 +234,33 @@ def test_lm_eval_model_args_reach_the_sampler(run_dir):
     assert text == [lm.tokenizer.decode(row[len(ids) : len(ids) + 8].tolist()) for row in out]
 
 
+def test_lm_eval_model_samples_with_the_llada21_sampler(run_dir):
+    """sampler=llada21: the authors' LLaDA2.1 evaluation sampler (api.llada21_sampling), the
+    same tokens as the API call; its canvas is padded to whole blocks."""
+    pytest.importorskip("lm_eval")
+    from recipes.memdlm.eval import harness_setup
+    from recipes.memdlm.eval.harness import MemDLMLM, load_run
+
+    for args, named in [({"sampler": "other"}, "sampler="), ({"minimal_topk": "0"}, "minimal")]:
+        with pytest.raises(ValueError, match=named):
+            harness_setup.parse_model_args({"run": "x", **args})
+    with pytest.raises(ValueError, match="belong to sampler=diffusion"):
+        harness_setup.parse_model_args({"run": "x", "sampler": "llada21", "cfg_scale": "1"})
+    loaded = load_run(run_dir, device="cpu")
+    lm = MemDLMLM.from_loaded(loaded, sampler="llada21", block_length=4, threshold=0.5)
+    ids = list(b"amber code is 1234. ")
+    text = lm.sample([ids, ids[::-1]], 6, 0.0)
+    flat = [t for row in (ids, ids[::-1]) for t in [*row, -1]]
+    out = api.generate(
+        lm.model, torch.tensor([ids, ids[::-1]]), mask_id=lm.mask_id, gen_length=6, adapt=False,
+        generator=lm._generator(flat, "sample"),
+        **api.llada21_sampling(lm.model, block_length=4, threshold=0.5),
+    )  # fmt: skip
+    assert out.shape[1] == 28  # 20 + 6 = 26 positions padded to whole blocks of 4
+    assert text == [lm.tokenizer.decode(row[len(ids) : len(ids) + 6].tolist()) for row in out]
+    assert lm.sampler_lengths(6)[0] == 9  # room for the answer and the padding
+
+
 def test_the_guided_likelihood_is_the_elbo_of_llada_cfg_logits(model):
     """api.log_likelihood(cfg_scale=w) = the ELBO estimator run on un + (w+1)(cond - un)."""
     prompt = torch.randint(0, 48, (6,), generator=torch.Generator().manual_seed(2))

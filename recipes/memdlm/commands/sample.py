@@ -49,9 +49,6 @@ def check_sample_args(args) -> None:
             raise UsageError(f"--cache-refresh must be at least 1, got {args.cache_refresh}")
 
 
-LLADA21_DEFAULTS = {"block_length": 32, "threshold": 0.95}
-
-
 def check_llada21_args(args) -> None:
     """`--sampler llada21`: the options of `diffusion.generate_block_aligned`; the options that
     belong to `diffusion.generate` only must keep their defaults."""
@@ -71,17 +68,6 @@ def check_llada21_args(args) -> None:
             raise UsageError(f"{flag} is an option of --sampler diffusion, not of llada21")
 
 
-def llada21_options(args) -> dict:
-    """The keyword arguments of `diffusion.generate_block_aligned` from the command line."""
-    return {
-        "block_length": args.block_length or LLADA21_DEFAULTS["block_length"],
-        "steps_per_block": args.steps,
-        "threshold": LLADA21_DEFAULTS["threshold"] if args.threshold is None else args.threshold,
-        "minimal_topk": args.minimal_topk,
-        "temperature": args.temperature,
-    }
-
-
 def cmd_sample(args, extra, reporter) -> int:
 
     import diffusion as dd
@@ -95,7 +81,7 @@ def cmd_sample(args, extra, reporter) -> int:
         raise UsageError("--prompt is empty")
     length, canvas = len(ids) + args.gen_length, ""
     if args.sampler == "llada21":  # the canvas is padded up to whole blocks
-        block = llada21_options(args)["block_length"]
+        block = args.block_length or api.LLADA21["block_length"]
         length = -(-length // block) * block
         canvas = f" (a canvas of {length} positions in whole blocks of {block})"
     if length > cfg.model.max_seq_len:
@@ -144,14 +130,10 @@ def cmd_sample(args, extra, reporter) -> int:
 
 def sample_llada21(args, cfg, tok, model, prompt, device):
     """`--sampler llada21`: `diffusion.generate_block_aligned` through `api.generate` (with the
-    optional adaptation), block-causal for a Hugging Face backbone (as the authors run
-    LLaDA2.1), bidirectional for the reference Transformer. Returns the whole canvas; the
-    command decodes everything after the prompt, padding included, as the authors' evaluation."""
-    import diffusion as dd
+    optional adaptation; `api.llada21_sampling`). Returns the whole canvas; the command decodes
+    everything after the prompt, padding included, as the authors' evaluation."""
     from recipes.memdlm import api
 
-    options = llada21_options(args)
-    hf = getattr(model, "family", None) is not None  # hf.HFDenoiser
     return api.generate(
         model,
         prompt,
@@ -160,9 +142,13 @@ def sample_llada21(args, cfg, tok, model, prompt, device):
         adapt=args.adapt,
         config=cfg.memdlm,
         generator=torch.Generator(device=device).manual_seed(args.sample_seed),
-        sample_attention="block_causal" if hf else "bidirectional",
-        sample_block_size=options["block_length"],
         loss_backend=cfg.loss_backend,
-        sampler=dd.generate_block_aligned,
-        **options,
+        **api.llada21_sampling(
+            model,
+            block_length=args.block_length,
+            steps_per_block=args.steps,
+            threshold=args.threshold,
+            minimal_topk=args.minimal_topk,
+            temperature=args.temperature,
+        ),
     )

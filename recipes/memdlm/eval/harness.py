@@ -218,8 +218,13 @@ class MemDLMLM(LM):
 
     # ----------------------------------------------------------------- generation
     def sampler_lengths(self, max_gen_toks: int) -> tuple[int, int, int]:
-        """(gen_length, steps, block_length): max_gen_toks rounded up to whole blocks; by
-        default one block and one token per step (the authors' setting)."""
+        """(positions the answer may take, steps, block_length). `diffusion.generate`:
+        max_gen_toks rounded up to whole blocks; by default one block and one token per step
+        (the authors' setting). sampler=llada21: its canvas is padded to whole blocks counted
+        from position 0, so the answer may take up to a block more."""
+        if self.options.sampler == "llada21":
+            block = self.options.block_length or api.LLADA21["block_length"]
+            return max_gen_toks + block - 1, self.options.steps, block
         block = self.options.block_length or max_gen_toks
         gen_length = -(-max_gen_toks // block) * block
         return gen_length, self.options.steps or gen_length, block
@@ -250,6 +255,24 @@ class MemDLMLM(LM):
                     self.cache_hook.add_partial("generate_until", requests[index].args, text)
         return results
 
+    def llada21_options(self, max_gen_toks: int, temperature: float) -> dict | None:
+        """`api.generate`'s arguments for sampler=llada21 (None for sampler=diffusion)."""
+        if self.options.sampler != "llada21":
+            return None
+        return dict(
+            mask_id=self.mask_id,
+            gen_length=max_gen_toks,
+            adapt=False,
+            **api.llada21_sampling(
+                self.model,
+                block_length=self.options.block_length,
+                steps_per_block=self.options.steps,
+                threshold=self.options.threshold,
+                minimal_topk=self.options.minimal_topk,
+                temperature=temperature,
+            ),
+        )
+
     def sample(self, prompts: list[list[int]], max_gen_toks: int, temperature: float) -> list[str]:
         """Decoded generations (up to EOS, before stop strings) for prompts of one length, each
         with its own adapted fast weights when adapting."""
@@ -258,12 +281,11 @@ class MemDLMLM(LM):
         prompt = prompt.reshape(len(prompts), len(prompts[0]))
         states = [self.adapted_state(ids) for ids in prompts]
         flat = [t for ids in prompts for t in [*ids, -1]]
-        options = dict(
+        options = self.llada21_options(max_gen_toks, temperature) or dict(
             mask_id=self.mask_id,
             gen_length=gen_length,
             steps=steps,
             adapt=False,
-            generator=self._generator(flat, "sample"),
             block_length=block,
             remasking=self.options.remasking,
             temperature=temperature,
@@ -273,6 +295,7 @@ class MemDLMLM(LM):
             sample_block_size=self.loaded.config.model.sample_block_size,
             **self.loaded.config.generate_options(),
         )
+        options["generator"] = self._generator(flat, "sample")
         if self.options.cache is not None:  # the cached calls run eagerly
             options.update(
                 cache=self.options.cache, cache_refresh=self.options.cache_refresh, compiler=None

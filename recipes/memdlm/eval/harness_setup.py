@@ -50,6 +50,8 @@ class Options:
     cache: str | None = None  # None / "none", "prefix" or "dual" (diffusion.generate's cache)
     cache_refresh: int | None = None
     cfg_scale: float = 0.0
+    sampler: str = "diffusion"  # or "llada21": the authors' LLaDA2.1 sampler (api.llada21_sampling)
+    minimal_topk: int = 1
     max_length: int | None = None
     max_gen_toks: int = 256
     seed: int = 0
@@ -78,6 +80,8 @@ _KINDS = {
     "cache": "str?",
     "cache_refresh": "int?",
     "cfg_scale": "float",
+    "sampler": "str",
+    "minimal_topk": "int",
     "max_length": "int?",
     "max_gen_toks": "int",
     "seed": "int",
@@ -184,6 +188,15 @@ def _check_options(o: Options) -> None:
         )
     if not 0 <= o.cfg_scale < float("inf"):
         raise ValueError(f"memdlm model arg cfg_scale must be finite and >= 0, got {o.cfg_scale}")
+    if o.sampler not in ("diffusion", "llada21"):
+        raise ValueError(f"memdlm model arg sampler={o.sampler!r}: expected diffusion or llada21")
+    if o.minimal_topk < 1:
+        raise ValueError(f"memdlm model arg minimal_topk must be >= 1, got {o.minimal_topk}")
+    if o.sampler == "llada21" and (o.cache or o.cfg_scale or o.remasking != "low_confidence"):
+        raise ValueError(
+            "memdlm model args cache, cfg_scale and remasking belong to sampler=diffusion, "
+            "not to sampler=llada21"
+        )
     if o.run is not None and (o.trust_remote_code or o.load_in_4bit or o.dtype != "float32"):
         raise ValueError(
             "memdlm model args trust_remote_code, dtype and load_in_4bit apply to pretrained=; "
