@@ -311,7 +311,7 @@ def standard_step(
     compiled: dict[str, Callable] | None = None,
 ) -> StepOutput:
     """One standard step in one process (without the optimizer update): `step_loss`."""
-    loss, _ = step_loss(
+    loss, _ = step_loss(  # Standard reads neither the MemDLM config nor the mask id
         model,
         None,
         Draws(batch, anchor),
