@@ -14,10 +14,7 @@ import torch
 import diffusion as dd
 import recipes.memdlm as memdlm
 from recipes.memdlm import api, method
-from recipes.memdlm.build import new_model
-from recipes.memdlm.config import MemDLMConfig, build_config
-from recipes.memdlm.data.tasks import ByteTokenizer
-from recipes.memdlm.loop import checkpoint as ckpt
+from recipes.memdlm.config import MemDLMConfig
 
 MASK = 49
 # Fast weights on both layers: layer 0's FFN then shapes the keys and values layer 1 caches.
@@ -127,15 +124,6 @@ def test_guided_state_and_cache_errors(model, prompts):
 
 
 # --------------------------------------------------------------------------- CLI and lm-eval
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    """A run folder of the smoke preset (config.json, model.pt), weights seeded, untrained."""
-    out = tmp_path_factory.mktemp("run")
-    cfg = build_config("smoke", None, {"device": "cpu"})
-    model = new_model(cfg, ByteTokenizer(), seed=0, device="cpu")
-    ckpt.save(out / "model.pt", {"model": model.state_dict()})
-    ckpt.write_json(out / "config.json", cfg.model_dump())
-    return out
 
 
 def sample_cli(run_dir, *args):

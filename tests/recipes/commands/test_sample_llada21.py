@@ -4,7 +4,6 @@ library call; its argument checks; `api.generate(sampler=...)`."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -12,26 +11,11 @@ import torch
 
 import diffusion as dd
 from recipes.memdlm import api, method
-from recipes.memdlm.build import new_model
 from recipes.memdlm.cli import main
 from recipes.memdlm.commands.folders import UsageError
 from recipes.memdlm.commands.sample import check_sample_args
-from recipes.memdlm.config import build_config
-from recipes.memdlm.data.tasks import ByteTokenizer
-from recipes.memdlm.loop import checkpoint as ckpt
 
 PROMPT = "amber code is 1234. "
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    """A run folder of the smoke preset (config.json, model.pt), weights seeded, untrained."""
-    out = tmp_path_factory.mktemp("run")
-    cfg = build_config("smoke", None, {"device": "cpu"})
-    model = new_model(cfg, ByteTokenizer(), seed=0, device="cpu")
-    ckpt.save(out / "model.pt", {"model": model.state_dict()})
-    ckpt.write_json(out / "config.json", cfg.model_dump())
-    return out
 
 
 def loaded(run_dir):

@@ -34,14 +34,10 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 
 import diffusion as dd  # noqa: E402
 from recipes.memdlm import api  # noqa: E402
-from recipes.memdlm.build import new_model  # noqa: E402
-from recipes.memdlm.config import build_config  # noqa: E402
 from recipes.memdlm.data.prepare import prepare_data  # noqa: E402
-from recipes.memdlm.data.tasks import ByteTokenizer  # noqa: E402
 from recipes.memdlm.eval import harness_setup  # noqa: E402
 from recipes.memdlm.eval.harness import MemDLMLM, load_run, request_seed  # noqa: E402
 from recipes.memdlm.eval.metrics import niah_accuracy  # noqa: E402
-from recipes.memdlm.loop import checkpoint as ckpt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[3]
 # lm-eval scores " " + choice after the question (its default target delimiter)
@@ -58,17 +54,6 @@ TEXTS = [
 
 
 # --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    """A run folder of the smoke preset (config.json, model.pt), weights seeded, untrained."""
-    out = tmp_path_factory.mktemp("run")
-    cfg = build_config("smoke", None, {"device": "cpu"})
-    model = new_model(cfg, ByteTokenizer(), seed=0, device="cpu")
-    ckpt.save(out / "model.pt", {"model": model.state_dict()})
-    ckpt.write_json(out / "config.json", cfg.model_dump())
-    return out
 
 
 @pytest.fixture(scope="module")
