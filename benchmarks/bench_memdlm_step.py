@@ -1,9 +1,11 @@
-"""Cost of a MemDLM training step relative to a standard step (issue target: at most 1.6x).
+"""Cost of a MemDLM training step relative to a standard step (issue 24's target: at most 1.40x).
 
 Same model, same batch, same anchor; both steps include the backward pass and the optimizer
 update. The two are timed interleaved in one process (round robin), and the ratio of medians is
-reported. Variants: MemDLM with the per-step fast-weights-off diagnostic (the recipe's default,
-`memdlm.gap_every=1`) and without it, and per-sample fast weights.
+reported, with the minor page faults per step. Variants: MemDLM with the per-step
+fast-weights-off diagnostic (the recipe's default, `memdlm.gap_every=1`) and without it, and
+per-sample fast weights. glibc's malloc thresholds are pinned as the recipe's CLI pins them
+(`loop/allocator.py`); `--glibc-default` measures without.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_memdlm_step.py            # table
     OMP_NUM_THREADS=1 python -m pytest benchmarks/bench_memdlm_step.py --benchmark-only
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import statistics
 import time
 
@@ -26,6 +29,7 @@ from recipes.memdlm.build import new_model
 from recipes.memdlm.config import build_config
 from recipes.memdlm.data.batches import BatchSampler
 from recipes.memdlm.data.prepare import prepare_data
+from recipes.memdlm.loop.allocator import keep_freed_memory
 
 
 def make_setup(preset: str = "cpu-tiny", batch_size: int = 32, n_layers: int | None = None):
@@ -86,19 +90,23 @@ def step_functions(cfg, data, model, batch, anchor):
     }
 
 
-def time_round_robin(functions, repeats: int, warmup: int = 2) -> dict[str, list[float]]:
+def time_round_robin(functions, repeats: int, warmup: int = 2):
     """Process (CPU) time per call: on a shared VM it is far less disturbed by preemption than
-    wall time, and with one thread it is the work done."""
+    wall time, and with one thread it is the work done (the kernel's page faults included).
+    Returns ({name: seconds per call}, {name: minor page faults per call})."""
     for fn in functions.values():
         for _ in range(warmup):
             fn()
     times = {name: [] for name in functions}
+    faults = {name: [] for name in functions}
     for _ in range(repeats):
         for name, fn in functions.items():
-            start = time.process_time()
+            start, before = time.process_time(), resource.getrusage(resource.RUSAGE_SELF)
             fn()
             times[name].append(time.process_time() - start)
-    return times
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            faults[name].append(after.ru_minflt - before.ru_minflt)
+    return times, faults
 
 
 def main() -> None:
@@ -106,23 +114,29 @@ def main() -> None:
     parser.add_argument("--preset", default="cpu-tiny")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--layers", type=int, help="override model.n_layers")
+    parser.add_argument(
+        "--glibc-default",
+        action="store_true",
+        help="leave glibc's malloc thresholds as they are (the recipe's CLI pins them)",
+    )
     args = parser.parse_args()
+    pinned = False if args.glibc_default else keep_freed_memory()
     cfg, data, model, batch, anchor = make_setup(args.preset, n_layers=args.layers)
-    times = time_round_robin(step_functions(cfg, data, model, batch, anchor), args.repeats)
+    times, faults = time_round_robin(step_functions(cfg, data, model, batch, anchor), args.repeats)
     base = statistics.median(times["standard"])
     print(
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
         f"threads {torch.get_num_threads()}, batch {tuple(batch.x0.shape)}, "
         f"preset {args.preset}, fast layers from {method.first_fast_layer(model, cfg.memdlm)}"
-        f" of {len(model.layers)}"
+        f" of {len(model.layers)}, glibc thresholds {'pinned' if pinned else 'default'}"
     )
-    print(f"{'step':32s} {'median ms':>10s} {'ratio':>7s} {'IQR of ratio':>14s}")
+    print(f"{'step':32s} {'median ms':>10s} {'ratio':>7s} {'IQR of ratio':>14s} {'faults':>8s}")
     for name, values in times.items():
         median = statistics.median(values)
         q1, _, q3 = statistics.quantiles(values, n=4)
         print(
             f"{name:32s} {1000 * median:10.1f} {median / base:7.2f}   "
-            f"{q1 / base:.2f}-{q3 / base:.2f}"
+            f"{q1 / base:.2f}-{q3 / base:.2f} {statistics.median(faults[name]):10.0f}"
         )
 
 

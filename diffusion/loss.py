@@ -24,6 +24,8 @@ the same value and gradients without graph breaks. Eager calls validate and gath
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -105,6 +107,7 @@ def masked_diffusion_loss_from_hidden(
     mask_id: int | None = None,
     backend: str = "auto",
     chunk_size: int | None = None,
+    row_map: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """`masked_diffusion_loss(hidden @ lm_head_weight.T, ...)` without forming the logits.
 
@@ -120,10 +123,14 @@ def masked_diffusion_loss_from_hidden(
             (reduction is always "mean"; use `normalize="sum"` for the plain weighted sum).
         backend: "auto", "reference" or "triton" (`diffusion.kernels.dispatch`).
         chunk_size: rows per chunk (None = a size whose logits match the rows' memory).
+        row_map: optional position-wise map (N, D) -> (N, D) applied to the masked rows of
+            `hidden` before the projection: the loss is then that of `row_map(hidden)`, computed
+            on the scored rows only. It must act on each row alone (e.g. a network's last
+            feed-forward sub-block and final norm, when no attention follows them).
 
     Returns:
         A float32 (float64 for float64 inputs) scalar, differentiable with respect to `hidden`,
-        `lm_head_weight` and `weight` (once, not twice).
+        `lm_head_weight`, `weight` (once, not twice) and whatever `row_map` closes over.
     """
     fn = "masked_diffusion_loss_from_hidden"
     check_tensor(fn, "hidden", hidden, ndim=3, dtype="float")
@@ -149,6 +156,8 @@ def masked_diffusion_loss_from_hidden(
     else:
         rows, targets = hidden[mask], x0[mask]
         token_weight = row_weight[:, None].expand(batch, length)[mask]
+    if row_map is not None:
+        rows = row_map(rows)
     return linear_cross_entropy(
         rows, lm_head_weight, targets, token_weight, backend=backend, chunk_size=chunk_size
     )

@@ -212,6 +212,31 @@ def test_loss_from_hidden_equals_the_loss_of_the_logits(normalize, custom_weight
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-14)
 
 
+def test_row_map_gives_the_loss_of_the_mapped_hidden_states():
+    """A position-wise map applied to the masked rows only equals the map applied everywhere
+    first: value and gradients (hidden, head, and the map's own parameters), float64."""
+    hidden, head, x0, mask, maskable, t = _masked_problem()
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(6, 6, generator=g, dtype=torch.float64).requires_grad_()
+
+    def row_map(rows):  # (..., D) -> (..., D), each row alone
+        return rows + torch.tanh(rows @ w)
+
+    kwargs = dict(schedule=dd.LinearSchedule(), maskable=maskable, backend="reference")
+    ours = dd.masked_diffusion_loss_from_hidden(
+        hidden, head, x0, mask, t, row_map=row_map, **kwargs
+    )
+    theirs = dd.masked_diffusion_loss_from_hidden(row_map(hidden), head, x0, mask, t, **kwargs)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-14)
+    for a, b in zip(_grads(ours, hidden, head, w), _grads(theirs, hidden, head, w)):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-14)
+    seen = []
+    dd.masked_diffusion_loss_from_hidden(
+        hidden, head, x0, mask, t, row_map=lambda rows: seen.append(rows.shape) or rows, **kwargs
+    )
+    assert seen == [(int(mask.sum()), 6)]  # the masked rows, and only they
+
+
 def test_loss_from_hidden_validates_like_the_logits_loss():
     hidden, head, x0, mask, maskable, t = _masked_problem()
     s = dd.LinearSchedule()

@@ -50,6 +50,12 @@ class Backbone(Protocol):
         the split forward may start between its attention and its FFN (`method.split`)."""
         ...
 
+    def position_wise_after(self, start: int, mid_layer: bool) -> bool:
+        """True when `features_from(h, start=start, mid_layer=mid_layer)` acts on each position
+        alone (no attention left, nothing that mixes rows), so that it may run on just the rows
+        a loss scores, given as (N, 1, D) (`method.losses.head_loss`)."""
+        ...
+
     def split_methods(self) -> tuple[str, ...]:
         """The module's own split-forward methods (FSDP2 must gather weights when they run)."""
         ...

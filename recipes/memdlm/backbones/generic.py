@@ -78,6 +78,10 @@ class GenericBackbone:
         del layer, targets
         return False
 
+    def position_wise_after(self, start: int, mid_layer: bool) -> bool:
+        del start, mid_layer
+        return False
+
     def split_methods(self) -> tuple[str, ...]:
         return ()
 

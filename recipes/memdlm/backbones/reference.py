@@ -55,6 +55,10 @@ class ReferenceBackbone(SplitForwardOf):
         prefix = f"layers.{layer}."
         return all(not n.startswith(prefix) or n.startswith(prefix + "mlp.") for n in targets)
 
+    def position_wise_after(self, start: int, mid_layer: bool) -> bool:
+        # The last layer's feed-forward sub-block and the final RMSNorm: both act per position.
+        return mid_layer and start == len(self.module.layers) - 1
+
     def split_methods(self) -> tuple[str, ...]:
         return ("hidden_states", "logits_from", "features_from")
 

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from recipes.memdlm.errors import UserError
+from recipes.memdlm.loop.allocator import keep_freed_memory
 from recipes.memdlm.loop.steps import Interrupted
 
 EXIT_INTERRUPTED = 130
@@ -215,6 +216,7 @@ def _worker_main(job: Job, channel, parent_pid: int) -> None:
     """Entry point of a worker process: run one job, report its result or its failure."""
     os.setpgrp()  # a terminal's Ctrl-C goes to the parent, which forwards it (module docstring)
     torch.set_num_threads(1)
+    keep_freed_memory()  # as the parent's `cli.main` did: each process has its own heap
     _watch_parent(parent_pid)
     try:
         result = job.target(reporter=RemoteReporter(channel, job.name), **job.kwargs)

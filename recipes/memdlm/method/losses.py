@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 import torch
 
 import diffusion as dd
+import memory as mm
 from recipes.memdlm.backbones import adapter
 from recipes.memdlm.data.batches import Batch
-from recipes.memdlm.method.split import Split
+from recipes.memdlm.method.split import Split, last_split
 
 SCHEDULE = dd.LinearSchedule()  # alpha(t) = 1 - t, weight 1/t (LLaDA, MemDLM)
 
@@ -92,14 +93,20 @@ def head_loss(
 
     head_grad=False: the fused loss treats the head's weight as a constant, so it skips the
     (V, D) weight-gradient products (the first-order inner loop differentiates phi only).
+    When the network after the split acts on each position alone (`Split.position_wise`) and no
+    per-sample fast weights are bound (they index rows by sample), it runs on the scored rows
+    only: the same loss, at a fraction of the cost when few positions are masked.
     """
     head = fused_head(model, loss_backend)
     common = dict(schedule=SCHEDULE, maskable=maskable, normalize=normalize, weight=weight)
     if head is None:
         return dd.masked_diffusion_loss(split.logits(model, hidden), x0, mask, t, **common)
-    features = split.features(model, hidden)
+    if split.position_wise(model) and mm.per_sample_batch() is None:
+        common["row_map"] = lambda rows: split.row_features(model, rows)
+    else:
+        hidden = split.features(model, hidden)
     return dd.masked_diffusion_loss_from_hidden(
-        features, head if head_grad else head.detach(), x0, mask, t, backend=loss_backend, **common
+        hidden, head if head_grad else head.detach(), x0, mask, t, backend=loss_backend, **common
     )
 
 
@@ -107,11 +114,11 @@ def standard_loss(model, batch: Batch, anchor: Anchor, loss_backend: str | None 
     """The standard masked-diffusion loss on x_t (compile-clean)."""
     if fused_head(model, loss_backend) is None:
         return outer_loss(model(anchor.xt), batch, anchor)
-    hidden = Split(0).early(model, anchor.xt)
+    split = last_split(model)  # so that the last FFN runs on the masked rows only
     return head_loss(
         model,
-        hidden,
-        Split(0),
+        split.early(model, anchor.xt),
+        split,
         batch.x0,
         anchor.mask,
         anchor.t,

@@ -41,6 +41,25 @@ class Split:
     def logits(self, model, hidden: torch.Tensor) -> torch.Tensor:
         return adapter(model).logits_from(hidden, start=self.layer, mid_layer=self.mid)
 
+    def position_wise(self, model) -> bool:
+        """True when everything after the split acts on each position alone (the last layer's
+        FFN and the final norm): a loss then needs it only at the positions it scores."""
+        return adapter(model).position_wise_after(self.layer, self.mid)
+
+    def row_features(self, model, rows: torch.Tensor) -> torch.Tensor:
+        """`features` of (N, D) rows of hidden states taken from anywhere in the batch, for a
+        `position_wise` split: (N, D) -> (N, D)."""
+        return self.features(model, rows[:, None])[:, 0]
+
+
+def last_split(model) -> Split:
+    """The latest split a model allows with no fast weights: half-way through its last layer
+    when the backbone can split there (the reference Transformer), else before the first."""
+    last = adapter(model).num_layers() - 1
+    if last >= 0 and adapter(model).can_split_mid_layer(last, ()):
+        return Split(last, mid=True)
+    return Split(0)
+
 
 def split_point(model, mem, cfg: MemDLMConfig) -> Split:
     """The split for `mem`'s targets: mid-layer when the backbone allows it for the first fast

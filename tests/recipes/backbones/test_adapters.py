@@ -135,3 +135,16 @@ def test_what_fsdp_and_the_harness_ask_of_each_backbone():
     assert adapter(plain).split_methods() == () and adapter(plain).output_head() is None
     assert adapter(ref).max_positions() == ref.max_seq_len  # the trained length (rotary tables)
     assert adapter(plain).max_positions() is None
+
+
+def test_only_the_last_layers_ffn_and_the_final_norm_count_as_position_wise():
+    ref = adapter(reference(n_layers=3))
+    assert ref.position_wise_after(2, True)  # last layer's FFN, then the norm
+    assert not ref.position_wise_after(2, False)  # its attention mixes positions
+    assert not ref.position_wise_after(1, True)  # a later layer's attention does
+    assert not adapter(Plain()).position_wise_after(3, True)
+    # Per position means per position: rows taken from anywhere give the same features.
+    h = torch.randn(2, 5, 16)
+    rows = Split(2, mid=True).row_features(reference(n_layers=3), h.reshape(10, 16))
+    full = Split(2, mid=True).features(reference(n_layers=3), h)
+    torch.testing.assert_close(rows, full.reshape(10, 16), rtol=1e-6, atol=1e-6)

@@ -216,8 +216,10 @@ def test_dropping_every_record_leaves_a_readable_log(tmp_path):
 
 
 def sigint_at_call(k: int):
-    """A model hook that sends this process SIGINT at the k-th forward call of any layer, i.e.
-    somewhere inside a step (an inner-loop or outer forward), as a user's Ctrl-C would."""
+    """A model hook that sends this process SIGINT at the k-th call of any layer's attention,
+    i.e. somewhere inside a step (an inner-loop or outer forward), as a user's Ctrl-C would. It
+    hooks the attention, not the layer: a hooked layer is run whole (`can_split_mid_layer`), so
+    the interrupted run would take another, not bitwise equal, path than the straight one."""
     calls = [0]
 
     def hook(module, args):
@@ -228,7 +230,7 @@ def sigint_at_call(k: int):
 
     def attach(model):
         for layer in model.layers:
-            layer.register_forward_pre_hook(hook)
+            layer.attn.register_forward_pre_hook(hook)
 
     return attach
 

@@ -228,3 +228,53 @@ def test_split_point_is_mid_layer_only_when_the_layer_may_be_split():
     assert method.split_point(model, mem, MemDLMConfig()) == method.Split(1, mid=False)
     handle.remove()
     mem.remove()
+
+
+def _loss_and_grads(model, loss):
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [loss.detach(), *torch.autograd.grad(loss, params, allow_unused=True)]
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_losses_on_the_scored_rows_equal_the_full_forward(per_sample):
+    """With fast weights on the last layer's FFN, everything after the split acts per position,
+    so the loss runs it on the scored rows only (`head_loss`); the full forward (Split(0)) is
+    the oracle: loss and every gradient, base and fast weights, float64. Per-sample fast
+    weights take the full path (`memory.per_sample_batch`), with the same result."""
+    model = tiny_model()
+    batch, anchor, _ = fixed_batch()
+    cfg = MemDLMConfig(rank=2, alpha=4.0)
+    mem = method.make_fast_weights(model, cfg)
+    phi = mem.init(batch_size=3 if per_sample else None, generator=torch.Generator().manual_seed(1),
+                   dtype=torch.float64)  # fmt: skip
+    phi = {k: (v + 0.1 * torch.randn_like(v)).requires_grad_() for k, v in phi.items()}
+    split = method.split_point(model, mem, cfg)
+    assert split == method.Split(1, mid=True) and split.position_wise(model)
+    args = (batch.x0, anchor.mask, anchor.t, batch.maskable)
+    with mem.bind(phi):
+        rows = method.head_loss(model, split.early(model, anchor.xt), split, *args,
+                                normalize="token")  # fmt: skip
+        full = method.head_loss(model, method.Split(0).early(model, anchor.xt), method.Split(0),
+                                *args, normalize="token")  # fmt: skip
+    inputs = [*[p for p in model.parameters()], *phi.values()]
+    for a, b in zip(torch.autograd.grad(rows, inputs), torch.autograd.grad(full, inputs)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(rows, full, rtol=1e-12, atol=0)
+    mem.remove()
+
+
+def test_standard_loss_runs_the_last_ffn_on_the_masked_rows_with_the_full_result():
+    model = tiny_model()
+    batch, anchor, _ = fixed_batch()
+    calls = []
+    model.layers[1].mlp.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape))
+    loss = method.standard_loss(model, batch, anchor)
+    assert calls == [(int(anchor.mask.sum()), 1, 16)]  # the masked rows, one position each
+    full = method.head_loss(model, method.Split(0).early(model, anchor.xt), method.Split(0),
+                            batch.x0, anchor.mask, anchor.t, batch.maskable,
+                            normalize="token")  # fmt: skip
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    oracle = torch.autograd.grad(full, list(model.parameters()))
+    torch.testing.assert_close(loss, full, rtol=1e-12, atol=0)
+    for a, b in zip(grads, oracle):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
