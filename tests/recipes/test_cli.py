@@ -147,6 +147,21 @@ def test_smoke_compare_writes_the_documented_run_folder(tmp_path):
     memdlm_steps = [r for r in records if r["method"] == "memdlm"]
     assert memdlm_steps and all("gap" in r and "inner_grad_norm_1" in r for r in memdlm_steps)
 
+    # `train` is one run of the same pipeline (`commands.runs`): from the same base, seed and
+    # method it gives the same record as the comparison's job, and the same files.
+    trained = run(
+        "train", "--preset", "smoke", "--method", "memdlm", "--seed", "1",
+        "--base", str(out / "base" / "model.pt"), "--out", str(tmp_path / "train"), cwd=tmp_path,
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr
+    alone = json.loads((tmp_path / "train" / "summary.json").read_text())["memdlm"]
+    in_compare = summary["memdlm"]["per_seed"][0]
+    assert set(alone) == set(in_compare)
+    for key in set(alone) - {"seconds_per_step"}:
+        assert alone[key] == in_compare[key], key
+    for name in ("eval.json", "metrics.jsonl", "model.pt", "plots/training_loss.png"):
+        assert (tmp_path / "train" / name).is_file(), name
+
     # The pretrained base is cached and reused by a second comparison.
     again = run(
         "compare",

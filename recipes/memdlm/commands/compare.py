@@ -34,8 +34,15 @@ from recipes.memdlm.commands.folders import (
     run_config,
     stamp,
 )
+from recipes.memdlm.commands.runs import (
+    METHODS,
+    evaluate_run,
+    evaluated_once,
+    fine_tune,
+    run_method,
+    write_outputs,
+)
 from recipes.memdlm.config import Config, variant_config
-from recipes.memdlm.data.batches import BatchSampler
 from recipes.memdlm.data.prepare import Data, prepare_data, pretrain_sampler
 from recipes.memdlm.errors import UserError
 from recipes.memdlm.eval.metrics import eval_loss, niah_accuracy
@@ -43,17 +50,14 @@ from recipes.memdlm.eval.report import (
     method_summary,
     paired,
     per_seed_record,
-    plot_all,
     print_report,
 )
-from recipes.memdlm.eval.suite import evaluate_model, loss_set_for
+from recipes.memdlm.eval.suite import loss_set_for
 from recipes.memdlm.loop import checkpoint as ckpt
 from recipes.memdlm.loop.phase import phase_options, train_phase
 from recipes.memdlm.loop.progress import JobClock, Reporter
-from recipes.memdlm.loop.steps import MetricsLog, denormals_flushed
+from recipes.memdlm.loop.steps import MetricsLog
 from recipes.memdlm.loop.workers import Job, default_workers, run_jobs
-
-METHODS = ("standard", "memdlm")
 
 
 def obtain_base(
@@ -159,15 +163,6 @@ def fresh_base(
     return model, backbone
 
 
-def _cached_eval(folder: Path, compute) -> dict[str, Any]:
-    path = folder / "eval.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    result = compute()
-    ckpt.write_json(path, result)
-    return json.loads(path.read_text())  # JSON round trip: the same types as when reused
-
-
 def run_compare(
     cfg: Config,
     out: Path,
@@ -233,7 +228,7 @@ def _fine_tune_all(cfg, out, base_file, base_result, backbone, device, workers, 
     for seed in seeds:
         for run in (*METHODS, *cfg.variants):
             name = f"seed{seed}/{run}"
-            method = run if run in METHODS else variant_config(cfg, run)[0]
+            method = run_method(cfg, run)[0]
             jobs.append(
                 Job(
                     name,
@@ -256,11 +251,10 @@ def _fine_tune_all(cfg, out, base_file, base_result, backbone, device, workers, 
             records[job.kwargs["method"]].sort(key=lambda r: r["seed"])
         summary = _summary(cfg, seeds, device, base_result, base_eval, records)
         summary["backbone"] = backbone
-        ckpt.write_json(out / "summary.json", summary)
+        write_outputs(out, summary)  # after every job: results appear as they come out
     print_report(summary, reporter.out)
     print_variants(summary, reporter.out)
-    metrics = merge_metrics(out, seeds, cfg.variants)
-    plot_all(summary, metrics, out / "plots")
+    write_outputs(out, summary, merge_metrics(out, seeds, cfg.variants))
     reporter.note(f"run folder: {out}")
     return summary
 
@@ -295,55 +289,25 @@ def evaluate_base(*, reporter, cfg: Config, out: Path, base_file, device: str) -
         }
 
     reporter.note("evaluating the base")
-    with denormals_flushed():  # as every evaluation of a job (`loop.steps.denormals_flushed`)
-        return _cached_eval(out / "base", compute)
+    return evaluated_once(out / "base" / "eval.json", compute)
 
 
 def fine_tune_and_evaluate(
     *, reporter, cfg: Config, out: Path, base_file, device: str, seed: int, method: str
 ) -> dict[str, Any]:
     """Fine-tune the base with `method` on `seed`'s batches, evaluate it: the per-seed record
-    (`eval.report.per_seed_record`; a job). Its folder is out/seed<seed>/<method>, with its own
-    metrics.jsonl (merged into the run's at the end: jobs may run side by side).
+    (`eval.report.per_seed_record`; a job), as `train` does it (`commands.runs`). Its folder is
+    out/seed<seed>/<method>, with its own metrics.jsonl (merged into the run's at the end: jobs
+    may run side by side).
 
     method: "standard", "memdlm", or a variant's name (`config.VARIANTS`): its method with its
     configuration, logged under the variant's name."""
-    run = method
-    if run not in METHODS:
-        method, cfg = variant_config(cfg, run)
-    data, model = _job_data(cfg, base_file, device)
-    folder = out / f"seed{seed}" / run
+    data, model = _job_data(run_method(cfg, method)[1], base_file, device)
+    folder = out / f"seed{seed}" / method
     folder.mkdir(parents=True, exist_ok=True)
-    log = MetricsLog(folder / "metrics.jsonl", {"phase": "train", "method": run, "seed": seed})
-    sampler = BatchSampler(
-        data.train, cfg.train.batch_size, seed=seed, eos_id=data.tokenizer.eos_id
-    )
-    result = train_phase(
-        model,
-        method=method,
-        phase=cfg.train,
-        sampler=sampler,
-        seed=seed,
-        folder=folder,
-        log=log,
-        reporter=reporter,
-        anchors=cfg.standard_anchors() if method == "standard" else 1,
-        **phase_options(cfg, data),
-    )
-    reporter.note(f"evaluating seed {seed} {run}")
-    device_ = torch.device(device)
-    with denormals_flushed():
-        evaluation = _cached_eval(
-            folder,
-            lambda: evaluate_model(
-                model,
-                data,
-                cfg,
-                method=method,
-                device=device_,
-                loss_set=loss_set_for(data, cfg, device_),
-            ),
-        )
+    result = fine_tune(model, cfg, data, folder, run=method, seed=seed, reporter=reporter)
+    reporter.note(f"evaluating seed {seed} {method}")
+    evaluation = evaluate_run(model, cfg, data, folder, run=method, device=torch.device(device))
     return per_seed_record(seed, result, evaluation)
 
 

@@ -42,51 +42,30 @@ def cmd_train(args, extra, reporter) -> int:
 
 
 def _train(model, backbone, cfg, data, out: Path, args, reporter, device) -> int:
-    from recipes.memdlm.data.batches import BatchSampler
-    from recipes.memdlm.eval.suite import evaluate_model
+    from recipes.memdlm.commands.runs import evaluate_run, fine_tune
     from recipes.memdlm.loop import checkpoint as ckpt
-    from recipes.memdlm.loop.phase import phase_options, train_phase
-    from recipes.memdlm.loop.steps import MetricsLog
 
     out.mkdir(parents=True, exist_ok=True)
     if args.resume is None:
         ckpt.write_json(out / "config.json", cfg.model_dump())
-    sampler = BatchSampler(
-        data.train, cfg.train.batch_size, seed=cfg.seed, eos_id=data.tokenizer.eos_id
-    )
-    log = MetricsLog(
-        out / "metrics.jsonl", {"phase": "train", "method": cfg.method, "seed": cfg.seed}
-    )
-    result = train_phase(
-        model,
-        method=cfg.method,
-        phase=cfg.train,
-        sampler=sampler,
-        seed=cfg.seed,
-        folder=out,
-        log=log,
-        reporter=reporter,
-        anchors=cfg.standard_anchors() if cfg.method == "standard" else 1,
-        **phase_options(cfg, data),
-    )
-    evaluation = evaluate_model(model, data, cfg, method=cfg.method, device=device)
+    result = fine_tune(model, cfg, data, out, run=cfg.method, seed=cfg.seed, reporter=reporter)
+    evaluation = evaluate_run(model, cfg, data, out, run=cfg.method, device=device)
     _write_summary(out, cfg, result, evaluation, backbone, reporter)
     return 0
 
 
 def _write_summary(out, cfg, result, evaluation, backbone, reporter, distributed=None) -> None:
-    """summary.json and plots/ of a finished `train` run, and its one-line result
-    (`distributed`: the {world_size, strategy} of a torchrun job)."""
-    from recipes.memdlm.eval.report import per_seed_record, plot_all
-    from recipes.memdlm.loop import checkpoint as ckpt
+    """summary.json and plots/ of a finished `train` run (`runs.write_outputs`), and its
+    one-line result (`distributed`: the {world_size, strategy} of a torchrun job)."""
+    from recipes.memdlm.commands.runs import write_outputs
+    from recipes.memdlm.eval.report import per_seed_record
     from recipes.memdlm.loop.steps import MetricsLog
 
     summary = {cfg.method: per_seed_record(cfg.seed, result, evaluation)}
     if distributed is not None:
         summary["distributed"] = distributed
     summary["backbone"] = backbone
-    ckpt.write_json(out / "summary.json", summary)
-    plot_all(summary, MetricsLog(out / "metrics.jsonl", {}).records(), out / "plots")
+    write_outputs(out, summary, MetricsLog(out / "metrics.jsonl", {}).records())
     record = summary[cfg.method]
     where = (
         f" on {distributed['world_size']} ranks"
@@ -109,14 +88,12 @@ def train_distributed(args, extra: list[str], reporter) -> int:
     import torch.distributed as dist
 
     from recipes.memdlm.build import announce, load_weights, new_model
-    from recipes.memdlm.data.batches import BatchSampler
+    from recipes.memdlm.commands.runs import fine_tune
     from recipes.memdlm.data.prepare import prepare_data
     from recipes.memdlm.eval.suite import evaluate_model
     from recipes.memdlm.loop import checkpoint as ckpt
     from recipes.memdlm.loop.parallel import broadcast, init, shutdown
-    from recipes.memdlm.loop.phase import phase_options, train_phase
     from recipes.memdlm.loop.progress import Reporter
-    from recipes.memdlm.loop.steps import MetricsLog
 
     cfg, out = run_config(args, extra, conflicting=TRAIN_OPTIONS, method=args.method)
     ctx = init(cfg.distributed, cfg.device)
@@ -142,26 +119,12 @@ def train_distributed(args, extra: list[str], reporter) -> int:
                 if args.resume is None:
                     ckpt.write_json(out / "config.json", cfg.model_dump())
             dist.barrier()
-            sampler = BatchSampler(
-                data.train, cfg.train.batch_size, seed=cfg.seed, eos_id=data.tokenizer.eos_id
-            )
-            tags = {"phase": "train", "method": cfg.method, "seed": cfg.seed}
-            result = train_phase(  # the one-process phase's settings (compile included)
-                model,
-                method=cfg.method,
-                phase=cfg.train,
-                sampler=sampler,
-                seed=cfg.seed,
-                folder=out,
-                log=MetricsLog(out / "metrics.jsonl", tags),
-                reporter=reporter,
-                ctx=ctx,
-                sync_inner=cfg.distributed.sync_inner,
-                anchors=cfg.standard_anchors() if cfg.method == "standard" else 1,
-                **phase_options(cfg, data),
+            result = fine_tune(  # the one-process run's settings (compile included)
+                model, cfg, data, out, run=cfg.method, seed=cfg.seed, reporter=reporter, ctx=ctx
             )
             if ctx.strategy == "ddp" and not ctx.is_main:
                 return 0
+            # FSDP ranks evaluate together (no eval.json cache: the weights are sharded).
             evaluation = evaluate_model(model, data, cfg, method=cfg.method, device=ctx.device)
             if ctx.is_main:
                 distributed = {"world_size": ctx.world_size, "strategy": ctx.strategy}

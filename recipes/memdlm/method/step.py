@@ -13,7 +13,8 @@ MemDLM (arXiv 2603.22241; memdlm-method.md section 2.4) for one batch:
 Efficiency: layers before the first fast-weight layer do not depend on phi, so they run once per
 state without gradient, and the anchor's early hidden states are shared with the outer pass. With
 fast weights only on the FFN of that layer (the default), its attention sub-block is part of the
-shared early computation too (`Split`).
+shared early computation too (`Split`), and when that layer is the last, what follows the split
+acts on each position alone and runs on the scored rows only (`losses.head_loss`).
 With the reference Transformer, the losses go through `dd.masked_diffusion_loss_from_hidden`
 (`model.norm` output and `model.lm_head.weight`): only the masked rows are projected, and the
 (B, L, V) logits are never formed (`loss_backend`, docs/kernels.md). `memdlm_core` and
