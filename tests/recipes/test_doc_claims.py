@@ -237,3 +237,53 @@ def test_the_configuration_reference_gives_the_cpu_tiny_defaults():
         if not ok:
             wrong.append(f"{key}: doc {text!r}, code {actual!r}")
     assert not wrong, "\n".join(wrong)
+
+
+EVALUATION = (ROOT / "docs" / "evaluation.md").read_text()
+
+
+def test_every_harness_model_arg_is_in_the_evaluation_table():
+    """docs/evaluation.md's "Model args" table names every field of `harness_setup.Options`,
+    and its inner-loop row the MemDLMConfig fields that the model args may not override."""
+    import dataclasses
+
+    from recipes.memdlm.config import MemDLMConfig
+    from recipes.memdlm.eval.harness_setup import INNER_FIELDS, Options
+
+    table = EVALUATION.split("## Model args", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1] for line in table.splitlines() if line.startswith("|")]
+    cells = {name for row in rows for name in re.findall(r"`(\w+)`", row)}
+    missing = [f.name for f in dataclasses.fields(Options) if f.name not in cells]
+    assert not missing, f"model args missing from docs/evaluation.md: {missing}"
+    assert set(MemDLMConfig.model_fields) - set(INNER_FIELDS) == {"per_sample", "gap_every"}
+    assert "any `memdlm.*` field but `per_sample` and `gap_every`" in table
+
+
+def test_the_fused_loss_backend_reaches_the_documented_entry_points():
+    """docs/kernels.md: `loss_backend` is an argument of standard_step, memdlm_step, adapt and
+    train_phase (through `StepSettings`), and the compiled pieces have the names it gives."""
+    import inspect
+
+    from recipes.memdlm import method
+    from recipes.memdlm.loop.phase import StepSettings
+
+    kernels = (ROOT / "docs" / "kernels.md").read_text()
+    for function in (method.standard_step, method.memdlm_step, method.adapt):
+        assert inspect.signature(function).parameters["loss_backend"].default == "auto"
+    assert StepSettings.__dataclass_fields__["loss_backend"].default == "auto"
+    assert "compiled" in StepSettings.__dataclass_fields__
+    for name in ("standard_loss", "memdlm_core", "compile_steps", "head_loss"):
+        assert callable(getattr(method, name)) and name in kernels
+    import diffusion.sampling as sampling
+
+    for name in ("_call_model", "_dense_commit"):
+        assert callable(getattr(sampling, name)) and f"`{name}`" in kernels
+
+
+def test_the_byte_tokenizer_ids_are_the_documented_ones():
+    """docs/memdlm.md, "Data": bytes 0-255, then pad (256), mask (257) and EOS (258)."""
+    from recipes.memdlm.data.tasks import ByteTokenizer
+
+    tok = ByteTokenizer()
+    assert "bytes 0-255, then pad (256), mask (257) and EOS (258)" in DOC
+    assert (tok.pad_id, tok.mask_id, tok.eos_id) == (256, 257, 258)
