@@ -6,7 +6,11 @@ place that looks at a model's type, and the tokenizer's type is looked at only w
 from __future__ import annotations
 
 import ast
+import importlib
 import pathlib
+import re
+
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "memdlm"
@@ -100,3 +104,186 @@ def test_the_backbone_is_built_once_per_model():
     model = dd.Transformer(20, d_model=16, n_layers=2, n_heads=2, d_ff=32, max_seq_len=16)
     assert adapter(model) is adapter(model)
     assert "_memdlm_backbone" not in model.state_dict() and adapter(model).module is model
+
+
+LAYOUT = DOC.split("## Where things are", 1)[1].split("**Adding a backbone**", 1)[0]
+
+
+def test_every_recipe_module_is_in_the_layout_table():
+    """Each module of recipes/memdlm/ is named in the "Where things are" table (by file name,
+    or by module name for the subcommands)."""
+    cells = set(re.findall(r"`([^`]+)`", LAYOUT))
+    missing = [
+        str(path.relative_to(RECIPE))
+        for path in RECIPE.rglob("*.py")
+        if path.name != "__init__.py" and path.name not in cells and path.stem not in cells
+    ]
+    assert not missing, f"modules not in docs/memdlm.md's layout table: {missing}"
+
+
+# (module, attribute path) that the layout table names.
+LAYOUT_NAMES = [
+    ("errors", "UserError"),
+    ("api", "generate"),
+    ("api", "adapt_prompt"),
+    ("api", "fast_weights_for"),
+    ("api", "log_likelihood"),
+    ("backbones", "adapter"),
+    ("backbones.base", "Backbone"),
+    ("backbones.base", "SplitForwardOf"),
+    ("method.step", "draw"),
+    ("method.step", "Draws.rows"),
+    ("method.step", "step_loss"),
+    ("method.step", "step_record"),
+    ("loop.phase", "train_phase"),
+    ("loop.phase", "PhaseState"),
+    ("loop.phase", "step_function"),
+    ("config", "MemDLMConfig"),
+]
+
+
+@pytest.mark.parametrize(("module", "name"), LAYOUT_NAMES)
+def test_the_names_in_the_layout_table_live_where_it_says(module, name):
+    assert re.search(rf"`[^`]*\b{re.escape(name)}\b[^`]*`", DOC), name
+    target = importlib.import_module(f"recipes.memdlm.{module}")
+    for part in name.split("."):
+        target = getattr(target, part)
+    assert callable(target)
+
+
+def test_backbones_data_and_loop_do_not_import_build():
+    """build.py sits above backbones/, data/ and loop/: none of them imports it."""
+    offences = []
+    for folder in ("backbones", "data", "loop"):
+        for path in (RECIPE / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if not isinstance(node, ast.ImportFrom):
+                    continue
+                names = {alias.name for alias in node.names}
+                if node.module == "recipes.memdlm.build" or (
+                    node.module == "recipes.memdlm" and "build" in names
+                ):
+                    offences.append(str(path.relative_to(RECIPE)))
+    assert "`build.py`" in LAYOUT and not offences, offences
+
+
+def _doc_value(text: str):
+    text = text.strip().strip("`")
+    if text in ("none", "[]"):
+        return None if text == "none" else []
+    if text in ("true", "false"):
+        return text == "true"
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _reference_defaults() -> list[tuple[str, object]]:
+    """(key, documented default) for every row of the configuration reference whose default
+    column gives values (not "see preset")."""
+    table = DOC.split("## Configuration reference", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in table.splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) != 3 or "`" not in cells[0]:
+            continue
+        keys = re.findall(r"`([^`]+)`", cells[0])
+        if "see preset" in cells[1] or "found in" in cells[1]:
+            continue
+        if len(keys) == 1:
+            values = [cells[1]]
+        else:
+            values = re.split(r",\s*", cells[1])
+        if len(values) == 1:  # one value for several keys (`data.train_file`, `data.eval_file`)
+            values *= len(keys)
+        section = keys[0].rsplit(".", 1)[0] if "." in keys[0] else ""
+        for key, value in zip(keys, values):
+            if key.startswith("."):
+                names = [f"pretrain{key}", f"train{key}"]
+            elif "." not in key and section:
+                names = [f"{section}.{key}"]
+            else:
+                names = [key]
+            rows += [(name, value) for name in names]
+    return rows
+
+
+def test_the_configuration_reference_gives_the_cpu_tiny_defaults():
+    from recipes.memdlm.config import build_config
+
+    flat: dict[str, object] = {}
+
+    def walk(tree, prefix=""):
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[prefix + key] = value
+
+    walk(build_config("cpu-tiny").model_dump())
+    rows = _reference_defaults()
+    assert len(rows) >= 60
+    wrong = []
+    for key, text in rows:
+        actual = flat[key]
+        value = _doc_value(text)
+        if isinstance(actual, list) and isinstance(value, str):
+            value = [v.strip() for v in value.split(",")]
+        if isinstance(actual, (int, float)) and not isinstance(actual, bool):
+            ok = isinstance(value, float) and value == actual
+        else:
+            ok = value == actual
+        if not ok:
+            wrong.append(f"{key}: doc {text!r}, code {actual!r}")
+    assert not wrong, "\n".join(wrong)
+
+
+EVALUATION = (ROOT / "docs" / "evaluation.md").read_text()
+
+
+def test_every_harness_model_arg_is_in_the_evaluation_table():
+    """docs/evaluation.md's "Model args" table names every field of `harness_setup.Options`,
+    and its inner-loop row the MemDLMConfig fields that the model args may not override."""
+    import dataclasses
+
+    from recipes.memdlm.config import MemDLMConfig
+    from recipes.memdlm.eval.harness_setup import INNER_FIELDS, Options
+
+    table = EVALUATION.split("## Model args", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1] for line in table.splitlines() if line.startswith("|")]
+    cells = {name for row in rows for name in re.findall(r"`(\w+)`", row)}
+    missing = [f.name for f in dataclasses.fields(Options) if f.name not in cells]
+    assert not missing, f"model args missing from docs/evaluation.md: {missing}"
+    assert set(MemDLMConfig.model_fields) - set(INNER_FIELDS) == {"per_sample", "gap_every"}
+    assert "any `memdlm.*` field but `per_sample` and `gap_every`" in table
+
+
+def test_the_fused_loss_backend_reaches_the_documented_entry_points():
+    """docs/kernels.md: `loss_backend` is an argument of standard_step, memdlm_step, adapt and
+    train_phase (through `StepSettings`), and the compiled pieces have the names it gives."""
+    import inspect
+
+    from recipes.memdlm import method
+    from recipes.memdlm.loop.phase import StepSettings
+
+    kernels = (ROOT / "docs" / "kernels.md").read_text()
+    for function in (method.standard_step, method.memdlm_step, method.adapt):
+        assert inspect.signature(function).parameters["loss_backend"].default == "auto"
+    assert StepSettings.__dataclass_fields__["loss_backend"].default == "auto"
+    assert "compiled" in StepSettings.__dataclass_fields__
+    for name in ("standard_loss", "memdlm_core", "compile_steps", "head_loss"):
+        assert callable(getattr(method, name)) and name in kernels
+    import diffusion.sampling as sampling
+
+    for name in ("_call_model", "_dense_commit"):
+        assert callable(getattr(sampling, name)) and f"`{name}`" in kernels
+
+
+def test_the_byte_tokenizer_ids_are_the_documented_ones():
+    """docs/memdlm.md, "Data": bytes 0-255, then pad (256), mask (257) and EOS (258)."""
+    from recipes.memdlm.data.tasks import ByteTokenizer
+
+    tok = ByteTokenizer()
+    assert "bytes 0-255, then pad (256), mask (257) and EOS (258)" in DOC
+    assert (tok.pad_id, tok.mask_id, tok.eos_id) == (256, 257, 258)
