@@ -50,7 +50,7 @@ class ModelConfig(_Strict):
     n_heads: int = Field(4, gt=0)
     d_ff: int = Field(256, gt=0)
     max_seq_len: int = Field(512, gt=0)
-    # A Hugging Face backbone instead of the reference Transformer (recipes/memdlm/backbones/hf.py).
+    # A Hugging Face backbone instead of the reference Transformer (recipes/memdlm/backbones/hf/).
     path: str | None = Field(None, description="local Hugging Face model folder")
     trust_remote_code: bool = False
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"

@@ -3,7 +3,7 @@
 A base is identified by everything that shapes its weights (`base_identity`): the model, the
 pretraining phase, the pretraining data and the seed; not the fine-tuning or evaluation settings.
 The default preset's base ships with the package (`recipes/memdlm/assets/base-<key>.pt`, about
-2.4 MB) beside a JSON record of the identity it was built from, its SHA-256, the torch version and
+2.9 MB) beside a JSON record of the identity it was built from, its SHA-256, the torch version and
 its first pretraining losses, so the default comparison starts from it instead of spending most
 of its time pretraining. `python -m recipes.memdlm.commands.bases RUN_FOLDER` writes those two
 files from a comparison's run folder (how the shipped one was made: docs/memdlm.md).
