@@ -60,18 +60,22 @@ def test_only_the_backbones_look_at_a_models_type():
     assert not offences, "\n".join(offences)
 
 
-def test_the_tokenizers_type_is_looked_at_only_where_the_doc_says():
-    found = sorted(
-        {
-            str(path.relative_to(RECIPE))
-            for path in _outside_backbones()
-            if path.name != "tasks.py"  # where ByteTokenizer is defined
-            for _, name in _type_checks(path)
-            if name in TOKENIZERS
-        }
-    )
-    assert found == ["data/prepare.py", "eval/suite.py"]
-    assert all(f"`{name}`" in DOC for name in found)
+def test_no_code_above_the_backbones_looks_at_a_tokenizers_type():
+    """Data preparation and evaluation ask the tokenizer (`bytes_are_tokens`), as the doc says,
+    instead of testing its class; both tokenizers answer."""
+    from recipes.memdlm.backbones.hf.loading import HFTokenizer
+    from recipes.memdlm.data.tasks import ByteTokenizer
+
+    found = [
+        f"{path.relative_to(RECIPE)}:{line}"
+        for path in _outside_backbones()
+        for line, name in _type_checks(path)
+        if name in TOKENIZERS
+    ]
+    assert not found, found
+    assert ByteTokenizer().bytes_are_tokens
+    assert not HFTokenizer(None, 0, 1, 2, 3).bytes_are_tokens
+    assert "`bytes_are_tokens`" in DOC.split("## Where things are", 1)[1]
 
 
 SPLIT_CALLS = {"hidden_states", "logits_from", "features_from"}

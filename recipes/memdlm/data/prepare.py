@@ -168,7 +168,7 @@ def prepare_data(cfg: Config) -> Data:
             examples, tok, max_len=max_len, policy=policy
         )
         curriculum.append(rows)
-    if isinstance(tok, ByteTokenizer):
+    if tok.bytes_are_tokens:  # a prompt of n bytes is n tokens
         accuracy = [e for e in raw["accuracy_eval"] if _fits(e, tok, max_len)]
         exposure = [e for e in raw["exposure_eval"] if _fits(e, tok, max_len)]
         if not exposure:

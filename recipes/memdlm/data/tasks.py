@@ -47,12 +47,17 @@ class DataError(UserError):
 
 @dataclass(frozen=True)
 class ByteTokenizer:
-    """Bytes 0-255 are tokens; three special tokens follow them."""
+    """Bytes 0-255 are tokens; three special tokens follow them.
+
+    `bytes_are_tokens`: every tokenizer of the recipe says whether a text's UTF-8 bytes are its
+    tokens; data preparation and evaluation ask it (rather than the tokenizer's type) to choose
+    how examples are cut and batched."""
 
     pad_id: int = 256
     mask_id: int = 257
     eos_id: int = 258
     vocab_size: int = 259
+    bytes_are_tokens: bool = True
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))

@@ -6,7 +6,6 @@ from typing import Any
 
 from recipes.memdlm.config import Config
 from recipes.memdlm.data.prepare import Data
-from recipes.memdlm.data.tasks import ByteTokenizer
 from recipes.memdlm.eval.metrics import (
     LossSet,
     eval_loss,
@@ -20,7 +19,7 @@ from recipes.memdlm.method import make_fast_weights
 
 def loss_set_for(data: Data, cfg: Config, device) -> LossSet:
     """The held-out loss batches with their fixed anchors, for either kind of backbone."""
-    if not isinstance(data.tokenizer, ByteTokenizer):  # batches of one prompt length
+    if not data.tokenizer.bytes_are_tokens:  # batches of one prompt length
         return make_grouped_loss_set(data.loss_eval, cfg.eval.batch_size, data.tokenizer, device)
     return make_loss_set(data.loss_eval, cfg.eval.batch_size, data.tokenizer, device)
 

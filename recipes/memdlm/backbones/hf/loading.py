@@ -47,6 +47,7 @@ class HFTokenizer:
     eos_id: int
     pad_id: int
     vocab_size: int
+    bytes_are_tokens: bool = False  # subword tokens: examples are cut and batched by tokens
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
