@@ -93,21 +93,49 @@ def head_loss(
 
     head_grad=False: the fused loss treats the head's weight as a constant, so it skips the
     (V, D) weight-gradient products (the first-order inner loop differentiates phi only).
-    When the network after the split acts on each position alone (`Split.position_wise`) and no
-    per-sample fast weights are bound (they index rows by sample), it runs on the scored rows
-    only: the same loss, at a fraction of the cost when few positions are masked.
+    When the network after the split acts on each position alone (`Split.position_wise`), it
+    runs on the scored rows only (`tail_on_rows`): the same loss, at a fraction of the cost when
+    few positions are masked.
     """
     head = fused_head(model, loss_backend)
     common = dict(schedule=SCHEDULE, maskable=maskable, normalize=normalize, weight=weight)
     if head is None:
         return dd.masked_diffusion_loss(split.logits(model, hidden), x0, mask, t, **common)
-    if split.position_wise(model) and mm.per_sample_batch() is None:
-        common["row_map"] = lambda rows: split.row_features(model, rows)
-    else:
+    row_map = tail_on_rows(model, split, mask)
+    if row_map is None:
         hidden = split.features(model, hidden)
     return dd.masked_diffusion_loss_from_hidden(
-        hidden, head if head_grad else head.detach(), x0, mask, t, backend=loss_backend, **common
-    )
+        hidden, head if head_grad else head.detach(), x0, mask, t, backend=loss_backend,
+        row_map=row_map, **common,
+    )  # fmt: skip
+
+
+def tail_on_rows(model, split: Split, mask: torch.Tensor):
+    """The network after `split` as a map of the scored rows (N, D) -> (N, D), for
+    `dd.masked_diffusion_loss_from_hidden(row_map=...)`; None when it needs every position.
+
+    Shared fast weights (or none) see each row alone. Per-sample fast weights index rows by
+    sample, so the rows go back into a (B, M, D) batch first, M the most rows any sample has,
+    padded with zeros (whose outputs are dropped). Under `torch.compile` the loss scores every
+    position (static shapes), and the per-sample case takes the full path there.
+    mask: (B, L) bool, the positions the loss scores.
+    """
+    if not split.position_wise(model):
+        return None
+    if mm.per_sample_batch() is None:
+        return lambda rows: split.row_features(model, rows)
+    if torch.compiler.is_compiling():
+        return None
+    samples = mask.nonzero(as_tuple=True)[0]
+    slots = (mask.long().cumsum(1) - 1)[mask]
+    width = max(1, int(mask.sum(1).max()))
+
+    def per_sample(rows: torch.Tensor) -> torch.Tensor:
+        packed = rows.new_zeros(mask.shape[0], width, rows.shape[-1])
+        packed = packed.index_put((samples, slots), rows)
+        return split.features(model, packed)[samples, slots]
+
+    return per_sample
 
 
 def standard_loss(model, batch: Batch, anchor: Anchor, loss_backend: str | None = "auto"):

@@ -240,7 +240,7 @@ def test_losses_on_the_scored_rows_equal_the_full_forward(per_sample):
     """With fast weights on the last layer's FFN, everything after the split acts per position,
     so the loss runs it on the scored rows only (`head_loss`); the full forward (Split(0)) is
     the oracle: loss and every gradient, base and fast weights, float64. Per-sample fast
-    weights take the full path (`memory.per_sample_batch`), with the same result."""
+    weights see the rows packed back by sample, (B, M, D) with M the most any row has."""
     model = tiny_model()
     batch, anchor, _ = fixed_batch()
     cfg = MemDLMConfig(rank=2, alpha=4.0)
@@ -251,11 +251,17 @@ def test_losses_on_the_scored_rows_equal_the_full_forward(per_sample):
     split = method.split_point(model, mem, cfg)
     assert split == method.Split(1, mid=True) and split.position_wise(model)
     args = (batch.x0, anchor.mask, anchor.t, batch.maskable)
+    seen = []
+    hook = model.layers[1].mlp.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape))
     with mem.bind(phi):
         rows = method.head_loss(model, split.early(model, anchor.xt), split, *args,
                                 normalize="token")  # fmt: skip
         full = method.head_loss(model, method.Split(0).early(model, anchor.xt), method.Split(0),
                                 *args, normalize="token")  # fmt: skip
+    hook.remove()
+    scored = int(anchor.mask.sum())
+    packed = (3, int(anchor.mask.sum(1).max()), 16) if per_sample else (scored, 1, 16)
+    assert seen[0] == packed and seen[1] == (3, 12, 16)  # the rows' tail, then the full one
     inputs = [*[p for p in model.parameters()], *phi.values()]
     for a, b in zip(torch.autograd.grad(rows, inputs), torch.autograd.grad(full, inputs)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
