@@ -53,7 +53,7 @@ class Backbone(Protocol):
     def position_wise_after(self, start: int, mid_layer: bool) -> bool:
         """True when `features_from(h, start=start, mid_layer=mid_layer)` acts on each position
         alone (no attention left, nothing that mixes rows), so that it may run on just the rows
-        a loss scores, given as (N, 1, D) (`method.losses.head_loss`)."""
+        a loss scores: (N, 1, D), or (B, M, D) packed by sample (`method.losses.tail_on_rows`)."""
         ...
 
     def split_methods(self) -> tuple[str, ...]:
