@@ -10,7 +10,7 @@ with mem.bind(state):
 from memory.fast_weights import FastWeights, one_sample, per_sample_batch
 from memory.full import FullFastWeights
 from memory.lora import FastLoRA
-from memory.select import last_layers, select
+from memory.select import first_of_last_layers, last_layers, select
 from memory.state import clone, detach
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "FullFastWeights",
     "clone",
     "detach",
+    "first_of_last_layers",
     "last_layers",
     "one_sample",
     "per_sample_batch",

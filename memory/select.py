@@ -39,15 +39,10 @@ def last_layers(
     Returns:
         Full dotted names such as `"layers.3.mlp.gate_proj"`.
     """
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
-        raise TypeError(f"fraction must be a float in (0, 1], got {fraction!r}")
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     wanted = _check_module_names(modules)
     stack = _layer_stack(model, layers)
-
     num_layers = len(stack)
-    start = min(int(num_layers * (1.0 - fraction)), num_layers - 1)  # at least one layer
+    start = first_of_last_layers(num_layers, fraction)
     names, seen = [], set()
     for index in range(start, num_layers):
         for name, module in stack[index].named_modules():
@@ -62,6 +57,16 @@ def last_layers(
             f"(modules={tuple(wanted)!r})"
         )
     return names
+
+
+def first_of_last_layers(num_layers: int, fraction: float) -> int:
+    """Index of the first layer `last_layers` selects: int(L * (1 - fraction)), at most L - 1
+    (at least one layer is taken). fraction in (0, 1]."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+        raise TypeError(f"fraction must be a float in (0, 1], got {fraction!r}")
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    return min(int(num_layers * (1.0 - fraction)), num_layers - 1)
 
 
 def select(model: nn.Module, pattern: str | re.Pattern) -> list[str]:

@@ -37,13 +37,15 @@ class Stack(nn.Module):
         (4, 0.5, 2),
         (4, 1.0, 0),
         (1, 0.1, 0),
-        (10, 1e-12, 9),  # tiny fraction: int(L * (1 - f)) would be L, clamped to keep one
+        (10, 1e-12, 9),
+        (10, 1e-17, 9),  # 1 - f rounds to 1.0: int(L * (1 - f)) = L, clamped to keep one
         (7, 0.3, 4),  # int(4.9) = 4
     ],
 )
 def test_last_layers_follows_the_reference_rule(num_layers, fraction, first):
     names = mm.last_layers(Stack(num_layers), fraction)
     assert names == ffn_names(range(first, num_layers))
+    assert mm.first_of_last_layers(num_layers, fraction) == first
 
 
 def test_last_layers_on_the_reference_transformer_defaults_to_ffn_of_the_last_layer():

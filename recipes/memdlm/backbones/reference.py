@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 import diffusion as dd
+import memory as mm
 from recipes.memdlm.backbones.base import (
     SplitForwardOf,
     bidirectional_only,
@@ -77,7 +78,7 @@ class ReferenceBackbone(SplitForwardOf):
 
     def describe(self, fraction: float, modules: Sequence[str]) -> dict[str, Any]:
         targets = self.fast_weight_targets(fraction, modules)
-        first = int(self.num_layers() * (1 - fraction))
+        first = mm.first_of_last_layers(self.num_layers(), fraction)
         return {
             "family": "reference (diffusion.Transformer)",
             "forward": f"split at layer {first}",

@@ -10,13 +10,14 @@ from dataclasses import dataclass
 
 import torch
 
+import memory as mm
 from recipes.memdlm.backbones import adapter
 from recipes.memdlm.config import MemDLMConfig
 
 
 def first_fast_layer(model, cfg: MemDLMConfig) -> int:
     """Index of the first layer holding fast weights (the reference code's rule)."""
-    return int(adapter(model).num_layers() * (1 - cfg.layer_fraction))
+    return mm.first_of_last_layers(adapter(model).num_layers(), cfg.layer_fraction)
 
 
 @dataclass(frozen=True)

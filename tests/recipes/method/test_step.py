@@ -284,3 +284,22 @@ def test_standard_loss_runs_the_last_ffn_on_the_masked_rows_with_the_full_result
     torch.testing.assert_close(loss, full, rtol=1e-12, atol=0)
     for a, b in zip(grads, oracle):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+
+def test_the_first_fast_layer_is_memorys_rule_everywhere():
+    """One rule (`memory.first_of_last_layers`) for the split, the backbone line, the Hugging Face
+    adapter and the memory estimate, the clamp included (a fraction whose 1 - f rounds to 1)."""
+    from recipes.memdlm.backbones import adapter
+    from recipes.memdlm.backbones.hf.attention import first_fast_index
+    from recipes.memdlm.estimate import SHAPES
+
+    model, shape = tiny_model(), SHAPES[0]
+    for fraction in (1e-17, 0.1, 0.5, 1.0):
+        first = method.first_fast_layer(model, MemDLMConfig(layer_fraction=fraction))
+        assert first == min(int(2 * (1 - fraction)), 1) == first_fast_index(2, fraction)
+        line = adapter(model).describe(fraction, ["up_proj"])
+        assert line["forward"] == f"split at layer {first}"
+        assert line["fast_weight_layers"] == list(range(first, 2))
+        assert shape.fast_layers(fraction) == shape.layers - first_fast_index(
+            shape.layers, fraction
+        )

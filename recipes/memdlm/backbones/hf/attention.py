@@ -8,6 +8,7 @@ import contextlib
 import torch
 from torch import nn
 
+import memory as mm
 from recipes.memdlm.errors import UserError
 
 FAMILIES = ("llada", "llada_moe", "llada2", "dream", "decoder", "encoder")
@@ -113,8 +114,8 @@ def make_bidirectional(model: nn.Module) -> None:
 
 
 def first_fast_index(num_layers: int, fraction: float) -> int:
-    """The reference code's first fast-weight layer, int(L (1 - fraction)), at most L - 1."""
-    return min(int(num_layers * (1 - fraction)), num_layers - 1)
+    """The reference code's first fast-weight layer (`memory.first_of_last_layers`)."""
+    return mm.first_of_last_layers(num_layers, fraction)
 
 
 # --------------------------------------------------------------------------- routed experts
