@@ -26,8 +26,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import memory as mm
-
 GIB = 2**30
 NF4_BYTES = 4.127 / 8  # 4-bit weights + one fp8 scale per 64 + one fp32 per 256 scales
 
@@ -110,7 +108,10 @@ class Shape:
         return self.top_k * self.expert_intermediate + self.shared_intermediate
 
     def fast_layers(self, fraction: float) -> int:
-        return self.layers - mm.first_of_last_layers(self.layers, fraction)
+        # memory.first_of_last_layers's rule, written out: this module stays free of torch
+        # (tests/recipes/method/test_step.py checks that the two agree).
+        first = min(int(self.layers * (1 - fraction)), self.layers - 1)
+        return self.layers - first
 
     def fast_weight_parameters(self, fraction: float = 0.1, rank: int = 32) -> int:
         """LoRA A (r, in) and B (out, r) on gate/up/down of every FFN (every routed expert) of

@@ -22,7 +22,7 @@ from recipes.memdlm.config import Config, variant_config
 from recipes.memdlm.data.batches import BatchSampler
 from recipes.memdlm.data.prepare import Data
 from recipes.memdlm.eval.report import plot_all
-from recipes.memdlm.eval.suite import evaluate_model, loss_set_for
+from recipes.memdlm.eval.suite import evaluate_model
 from recipes.memdlm.loop import checkpoint as ckpt
 from recipes.memdlm.loop.phase import phase_options, train_phase
 from recipes.memdlm.loop.steps import MetricsLog, denormals_flushed
@@ -70,12 +70,10 @@ def evaluate_run(
     """`eval.suite.evaluate_model` of a trained run, computed once: folder/eval.json holds it,
     and a resumed run that finds it reads it back (the same JSON types either way)."""
     method, cfg = run_method(cfg, run)
-
-    def compute() -> dict[str, Any]:
-        loss_set = loss_set_for(data, cfg, device)
-        return evaluate_model(model, data, cfg, method=method, device=device, loss_set=loss_set)
-
-    return evaluated_once(folder / "eval.json", compute)
+    return evaluated_once(
+        folder / "eval.json",
+        lambda: evaluate_model(model, data, cfg, method=method, device=device),
+    )
 
 
 def evaluated_once(path: Path, compute) -> dict[str, Any]:

@@ -5,8 +5,8 @@ when the free space at the top of its heap exceeds a trim threshold, and serves 
 with fresh `mmap`s; both thresholds move with the program's history. A forward pass without
 gradient (MemDLM's pre-anchor state) frees each activation right after its use, so glibc gives
 the same pages back and faults them in again for the next layer: on the `cpu-tiny` preset
-that is about 40,000 minor page faults and a tenth of a MemDLM step spent in the kernel
-(benchmarks/results/memdlm_step_cpu_2026-12-05.md). Fixed thresholds remove it, as for any
+that was about 36,000 minor page faults and a tenth of a MemDLM step spent in the kernel
+(benchmarks/results/memdlm_step_cpu_2026-12-05b.md). Fixed thresholds remove it, as for any
 long-running numeric program (the same fix as `MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_`).
 The cost: the process keeps up to its peak heap until it exits.
 
