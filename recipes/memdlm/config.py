@@ -1,4 +1,5 @@
-"""Configuration of the MemDLM recipe: one pydantic model, presets, TOML files and overrides.
+"""Configuration of the MemDLM recipe: one pydantic model, built from a preset, a TOML file and
+overrides (`presets.py`, `overrides.py`).
 
 Precedence, lowest first: the preset, then a TOML file (`--config FILE`), then `--key value`
 overrides on the command line (dotted keys, e.g. `--memdlm.inner_lr 0.3`). Unknown keys and
@@ -7,8 +8,6 @@ out-of-range values are errors (`ConfigError`), reported by the CLI in one line.
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -21,20 +20,26 @@ from pydantic import (
     model_validator,
 )
 
-from recipes.memdlm.errors import UserError
+from recipes.memdlm.errors import ConfigError, MissingExtraError
+from recipes.memdlm.overrides import SHORTHANDS, load_toml, parse_overrides
+from recipes.memdlm.presets import PRESETS, VARIANTS, deep_merge, variant_overrides
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised only on Python 3.10
-    import tomli as tomllib
-
-
-class ConfigError(UserError):
-    """A user error in the configuration (bad key, value, file)."""
-
-
-class MissingExtraError(ConfigError):
-    """The configuration needs an optional dependency that is not installed."""
+# Re-exported: the configuration's public names, wherever they are written.
+__all__ = [
+    "PRESETS",
+    "SHORTHANDS",
+    "VARIANTS",
+    "Config",
+    "ConfigError",
+    "MissingExtraError",
+    "build_config",
+    "deep_merge",
+    "error_line",
+    "load_toml",
+    "parse_overrides",
+    "variant_config",
+    "variant_overrides",
+]
 
 
 class _Strict(BaseModel):
@@ -261,196 +266,12 @@ class Config(_Strict):
         return self
 
 
-# compare's variants: name -> (method, overrides of the run's configuration). Each runs on the
-# same paired seeds as Standard and gets its own paired verdict against it (docs/memdlm.md).
-VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "leak_free": ("memdlm", {"memdlm": {"leak_free": True}}),
-    "standard_matched": ("standard", {"standard": {"anchors": "matched"}}),
-    "distill": ("memdlm", {"memdlm": {"inner_loss": "distill"}}),
-    "distill_reverse": ("memdlm", {"memdlm": {"inner_loss": "distill_reverse"}}),
-    "distill_hidden": ("memdlm", {"memdlm": {"inner_loss": "distill_hidden"}}),
-    "distill_hidden_cosine": (
-        "memdlm",
-        {"memdlm": {"inner_loss": "distill_hidden", "distill_hidden_type": "cosine"}},
-    ),
-    "distill_hidden_early": (
-        "memdlm",
-        {"memdlm": {"inner_loss": "distill_hidden", "distill_hidden_layers": "early"}},
-    ),
-    "progressive_memory": ("memdlm", {"memdlm": {"strategy": "progressive_memory"}}),
-    "no_progressive": ("memdlm", {"memdlm": {"strategy": "no_progressive"}}),
-    "pre_only": ("memdlm", {"memdlm": {"strategy": "pre_only"}}),
-    "anchor_only": ("memdlm", {"memdlm": {"strategy": "anchor_only"}}),
-    "inner_epochs_2": ("memdlm", {"memdlm": {"inner_epochs": 2}}),
-    "newly_revealed": ("memdlm", {"memdlm": {"inner_loss_mask": "newly_revealed"}}),
-    "full_fast_weights": ("memdlm", {"memdlm": {"fast_weights": "full"}}),
-}
-
-
-def variant_overrides(name: str) -> tuple[str, dict[str, Any]]:
-    """(method, overrides) of a compare variant: a name in VARIANTS."""
-    if name not in VARIANTS:
-        raise ValueError(f"unknown variant {name!r}; choose from {sorted(VARIANTS)}")
-    return VARIANTS[name]
-
-
 def variant_config(cfg: Config, name: str) -> tuple[str, Config]:
     """The method and the configuration of variant `name` of the run `cfg`."""
     method, overrides = variant_overrides(name)
     tree = deep_merge(cfg.model_dump(), overrides)
     tree["variants"] = []
     return method, Config.model_validate(tree)
-
-
-def _preset_cpu_tiny() -> dict[str, Any]:
-    # memdlm-method.md section 9: a 4-layer d=128 model with rank-8 fast LoRA (alpha/rank = 2, as
-    # the paper's 64/32) on the last layer's FFN, in a pretrain-then-fine-tune regime with a
-    # smaller outer lr. The paper's per-tensor clip at 1.0; the inner lr is what
-    # `python -m recipes.memdlm inner-lr` recommends on this preset's base (docs/memdlm.md): the
-    # largest lr whose same-batch gap stays at or below 0.05 nats.
-    #
-    # The base ships with the package (`commands.bases`). It learns to retrieve from a curriculum:
-    # `single` at 48-64 bytes for the first 30% of its steps, then the fine-tuning tasks at
-    # 88-104 bytes, at a peak lr of 3e-4. Without the short stage, or at the lr of 3e-3 used
-    # before, 2000 steps never found the needle (0% exact; docs/memdlm.md, "The base").
-    # Fine-tuning extends it to 96-128 bytes; needles are asked at up to 384 bytes, where the base
-    # finds a `single` needle 28% of the time, so that what fine-tuning teaches shows. Three paired
-    # seeds, side by side on the cores, in about three minutes on two idle cores (docs/memdlm.md,
-    # "The default experiment").
-    retrieval = ["single", "multikey"]
-    return {
-        "preset": "cpu-tiny",
-        "seeds": 3,
-        "data": {
-            "pretrain_curriculum": [
-                {"tasks": ["single"], "context_lengths": [48, 64], "fraction": 0.3}
-            ],
-            "pretrain_tasks": [*retrieval, "continuation"],
-            "pretrain_context_lengths": [88, 104],
-            "train_tasks": [*retrieval, "continuation"],
-            "train_context_lengths": [96, 128],
-            "eval_tasks": retrieval,
-            "eval_context_lengths": [128, 256, 384],
-            "eval_per_cell": 32,
-        },
-        "pretrain": {"lr": 3e-4},
-        "train": {"steps": 200, "batch_size": 16, "log_every": 25, "ckpt_every": 100},
-        "memdlm": {"rank": 8, "alpha": 16.0, "grad_transform": "clip", "inner_lr": 0.3},
-        "eval": {"exposure_examples": 16},
-    }
-
-
-def _preset_gpu() -> dict[str, Any]:
-    # The paper's inner-loop values (rank 32, alpha 64, lr 0.1, per-tensor clip 1.0, last 10%
-    # of 12 layers) on a larger model and longer contexts.
-    return {
-        "preset": "gpu",
-        "model": {"d_model": 512, "n_layers": 12, "n_heads": 8, "d_ff": 1536, "max_seq_len": 2048},
-        "data": {
-            "pretrain_context_lengths": [128, 256, 512],
-            "train_context_lengths": [768, 1024],
-            "eval_context_lengths": [256, 512, 1024, 1536],
-            "eval_per_cell": 128,
-            "examples_per_cell": 20000,
-        },
-        "pretrain": {"steps": 20000, "batch_size": 64, "lr": 1e-3, "ckpt_every": 1000},
-        "train": {"steps": 2000, "batch_size": 32, "lr": 2e-5, "ckpt_every": 500},
-        "memdlm": {"rank": 32, "alpha": 64.0, "grad_transform": "clip", "inner_lr": 0.1},
-        "eval": {"batch_size": 64, "exposure_examples": 128},
-    }
-
-
-def _preset_smoke() -> dict[str, Any]:
-    # Seconds, for tests and a first look at the pipeline; numbers mean nothing.
-    return {
-        "preset": "smoke",
-        "model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 64, "max_seq_len": 256},
-        "data": {
-            "pretrain_context_lengths": [96],
-            "train_context_lengths": [96],
-            "eval_context_lengths": [96],
-            "eval_per_cell": 4,
-            "examples_per_cell": 64,
-        },
-        "pretrain": {"steps": 6, "batch_size": 8, "lr": 2e-3, "log_every": 2, "ckpt_every": 3},
-        "train": {"steps": 4, "batch_size": 8, "lr": 3e-4, "log_every": 2, "ckpt_every": 2},
-        "memdlm": {"rank": 4, "alpha": 8.0},
-        "eval": {"batch_size": 8, "exposure_examples": 4},
-    }
-
-
-PRESETS = {"cpu-tiny": _preset_cpu_tiny, "gpu": _preset_gpu, "smoke": _preset_smoke}
-
-
-def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def _parse_value(text: str) -> Any:
-    """A command-line value: JSON when it parses (numbers, booleans, lists), else a string.
-
-    A bare comma-separated word list (`gate_proj,up_proj`) becomes a list of strings.
-    """
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        pass
-    if text.lower() in {"true", "false"}:
-        return text.lower() == "true"
-    if "," in text:
-        return [part.strip() for part in text.split(",") if part.strip()]
-    return text
-
-
-# Options that name a config key by a shorter name: `--model PATH` is `--model.path PATH`.
-SHORTHANDS = {"model": "model.path"}
-
-
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """`["--memdlm.inner_lr", "0.3", "--seed=2"]` -> nested dict of overrides (see SHORTHANDS)."""
-    tree: dict[str, Any] = {}
-    i = 0
-    while i < len(pairs):
-        token = pairs[i]
-        if not token.startswith("--") or len(token) <= 2:
-            raise ConfigError(f"expected an option --key value, got {token!r}")
-        key, eq, value = token[2:].partition("=")
-        if not eq:
-            if i + 1 >= len(pairs) or pairs[i + 1].startswith("--"):
-                raise ConfigError(f"option --{key} needs a value")
-            value = pairs[i + 1]
-            i += 1
-        i += 1
-        node = tree
-        parts = SHORTHANDS.get(key, key).replace("-", "_").split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--{key}: {part!r} is not a section")
-        node[parts[-1]] = _parse_value(value)
-    return tree
-
-
-def load_toml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if path.is_dir():
-        raise ConfigError(f"config file {str(path)!r} is a folder; give a TOML file")
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as error:
-        raise ConfigError(
-            f"config file {str(path)!r} is not UTF-8 text (byte {error.start}); save it as UTF-8"
-        ) from None
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {error}") from None
 
 
 def _first_error(error: ValidationError) -> str:

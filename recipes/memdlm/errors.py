@@ -10,3 +10,11 @@ report. A `ValueError`, so code that catches bad arguments as ValueError keeps w
 
 class UserError(ValueError):
     """A mistake in the user's input, named in one line with what to do instead."""
+
+
+class ConfigError(UserError):
+    """A user error in the configuration (bad key, value, file)."""
+
+
+class MissingExtraError(ConfigError):
+    """The configuration needs an optional dependency that is not installed."""
