@@ -9,8 +9,8 @@ Files (`data.train_file`, `data.eval_file`), by what they are:
   a `.json` file that holds one object per line is read as JSONL;
 - anything else: JSONL, one record per line (blank lines skipped).
 
-Records, recognised by their keys (`data.format=auto`, from the file's first record) or named
-with `data.format`:
+Records, each recognised by its keys (`data.format=auto`; a file may mix shapes) or all of the
+shape named by `data.format`:
 
 - `prompt_response`: `{"prompt": str, "response": str}`;
 - `alpaca`: `{"instruction": str, "input": str (optional), "output": str}`; as dllm's Alpaca
@@ -51,12 +51,11 @@ def load_examples(path: str | Path, fmt: str = "auto", *, split: str = "train") 
         raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
     path = Path(path)
     records = read_records(path, split=split)
-    examples, shape = [], fmt
+    examples = []
     for where, record in records:
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected an object, got {type(record).__name__}")
-        if shape == "auto":
-            shape = recognise(record, where)
+        shape = recognise(record, where) if fmt == "auto" else fmt
         examples.append(to_example(record, shape, where))
     if not examples:
         raise DataError(f"data file {str(path)!r} holds no examples")
