@@ -57,6 +57,11 @@ CHAT = [
 def authors_messages(record: dict) -> list[dict]:
     if "messages" in record:
         return record["messages"]
+    if "prompt" in record:  # no loader of theirs: the user and assistant turns, as given
+        return [
+            {"role": "user", "content": record["prompt"]},
+            {"role": "assistant", "content": record["response"]},
+        ]
     instruction = (record.get("instruction", "") or "").strip()
     extra = (record.get("input", "") or "").strip()
     prompt = instruction + "\n\n" + extra if extra else instruction
