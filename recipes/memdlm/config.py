@@ -145,6 +145,7 @@ class PhaseConfig(_Strict):
     log_every: int = Field(10, ge=1)
     ckpt_every: int = Field(100, ge=1)
     max_nonfinite_in_row: int = Field(5, ge=1)
+    tensorboard: bool = Field(False, description="also log scalars as TensorBoard events")
 
 
 class MemDLMConfig(_Strict):
