@@ -61,7 +61,7 @@ class ModelConfig(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     mask_token: str | None = Field(None, description="default: found in the tokenizer")
     eos_token: str | None = Field(None, description="default: the tokenizer's EOS (or SEP)")
-    chat_template: bool = Field(False, description="wrap prompts in the tokenizer's template")
+    chat_template: bool = Field(False, description="encode with the tokenizer's chat template")
     lora_rank: int = Field(0, ge=0, description="outer LoRA (peft) rank; 0 = full fine-tuning")
     lora_alpha: float = Field(64.0, gt=0)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
