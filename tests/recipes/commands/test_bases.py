@@ -214,3 +214,27 @@ def test_a_missing_data_file_is_the_users_mistake(tmp_path):
     cfg = build_config(overrides={"data": {"train_file": str(tmp_path / "missing.jsonl")}})
     with pytest.raises(UserError, match="data.train_file .*missing.jsonl.* is not a file"):
         bases.base_key(cfg)
+
+
+def test_a_datasets_folder_is_identified_by_its_files(tmp_path):
+    """A `datasets` folder (data/formats.py) enters by content: the same files at two paths give
+    one base; an edited or renamed file, a new base; `data.format` counts only with a file."""
+    first, second = tmp_path / "a" / "ds", tmp_path / "b" / "ds"
+    for folder in (first, second):
+        (folder / "train").mkdir(parents=True)
+        (folder / "dataset_dict.json").write_text('{"splits": ["train"]}')
+        (folder / "train" / "data-00000-of-00001.arrow").write_bytes(b"\x00rows")
+
+    def key(path, **data):
+        return bases.base_key(build_config(overrides={"data": {"train_file": str(path), **data}}))
+
+    assert key(first) == key(second)
+    (second / "train" / "data-00000-of-00001.arrow").write_bytes(b"\x00rowz")
+    assert key(first) != key(second)
+    (second / "train" / "data-00000-of-00001.arrow").rename(second / "train" / "other.arrow")
+    (second / "train" / "other.arrow").write_bytes(b"\x00rows")
+    assert key(first) != key(second)
+    assert key(first, format="chat") != key(first)
+    assert bases.base_key(build_config(overrides={"data": {"format": "chat"}})) == bases.base_key(
+        build_config()
+    )
