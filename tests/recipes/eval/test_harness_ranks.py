@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 lm_eval = pytest.importorskip("lm_eval")
 
@@ -150,3 +151,19 @@ def test_gathered_metrics_are_put_back_in_document_order():
     assert ranks.in_document_order(samples) is samples
     uneven = [{"t": {("acc", "none"): [1.0]}}, {"t": {("acc", "none"): [2.0, 3.0]}}]
     assert ranks.in_document_order(uneven) is uneven
+
+
+@pytest.mark.parametrize("asked", [None, "auto", "cuda", "cuda:0", "cuda:5"])
+def test_each_launched_process_takes_the_gpu_of_its_local_rank(monkeypatch, asked):
+    """lm-eval's CLI asks every process for cuda:0; under a launcher process r takes cuda:r, as
+    lm-eval's HFLM does. (The CUDA query is faked: no GPU here; no tensor is made.)"""
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    one = torch.device("cuda" if asked in (None, "auto") else asked)
+    assert ranks.process_device(asked) == one  # one process: as asked
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert ranks.process_device(asked) == torch.device("cuda", 3)
+    assert ranks.process_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="CUDA or the CPU"):
+        ranks.process_device("meta")
