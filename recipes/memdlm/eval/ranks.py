@@ -13,8 +13,9 @@ collectives are accelerate's, these are `torch.distributed`'s.
 
 Exactness: a request's random numbers come from its own tokens (`harness_setup.request_seed`),
 so each document's score does not depend on the process that runs it; and the gathered
-per-document metrics are put back in document order (`in_document_order`), so that aggregates
-that depend on the order (float sums, bootstrap standard errors) are one process's bit for bit.
+per-document metrics (and logged samples) are put back in document order (`in_document_order`),
+so that aggregates that depend on the order (float sums, bootstrap standard errors) are one
+process's bit for bit, and so is the samples file.
 """
 
 from __future__ import annotations
@@ -62,38 +63,65 @@ class Ranks:
 
 
 def in_document_order(parts: list[Any]) -> list[Any]:
-    """lm-eval's gathered per-document metrics with the one-process order restored.
+    """What lm-eval gathers from the ranks, arranged so that its concatenation in rank order
+    (`itertools.chain` over the parts) is the one-process list of documents 0, 1, 2, ...
 
-    parts[r]: rank r's `{task: {(metric, filter): [one value per document of the rank]}}`;
-    rank r holds documents r, r + N, ... in order, and lm-eval concatenates the parts in rank
-    order. Returned: the merged dict, values taken round-robin over the ranks (documents
-    0, 1, 2, ...), as the first part and empty lists as the others, so the concatenation is
-    the one-process list. Anything else (the logged samples) is returned as it came.
+    Rank r holds documents r, r + N, ... in order. parts[r] is either rank r's metrics,
+    `{task: {(metric, filter): [one value per document]}}`, or its logged samples,
+    `{task: [one sample per filter and document, filter by filter]}`. Returned: the merged
+    object (values round-robin over the ranks) first, then empty ones. Parts of another shape,
+    or whose lengths are not one per document, are returned as they came.
     """
-    if not all(_is_metric_table(part) for part in parts) or len({len(p) for p in parts}) != 1:
+    if len({frozenset(p) for p in parts if isinstance(p, dict)}) != 1 or len(parts) < 2:
         return parts
-    merged = {}
-    for task in parts[0]:
-        if any(set(p.get(task, ())) != set(parts[0][task]) for p in parts):
+    if all(_is_table(p, dict) for p in parts):
+        # a rank without documents of a task has no entries for it: none is an empty list
+        keys = {task: list(dict.fromkeys(k for p in parts for k in p[task])) for task in parts[0]}
+        out = {
+            task: {k: _round_robin([p[task].get(k, []) for p in parts]) for k in names}
+            for task, names in keys.items()
+        }
+        if any(v is None for table in out.values() for v in table.values()):
             return parts
-        merged[task] = {}
-        for key in parts[0][task]:
-            lists = [p[task][key] for p in parts]
-            total = sum(len(values) for values in lists)
-            if [len(v) for v in lists] != [
-                len(range(r, total, len(parts))) for r in range(len(parts))
-            ]:
-                return parts  # not one value per document
-            merged[task][key] = [lists[i % len(parts)][i // len(parts)] for i in range(total)]
-    empty = {task: {key: [] for key in table} for task, table in merged.items()}
-    return [merged] + [empty] * (len(parts) - 1)
+        empty = {task: {k: [] for k in names} for task, names in keys.items()}
+        return [out] + [empty] * (len(parts) - 1)
+    if all(_is_table(p, list) for p in parts):
+        out = {task: _samples_in_order([p[task] for p in parts]) for task in parts[0]}
+        if any(v is None for v in out.values()):
+            return parts
+        return [out] + [{task: [] for task in out}] * (len(parts) - 1)
+    return parts
 
 
-def _is_metric_table(part: Any) -> bool:
-    return isinstance(part, dict) and all(
-        isinstance(table, dict) and all(isinstance(v, list) for v in table.values())
-        for table in part.values()
-    )
+def _is_table(part: Any, kind: type) -> bool:
+    return isinstance(part, dict) and all(isinstance(v, kind) for v in part.values())
+
+
+def _round_robin(lists: list[list]) -> list | None:
+    """lists[r]: documents r, r + N, ... of N ranks; their items in document order, or None
+    when the lengths do not fit that split."""
+    if not all(isinstance(items, list) for items in lists):
+        return None
+    n, total = len(lists), sum(len(items) for items in lists)
+    if [len(items) for items in lists] != [len(range(r, total, n)) for r in range(n)]:
+        return None
+    return [lists[i % n][i // n] for i in range(total)]
+
+
+def _samples_in_order(lists: list[list]) -> list | None:
+    """Each rank's samples (filter by filter, documents in order) merged filter by filter."""
+    filters: dict[Any, None] = {}
+    for items in lists:
+        if not all(isinstance(item, dict) and "filter" in item for item in items):
+            return None
+        filters.update(dict.fromkeys(item["filter"] for item in items))
+    out = []
+    for name in filters:
+        merged = _round_robin([[i for i in items if i["filter"] == name] for items in lists])
+        if merged is None:
+            return None
+        out += merged
+    return out
 
 
 def launched() -> bool:

@@ -120,9 +120,11 @@ def test_two_processes_share_the_requests_and_give_one_process_scores(
     assert saved["results"] == one_process["results"]  # every score and stderr, exactly
     for name in NAMES:
         (file,) = out.rglob(f"samples_{name}_*.jsonl")
-        got = {s["doc_id"]: s["resps"] for s in map(json.loads, file.read_text().splitlines())}
+        lines = [json.loads(line) for line in file.read_text().splitlines()]
+        order = [s["doc_id"] for s in one_process["samples"][name]]
+        assert [s["doc_id"] for s in lines] == order  # documents in one process's order
+        got = {s["doc_id"]: s["resps"] for s in lines}
         want = {s["doc_id"]: leaves_as_text(s["resps"]) for s in one_process["samples"][name]}
-        assert got.keys() == want.keys()
         for doc_id, resps in want.items():  # resps: one list of responses per request
             for got_one, want_one in zip(got[doc_id], resps, strict=True):
                 # lm-eval's padding on rank 1 runs its last request again: one more response
@@ -136,19 +138,27 @@ def leaves_as_text(value):
     return str(value)
 
 
-def test_gathered_metrics_are_put_back_in_document_order():
+def test_gathered_metrics_and_samples_are_put_back_in_document_order():
     """Rank r holds documents r, r + 3, ...; lm-eval concatenates the parts in rank order, and
     float sums depend on the order: the merged part gives the one-process list."""
     values = [0.1, 0.7, 0.2, 1e16, 0.3, -1e16, 0.9]  # documents 0..6
     parts = [{"t": {("acc", "none"): values[r::3]}} for r in range(3)]
-    merged = ranks.in_document_order(parts)
-    chained = [v for part in merged for v in part["t"][("acc", "none")]]
+    chained = [v for part in ranks.in_document_order(parts) for v in part["t"][("acc", "none")]]
     assert chained == values
     plain = [v for part in parts for v in part["t"][("acc", "none")]]
     assert sum(plain) != sum(values)  # the order the merge restores does change the mean
-    # Anything else is left as it came: samples (lists), and lists not one per document.
-    samples = [{"t": [{"doc_id": 0}]}, {"t": [{"doc_id": 1}]}]
-    assert ranks.in_document_order(samples) is samples
+    # A rank without documents of a task has no entries for it (3 documents, 4 ranks).
+    few = [{"t": {("acc", "none"): [float(r)]}} for r in range(3)] + [{"t": {}}]
+    merged = ranks.in_document_order(few)
+    assert [v for part in merged for v in part["t"][("acc", "none")]] == [0.0, 1.0, 2.0]
+    # Samples: filter by filter, documents in order within each.
+    samples = [
+        {"t": [{"doc_id": d, "filter": f} for f in ("a", "b") for d in range(r, 5, 2)]}
+        for r in range(2)
+    ]
+    chained = [s for part in ranks.in_document_order(samples) for s in part["t"]]
+    assert chained == [{"doc_id": d, "filter": f} for f in ("a", "b") for d in range(5)]
+    # Lengths that are not one per document are left as they came.
     uneven = [{"t": {("acc", "none"): [1.0]}}, {"t": {("acc", "none"): [2.0, 3.0]}}]
     assert ranks.in_document_order(uneven) is uneven
 
