@@ -19,8 +19,12 @@ lists every model arg. The three request types:
   there is no context to adapt to); texts longer than max_length are scored in chunks of
   max_length // 2 tokens, each conditioned on the tokens before it that fit.
 
-Random numbers (adaptation masks, LoRA init, ELBO masks) come from a generator seeded by `seed`
-and the request's own tokens, so a result does not depend on request order or batching.
+Random numbers (adaptation masks, LoRA init, ELBO masks, sampler noise) come from a generator
+seeded by `seed` and the request's own tokens, so a result does not depend on request order or
+batching (a stochastic sampler, temperature > 0 or remasking=random, runs one request at a time
+for that reason), nor on the process that runs it: under `torchrun`/`accelerate launch` each of
+N processes evaluates its share of the requests and rank 0 writes one process's scores
+(`eval/ranks.py`).
 """
 
 from __future__ import annotations
@@ -38,23 +42,23 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from recipes.memdlm import api
+from recipes.memdlm.eval import ranks
 from recipes.memdlm.eval.harness_setup import (
     GenSettings,
     LoadedRun,
-    Options,
     cut_at_stops,
     default_max_length,
     encode_pair,
     gen_settings,
     greedy_matches,
-    inner_config,
     load_run,
-    parse_model_args,
     request_seed,
     rolling_windows,
 )
+from recipes.memdlm.eval.model_args import Options, inner_config, parse_model_args
 
-log = logging.getLogger(__name__)
+# lm-eval's logger tree: its handler and --verbosity apply (lm_eval.utils.setup_logging)
+log = logging.getLogger("lm_eval.models.memdlm")
 
 
 # --------------------------------------------------------------------------- the model
@@ -78,7 +82,7 @@ class MemDLMLM(LM):
             load_in_4bit=options.load_in_4bit,
             mask_token=options.mask_token,
             eos_token=options.eos_token,
-            device=options.device,
+            device=ranks.process_device(options.device),
         )
         self._setup(loaded, options, overrides)
 
@@ -98,12 +102,32 @@ class MemDLMLM(LM):
         self.loaded, self.options = loaded, options
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self._device = loaded.device
+        self.ranks = ranks.join(loaded.device)  # lm-eval splits the requests by these
+        self._rank, self._world_size = self.ranks.rank, self.ranks.world_size
+        if self.ranks.world_size > 1:
+            log.info("memdlm: rank %d of %d on %s", self.rank, self.world_size, self._device)
         self.mask_id = int(loaded.tokenizer.mask_id)
         self.max_length = options.max_length or default_max_length(loaded)
         self.inner = inner_config(loaded.config.memdlm, overrides)
         self.fast_weights = api.fast_weights_for(self.model, self.inner) if options.adapt else None
         self.adaptations = 0  # inner loops run (one per distinct context while cached)
         self._cache: collections.OrderedDict = collections.OrderedDict()
+
+    # ----------------------------------------------------------------- processes
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.ranks.all_gather(tensor)
+
+    def gather_object(self, obj, dst: int = 0):
+        return self.ranks.gather_object(obj, dst)
+
+    def barrier(self) -> None:
+        self.ranks.barrier()
+
+    def _report_share(self, requests, kind: str) -> None:
+        """One line per rank: how many requests of `kind` it runs (lm-eval's padding included)."""
+        if self.world_size > 1:
+            share = (self.rank, self.world_size, len(requests), kind)
+            log.info("memdlm rank %d of %d: %d %s requests", *share)
 
     # ----------------------------------------------------------------- adaptation
     def adapted_state(self, context_ids: Sequence[int]) -> dict[str, torch.Tensor] | None:
@@ -178,6 +202,7 @@ class MemDLMLM(LM):
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         """(ELBO of the continuation, is_greedy) per (context, continuation) request; requests
         are grouped by context so each context is adapted once."""
+        self._report_share(requests, "loglikelihood")
         groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
         for index, request in enumerate(requests):
             context, continuation = request.args
@@ -194,6 +219,7 @@ class MemDLMLM(LM):
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """ELBO of each whole text with an empty context (chunked beyond max_length)."""
+        self._report_share(requests, "loglikelihood_rolling")
         results = []
         for request in requests:
             (text,) = request.args
@@ -231,6 +257,7 @@ class MemDLMLM(LM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Sampled text per (context, gen_kwargs) request, cut at its stop strings."""
+        self._report_share(requests, "generate_until")
         jobs: dict[tuple, list[tuple[int, list[int], GenSettings]]] = {}
         for index, request in enumerate(requests):
             context, gen_kwargs = request.args
@@ -247,8 +274,11 @@ class MemDLMLM(LM):
             jobs.setdefault(key, []).append((index, ids, settings))
         results: list[str | None] = [None] * len(requests)
         for (_, max_gen_toks, temperature), members in jobs.items():
-            for start in range(0, len(members), self.options.batch_size):
-                chunk = members[start : start + self.options.batch_size]
+            size = self.options.batch_size
+            if temperature > 0 or self.options.remasking == "random":
+                size = 1  # the noise is drawn per sampler call: one request's own seed
+            for start in range(0, len(members), size):
+                chunk = members[start : start + size]
                 rows = self.sample([ids for _, ids, _ in chunk], max_gen_toks, temperature)
                 for (index, _, settings), text in zip(chunk, rows):
                     results[index] = cut_at_stops(text, settings.until)
@@ -358,4 +388,5 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         sys.argv = saved
+        ranks.leave()  # the process group the model joined under torchrun / accelerate
     return 0

@@ -200,8 +200,9 @@ def _write_dream_tokenizer(fast, family: Family, folder: Path):
     return tok
 
 
-def write(name: str, folder: Path, *, seed: int = 0) -> Path:
-    """Write family `name`'s tiny checkpoint into `folder` (created); returns the folder."""
+def write(name: str, folder: Path, *, seed: int = 0, config: dict | None = None) -> Path:
+    """Write family `name`'s tiny checkpoint into `folder` (created); returns the folder.
+    config: more `config.json` entries, over the family's tiny config."""
     import transformers
 
     family = FAMILIES[name]
@@ -223,6 +224,7 @@ def write(name: str, folder: Path, *, seed: int = 0) -> Path:
         "pad_token_id": vocab[family.pad],
         "mask_token_id": vocab[family.mask],
         **family.config,
+        **(config or {}),
     }
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     loaded = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=True)

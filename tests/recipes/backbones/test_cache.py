@@ -1,7 +1,8 @@
 """The KV cache (`diffusion.CachedDenoiser`, hf/cache.py) on the LLaDA family's stand-ins:
 a fresh cache gives the full forward's logits with per-sample fast weights bound (routed
-experts included), for padded batches and block-causal attention; `generate` with the cache
-rebuilt every step equals the uncached sampler; block-causal LLaDA2 makes the dual cache exact.
+experts included), for padded batches and block-causal attention, and at every position of a
+4K-token prompt to float rounding; `generate` with the cache rebuilt every step equals the
+uncached sampler; block-causal LLaDA2 makes the dual cache exact.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import math
 from pathlib import Path
 
 import pytest
@@ -136,3 +138,66 @@ def test_the_dual_cache_is_exact_on_block_causal_llada2(models):
     assert torch.equal(logits[None][0], logits["dual"][0])
     for a, b in zip(logits[None][1], logits["dual"][1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- long prompts
+
+LONG = 4096  # the stand-ins' context here; the paper evaluates at 4K-32K
+
+
+def sharpen(model: hf.HFDenoiser, seed: int = 0, gain: float = 2.0, head: float = 10.0) -> None:
+    """Weights at a trained model's scale, where positions matter: every matrix N(0, gain^2 /
+    fan_in) (sharp attention, so a rotation error moves the output), the LM head `head` times
+    larger (logits of size ~50, as a real model's)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.hf.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) * gain / math.sqrt(p.shape[1]))
+        model.hf.get_output_embeddings().weight.mul_(head / gain)
+
+
+@pytest.fixture(scope="module")
+def long_models(tmp_path_factory) -> dict[str, hf.HFDenoiser]:
+    root = tmp_path_factory.mktemp("cache-long")
+    context = {"max_sequence_length": LONG, "max_position_embeddings": LONG}
+    out = {}
+    for name in NAMES:
+        folder = standins.write(name, Path(root) / name, config=context)
+        tree = {"model": {"path": str(folder), "trust_remote_code": True}}
+        model = hf.load_model(build_config("smoke", overrides=tree), device="cpu").eval()
+        sharpen(model)
+        out[name] = model
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", NAMES)
+def test_the_window_is_the_full_forward_at_every_position_of_a_4k_prompt(long_models, name, dtype):
+    """Windows of 256 tiling all 4096 positions (and the last one alone) against a fresh cache:
+    the largest difference from the full forward is at most 1e-5 of the logits' size in float32
+    (measured: <= 1.2e-6) and 1e-12 in float64 (measured: <= 3e-16).
+
+    Before hf/cache.py rotated LLaDA's window once at its absolute positions, it rotated it
+    from 0 and then on by `start` (two float32-rounded angles for the table's one). Measured
+    with this test on the old code (logits of size 50): 5.6e-2 in float32, 5.7e-2 in float64
+    (LLaDA's rotary runs in float32), 1.1e-3 of the scale, 110 times the float32 bound; for
+    32-token windows 1.7e-4 at position 40, 5.3e-3 at 1000, 1.7e-2 at 4064 (the issue's
+    2e-4 / 2.5e-3 / 1.1e-2). The HF-style families (rotary from `position_ids`) were exact.
+    """
+    model = long_models[name].to(dtype)
+    vocab = model.hf.config.vocab_size
+    x = torch.randint(5, vocab - 1, (1, LONG), generator=torch.Generator().manual_seed(0))
+    x[x == model.hf.config.mask_token_id] = 5
+    spans = [(s, s + 256) for s in range(0, LONG, 256)] + [(LONG - 1, LONG)]
+    try:
+        with torch.no_grad():
+            full, cache = model.forward_with_cache(x)
+            windows = [model.forward_from_cache(x[:, s:e], cache, start=s) for s, e in spans]
+    finally:
+        model.float()
+    drift = max(float((w - full[:, s:e]).abs().max()) for w, (s, e) in zip(windows, spans))
+    scale = float(full.abs().max())
+    assert scale > 20  # logits of a trained model's size, so the bound means something
+    bound = 1e-5 if dtype == torch.float32 else 1e-12
+    assert drift <= bound * scale, (drift, scale)

@@ -8,11 +8,19 @@ replaced (in this thread's process, for the duration of one forward) by:
 - `forward_with_cache`: a recorder that keeps each call's keys and values (call i = layer i) and
   runs attention unchanged: the logits are the full forward's;
 - `forward_from_cache`: a window call. The model runs on the window's tokens only, with
-  `position_ids` of their true positions (LLaDA-8B takes none: its rotary starts at 0 in the
-  window, and the queries and keys are rotated on by `start` positions, RoPE's angles adding
-  up); at each layer the window's keys and values replace the cached ones at its positions and
-  its queries attend to all of them, under the rows of the same mask the full forward uses
-  (padding, block-causal), as an additive mask.
+  `position_ids` of their true positions; at each layer the window's keys and values replace the
+  cached ones at its positions and its queries attend to all of them, under the rows of the same
+  mask the full forward uses (padding, block-causal), as an additive mask.
+
+The cached keys are rotated (RoPE), so the window's queries and keys must be rotated by exactly
+the angles the full forward used at their positions. The HF-style families compute them from
+`position_ids` elementwise, as in the full forward. LLaDA-8B takes no positions: each block's
+`rotary_emb(q, k)` rotates positions 0, 1, ... of its input. Its window is rotated ONCE at its
+absolute positions (`_llada_rotary_at`): that call gets `start` zero rows in front of q and k,
+runs the model's own rotary over positions 0 .. start + w - 1 (the full forward's table) and
+drops the front rows. (Rotating from 0 and then on by `start` adds two float32-rounded angles,
+which drift from the table's one as positions grow: up to 5.6e-2 on logits of size 50 over a
+4K prompt, tests/recipes/backbones/test_cache.py.)
 
 Dream's logits at i - 1 predict token i: its window starts one position early (the token there
 comes from the cache's sequence, which never changes before a block) and the shift is undone as
@@ -108,10 +116,6 @@ def forward_from_cache(denoiser, tokens, cache: HFKVCache, *, start: int, attent
         device=device,
     )
     allowed = None if allowed is None else allowed[:, None, begin:stop]  # (B, 1, w', L)
-    head_dim = getattr(denoiser.hf.config, "d_model", 0) // max(
-        getattr(denoiser.hf.config, "n_heads", 1), 1
-    )
-    theta = float(getattr(denoiser.hf.config, "rope_theta", 10_000.0))
     calls = [0]
 
     def window(original, q, k, v, mask, dropout_p, is_causal, kwargs):
@@ -119,8 +123,6 @@ def forward_from_cache(denoiser, tokens, cache: HFKVCache, *, start: int, attent
         calls[0] += 1
         if index >= len(cache.keys):
             raise TypeError("the model called attention more often than when the cache was built")
-        if denoiser.family == "llada" and begin:  # its rotary counted from 0 in the window
-            q, k = _rotate_on(q, begin, head_dim, theta), _rotate_on(k, begin, head_dim, theta)
         keys, values = cache.keys[index], cache.values[index]
         k = torch.cat([keys[:, :, :begin], k, keys[:, :, stop:]], dim=2)
         v = torch.cat([values[:, :, :begin], v, values[:, :, stop:]], dim=2)
@@ -138,7 +140,8 @@ def forward_from_cache(denoiser, tokens, cache: HFKVCache, *, start: int, attent
     if denoiser.mask_style == "additive":  # never let the model build a (causal) mask
         dtype = denoiser._compute_dtype()
         inputs["attention_mask"] = torch.zeros(rows, 1, run.shape[1], run.shape[1], dtype=dtype)
-    with _sdpa_replaced(window):
+    placed = _llada_rotary_at(denoiser, begin) if denoiser.family == "llada" else None
+    with _sdpa_replaced(window), placed or contextlib.nullcontext():
         out = denoiser.hf(input_ids=run, **inputs)
     _check_calls(denoiser, calls[0])
     logits = denoiser.cut_vocab(out.logits if hasattr(out, "logits") else out[0])
@@ -147,18 +150,52 @@ def forward_from_cache(denoiser, tokens, cache: HFKVCache, *, start: int, attent
     return logits
 
 
-def _rotate_on(t: torch.Tensor, offset: int, head_dim: int, theta: float) -> torch.Tensor:
-    """Rotary (rotate-half layout, whole head) by `offset` more positions, in float32."""
-    if head_dim != t.shape[-1]:
+@contextlib.contextmanager
+def _llada_rotary_at(denoiser, begin: int):
+    """LLaDA's per-block `rotary_emb(q, k)` applied at positions [begin, begin + w) of a window.
+
+    q, k: (B, H, w, hd). Each call gets `begin` zero rows in front of q and k (B, H, begin + w,
+    hd), so the model's own rotary rotates position begin + i by its table's angle for
+    begin + i, exactly as in the full forward (one rotation, the same float32 angles); the
+    front rows are dropped. The padding costs O((begin + w) hd) per layer, no more than the
+    window's keys cost anyway. A block without `rotary_emb` (a config without RoPE) is left as
+    it is; a rotary that is not called once per layer is refused with a TypeError.
+    """
+    rotaries = [getattr(layer, "rotary_emb", None) for layer in denoiser.layers]
+    rotaries = [r for r in rotaries if r is not None]
+    calls = [0]
+
+    def at_positions(original):
+        def forward(q, k, *args, **kwargs):
+            calls[0] += 1
+            q, k = original(_zeros_before(q, begin), _zeros_before(k, begin), *args, **kwargs)
+            return q[..., begin:, :], k[..., begin:, :]
+
+        return forward
+
+    saved = [rotary.__dict__.get("forward") for rotary in rotaries]  # e.g. accelerate's hooks
+    for rotary in rotaries:
+        rotary.forward = at_positions(rotary.forward)
+    try:
+        yield
+    finally:
+        for rotary, forward in zip(rotaries, saved):
+            if forward is None:
+                del rotary.forward  # the class's forward again
+            else:
+                rotary.forward = forward
+    if rotaries and calls[0] != len(denoiser.layers):
         raise TypeError(
-            f"cannot re-position LLaDA's rotary: head dim {t.shape[-1]} != d_model / n_heads "
-            f"= {head_dim}"
+            f"cannot place LLaDA's rotary at the window's positions: rotary_emb was called "
+            f"{calls[0]} times for {len(denoiser.layers)} layers"
         )
-    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=t.device).float() / head_dim)
-    angles = torch.cat([offset * inv, offset * inv])
-    a, b = t.float().chunk(2, dim=-1)
-    rotated = t.float() * angles.cos() + torch.cat([-b, a], dim=-1) * angles.sin()
-    return rotated.to(t.dtype)
+
+
+def _zeros_before(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """t (..., n, d) with `rows` zero rows in front along dim -2: (..., rows + n, d)."""
+    if rows == 0:
+        return t
+    return torch.cat([t.new_zeros(*t.shape[:-2], rows, t.shape[-1]), t], dim=-2)
 
 
 def _check_calls(denoiser, calls: int) -> None:
