@@ -195,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(adapter_config.json, adapter_model.safetensors) for peft.PeftModel.from_pretrained. "
         "With --merged, or for full fine-tuning: a save_pretrained folder (safetensors, config, "
         "tokenizer, the base's remote-code files) for AutoModel*.from_pretrained. The reference "
-        "Transformer: model.safetensors and config.json (recipes.memdlm.export.load_reference).",
+        "Transformer: model.safetensors and config.json "
+        "(recipes.memdlm.backbones.export.load_reference).",
     )
     _add_config_options(p)
     p.add_argument("run", type=Path, help="a run folder holding model.pt, or the model.pt")

@@ -1,6 +1,6 @@
 """`python -m recipes.memdlm export RUN --out DIR [--merged]`: a trained run as a PEFT adapter
 folder, a transformers `save_pretrained` folder, or the reference Transformer's safetensors
-(recipes/memdlm/export.py)."""
+(recipes/memdlm/backbones/export.py)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from recipes.memdlm.commands.folders import (
 
 
 def cmd_export(args, extra, reporter) -> int:
+    from recipes.memdlm.backbones.export import export_run
     from recipes.memdlm.build import load_weights, new_model
     from recipes.memdlm.data.prepare import tokenizer_for
-    from recipes.memdlm.export import export_run
 
     checkpoint = checkpoint_file(args.run)
     out = fresh_folder(args.out)

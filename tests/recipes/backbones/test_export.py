@@ -1,7 +1,7 @@
-"""`python -m recipes.memdlm export` (recipes/memdlm/export.py): a LoRA run of the LLaDA-MoE
-stand-in as a PEFT adapter and as a merged transformers folder, a fully fine-tuned run, and the
-reference Transformer. Each export, loaded by peft / transformers / `load_reference`, gives the
-run's own logits and evaluation numbers."""
+"""`python -m recipes.memdlm export` (recipes/memdlm/backbones/export.py): a LoRA run of the
+LLaDA-MoE stand-in as a PEFT adapter and as a merged transformers folder, a fully fine-tuned run,
+and the reference Transformer. Each export, loaded by peft / transformers / `load_reference`,
+gives the run's own logits and evaluation numbers."""
 
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+from recipes.memdlm.backbones.export import load_reference  # noqa: E402
 from recipes.memdlm.cli import main  # noqa: E402
 from recipes.memdlm.commands.folders import load_model  # noqa: E402
-from recipes.memdlm.export import load_reference  # noqa: E402
 from tests.recipes.backbones import standins  # noqa: E402
 
 COMMON = ["--preset", "smoke", "--quiet", "--data.eval_per_cell", "2"]
