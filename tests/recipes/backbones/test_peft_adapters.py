@@ -109,6 +109,38 @@ def test_the_adapter_gives_peft_own_logits_and_only_its_lora_weights_train(folde
     saved = peft.utils.load_peft_weights(str(f["adapter"]))
     as_saved = {n.replace(".default", "") for n in trainable}
     assert {n.removeprefix("base_model.model.") for n in saved} == as_saved
+    params = dict(model.named_parameters())
+    for name, tensor in saved.items():  # training starts from the adapter's own weights
+        here = name.replace("base_model.model.", "hf.base_model.model.", 1)
+        here = here.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default.")
+        assert torch.equal(params[here], tensor), name
+
+
+@pytest.mark.slow
+def test_compare_fine_tunes_from_the_adapter_and_its_runs_keep_only_the_adapter(
+    folders, tmp_path, capsys
+):
+    """compare's base is model.path with model.adapter; its fine-tuned runs continue the
+    adapter, and their model.pt holds the adapter's tensors only, naming the base."""
+    f = folders["llada_moe"]
+    common = ["--preset", "smoke", "--quiet", "--data.eval_per_cell", "2"]
+    common += ["--eval.exposure_examples", "4", "--memdlm.layer_fraction", "0.5"]
+    common += ["--model", str(f["base"]), "--model.trust_remote_code", "true"]
+    common += ["--model.adapter", str(f["adapter"])]
+    out = tmp_path / "cmp"
+    assert main(["compare", *common, "--train.steps", "1", "--out", str(out), "--no-cache"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", *common]) == 0
+    adapted = json.loads(capsys.readouterr().out)
+    assert summary["base"]["eval_loss"] == pytest.approx(adapted["eval_loss"], rel=1e-6)
+    saved = peft.utils.load_peft_weights(str(f["adapter"]))
+    runs = sorted(out.glob("seed*/*/model.pt"))
+    assert len(runs) == 2
+    for path in runs:
+        state = torch.load(path, weights_only=True)
+        assert state["trainable_only"] and len(state["model"]) == len(saved)
+        assert state["base"]["path"] == str(f["base"])
 
 
 @pytest.mark.slow
