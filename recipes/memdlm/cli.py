@@ -19,8 +19,8 @@ from recipes.memdlm.config import PRESETS
 
 COMMANDS = ("train", "eval", "sample", "compare", "inner-lr", "export")
 CHECKPOINT_HELP = (
-    "model.pt, or a run folder holding one; may be left out with --model PATH, "
-    "which then uses the Hugging Face model's own weights"
+    "model.pt, or a run folder holding one; may be left out with --model PATH_OR_HUB_ID, "
+    "which then uses the Hugging Face model's own weights (or --model.adapter's LoRA on them)"
 )
 
 
