@@ -208,3 +208,12 @@ def test_a_folder_that_is_not_an_adapter_is_refused(folders):
 def test_an_adapter_needs_a_hugging_face_model():
     with pytest.raises(ValueError, match="set model.path"):
         build_config("smoke", overrides={"model": {"adapter": "org/adapter"}})
+
+
+def test_the_model_arg_peft_goes_with_pretrained_not_with_a_run():
+    from recipes.memdlm.eval.harness_setup import parse_model_args
+
+    options, _ = parse_model_args({"pretrained": "org/base", "peft": "org/adapter"})
+    assert options.peft == "org/adapter"
+    with pytest.raises(ValueError, match="peft apply to pretrained="):
+        parse_model_args({"run": "runs/x", "peft": "org/adapter"})
