@@ -77,8 +77,8 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
     if not path.is_file():
         raise UserError(f"checkpoint {str(path)!r} does not exist")
     state = ckpt.load(path)
-    try:
-        model.load_state_dict(state["model"])
+    try:  # a LoRA run's checkpoint holds the adapter only and names its base (loop/checkpoint)
+        ckpt.load_model_state(model, state, path)
     except (KeyError, RuntimeError) as error:  # PyTorch's message is one line per tensor
         problem = fit_problem(model.state_dict(), state["model"])
         problem = problem or (str(error).strip().splitlines() or [""])[0]

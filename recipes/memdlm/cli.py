@@ -17,10 +17,10 @@ from pathlib import Path
 from recipes.memdlm.commands.folders import USER_ERRORS
 from recipes.memdlm.config import PRESETS
 
-COMMANDS = ("train", "eval", "sample", "compare", "inner-lr", "data")
+COMMANDS = ("train", "eval", "sample", "compare", "inner-lr", "data", "export")
 CHECKPOINT_HELP = (
-    "model.pt, or a run folder holding one; may be left out with --model PATH, "
-    "which then uses the Hugging Face model's own weights"
+    "model.pt, or a run folder holding one; may be left out with --model PATH_OR_HUB_ID, "
+    "which then uses the Hugging Face model's own weights (or --model.adapter's LoRA on them)"
 )
 
 
@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train, evaluate and compare MemDLM against the standard MDLM baseline. "
         "With no command, runs `compare` on the default preset. Options of the form "
         "--section.key VALUE override the configuration (e.g. --train.steps 100); "
-        "--model PATH (short for --model.path) uses a local Hugging Face model.",
+        "--model PATH_OR_HUB_ID (short for --model.path) uses a Hugging Face model (a folder, or "
+        "a hub id resolved through the Hugging Face cache; HF_HUB_OFFLINE=1 honoured), "
+        "--model.adapter PATH_OR_HUB_ID loads a PEFT LoRA adapter onto it.",
         allow_abbrev=False,
     )
     sub = parser.add_subparsers(dest="command", metavar="command")
@@ -205,6 +207,26 @@ def build_parser() -> argparse.ArgumentParser:
         "<scored></scored>",
     )
     p.add_argument("--jsonl", type=Path, metavar="OUT", help="write the JSON lines to OUT")
+
+    p = sub.add_parser(
+        "export",
+        allow_abbrev=False,
+        help="write a trained run as a PEFT adapter, a transformers folder or safetensors",
+        description="An outer-LoRA run of a Hugging Face model: a PEFT adapter folder "
+        "(adapter_config.json, adapter_model.safetensors) for peft.PeftModel.from_pretrained. "
+        "With --merged, or for full fine-tuning: a save_pretrained folder (safetensors, config, "
+        "tokenizer, the base's remote-code files) for AutoModel*.from_pretrained. The reference "
+        "Transformer: model.safetensors and config.json "
+        "(recipes.memdlm.backbones.export.load_reference).",
+    )
+    _add_config_options(p)
+    p.add_argument("run", type=Path, help="a run folder holding model.pt, or the model.pt")
+    p.add_argument("--out", type=Path, required=True, help="new folder to write")
+    p.add_argument(
+        "--merged",
+        action="store_true",
+        help="merge the LoRA weights into the base and write the whole model",
+    )
     return parser
 
 
@@ -252,6 +274,7 @@ HANDLERS = {
     "sample": ("sample", "cmd_sample"),
     "inner-lr": ("inner_lr", "cmd_inner_lr"),
     "data": ("data", "cmd_data"),
+    "export": ("export", "cmd_export"),
 }
 
 

@@ -56,7 +56,10 @@ class ModelConfig(_Strict):
     d_ff: int = Field(256, gt=0)
     max_seq_len: int = Field(512, gt=0)
     # A Hugging Face backbone instead of the reference Transformer (recipes/memdlm/backbones/hf/).
-    path: str | None = Field(None, description="local Hugging Face model folder")
+    path: str | None = Field(None, description="Hugging Face model folder or hub id (org/name)")
+    adapter: str | None = Field(
+        None, description="PEFT LoRA adapter (folder or hub id) loaded onto path; trains on"
+    )
     trust_remote_code: bool = False
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     mask_token: str | None = Field(None, description="default: found in the tokenizer")
@@ -76,6 +79,8 @@ class ModelConfig(_Strict):
     def _heads_divide(self) -> ModelConfig:
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if self.adapter and not self.path:
+            raise ValueError("model.adapter is loaded onto a Hugging Face model: set model.path")
         if self.sample_attention != "bidirectional" and not self.path:
             raise ValueError(
                 "model.sample_attention='block_causal' needs a Hugging Face model (model.path) "

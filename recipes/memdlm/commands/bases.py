@@ -37,6 +37,9 @@ NOT_PRETRAINING = {
 BOOKKEEPING = {"log_every", "ckpt_every", "tensorboard"}
 RECORDED_LOSSES = 5  # first pretraining losses kept in the record, to check reproduction
 DATA_FILES = ("train_file", "eval_file")  # user data: identified by content, not by path
+# Model fields added after bases were shipped: left out while unset, so that the key of every
+# base made before them (the shipped one included) stays what it was.
+MODEL_FIELDS_ADDED = ("adapter",)
 
 
 def base_identity(cfg: Config) -> dict[str, Any]:
@@ -51,8 +54,12 @@ def base_identity(cfg: Config) -> dict[str, Any]:
     for name in DATA_FILES:
         if data.get(name) is not None:
             data[name] = f"sha256:{data_file_sha256(name, data[name])}"
+    model = cfg.model.model_dump()
+    for name in MODEL_FIELDS_ADDED:
+        if model.get(name) is None:
+            model.pop(name, None)
     return {
-        "model": cfg.model.model_dump(),
+        "model": model,
         "data": data,
         "pretrain": cfg.pretrain.model_dump(exclude=BOOKKEEPING),
         "seed": cfg.seed,

@@ -39,14 +39,19 @@ class Data:
 
 
 def tokenizer_for(cfg: Config):
-    """The run's tokenizer: bytes, or the Hugging Face model's own (`model.path`)."""
+    """The run's tokenizer: bytes, or the Hugging Face model's own (`model.path`, a folder or a
+    hub id; `model.adapter` is checked to resolve too)."""
     if not cfg.model.path:
         return ByteTokenizer()
     from recipes.memdlm.backbones import hf
 
     m = cfg.model
+    # Both names resolve (folder or hub id in the cache) before anything is loaded.
+    path = hf.resolve(m.path, what="model.path")
+    if m.adapter:
+        hf.resolve(m.adapter, what="model.adapter")
     return hf.load_tokenizer(
-        m.path,
+        path,
         mask_token=m.mask_token,
         eos_token=m.eos_token,
         trust_remote_code=m.trust_remote_code,

@@ -77,6 +77,7 @@ class MemDLMLM(LM):
         loaded = load_run(
             options.run,
             pretrained=options.pretrained,
+            peft=options.peft,
             trust_remote_code=options.trust_remote_code,
             dtype=options.dtype,
             load_in_4bit=options.load_in_4bit,
@@ -89,7 +90,8 @@ class MemDLMLM(LM):
     @classmethod
     def from_loaded(cls, loaded: LoadedRun, **model_args: Any) -> MemDLMLM:
         """The model over `loaded`; run=/pretrained= are not given (it is already loaded)."""
-        for name in ("run", "pretrained", "trust_remote_code", "dtype", "load_in_4bit", "device"):
+        loading = ("run", "pretrained", "peft", "trust_remote_code", "dtype", "load_in_4bit")
+        for name in (*loading, "device"):
             if name in model_args:
                 raise ValueError(f"from_loaded: {name} does not apply to a loaded model")
         options, overrides = parse_model_args({**model_args, "run": "<loaded>"})

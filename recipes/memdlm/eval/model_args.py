@@ -26,6 +26,7 @@ class Options:
 
     run: str | None = None
     pretrained: str | None = None
+    peft: str | None = None  # a PEFT LoRA adapter onto pretrained= (as lm-eval's hf model)
     trust_remote_code: bool = False
     dtype: str = "float32"
     load_in_4bit: bool = False
@@ -56,6 +57,7 @@ class Options:
 _KINDS = {
     "run": "str?",
     "pretrained": "str?",
+    "peft": "str?",
     "trust_remote_code": "bool",
     "dtype": "str",
     "load_in_4bit": "bool",
@@ -189,9 +191,12 @@ def _check_options(o: Options) -> None:
             "memdlm model args cache, cfg_scale and remasking belong to sampler=diffusion, "
             "not to sampler=llada21"
         )
-    if o.run is not None and (o.trust_remote_code or o.load_in_4bit or o.dtype != "float32"):
+    if o.run is not None and (
+        o.trust_remote_code or o.load_in_4bit or o.dtype != "float32" or o.peft
+    ):
         raise ValueError(
-            "memdlm model args trust_remote_code, dtype and load_in_4bit apply to pretrained=; "
+            "memdlm model args trust_remote_code, dtype, load_in_4bit and peft apply to "
+            "pretrained=; "
             "a run= folder loads as its config.json says"
         )
 

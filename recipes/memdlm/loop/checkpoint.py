@@ -151,6 +151,82 @@ def dcp_reader(folder: Path):
     return SafeReader(str(folder))
 
 
+# --------------------------------------------------------------------------- what trains
+
+
+def trainable_names(model: torch.nn.Module) -> set[str] | None:
+    """State-dict keys of the parameters that train (`requires_grad`), or None when every
+    parameter trains (full fine-tuning, the reference Transformer): then a checkpoint holds the
+    whole state, buffers included."""
+    params = list(model.named_parameters(remove_duplicate=False))
+    names = {name for name, p in params if p.requires_grad}
+    return None if len(names) == len(params) else names
+
+
+def model_payload(model: torch.nn.Module, state: dict | None = None) -> dict[str, Any]:
+    """The weights part of a checkpoint of `model`: {"model": state dict} when everything
+    trains; for a model with a frozen base (outer LoRA, a loaded adapter) only the trainable
+    tensors, flagged "trainable_only", with "base": the model's `base_identity` (the base's
+    path or hub id and its fingerprint, set by the backbone loader). state: the full state dict
+    if already gathered (FSDP's `full_state_dict`), else `model.state_dict()`."""
+    names = trainable_names(model)
+    if names is None:
+        return {"model": model.state_dict() if state is None else state}
+    if state is None:  # only the trainable tensors, without materialising the base's
+        params = dict(model.named_parameters(remove_duplicate=False))
+        state = {name: params[name].detach() for name in names}
+    payload = {"model": {k: v for k, v in state.items() if k in names}, "trainable_only": True}
+    base = getattr(model, "base_identity", None)
+    if base:
+        payload["base"] = dict(base)
+    return payload
+
+
+def load_model_state(model: torch.nn.Module, state: dict[str, Any], path: Path) -> None:
+    """Load a checkpoint's weights (`model_payload`) into `model`. Trainable-only weights need
+    the same base (its fingerprint) and exactly the model's trainable tensors: else UserError in
+    one line naming both bases (the file `path`, or the missing/unexpected tensor). A full state
+    loads strictly (torch's RuntimeError on a misfit, for the caller to word)."""
+    weights = state["model"]
+    if not state.get("trainable_only"):
+        model.load_state_dict(weights)
+        return
+    check_base(model, state.get("base"), path)
+    names = trainable_names(model) or set(model.state_dict())
+    missing = sorted(names - set(weights))
+    unexpected = sorted(set(weights) - names)
+    if missing or unexpected:
+        first = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+        raise UserError(
+            f"checkpoint {str(path)!r} holds the trained weights of another LoRA layout "
+            f"({len(missing)} missing, {len(unexpected)} unexpected; first {first}); pass the "
+            "model options (model.lora_*, model.adapter) it was trained with"
+        )
+    params = dict(model.named_parameters(remove_duplicate=False))
+    shaped = [k for k in weights if tuple(weights[k].shape) != tuple(params[k].shape)]
+    if shaped:
+        k = shaped[0]
+        raise UserError(
+            f"checkpoint {str(path)!r}: {k} is {tuple(weights[k].shape)} in the checkpoint vs "
+            f"{tuple(params[k].shape)} here; pass the model options it was trained with"
+        )
+    model.load_state_dict(weights, strict=False)
+
+
+def check_base(model: torch.nn.Module, base: dict | None, path: Path) -> None:
+    """UserError unless `model`'s base is the one the trainable-only checkpoint names."""
+    here = getattr(model, "base_identity", None) or {}
+    base = base or {}
+    if base.get("fingerprint") and base.get("fingerprint") == here.get("fingerprint"):
+        return
+    raise UserError(
+        f"checkpoint {str(path)!r} holds only the trained weights of a run on base "
+        f"{base.get('path')!r} (fingerprint {base.get('fingerprint')}), but this model's base is "
+        f"{here.get('path')!r} (fingerprint {here.get('fingerprint')}); give that base as "
+        "model.path"
+    )
+
+
 def write_json(path: Path, data: Any) -> None:
     text = json.dumps(data, indent=2, sort_keys=False) + "\n"
     atomic_write_bytes(path, lambda handle: handle.write(text.encode()))

@@ -237,7 +237,7 @@ class PhaseState:
             save_dcp(self.folder, self.model, self.optimizer, extra, self.ctx)
             return
         if self.ctx.is_main:
-            ckpt.save(self.folder / "checkpoint.pt", {"model": self.model.state_dict(), **extra})
+            ckpt.save(self.folder / "checkpoint.pt", {**ckpt.model_payload(self.model), **extra})
         self.ctx.barrier()
 
     def finish(self, log: MetricsLog) -> PhaseResult:
@@ -247,7 +247,8 @@ class PhaseState:
         result = summarise(log.records(), self.counters) if self.ctx.is_main else None
         result = self.ctx.broadcast(result)
         if self.ctx.is_main:
-            ckpt.save(self.folder / "model.pt", {"model": weights, "result": result.__dict__})
+            weights = ckpt.model_payload(self.model, weights)
+            ckpt.save(self.folder / "model.pt", {**weights, "result": result.__dict__})
         self.ctx.barrier()
         return result
 
@@ -264,7 +265,7 @@ def resume_state(model, folder: Path, ctx: Context) -> dict[str, Any] | None:
     if fsdp or not path.exists():
         return None
     state = ckpt.load(path)
-    model.load_state_dict(state["model"])
+    ckpt.load_model_state(model, state, path)
     return state
 
 

@@ -111,7 +111,7 @@ def finished_phase(folder: Path, model: torch.nn.Module, reporter: Reporter) -> 
     if not done.exists():
         return None
     state = ckpt.load(done)
-    model.load_state_dict(state["model"])
+    ckpt.load_model_state(model, state, done)
     reporter.note(f"reusing finished phase {folder}")
     return PhaseResult(**state["result"])
 

@@ -68,6 +68,7 @@ from recipes.memdlm.backbones.hf.experts import (
     take_over_routing,
     unfuse_experts,
 )
+from recipes.memdlm.backbones.hf.hub import fingerprint, resolve
 from recipes.memdlm.backbones.hf.loading import (
     DTYPES,
     MASK_TOKENS,
@@ -78,6 +79,7 @@ from recipes.memdlm.backbones.hf.loading import (
     load_tokenizer,
     require_transformers,
 )
+from recipes.memdlm.backbones.hf.peft_adapter import load_adapter
 
 __all__ = [
     "ATTENTION",
@@ -103,13 +105,16 @@ __all__ = [
     "detect_family",
     "find_layer_stack",
     "find_routing",
+    "fingerprint",
     "first_fast_index",
     "has_expert_list",
     "is_fused_experts",
+    "load_adapter",
     "load_model",
     "load_tokenizer",
     "make_bidirectional",
     "require_transformers",
+    "resolve",
     "routed_forward",
     "routed_sum",
     "take_over_routing",

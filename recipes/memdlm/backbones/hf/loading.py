@@ -16,6 +16,8 @@ from recipes.memdlm.backbones.hf.attention import (
 )
 from recipes.memdlm.backbones.hf.denoiser import HFDenoiser
 from recipes.memdlm.backbones.hf.experts import take_over_routing, unfuse_experts
+from recipes.memdlm.backbones.hf.hub import fingerprint, resolve
+from recipes.memdlm.backbones.hf.peft_adapter import load_adapter, require_peft
 from recipes.memdlm.config import MissingExtraError
 from recipes.memdlm.errors import UserError
 
@@ -131,9 +133,8 @@ def load_model(cfg, *, device, vocab_size: int | None = None) -> HFDenoiser:
     transformers = require_transformers()
     transformers.utils.logging.disable_progress_bar()  # the recipe reports its own progress
     m = cfg.model
-    path = Path(m.path)
-    if not path.is_dir():
-        raise UserError(f"model.path {m.path!r} is not a folder")
+    path = resolve(m.path, what="model.path")  # a folder, or a hub id's snapshot in the cache
+    adapter_folder = resolve(m.adapter, what="model.adapter") if m.adapter else None
     config = transformers.AutoConfig.from_pretrained(
         str(path), trust_remote_code=m.trust_remote_code
     )
@@ -155,7 +156,11 @@ def load_model(cfg, *, device, vocab_size: int | None = None) -> HFDenoiser:
     fast = range(first_fast_index(len(stack), cfg.memdlm.layer_fraction), len(stack))
     unfuse_experts(stack, fast)
     take_over_routing(stack, fast)
-    if m.lora_rank > 0:
+    if adapter_folder is not None:  # its own LoRA (rank, alpha, targets); model.lora_* unused
+        model = load_adapter(
+            model, adapter_folder, name=m.adapter, base=m.path, kbit=m.load_in_4bit
+        )
+    elif m.lora_rank > 0:
         model = add_outer_lora(
             model,
             rank=m.lora_rank,
@@ -166,18 +171,16 @@ def load_model(cfg, *, device, vocab_size: int | None = None) -> HFDenoiser:
         )
     # Bidirectional for training and likelihoods; `model.sample_attention` applies while
     # sampling only (`HFBackbone.sampling_attention`).
-    return HFDenoiser(model, block_size=m.sample_block_size, vocab_size=vocab_size)
+    denoiser = HFDenoiser(model, block_size=m.sample_block_size, vocab_size=vocab_size)
+    # What a checkpoint of only the trainable weights is checked against (loop/checkpoint.py)
+    denoiser.base_identity = {"path": m.path, "fingerprint": fingerprint(path)}
+    return denoiser
 
 
 def add_outer_lora(model, *, rank: int, alpha: float, dropout: float, targets, kbit=False):
     """Trainable LoRA on `targets` (peft names; ["all-linear"] = every linear but the head);
     everything else frozen. kbit: prepare a 4-bit model for training first (QLoRA)."""
-    try:
-        import peft
-    except ImportError:  # pragma: no cover - exercised only without the extra
-        raise MissingExtraError(
-            "model.lora_rank > 0 needs peft, in the optional extra 'hf': pip install -e \".[hf]\""
-        ) from None
+    peft = require_peft()
     if kbit:
         # No activation checkpointing: fast weights are bound only during the forward pass, so a
         # recomputation in backward would run without them (silently wrong gradients).
