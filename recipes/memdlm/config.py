@@ -221,6 +221,9 @@ class DistributedConfig(_Strict):
 class EvalConfig(_Strict):
     batch_size: int = Field(32, ge=1)
     exposure_examples: int = Field(32, ge=1, description="continuations for the R_EB curve")
+    # false: the run's final evaluation is its held-out losses only; at the paper's scale the
+    # generation-based scores are lm-eval's (`harness`, docs/reproduce.md).
+    generation: bool = Field(True, description="needle accuracy and exposure-bias curves")
 
 
 class Config(_Strict):
