@@ -17,7 +17,7 @@ from pathlib import Path
 from recipes.memdlm.commands.folders import USER_ERRORS
 from recipes.memdlm.config import PRESETS
 
-COMMANDS = ("train", "eval", "sample", "compare", "inner-lr", "estimate")
+COMMANDS = ("train", "eval", "sample", "compare", "inner-lr", "data", "estimate")
 CHECKPOINT_HELP = (
     "model.pt, or a run folder holding one; may be left out with --model PATH, "
     "which then uses the Hugging Face model's own weights"
@@ -186,6 +186,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", type=Path, default=Path("runs/cache"))
 
     p = sub.add_parser(
+        "data",
+        allow_abbrev=False,
+        help="show the encoded training examples",
+        description="Every example of data.train_file (JSONL, JSON, Parquet or a datasets "
+        "folder; without one, the embedded training set) in file order, encoded as the model "
+        'sees it: one JSON object per line, {"input_ids": [...], "prompt_length": n}, before '
+        "padding; the first n ids are the prompt, never scored. On stdout unless --jsonl or "
+        "--show is given.",
+    )
+    _add_config_options(p)
+    p.add_argument(
+        "--show",
+        type=_count,
+        default=0,
+        metavar="N",
+        help="print the first N decoded, special tokens written out, the scored part in "
+        "<scored></scored>",
+    )
+    p.add_argument("--jsonl", type=Path, metavar="OUT", help="write the JSON lines to OUT")
+
+    p = sub.add_parser(
         "estimate",
         allow_abbrev=False,
         help="memory, disk and time of a training run, before it starts",
@@ -205,6 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="measure the throughput: run this many steps here (after one warm-up step)",
     )
     return parser
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a count >= 0, got {value}")
+    return value
 
 
 def split_overrides(argv: list[str], flags: set[str]) -> tuple[list[str], list[str]]:
@@ -243,6 +271,7 @@ HANDLERS = {
     "eval": ("evaluate", "cmd_eval"),
     "sample": ("sample", "cmd_sample"),
     "inner-lr": ("inner_lr", "cmd_inner_lr"),
+    "data": ("data", "cmd_data"),
     "estimate": ("estimate", "cmd_estimate"),
 }
 

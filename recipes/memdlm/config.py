@@ -96,10 +96,15 @@ class CurriculumStage(_Strict):
 
 
 class DataConfig(_Strict):
-    """Embedded data (generated from a seed) or the user's JSONL files."""
+    """Embedded data (generated from a seed) or the user's data files."""
 
-    train_file: str | None = Field(None, description="JSONL with {prompt, response} per line")
-    eval_file: str | None = Field(None, description="held-out JSONL; default: 5% of train_file")
+    train_file: str | None = Field(
+        None, description="JSONL, JSON, Parquet or a datasets folder (data/formats.py)"
+    )
+    eval_file: str | None = Field(None, description="held-out file; default: 5% of train_file")
+    format: Literal["auto", "prompt_response", "alpaca", "chat"] = Field(
+        "auto", description="record shape of the files; auto: from the keys"
+    )
     pretrain_tasks: list[TaskName] = ["single"]
     pretrain_context_lengths: list[int] = [48, 64]
     # Stages before the pretraining mixture above, in order, each for its share of the steps

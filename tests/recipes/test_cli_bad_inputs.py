@@ -198,7 +198,7 @@ def test_checkpoint_of_another_shape(tmp_path, trained):
         (["--memdlm.targets", "nope_proj,up_proj"], "['nope_proj'] match no nn.Linear"),
         (["--seeds", "-1"], "seeds"),
         (["--train.steps", "abc"], "train.steps"),
-        (["--data.train_file", "."], "is a folder; give a JSONL file"),
+        (["--data.train_file", "."], "is a folder but not a `datasets` save_to_disk folder"),
         (["--config", "."], "is a folder; give a TOML file"),
     ],
 )

@@ -46,6 +46,8 @@ def base_identity(cfg: Config) -> dict[str, Any]:
     bytes, so the same examples at another path give the same base and an edited file a new
     one; the embedded data (no file, None) enters as None, as in the shipped base's record."""
     data = cfg.data.model_dump(exclude=NOT_PRETRAINING)
+    if data.get("train_file") is None:  # the record shape of user files: none to read
+        data.pop("format", None)
     for name in DATA_FILES:
         if data.get(name) is not None:
             data[name] = f"sha256:{data_file_sha256(name, data[name])}"
@@ -65,8 +67,17 @@ def base_key(cfg: Config) -> str:
 
 
 def data_file_sha256(name: str, path: str | Path) -> str:
-    """`file_sha256` of the data file `data.<name>`; a missing one is the user's mistake."""
+    """`file_sha256` of the data file `data.<name>`, or of a `datasets` folder: the SHA-256 of
+    each file's relative path and `file_sha256`, in sorted order. A missing one is the user's
+    mistake."""
     path = Path(path)
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for member in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(
+                f"{member.relative_to(path).as_posix()}\0{file_sha256(member)}\n".encode()
+            )
+        return digest.hexdigest()
     if not path.is_file():
         raise UserError(f"data.{name} {str(path)!r} is not a file")
     return file_sha256(path)

@@ -3,6 +3,8 @@
 Layout of a training row (LLaDA SFT convention, memdlm-method.md section 1.1):
 `prompt | response | EOS | EOS ...`. The prompt is never masked and never scored; the response,
 its EOS and any EOS padding are maskable and scored, so the model learns where answers end.
+With `model.chat_template` a row is the template's ids (data/chat.py): the prompt ends with the
+generation prompt and the response with the template's end-of-turn token instead of an EOS.
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ from dataclasses import dataclass
 
 import torch
 
+from recipes.memdlm.data.chat import template_ids
 from recipes.memdlm.data.tasks import ByteTokenizer, DataError, Example
 
 
 @dataclass(frozen=True)
 class Encoded:
     prompt: tuple[int, ...]
-    response: tuple[int, ...]  # ends with EOS unless truncated
+    response: tuple[int, ...]  # ends with EOS (or the template's end of turn) unless truncated
 
     def __len__(self) -> int:
         return len(self.prompt) + len(self.response)
@@ -38,20 +41,42 @@ class LengthReport:
         )
 
 
+def token_pieces(
+    example: Example, tokenizer: ByteTokenizer, *, chat_template: bool = False
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(prompt ids, response ids) of one example, before any length policy.
+
+    Plain: encode(prompt), encode(response) + EOS. `chat_template`: the template's ids split at
+    the templated prompt's length (`chat.template_ids`, the authors' `default_sft_map_fn`).
+    """
+    if chat_template:
+        ids, prompt_length = template_ids(tokenizer, example)
+        return tuple(ids[:prompt_length]), tuple(ids[prompt_length:])
+    prompt = tuple(tokenizer.encode(example.prompt))
+    return prompt, (*tokenizer.encode(example.response), tokenizer.eos_id)
+
+
 def encode(
-    examples: Sequence[Example], tokenizer: ByteTokenizer, *, max_len: int, policy: str
+    examples: Sequence[Example],
+    tokenizer: ByteTokenizer,
+    *,
+    max_len: int,
+    policy: str,
+    chat_template: bool = False,
 ) -> tuple[list[Encoded], LengthReport]:
-    """Token ids for each example, with sequences longer than `max_len` filtered or truncated.
+    """Token ids for each example (`token_pieces`), with sequences longer than `max_len`
+    filtered or truncated.
 
     `policy="filter"` drops examples longer than `max_len`; `"truncate"` keeps the prompt and cuts
-    the response (an example whose prompt alone does not fit is dropped and counted as filtered).
+    the response on the right (an example whose prompt alone fills `max_len` is dropped and
+    counted as filtered: nothing of it would be scored. dllm's "right" truncation keeps a prompt
+    of exactly `max_len` ids with no scored token; that is the one difference).
     """
     if policy not in ("filter", "truncate"):
         raise ValueError(f"policy must be 'filter' or 'truncate', got {policy!r}")
     kept, filtered, truncated = [], 0, 0
     for example in examples:
-        prompt = tuple(tokenizer.encode(example.prompt))
-        response = (*tokenizer.encode(example.response), tokenizer.eos_id)
+        prompt, response = token_pieces(example, tokenizer, chat_template=chat_template)
         if len(prompt) + len(response) > max_len:
             if policy == "filter" or len(prompt) >= max_len:
                 filtered += 1

@@ -16,7 +16,9 @@ from recipes.memdlm.data.batches import (
     StagedSampler,
     encode,
 )
-from recipes.memdlm.data.tasks import ByteTokenizer, DataError, Example, load_jsonl, make_split
+from recipes.memdlm.data.chat import prompt_text, require_template
+from recipes.memdlm.data.formats import load_examples
+from recipes.memdlm.data.tasks import ByteTokenizer, DataError, Example, make_split
 
 RETRIEVAL_TASKS = ("single", "multikey", "multivalue", "vt")
 
@@ -96,9 +98,10 @@ def curriculum_examples(cfg: Config) -> list[list[Example]]:
 
 
 def user_examples(cfg: Config) -> dict[str, list[Example]]:
-    train = load_jsonl(cfg.data.train_file)
+    fmt = cfg.data.format
+    train = load_examples(cfg.data.train_file, fmt, split="train")
     if cfg.data.eval_file:
-        held_out = load_jsonl(cfg.data.eval_file)
+        held_out = load_examples(cfg.data.eval_file, fmt, split="eval")
     else:  # 5% held out with a fixed seed, as the reference code's 95/5 split
         shuffled = train[:]
         random.Random(cfg.data.seed).shuffle(shuffled)
@@ -110,7 +113,7 @@ def user_examples(cfg: Config) -> dict[str, list[Example]]:
     for example in held_out:
         per_length[len(example.prompt.encode())].append(example)
     accuracy = [
-        Example(e.prompt, e.response, "custom", length)
+        dataclasses.replace(e, task="custom", context_len=length)
         for length, group in per_length.items()
         for e in group[: cfg.data.eval_per_cell]
     ]
@@ -136,12 +139,6 @@ def _common_shape(examples: list[Example]) -> list[Example]:
     return cut
 
 
-def _prompt_text(tok, prompt: str) -> str:
-    """The prompt as the user turn of the tokenizer's chat template, ready for the answer."""
-    messages = [{"role": "user", "content": prompt}]
-    return tok.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
 def prepare_data(cfg: Config) -> Data:
     """Everything a run reads, for any backbone, validated before any folder is written.
 
@@ -155,18 +152,19 @@ def prepare_data(cfg: Config) -> Data:
     tok = tokenizer_for(cfg)
     raw = user_examples(cfg) if cfg.data.train_file else builtin_examples(cfg)
     stages = curriculum_examples(cfg)
-    if cfg.model.chat_template:
-        raw = {name: _templated(tok, examples) for name, examples in raw.items()}
-        stages = [_templated(tok, examples) for examples in stages]
-    max_len, policy = cfg.model.max_seq_len, cfg.data.max_len_policy
+    chat = cfg.model.chat_template
+    if chat:  # training rows: the template's ids; generation: the templated prompt text
+        require_template(tok)
+        for name in ("accuracy_eval", "exposure_eval"):
+            raw[name] = _templated(tok, raw[name])
+    max_len = cfg.model.max_seq_len
+    rules = {"max_len": max_len, "policy": cfg.data.max_len_policy, "chat_template": chat}
     encoded, reports = {}, {}
     for name in ("pretrain", "train", "loss_eval"):
-        encoded[name], reports[name] = encode(raw[name], tok, max_len=max_len, policy=policy)
+        encoded[name], reports[name] = encode(raw[name], tok, **rules)
     curriculum = []
     for index, examples in enumerate(stages):
-        rows, reports[f"pretrain_curriculum[{index}]"] = encode(
-            examples, tok, max_len=max_len, policy=policy
-        )
+        rows, reports[f"pretrain_curriculum[{index}]"] = encode(examples, tok, **rules)
         curriculum.append(rows)
     if tok.bytes_are_tokens:  # a prompt of n bytes is n tokens
         accuracy = [e for e in raw["accuracy_eval"] if _fits(e, tok, max_len)]
@@ -209,7 +207,8 @@ def pretrain_sampler(cfg: Config, data: Data) -> BatchSampler | StagedSampler:
 
 
 def _templated(tok, examples: list[Example]) -> list[Example]:
-    return [dataclasses.replace(e, prompt=_prompt_text(tok, e.prompt)) for e in examples]
+    """Examples whose prompt is the templated conversation (`chat.prompt_text`)."""
+    return [dataclasses.replace(e, prompt=prompt_text(tok, e), messages=()) for e in examples]
 
 
 def token_cells(examples: Sequence[Example], tok, max_len: int) -> list[Example]:

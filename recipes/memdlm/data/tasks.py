@@ -1,4 +1,4 @@
-"""Embedded data, the user's JSONL data, and the byte-level tokenizer.
+"""Embedded data, the example type and the byte-level tokenizer (user files: formats.py).
 
 Nothing is downloaded. Filler text is real English prose from the standard library's
 `pydoc_data.topics` (the Python reference manual), lower-cased and without digits, so that the
@@ -17,13 +17,11 @@ examples of one (task, length) cell share one sequence length and batches need n
 from __future__ import annotations
 
 import functools
-import json
 import random
 import re
 import string
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 from recipes.memdlm.errors import UserError
 
@@ -79,6 +77,14 @@ class Example:
     response: str
     task: str = "custom"
     context_len: int = 0
+    # (role, content) turns before the response, for the chat template; empty: one user turn
+    # holding `prompt` (see `conversation`).
+    messages: tuple[tuple[str, str], ...] = ()
+
+    def conversation(self) -> list[dict[str, str]]:
+        """The turns before the response as chat-template messages."""
+        turns = self.messages or (("user", self.prompt),)
+        return [{"role": role, "content": content} for role, content in turns]
 
 
 @functools.lru_cache(maxsize=1)
@@ -225,43 +231,4 @@ def make_split(
                 make_example(task, length, rng, split, response_len, value_len)
                 for _ in range(per_cell)
             ]
-    return examples
-
-
-def load_jsonl(path: str | Path) -> list[Example]:
-    """Examples from a JSONL file of {"prompt": str, "response": str} objects, one per line.
-
-    Raises DataError naming the file and line of the first problem.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise DataError(f"data file {str(path)!r} is a folder; give a JSONL file")
-    if not path.is_file():
-        raise DataError(f"data file {str(path)!r} does not exist")
-    examples = []
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise DataError(
-                    f"{path}:{number}: not UTF-8 text (byte {error.start + 1} of the line); "
-                    "save the file as UTF-8"
-                ) from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{number}: expected an object, got {type(record).__name__}")
-            for key in ("prompt", "response"):
-                if not isinstance(record.get(key), str):
-                    raise DataError(f"{path}:{number}: missing string field {key!r}")
-            if not record["response"]:
-                raise DataError(f"{path}:{number}: empty response")
-            examples.append(Example(record["prompt"], record["response"]))
-    if not examples:
-        raise DataError(f"data file {str(path)!r} holds no examples")
     return examples

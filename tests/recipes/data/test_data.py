@@ -14,12 +14,12 @@ from recipes.memdlm.data.batches import (
     encode,
     fixed_batches,
 )
+from recipes.memdlm.data.formats import load_examples
 from recipes.memdlm.data.tasks import (
     ByteTokenizer,
     DataError,
     Example,
     filler_text,
-    load_jsonl,
     make_example,
     make_split,
 )
@@ -94,20 +94,20 @@ def test_jsonl_errors_name_file_and_line(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text('{"prompt": "a", "response": "b"}\n\n{"prompt": "a"}\n')
     with pytest.raises(DataError, match=r"data.jsonl:3: missing string field 'response'"):
-        load_jsonl(path)
+        load_examples(path)
     path.write_text('{"prompt": "a", "response": "b"}\n{oops\n')
     with pytest.raises(DataError, match=r"data.jsonl:2: not valid JSON"):
-        load_jsonl(path)
+        load_examples(path)
     path.write_text("[1, 2]\n")
     with pytest.raises(DataError, match=r"data.jsonl:1: expected an object"):
-        load_jsonl(path)
+        load_examples(path)
     path.write_text("\n")
     with pytest.raises(DataError, match="holds no examples"):
-        load_jsonl(path)
+        load_examples(path)
     with pytest.raises(DataError, match="does not exist"):
-        load_jsonl(tmp_path / "missing.jsonl")
+        load_examples(tmp_path / "missing.jsonl")
     path.write_text('{"prompt": "a", "response": "ok"}\n')
-    assert load_jsonl(path) == [Example("a", "ok")]
+    assert load_examples(path) == [Example("a", "ok")]
 
 
 def test_length_policy_filters_or_truncates_and_counts():
