@@ -120,6 +120,8 @@ class DataConfig(_Strict):
     examples_per_cell: int = Field(2000, gt=0, description="training examples per (task, length)")
     max_len_policy: Literal["filter", "truncate"] = "filter"
     seed: int = 0
+    # How the 5% held out of train_file is drawn (no eval_file; data/prepare.py held_out_split).
+    holdout: Literal["recipe", "datasets"] = "recipe"
 
     @model_validator(mode="after")
     def _curriculum_leaves_steps(self) -> DataConfig:
