@@ -16,7 +16,6 @@ from recipes.memdlm.eval.metrics import (
 )
 from recipes.memdlm.method import make_fast_weights
 
-
 # The needle result of a run evaluated without generation (`eval.generation=false`).
 NONE: dict[str, Any] = {"by_length": {}, "by_task": {}, "chars_by_length": {}, "samples": []}
 
