@@ -47,7 +47,7 @@ def one_line_error(result) -> str:
 
 
 @pytest.mark.parametrize(
-    "command", [[], ["compare"], ["train"], ["eval"], ["sample"], ["inner-lr"]]
+    "command", [[], ["compare"], ["train"], ["eval"], ["sample"], ["inner-lr"], ["data"]]
 )
 def test_help(command):
     result = run(*command, "--help")

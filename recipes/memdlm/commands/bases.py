@@ -34,7 +34,7 @@ NOT_PRETRAINING = {
     "eval_per_cell",
 }
 # Phase settings that only say how often to log and checkpoint.
-BOOKKEEPING = {"log_every", "ckpt_every"}
+BOOKKEEPING = {"log_every", "ckpt_every", "tensorboard"}
 RECORDED_LOSSES = 5  # first pretraining losses kept in the record, to check reproduction
 DATA_FILES = ("train_file", "eval_file")  # user data: identified by content, not by path
 

@@ -39,6 +39,7 @@ from recipes.memdlm.commands.runs import (
     evaluate_run,
     evaluated_once,
     fine_tune,
+    phase_log,
     run_method,
     write_outputs,
 )
@@ -93,9 +94,7 @@ def obtain_base(
     cached = cache / f"base-{base_key(cfg)}.pt" if cache is not None else None
     if not pretrain and not (folder / "model.pt").exists():
         _reuse_base(cfg, folder, cached, shipped=cache is not None, reporter=reporter)
-    log = MetricsLog(
-        out / "metrics.jsonl", {"phase": "pretrain", "method": "standard", "seed": cfg.seed}
-    )
+    log = phase_log(out, folder, cfg.pretrain, "pretrain", "standard", cfg.seed)
     sampler = pretrain_sampler(cfg, data)
     result = train_phase(
         model,

@@ -24,6 +24,7 @@ from recipes.memdlm.eval.metrics import eval_loss
 from recipes.memdlm.eval.report import plot_all
 from recipes.memdlm.eval.suite import evaluate_model, loss_set_for
 from recipes.memdlm.loop import checkpoint as ckpt
+from recipes.memdlm.loop import tensorboard
 from recipes.memdlm.loop.periodic import PeriodicEval
 from recipes.memdlm.loop.phase import phase_options, train_phase
 from recipes.memdlm.loop.plan import plan_phase, resolved, sampler_for
@@ -38,6 +39,14 @@ def run_method(cfg: Config, run: str) -> tuple[str, Config]:
     return (run, cfg) if run in METHODS else variant_config(cfg, run)
 
 
+def phase_log(where: Path, folder: Path, phase, name: str, method: str, seed: int) -> MetricsLog:
+    """The phase's log `where`/metrics.jsonl (records tagged with the phase `name`, `method` and
+    `seed`), also as TensorBoard events in `folder`/tensorboard when `phase.tensorboard`."""
+    log = MetricsLog(where / "metrics.jsonl", {"phase": name, "method": method, "seed": seed})
+    tensorboard.attach(log, phase.tensorboard, folder)
+    return log
+
+
 def fine_tune(
     model, cfg: Config, data: Data, folder: Path, *, run: str, seed: int, reporter, ctx=None
 ):
@@ -48,7 +57,7 @@ def fine_tune(
     plan = plan_phase(cfg.train, len(data.train), 1 if ctx is None else ctx.world_size)
     reporter.note(plan.describe())
     sampler = sampler_for(cfg.train, plan, data.train, seed=seed, eos_id=data.tokenizer.eos_id)
-    log = MetricsLog(folder / "metrics.jsonl", {"phase": "train", "method": run, "seed": seed})
+    log = phase_log(folder, folder, cfg.train, "train", run, seed)
     settings = phase_options(cfg, data)
     if ctx is not None:
         settings.update(ctx=ctx, sync_inner=cfg.distributed.sync_inner)

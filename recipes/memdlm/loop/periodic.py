@@ -31,6 +31,7 @@ def with_evals(
     if every < 1:
         raise ValueError(f"every must be at least 1, got {every}")
     evals = MetricsLog(log.path, {**log.tags, "phase": "train_eval"})
+    evals.sink = log.sink  # TensorBoard too, when the phase has it
     first: list[int] = []
 
     def step_with_eval(step: int) -> StepOutcome:

@@ -42,12 +42,16 @@ class PhaseResult:
 class MetricsLog:
     """Append-only JSONL, one record per step, flushed as it is written."""
 
+    sink = None  # also gets every record, e.g. loop/tensorboard.py's TensorBoardSink (attach)
+
     def __init__(self, path: Path, tags: dict[str, Any]):
         self.path, self.tags = path, tags
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as handle:
             handle.write(json.dumps({**self.tags, **record}) + "\n")
+        if self.sink is not None:
+            self.sink.write({**self.tags, **record})
 
     def drop_after(self, step: int) -> None:
         """Forget this phase's records past `step` (they are redone after a resume)."""
