@@ -36,6 +36,8 @@ from recipes.memdlm.cli import main
 from recipes.memdlm.config import build_config
 from tests.recipes.backbones import standins
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[3]
 CONFIGS = {"llada_moe": "paper-llada-moe.toml", "llada21": "paper-llada21-mini.toml"}
 # LLaDA2.1 is evaluated with the authors' LLaDA2.1 sampler (docs/reproduce.md).
@@ -213,3 +215,13 @@ def test_the_comparison_table(paper, capsys):
     for method in ("standard", "memdlm"):
         record = summary[method]["per_seed"][0]
         assert record["seed"] == 42 and math.isfinite(record["eval_loss"])
+
+
+def test_the_estimate_of_the_papers_run(paper, capsys):
+    code = main(["estimate", *paper["options"], "--gpus", "2", "--gpu-memory", "80",
+                 "--tokens-per-second", "5000"])  # fmt: skip
+    text = capsys.readouterr().out
+    assert code == 0
+    # 19 rows, 2 per device on 2 GPUs: ceil(0.4 * ceil(19 / 4)) = 2 steps of 4 rows
+    assert "plan: 2 steps = 0.4 epochs x 5 steps (ceil(19 rows / 4)); global batch 4" in text
+    assert "fits: yes" in text and "s per step" in text and ", lora" in text
