@@ -157,6 +157,8 @@ class PhaseConfig(_Strict):
     batch_per_device: int | None = Field(None, ge=1, description="set: global batch = this x GPUs")
     group_by_length: bool = Field(False, description="HF group_by_length epoch batches")
     eval_every: Every | None = Field(None, description="held-out loss every N steps or fraction")
+    # "trainer": Hugging Face Trainer's cosine warm-up, ceil(ratio * steps) steps from lr 0.
+    schedule: Literal["recipe", "trainer"] = "recipe"
     tensorboard: bool = Field(False, description="also log scalars as TensorBoard events")
 
 

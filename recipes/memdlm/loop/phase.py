@@ -30,7 +30,7 @@ from recipes.memdlm.loop.parallel import (
 from recipes.memdlm.loop.periodic import PeriodicEval
 from recipes.memdlm.loop.plan import periods_in_steps
 from recipes.memdlm.loop.progress import Reporter
-from recipes.memdlm.loop.schedule import cosine_with_warmup
+from recipes.memdlm.loop.schedule import lr_factor
 from recipes.memdlm.loop.sharding import (
     DCP_FOLDER,
     find_unused,
@@ -210,8 +210,7 @@ class PhaseState:
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=phase.lr, betas=(0.9, 0.999), weight_decay=phase.weight_decay
         )
-        factor = cosine_with_warmup(phase.steps, phase.warmup_ratio, phase.min_lr_ratio)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(phase))
         generators, counters = phase_generators(seed, ctx.device), new_counters()
         if resumed is not None:
             restore(resumed, optimizer, scheduler, sampler, generators, counters)

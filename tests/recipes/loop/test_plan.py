@@ -130,3 +130,21 @@ def test_the_evaluations_do_not_change_the_training(setup, tmp_path):
     _, without = run(quiet, data, tmp_path / "b", "memdlm")
     losses = [r["loss"] for r in with_evals if r["phase"] == "train"]
     assert losses == [r["loss"] for r in without if r["phase"] == "train"]
+
+
+@pytest.mark.parametrize(("total", "ratio"), [(28500, 0.1), (37, 0.1), (10, 0.25), (5, 0.0)])
+def test_the_trainer_schedule_is_transformers_cosine_with_warmup(tmp_path, total, ratio):
+    transformers = pytest.importorskip("transformers")
+    from recipes.memdlm.loop.schedule import lr_factor
+
+    warmup = transformers.TrainingArguments(
+        output_dir=str(tmp_path), warmup_ratio=ratio, report_to=[]
+    ).get_warmup_steps(total)
+    param = torch.nn.Parameter(torch.zeros(1))
+    theirs = transformers.get_cosine_schedule_with_warmup(
+        torch.optim.SGD([param], lr=1.0), warmup, total
+    )
+    ours = lr_factor(phase_of(steps=total, warmup_ratio=ratio, min_lr_ratio=0.0,
+                              schedule="trainer"))  # fmt: skip
+    for step in range(total):
+        assert ours(step) == pytest.approx(theirs.lr_lambdas[0](step), abs=1e-12), step
