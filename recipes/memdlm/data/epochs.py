@@ -28,6 +28,7 @@ from collections.abc import Sequence
 import torch
 
 from recipes.memdlm.data.batches import Batch, Encoded, collate
+from recipes.memdlm.data.tasks import DataError
 
 
 def length_grouped_order(
@@ -112,7 +113,13 @@ class EpochSampler:
         return collate([self.rows[i] for i in picks], self.eos_id)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
+        return {"epoch": self.epoch, "position": self.position, "batch_size": self.batch_size}
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("batch_size", self.batch_size) != self.batch_size:
+            raise DataError(
+                f"the checkpoint was written with a global batch of {state['batch_size']} rows, "
+                f"this run has {self.batch_size} (train.batch_per_device x processes): resume "
+                "on the same number of processes"
+            )
         self.epoch, self.position = int(state["epoch"]), int(state["position"])

@@ -13,6 +13,7 @@ import torch
 
 from recipes.memdlm.data.batches import Encoded
 from recipes.memdlm.data.epochs import EpochSampler, length_grouped_order, steps_per_epoch
+from recipes.memdlm.data.tasks import DataError
 
 pt_utils = pytest.importorskip("transformers.trainer_pt_utils")
 
@@ -67,7 +68,9 @@ def test_batches_follow_the_state_and_resume_where_they_stopped():
     for _ in range(8):
         b.next()
     state = b.state_dict()
-    assert state == {"epoch": 1, "position": 2}
+    assert state == {"epoch": 1, "position": 2, "batch_size": 4}
+    with pytest.raises(DataError, match="same number of processes"):
+        EpochSampler(rows, 8, seed=1, eos_id=0).load_state_dict(state)
     c = EpochSampler(rows, 4, seed=1, eos_id=0, group_by_length=True, group_batch=2)
     c.load_state_dict(state)
     for expected in straight[8:]:
