@@ -148,3 +148,17 @@ def test_the_trainer_schedule_is_transformers_cosine_with_warmup(tmp_path, total
                               schedule="trainer"))  # fmt: skip
     for step in range(total):
         assert ours(step) == pytest.approx(theirs.lr_lambdas[0](step), abs=1e-12), step
+
+
+def test_the_new_options_keep_the_shipped_base_and_schedule_shapes_it():
+    from recipes.memdlm.commands.bases import base_key, shipped_base
+
+    default = build_config()
+    assert shipped_base(default) is not None  # the cpu-tiny base still ships for the default
+    paper_style = build_config(
+        overrides={"train": {"epochs": 5, "group_by_length": True, "eval_every": 0.1,
+                             "ckpt_every": 0.1, "schedule": "trainer"}},
+    )  # fmt: skip
+    assert base_key(paper_style) == base_key(default)  # fine-tuning options only
+    trainer = build_config(overrides={"pretrain": {"schedule": "trainer"}})
+    assert base_key(trainer) != base_key(default)  # a pretraining schedule shapes the base
