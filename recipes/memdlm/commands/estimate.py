@@ -136,7 +136,12 @@ def note_at_start(cfg: Config, data, gpus: int, reporter) -> None:
     import torch
 
     rows, eval_rows = [len(r) for r in data.train], [len(r) for r in data.loss_eval]
-    found = describe(cfg, gpus=gpus, rows=rows, eval_rows=eval_rows)
+    try:
+        found = describe(cfg, gpus=gpus, rows=rows, eval_rows=eval_rows)
+    except (ArithmeticError, KeyError, TypeError, ValueError, UsageError) as error:
+        # a config.json the size model cannot read must not stop training
+        reporter.note(f"estimate: not available for this model ({error})")
+        return
     memory = None
     if torch.cuda.is_available() and str(cfg.device) != "cpu":
         memory = torch.cuda.get_device_properties(0).total_memory / est.GIB

@@ -91,3 +91,18 @@ def test_train_shows_the_estimate_at_its_start(trained, capsys):
     assert main(["train", *OPTIONS, "--train.epochs", "0.1", "--out", str(out)]) == 0
     err = capsys.readouterr().err
     assert "estimate: memory per GPU" in err and "plan: 4 steps = 0.1 epochs" in err
+
+
+def test_a_config_json_the_estimate_cannot_read_does_not_stop_training(tmp_path):
+    from types import SimpleNamespace
+
+    from recipes.memdlm.commands.estimate import note_at_start
+    from recipes.memdlm.data.batches import Encoded
+
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 8}))  # no head count
+    cfg = build_config("smoke", overrides={"model": {"path": str(tmp_path)}})
+    rows = [Encoded((1,), (2, 3))] * 4
+    notes = []
+    reporter = SimpleNamespace(note=notes.append)
+    note_at_start(cfg, SimpleNamespace(train=rows, loss_eval=rows), 1, reporter)
+    assert len(notes) == 1 and notes[0].startswith("estimate: not available")
