@@ -17,7 +17,7 @@ from pathlib import Path
 from recipes.memdlm.commands.folders import USER_ERRORS
 from recipes.memdlm.config import PRESETS
 
-COMMANDS = ("train", "eval", "sample", "compare", "inner-lr", "data", "export")
+COMMANDS = ("train", "eval", "sample", "compare", "inner-lr", "data", "export", "estimate")
 CHECKPOINT_HELP = (
     "model.pt, or a run folder holding one; may be left out with --model PATH_OR_HUB_ID, "
     "which then uses the Hugging Face model's own weights (or --model.adapter's LoRA on them)"
@@ -227,6 +227,26 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="merge the LoRA weights into the base and write the whole model",
     )
+
+    p = sub.add_parser(
+        "estimate",
+        allow_abbrev=False,
+        help="memory, disk and time of a training run, before it starts",
+        description="GPU memory per GPU, checkpoint disk, time per step and for the whole run "
+        "(from a stated or measured throughput) of `train` with the same options, and whether "
+        "it fits (docs/reproduce.md).",
+    )
+    _add_config_options(p)
+    p.add_argument("--method", choices=("standard", "memdlm"), help="objective (default memdlm)")
+    p.add_argument("--gpus", type=int, default=1, help="data-parallel processes (default 1)")
+    p.add_argument("--gpu-memory", type=float, help="GiB per GPU, to say whether it fits")
+    p.add_argument("--tokens-per-second", type=float, help="training tokens per second of one GPU")
+    p.add_argument(
+        "--probe-steps",
+        type=int,
+        default=0,
+        help="measure the throughput: run this many steps here (after one warm-up step)",
+    )
     return parser
 
 
@@ -275,6 +295,7 @@ HANDLERS = {
     "inner-lr": ("inner_lr", "cmd_inner_lr"),
     "data": ("data", "cmd_data"),
     "export": ("export", "cmd_export"),
+    "estimate": ("estimate", "cmd_estimate"),
 }
 
 

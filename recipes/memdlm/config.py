@@ -125,6 +125,8 @@ class DataConfig(_Strict):
     examples_per_cell: int = Field(2000, gt=0, description="training examples per (task, length)")
     max_len_policy: Literal["filter", "truncate"] = "filter"
     seed: int = 0
+    # How the 5% held out of train_file is drawn (no eval_file; data/prepare.py held_out_split).
+    holdout: Literal["recipe", "datasets"] = "recipe"
 
     @model_validator(mode="after")
     def _curriculum_leaves_steps(self) -> DataConfig:
@@ -135,6 +137,11 @@ class DataConfig(_Strict):
                 "sum to less than 1 so that the pretraining mixture gets the rest"
             )
         return self
+
+
+# A period of a phase: a number of steps, or a fraction of its steps (Hugging Face's eval_steps
+# and save_steps below 1: ceil(fraction * steps), loop/plan.py).
+Every = Annotated[int, Field(ge=1)] | Annotated[float, Field(gt=0, lt=1)]
 
 
 class PhaseConfig(_Strict):
@@ -148,8 +155,15 @@ class PhaseConfig(_Strict):
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     grad_clip: float = Field(1.0, gt=0)
     log_every: int = Field(10, ge=1)
-    ckpt_every: int = Field(100, ge=1)
+    ckpt_every: Every = Field(100, description="steps, or a fraction of the phase (0.1)")
     max_nonfinite_in_row: int = Field(5, ge=1)
+    # Hugging Face Trainer's epochs, batches and eval/save fractions (loop/plan.py, data/epochs.py).
+    epochs: float | None = Field(None, gt=0, description="set: steps = ceil(epochs * batches)")
+    batch_per_device: int | None = Field(None, ge=1, description="set: global batch = this x GPUs")
+    group_by_length: bool = Field(False, description="HF group_by_length epoch batches")
+    eval_every: Every | None = Field(None, description="held-out loss every N steps or fraction")
+    # "trainer": Hugging Face Trainer's cosine warm-up, ceil(ratio * steps) steps from lr 0.
+    schedule: Literal["recipe", "trainer"] = "recipe"
     tensorboard: bool = Field(False, description="also log scalars as TensorBoard events")
 
 
@@ -222,6 +236,9 @@ class DistributedConfig(_Strict):
 class EvalConfig(_Strict):
     batch_size: int = Field(32, ge=1)
     exposure_examples: int = Field(32, ge=1, description="continuations for the R_EB curve")
+    # false: the run's final evaluation is its held-out losses only; at the paper's scale the
+    # generation-based scores are lm-eval's (`harness`, docs/reproduce.md).
+    generation: bool = Field(True, description="needle accuracy and exposure-bias curves")
 
 
 class Config(_Strict):
@@ -267,6 +284,15 @@ class Config(_Strict):
     @classmethod
     def _one_variant(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value  # `--variants leak_free`
+
+    @model_validator(mode="after")
+    def _epochs_train_only(self) -> Config:
+        p = self.pretrain  # the pretraining samplers draw at random (data.prepare)
+        if p.epochs or p.group_by_length or p.batch_per_device or p.eval_every:
+            raise ValueError(
+                "epochs, group_by_length, batch_per_device and eval_every are train.* options"
+            )
+        return self
 
     @model_validator(mode="after")
     def _known_variants(self) -> Config:

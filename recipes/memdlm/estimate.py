@@ -72,7 +72,8 @@ class Shape:
             experts=experts,
             top_k=get("num_experts_per_tok", "moe_top_k") if experts else 0,
             expert_intermediate=get("moe_intermediate_size", "expert_intermediate_size"),
-            shared_intermediate=get("shared_expert_intermediate_size"),
+            shared_intermediate=get("shared_expert_intermediate_size")
+            or get("num_shared_experts") * get("moe_intermediate_size"),  # LLaDA2
             tied=bool(config.get("tie_word_embeddings", False)),
             qkv_bias=bool(config.get("qkv_bias", False)),
             attention_bias=bool(config.get("attention_bias", False)),
@@ -176,6 +177,57 @@ def estimate(
     result = {k: v / GIB for k, v in parts.items()}
     result["total"] = sum(result.values())
     return result
+
+
+def trainable_parameters(shape: Shape, *, mode: str, lora_rank: int = 32) -> int:
+    """Parameters AdamW updates: all of them (full fine-tuning) or the outer LoRA's."""
+    return shape.parameters() if mode in ("ddp", "fsdp") else lora_parameters(shape, lora_rank)
+
+
+def disk(shape: Shape, *, mode: str, lora_rank: int = 32) -> dict[str, float]:
+    """GiB on disk of a run folder (loop/checkpoint.py, loop/phase.py).
+
+    checkpoint.pt: the model's full state dict (fp32 for full fine-tuning; the bf16 or NF4
+    base plus fp32 LoRA weights otherwise) and AdamW's two fp32 moments per trainable
+    parameter; there is one, rewritten atomically (a new file beside the old one, then a
+    rename), so the peak holds two of it and, at the end, model.pt (the weights once more).
+    """
+    p, trainable = shape.parameters(), trainable_parameters(shape, mode=mode, lora_rank=lora_rank)
+    if mode in ("ddp", "fsdp"):
+        weights = 4 * p
+    else:
+        weights = (2 if mode == "lora" else NF4_BYTES) * p + 4 * trainable
+    checkpoint = weights + 8 * trainable
+    return {
+        "checkpoint": checkpoint / GIB,
+        "model": weights / GIB,
+        "peak": (2 * checkpoint + weights) / GIB,
+    }
+
+
+def run_time(
+    *,
+    steps: int,
+    tokens_per_step: float,
+    tokens_per_second: float,
+    gpus: int,
+    eval_tokens: float = 0.0,
+    eval_cost: float = 1 / 3,
+) -> dict[str, float]:
+    """Seconds per step and for the run at `tokens_per_second` per GPU (training tokens, the
+    method's own step: MemDLM's is ~1.3x Standard's, docs/memdlm.md "Cost"), N GPUs in data
+    parallel. eval_tokens: held-out tokens of all periodic evaluations together, each costing
+    `eval_cost` of a training token (a forward pass without backward: about 1/3)."""
+    if tokens_per_second <= 0 or gpus < 1:
+        raise ValueError(f"tokens_per_second > 0 and gpus >= 1 needed, got {tokens_per_second}")
+    per_step = tokens_per_step / (tokens_per_second * gpus)
+    evals = eval_tokens * eval_cost / (tokens_per_second * gpus)
+    return {
+        "step": per_step,
+        "train": steps * per_step,
+        "eval": evals,
+        "total": steps * per_step + evals,
+    }
 
 
 # Sizes used in docs/scaling.md. LLaDA-8B follows its published config; the LLaDA-MoE entry

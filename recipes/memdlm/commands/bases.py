@@ -35,6 +35,10 @@ NOT_PRETRAINING = {
 }
 # Phase settings that only say how often to log and checkpoint.
 BOOKKEEPING = {"log_every", "ckpt_every", "tensorboard"}
+# Phase settings of `train` only (the config refuses them for pretraining).
+TRAIN_ONLY = {"epochs", "batch_per_device", "group_by_length", "eval_every"}
+# Settings added after bases were cached: at these values they leave a base's key as it was.
+KEY_NEUTRAL = {"schedule": "recipe", "holdout": "recipe"}
 RECORDED_LOSSES = 5  # first pretraining losses kept in the record, to check reproduction
 DATA_FILES = ("train_file", "eval_file")  # user data: identified by content, not by path
 # Model fields added after bases were shipped: left out while unset, so that the key of every
@@ -58,10 +62,15 @@ def base_identity(cfg: Config) -> dict[str, Any]:
     for name in MODEL_FIELDS_ADDED:
         if model.get(name) is None:
             model.pop(name, None)
+    pretrain = cfg.pretrain.model_dump(exclude=BOOKKEEPING | TRAIN_ONLY)
+    for part in (data, pretrain):
+        for key, neutral in KEY_NEUTRAL.items():
+            if part.get(key) == neutral:
+                del part[key]
     return {
         "model": model,
         "data": data,
-        "pretrain": cfg.pretrain.model_dump(exclude=BOOKKEEPING),
+        "pretrain": pretrain,
         "seed": cfg.seed,
         "time_eps": cfg.time_eps,
     }

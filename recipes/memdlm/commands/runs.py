@@ -19,13 +19,15 @@ from typing import Any
 import torch
 
 from recipes.memdlm.config import Config, variant_config
-from recipes.memdlm.data.batches import BatchSampler
 from recipes.memdlm.data.prepare import Data
+from recipes.memdlm.eval.metrics import eval_loss
 from recipes.memdlm.eval.report import plot_all
-from recipes.memdlm.eval.suite import evaluate_model
+from recipes.memdlm.eval.suite import evaluate_model, loss_set_for
 from recipes.memdlm.loop import checkpoint as ckpt
 from recipes.memdlm.loop import tensorboard
+from recipes.memdlm.loop.periodic import PeriodicEval
 from recipes.memdlm.loop.phase import phase_options, train_phase
+from recipes.memdlm.loop.plan import plan_phase, resolved, sampler_for
 from recipes.memdlm.loop.steps import MetricsLog, denormals_flushed
 
 METHODS = ("standard", "memdlm")
@@ -52,17 +54,19 @@ def fine_tune(
     checkpointing into `folder` and logging to folder/metrics.jsonl under the run's name.
     ctx: the torchrun context (None in one process). Returns the `PhaseResult`."""
     method, cfg = run_method(cfg, run)
-    sampler = BatchSampler(
-        data.train, cfg.train.batch_size, seed=seed, eos_id=data.tokenizer.eos_id
-    )
+    plan = plan_phase(cfg.train, len(data.train), 1 if ctx is None else ctx.world_size)
+    reporter.note(plan.describe())
+    sampler = sampler_for(cfg.train, plan, data.train, seed=seed, eos_id=data.tokenizer.eos_id)
     log = phase_log(folder, folder, cfg.train, "train", run, seed)
     settings = phase_options(cfg, data)
     if ctx is not None:
         settings.update(ctx=ctx, sync_inner=cfg.distributed.sync_inner)
+    if plan.eval_every is not None:
+        settings["evaluate"] = PeriodicEval(plan.eval_every, held_out_metrics(cfg, data, method))
     return train_phase(
         model,
         method=method,
-        phase=cfg.train,
+        phase=resolved(cfg.train, plan),
         sampler=sampler,
         seed=seed,
         folder=folder,
@@ -71,6 +75,28 @@ def fine_tune(
         anchors=cfg.standard_anchors() if method == "standard" else 1,
         **settings,
     )
+
+
+def held_out_metrics(cfg: Config, data: Data, method: str):
+    """`metrics(model, mem)` for the periodic evaluation during training: the held-out loss
+    with fast weights off (the Train-Only loss), and for MemDLM also after adapting to each
+    batch's answers (the loss the authors' trainer reports at its evaluations)."""
+    cache: dict[str, Any] = {}
+
+    def metrics(model, mem) -> dict[str, float]:
+        device = next(model.parameters()).device
+        if "set" not in cache:
+            cache["set"] = loss_set_for(data, cfg, device)
+        backend = {"loss_backend": cfg.loss_backend}
+        result = {"eval_loss": eval_loss(model, cache["set"], **backend)}
+        if method == "memdlm" and mem is not None:
+            result["eval_loss_answer_adapted"] = eval_loss(
+                model, cache["set"], mode="adapted", mem=mem, cfg=cfg.memdlm,
+                mask_id=data.tokenizer.mask_id, **backend,
+            )  # fmt: skip
+        return result
+
+    return metrics
 
 
 def evaluate_run(

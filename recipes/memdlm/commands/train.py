@@ -42,12 +42,14 @@ def cmd_train(args, extra, reporter) -> int:
 
 
 def _train(model, backbone, cfg, data, out: Path, args, reporter, device) -> int:
+    from recipes.memdlm.commands.estimate import note_at_start
     from recipes.memdlm.commands.runs import evaluate_run, fine_tune
     from recipes.memdlm.loop import checkpoint as ckpt
 
     out.mkdir(parents=True, exist_ok=True)
     if args.resume is None:
         ckpt.write_json(out / "config.json", cfg.model_dump())
+    note_at_start(cfg, data, 1, reporter)  # memory and disk (commands/estimate.py)
     result = fine_tune(model, cfg, data, out, run=cfg.method, seed=cfg.seed, reporter=reporter)
     evaluation = evaluate_run(model, cfg, data, out, run=cfg.method, device=device)
     _write_summary(out, cfg, result, evaluation, backbone, reporter)
@@ -88,6 +90,7 @@ def train_distributed(args, extra: list[str], reporter) -> int:
     import torch.distributed as dist
 
     from recipes.memdlm.build import announce, load_weights, new_model
+    from recipes.memdlm.commands.estimate import note_at_start
     from recipes.memdlm.commands.runs import fine_tune
     from recipes.memdlm.data.prepare import prepare_data
     from recipes.memdlm.eval.suite import evaluate_model
@@ -119,6 +122,7 @@ def train_distributed(args, extra: list[str], reporter) -> int:
                 if args.resume is None:
                     ckpt.write_json(out / "config.json", cfg.model_dump())
             dist.barrier()
+            note_at_start(cfg, data, ctx.world_size, reporter)
             result = fine_tune(  # the one-process run's settings (compile included)
                 model, cfg, data, out, run=cfg.method, seed=cfg.seed, reporter=reporter, ctx=ctx
             )

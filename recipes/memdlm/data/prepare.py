@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -108,12 +109,7 @@ def user_examples(cfg: Config) -> dict[str, list[Example]]:
     if cfg.data.eval_file:
         held_out = load_examples(cfg.data.eval_file, fmt, split="eval")
     else:  # 5% held out with a fixed seed, as the reference code's 95/5 split
-        shuffled = train[:]
-        random.Random(cfg.data.seed).shuffle(shuffled)
-        cut = max(1, len(shuffled) // 20)
-        if len(shuffled) - cut < 1:
-            raise DataError("train_file needs at least two examples (or give data.eval_file)")
-        held_out, train = shuffled[:cut], shuffled[cut:]
+        held_out, train = held_out_split(train, cfg.data.seed, cfg.data.holdout)
     per_length = collections.defaultdict(list)
     for example in held_out:
         per_length[len(example.prompt.encode())].append(example)
@@ -129,6 +125,28 @@ def user_examples(cfg: Config) -> dict[str, list[Example]]:
         "accuracy_eval": accuracy,
         "exposure_eval": _common_shape(held_out[: cfg.eval.exposure_examples]),
     }
+
+
+def held_out_split(examples: list, seed: int, rule: str = "recipe") -> tuple[list, list]:
+    """(held out, train): 5% of `examples` held out with `seed`.
+
+    "recipe": floor(5%) (at least 1) after `random.Random(seed).shuffle`. "datasets": Hugging
+    Face datasets' `train_test_split(test_size=0.05, seed=seed)` (the authors' split, dllm
+    `data/alpaca.py`): a permutation by `numpy.random.default_rng(seed)`, its first
+    ceil(0.05 n) rows held out, the rest in permutation order.
+    """
+    if len(examples) < 2:
+        raise DataError("train_file needs at least two examples (or give data.eval_file)")
+    if rule == "datasets":
+        import numpy as np
+
+        order = np.random.default_rng(seed).permutation(len(examples)).tolist()
+        cut = math.ceil(0.05 * len(examples))
+    else:
+        order = list(range(len(examples)))
+        random.Random(seed).shuffle(order)
+        cut = max(1, len(examples) // 20)
+    return [examples[i] for i in order[:cut]], [examples[i] for i in order[cut:]]
 
 
 def _common_shape(examples: list[Example]) -> list[Example]:

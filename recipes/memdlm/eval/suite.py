@@ -16,6 +16,9 @@ from recipes.memdlm.eval.metrics import (
 )
 from recipes.memdlm.method import make_fast_weights
 
+# The needle result of a run evaluated without generation (`eval.generation=false`).
+NONE: dict[str, Any] = {"by_length": {}, "by_task": {}, "chars_by_length": {}, "samples": []}
+
 
 def loss_set_for(data: Data, cfg: Config, device) -> LossSet:
     """The held-out loss batches with their fixed anchors, for either kind of backbone."""
@@ -39,9 +42,12 @@ def evaluate_model(
     common = {"batch_size": cfg.eval.batch_size, "device": device, **sampling}
 
     result: dict[str, Any] = {"eval_loss": eval_loss(model, loss_set, **backend)}
-    result["niah"] = niah_accuracy(model, data.accuracy_eval, tok, **common)
-    result["exposure_bias"] = exposure_bias_curve(
-        model, data.exposure_eval, tok, device=device, **sampling
+    generation = cfg.eval.generation
+    result["niah"] = niah_accuracy(model, data.accuracy_eval, tok, **common) if generation else NONE
+    result["exposure_bias"] = (
+        exposure_bias_curve(model, data.exposure_eval, tok, device=device, **sampling)
+        if generation
+        else []
     )
     if method == "memdlm":
         mem = make_fast_weights(model, cfg.memdlm)
@@ -53,18 +59,20 @@ def evaluate_model(
             result["eval_loss_adapted"] = eval_loss(
                 model, loss_set, mode="prompt", mask_id=tok.mask_id, **fast, **backend
             )
-            result["niah_adapted"] = niah_accuracy(
-                model, data.accuracy_eval, tok, adapt_prompt=True, **common, **fast
-            )
-            result["exposure_bias_adapted"] = exposure_bias_curve(
-                model,
-                data.exposure_eval,
-                tok,
-                device=device,
-                adapt_prompt=True,
-                **fast,
-                **sampling,
-            )
+            result["niah_adapted"], result["exposure_bias_adapted"] = NONE, []
+            if generation:
+                result["niah_adapted"] = niah_accuracy(
+                    model, data.accuracy_eval, tok, adapt_prompt=True, **common, **fast
+                )
+                result["exposure_bias_adapted"] = exposure_bias_curve(
+                    model,
+                    data.exposure_eval,
+                    tok,
+                    device=device,
+                    adapt_prompt=True,
+                    **fast,
+                    **sampling,
+                )
         finally:
             mem.remove()
     return result

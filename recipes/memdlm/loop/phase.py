@@ -27,8 +27,10 @@ from recipes.memdlm.loop.parallel import (
     reduce_metrics,
     sync_shares,
 )
+from recipes.memdlm.loop.periodic import PeriodicEval
+from recipes.memdlm.loop.plan import periods_in_steps
 from recipes.memdlm.loop.progress import Reporter
-from recipes.memdlm.loop.schedule import cosine_with_warmup
+from recipes.memdlm.loop.schedule import lr_factor
 from recipes.memdlm.loop.sharding import (
     DCP_FOLDER,
     find_unused,
@@ -87,6 +89,7 @@ def train_phase(
     log: MetricsLog,
     reporter: Reporter,
     ctx: Context | None = None,
+    evaluate: PeriodicEval | None = None,
     **settings,
 ) -> PhaseResult:
     """Train `model` in place for `phase.steps` steps of `settings.method` ("standard" or
@@ -95,6 +98,7 @@ def train_phase(
     processes compute the one-process step (docs/scaling.md). Rank 0 writes the metrics and
     checkpoints (FSDP: every rank its shards). Returns the result on every rank."""
     s = StepSettings(**settings)
+    phase = periods_in_steps(phase)  # ckpt_every 0.1 -> steps (loop/plan.py)
     ctx = ctx or Context.single(next(model.parameters()).device)
     check_settings(s)
     if (finished := finished_phase(folder, model, reporter)) is not None:
@@ -104,6 +108,8 @@ def train_phase(
     mem = make_fast_weights(model, s.memdlm) if s.method == "memdlm" else None
     state = PhaseState.start(model, resumed, phase, sampler, seed, folder, ctx, reporter, log)
     one_step = step_function(model, mem, s, state, ctx)
+    if evaluate is not None:  # the held-out loss every `evaluate.every` steps
+        one_step = evaluate.wrap(one_step, model, mem, log, write_log=ctx.is_main)
     model.train()
     try:
         with denormals_flushed():
@@ -204,8 +210,7 @@ class PhaseState:
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=phase.lr, betas=(0.9, 0.999), weight_decay=phase.weight_decay
         )
-        factor = cosine_with_warmup(phase.steps, phase.warmup_ratio, phase.min_lr_ratio)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(phase))
         generators, counters = phase_generators(seed, ctx.device), new_counters()
         if resumed is not None:
             restore(resumed, optimizer, scheduler, sampler, generators, counters)
