@@ -47,20 +47,19 @@ def fine_tune(
         data.train, cfg.train.batch_size, seed=seed, eos_id=data.tokenizer.eos_id
     )
     log = MetricsLog(folder / "metrics.jsonl", {"phase": "train", "method": run, "seed": seed})
-    settings = phase_options(cfg, data)
-    if ctx is not None:
-        settings.update(ctx=ctx, sync_inner=cfg.distributed.sync_inner)
+    anchors = cfg.standard_anchors() if method == "standard" else 1
+    sync = ctx is not None and cfg.distributed.sync_inner
+    settings = phase_options(cfg, data, method, anchors=anchors, sync_inner=sync)
     return train_phase(
         model,
-        method=method,
+        settings,
         phase=cfg.train,
         sampler=sampler,
         seed=seed,
         folder=folder,
         log=log,
         reporter=reporter,
-        anchors=cfg.standard_anchors() if method == "standard" else 1,
-        **settings,
+        ctx=ctx,
     )
 
 

@@ -175,9 +175,9 @@ def without_outer(
     outer: torch.Tensor,
 ):
     """The inner steps of the leak-free control: every input and teacher input masks O, no
-    inner loss scores O. Inputs that already mask O stay the same objects (the anchor's early
-    states are shared by identity)."""
-    inputs = [m | outer if bool((outer & ~m).any()) else m for m in inputs]
+    inner loss scores O. An input that already masks O (the anchor: O lies inside M_t) keeps
+    its values."""
+    inputs = [m | outer for m in inputs]
     targets = [m & ~outer for m in targets]
     teachers = [outer if m is None else m | outer for m in teachers]
     return inputs, targets, teachers
