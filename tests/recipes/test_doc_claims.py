@@ -142,7 +142,7 @@ LAYOUT_NAMES = [
     ("method.step", "MemDLM.loss"),
     ("method.step", "MemDLM.inner"),
     ("method.step", "adapt_to_prompt"),
-    ("method.draws", "Draws.rows"),
+    ("method.trajectory", "Draws.rows"),
     ("method.inner", "adapt"),
     ("method.step", "step_record"),
     ("loop.phase", "train_phase"),

@@ -2,8 +2,8 @@
 
 - `losses`: the anchor x_t and the standard masked-diffusion loss (the outer objective).
 - `split`: where the fast-weight-dependent part of the network begins (the split forward).
-- `trajectory`: the nested inner-step masks of the simulated denoising trajectory.
-- `draws`: everything random in one step, drawn before any model call (`Draws`).
+- `trajectory`: everything random in one step, drawn before any model call (`Draws`): the
+  anchor, the nested inner-step masks of the simulated denoising trajectory, phi_0, O.
 - `inner`: the inner loop on phi through `bilevel.solve` (`adapt`: the step's inner half).
 - `distill`: the inner distillation objectives.
 - `step`: the two methods as objects, `Standard` and `MemDLM` (`draw`, `loss`), top to bottom;
@@ -11,13 +11,11 @@
 """
 
 from recipes.memdlm.method.distill import token_divergence
-from recipes.memdlm.method.draws import Draws, Generators, inner_draws
 from recipes.memdlm.method.inner import (
     InnerProblem,
     InnerState,
     adapt,
     fast_weight_dtype,
-    init_fast_weights,
     inner_optimizer,
     inner_states,
     make_fast_weights,
@@ -25,15 +23,7 @@ from recipes.memdlm.method.inner import (
     objective_options,
     solve_inner,
 )
-from recipes.memdlm.method.losses import (
-    SCHEDULE,
-    Anchor,
-    fused_head,
-    head_loss,
-    outer_loss,
-    sample_anchor,
-    standard_loss,
-)
+from recipes.memdlm.method.losses import fused_head, head_loss, outer_loss, standard_loss
 from recipes.memdlm.method.split import Split, first_fast_layer, last_split, split_point
 from recipes.memdlm.method.step import (
     MemDLM,
@@ -46,10 +36,17 @@ from recipes.memdlm.method.step import (
     step_record,
 )
 from recipes.memdlm.method.trajectory import (
+    SCHEDULE,
+    Anchor,
+    Draws,
+    Generators,
+    draw_memdlm,
+    inner_draws,
     loss_masks,
     outer_positions,
     progressive_ratios,
     realised_ratio,
+    sample_anchor,
     state_times,
     teacher_masks,
     trajectory_masks,
@@ -69,11 +66,11 @@ __all__ = [
     "Standard",
     "adapt",
     "adapt_to_prompt",
+    "draw_memdlm",
     "fast_weight_dtype",
     "first_fast_layer",
     "fused_head",
     "head_loss",
-    "init_fast_weights",
     "inner_draws",
     "inner_optimizer",
     "inner_states",

@@ -3,7 +3,7 @@
 memdlm-method.md sections 2.2-2.3 and 3.2: phi_0 (A random, B = 0), one first-order SGD step per
 trajectory state through `bilevel.solve`, per-tensor clipping. `adapt` is the inner half of the
 MemDLM step, and the only inner loop: training (`step.MemDLM.loss`), the answer-adapted
-evaluation and prompt adaptation all call it on the step's draws (`draws.inner_draws`).
+evaluation and prompt adaptation all call it on the step's draws (`trajectory.inner_draws`).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import memory as mm
 from recipes.memdlm.backbones import Backbone, resolve
 from recipes.memdlm.config import MemDLMConfig
 from recipes.memdlm.method.distill import distill_loss
-from recipes.memdlm.method.draws import Draws
-from recipes.memdlm.method.losses import SCHEDULE, head_loss
+from recipes.memdlm.method.losses import head_loss
 from recipes.memdlm.method.split import Split
+from recipes.memdlm.method.trajectory import SCHEDULE, Draws
 
 
 @dataclass
@@ -65,12 +65,6 @@ def make_fast_weights(model, cfg: MemDLMConfig):
 def fast_weight_dtype(backbone: Backbone) -> torch.dtype:
     """float32 fast weights under bf16 models (accurate updates), float64 for float64 models."""
     return torch.promote_types(next(backbone.module.parameters()).dtype, torch.float32)
-
-
-def init_fast_weights(mem, x0: torch.Tensor, *, per_sample: bool, generator, dtype):
-    """phi_0: A random (drawn from `generator`), B = 0; one per sample when per_sample."""
-    batch_size = x0.shape[0] if per_sample else None
-    return mem.init(batch_size=batch_size, generator=generator, device=x0.device, dtype=dtype)
 
 
 @dataclass(frozen=True)
@@ -200,22 +194,21 @@ def solve_inner(
     problem: InnerProblem,
     states: list[InnerState],
     phi0: dict[str, torch.Tensor],
-    cfg: MemDLMConfig,
+    optimizer: bl.GradientTransformation,
     *,
-    grad_sync=None,
     allow_nonfinite: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The inner loop through `bilevel.solve` in first-order mode (compile-clean).
 
-    Returns the detached adapted fast weights and solve's info dict (tensors). grad_sync: see
-    `inner_optimizer`.
+    Returns the detached adapted fast weights and solve's info dict (tensors). optimizer:
+    `inner_optimizer`'s.
     """
     with torch.enable_grad():  # the inner loop needs gradients even inside evaluation code
         phi, info = bl.solve(
             make_inner_loss(problem),
             phi0,
             None,
-            optimizer=inner_optimizer(cfg, problem.per_sample, grad_sync),
+            optimizer=optimizer,
             steps=len(states),
             mode=bl.FirstOrder(),
             data=bl.PerStep(states),
@@ -230,19 +223,16 @@ def solve_inner(
 def adapt(
     problem: InnerProblem,
     draws: Draws,
-    cfg: MemDLMConfig,
+    optimizer: bl.GradientTransformation,
     *,
     mask_id: int,
     anchor_hidden: torch.Tensor | None = None,
-    grad_sync=None,
     allow_nonfinite: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The inner half of the MemDLM step: from the step's draws to the adapted phi.
 
     Returns (detached phi, solve's info: inner losses and gradient norms per step, tensors).
-    anchor_hidden: see `inner_states`; grad_sync: see `inner_optimizer`.
+    optimizer: `inner_optimizer`'s; anchor_hidden: see `inner_states`.
     """
     states = inner_states(problem, draws, mask_id=mask_id, anchor_hidden=anchor_hidden)
-    return solve_inner(
-        problem, states, draws.phi0, cfg, grad_sync=grad_sync, allow_nonfinite=allow_nonfinite
-    )
+    return solve_inner(problem, states, draws.phi0, optimizer, allow_nonfinite=allow_nonfinite)

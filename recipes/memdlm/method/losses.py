@@ -1,4 +1,4 @@
-"""The standard masked-diffusion objective on an anchor x_t: draws, losses and the fused head.
+"""The standard masked-diffusion objective on an anchor x_t: losses and the fused head.
 
 Outer objective of both methods (memdlm-method.md section 2.1): t ~ U[eps, 1], M_t ~ Bernoulli(t)
 over the response, weight 1/t, token normalisation by the maskable count. With the reference
@@ -8,39 +8,13 @@ projected, docs/kernels.md).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 import diffusion as dd
 from recipes.memdlm.backbones import Backbone, FullForward
 from recipes.memdlm.data.batches import Batch
 from recipes.memdlm.method.split import Split, last_split
-
-SCHEDULE = dd.LinearSchedule()  # alpha(t) = 1 - t, weight 1/t (LLaDA, MemDLM)
-
-
-@dataclass
-class Anchor:
-    """The sampled noisy state x_t shared by the inner and the outer loop."""
-
-    t: torch.Tensor  # (B,) float
-    mask: torch.Tensor  # (B, L) bool, M_t
-    xt: torch.Tensor  # (B, L) long
-
-
-def sample_anchor(batch: Batch, *, mask_id: int, eps: float, generator) -> Anchor:
-    t = dd.sample_t(batch.x0.shape[0], eps=eps, antithetic=False, generator=generator)
-    t = t.to(batch.x0.device)
-    xt, mask = dd.corrupt(
-        batch.x0,
-        t,
-        mask_id=mask_id,
-        schedule=SCHEDULE,
-        maskable=batch.maskable,
-        generator=generator,
-    )
-    return Anchor(t, mask, xt)
+from recipes.memdlm.method.trajectory import SCHEDULE, Anchor
 
 
 def outer_loss(logits: torch.Tensor, batch: Batch, anchor: Anchor) -> torch.Tensor:

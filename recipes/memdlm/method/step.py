@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -39,17 +40,25 @@ import diffusion as dd
 from recipes.memdlm.backbones import Backbone, resolve
 from recipes.memdlm.config import MemDLMConfig
 from recipes.memdlm.data.batches import Batch
-from recipes.memdlm.method.draws import Draws, Generators, inner_draws
 from recipes.memdlm.method.inner import (
     InnerProblem,
     adapt,
     fast_weight_dtype,
-    init_fast_weights,
+    inner_optimizer,
     make_fast_weights,
     objective_options,
 )
-from recipes.memdlm.method.losses import SCHEDULE, Anchor, head_loss, sample_anchor, standard_loss
+from recipes.memdlm.method.losses import head_loss, standard_loss
 from recipes.memdlm.method.split import Split, split_point
+from recipes.memdlm.method.trajectory import (
+    SCHEDULE,
+    Anchor,
+    Draws,
+    Generators,
+    draw_memdlm,
+    inner_draws,
+    sample_anchor,
+)
 
 
 @dataclass
@@ -132,6 +141,7 @@ class MemDLM:
     mid: bool
     objective: dict[str, Any]
     phi_dtype: torch.dtype
+    optimizer: Any  # the inner optimizer (`inner_optimizer`), built once
     time_eps: float = 1e-3
     loss_backend: str | None = "auto"
     uniform: bool = False
@@ -143,7 +153,9 @@ class MemDLM:
         mem = make_fast_weights(backbone, cfg) if mem is None else mem
         split = split_point(backbone, mem.targets, cfg)
         objective, dtype = objective_options(backbone, cfg), fast_weight_dtype(backbone)
-        return cls(cfg, mem, mask_id, split.layer, split.mid, objective, dtype, **options)
+        optimizer = inner_optimizer(cfg, cfg.per_sample)
+        fields = (cfg, mem, mask_id, split.layer, split.mid, objective, dtype, optimizer)
+        return cls(*fields, **options)
 
     def placed(self, backbone: Backbone) -> MemDLM:
         """The method once the model is wrapped for training (FSDP2 shards in place): a sharded
@@ -162,7 +174,7 @@ class MemDLM:
         """Inference-time adaptation (memdlm-method.md 3.2): one phi per prompt, uniform
         weights, no leak-free control (there is no outer target to hide)."""
         cfg = self.cfg.model_copy(update={"per_sample": True, "leak_free": False})
-        return replace(self, cfg=cfg, uniform=True)
+        return replace(self, cfg=cfg, uniform=True, optimizer=inner_optimizer(cfg, True))
 
     def gap_due(self, step: int) -> bool:
         return step % self.cfg.gap_every == 0
@@ -171,21 +183,23 @@ class MemDLM:
         return Split(backbone, self.layer, self.mid)
 
     def draw(self, batch: Batch, generators: Generators) -> Draws:
-        """The anchor from the anchor stream, then `draw_after` from the inner stream."""
-        anchor = sample_anchor(
-            batch, mask_id=self.mask_id, eps=self.time_eps, generator=generators.anchor
-        )
-        return self.draw_after(batch, anchor, generators.inner)
+        """The anchor from the anchor stream, then the rest from the inner stream
+        (`trajectory.draw_memdlm`)."""
+        init_phi = self._phi0_of(batch)
+        eps = self.time_eps
+        return draw_memdlm(batch, generators, self.cfg, init_phi, mask_id=self.mask_id, eps=eps)
 
     def draw_after(self, batch: Batch, anchor: Anchor, generator) -> Draws:
-        """The draws after a given anchor (`draws.inner_draws`): evaluation's fixed anchors."""
+        """The draws after a given anchor (`trajectory.inner_draws`), from `generator`: the
+        same draws as `draw`'s after its anchor (evaluation's fixed anchors, prompts)."""
+        return inner_draws(batch, anchor, self.cfg, generator, self._phi0_of(batch))
 
-        def init_phi(gen):
-            return init_fast_weights(
-                self.mem, batch.x0, per_sample=self.per_sample, generator=gen, dtype=self.phi_dtype
-            )
-
-        return inner_draws(batch, anchor, self.cfg, generator, init_phi)
+    def _phi0_of(self, batch: Batch):
+        """phi_0's draw (`init_phi(generator=...)`): A random, B = 0; one per row when
+        per_sample; float32 at least (accurate updates under bf16), float64 for float64."""
+        rows = batch.x0.shape[0] if self.per_sample else None
+        device, dtype = batch.x0.device, self.phi_dtype
+        return partial(self.mem.init, batch_size=rows, device=device, dtype=dtype)
 
     def problem(self, backbone: Backbone, batch: Batch) -> InnerProblem:
         return InnerProblem(
@@ -196,10 +210,14 @@ class MemDLM:
     def inner(
         self, backbone, draws: Draws, *, anchor_hidden=None, grad_sync=None, allow_nonfinite=False
     ):
-        """The inner half: (detached adapted phi, inner info) from the step's draws."""
+        """The inner half: (detached adapted phi, inner info) from the step's draws. grad_sync:
+        the all-reduce of shared fast-weight gradients across ranks (`inner_optimizer`)."""
+        optimizer = self.optimizer
+        if grad_sync is not None:
+            optimizer = inner_optimizer(self.cfg, self.per_sample, grad_sync)
         return adapt(
-            self.problem(backbone, draws.batch), draws, self.cfg, mask_id=self.mask_id,
-            anchor_hidden=anchor_hidden, grad_sync=grad_sync, allow_nonfinite=allow_nonfinite,
+            self.problem(backbone, draws.batch), draws, optimizer, mask_id=self.mask_id,
+            anchor_hidden=anchor_hidden, allow_nonfinite=allow_nonfinite,
         )  # fmt: skip
 
     def loss(self, backbone: Backbone, draws: Draws, *, log_gap=False, share=1.0, grad_sync=None):

@@ -21,8 +21,8 @@ from recipes.memdlm.backbones import adapter
 from recipes.memdlm.config import MemDLMConfig
 from recipes.memdlm.data.batches import Batch, Encoded, collate
 from recipes.memdlm.loop.schedule import cosine_with_warmup
-from recipes.memdlm.method import draws as method_draws
 from recipes.memdlm.method import inner as method_inner
+from recipes.memdlm.method import trajectory as traj
 
 MASK_ID, VOCAB = 13, 14
 
@@ -114,7 +114,7 @@ def reference_step(model, batch, anchor, pre_mask, phi0, cfg: MemDLMConfig, name
 def test_memdlm_step_equals_reference_pseudocode(cfg, monkeypatch):
     model = tiny_model()
     batch, anchor, pre_mask = fixed_batch()
-    monkeypatch.setattr(method_draws, "trajectory_masks", lambda *args: [pre_mask, anchor.mask])
+    monkeypatch.setattr(traj, "trajectory_masks", lambda *args: [pre_mask, anchor.mask])
     mem = method.make_fast_weights(model, cfg)
     assert mem.targets == (
         "layers.1.mlp.gate_proj",
@@ -146,7 +146,7 @@ def test_inner_loop_is_first_order_and_leaves_no_fast_weight_gradient(monkeypatc
     cfg = MemDLMConfig(rank=4, alpha=8.0, inner_lr=0.5)
     model = tiny_model()
     batch, anchor, pre_mask = fixed_batch()
-    monkeypatch.setattr(method_draws, "trajectory_masks", lambda *args: [pre_mask, anchor.mask])
+    monkeypatch.setattr(traj, "trajectory_masks", lambda *args: [pre_mask, anchor.mask])
     mem = method.make_fast_weights(model, cfg)
     captured = {}
     real_solve = method.solve_inner
