@@ -33,7 +33,6 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -232,9 +231,9 @@ def _inner_metrics(info, *, per_sample: bool, sync: InnerSync | None, ctx: Conte
     return packed.view(3, -1).unbind(0)
 
 
-def reduce_metrics(step, loss, parts, per_sample, sync, ctx: Context) -> dict[str, Any]:
-    """The step's record: loss (and the fast-weights-off loss) summed over ranks, inner metrics;
-    read back from the device in one `.tolist()`."""
+def reduce_metrics(step, loss, parts, per_sample, sync, ctx: Context, grad_norm: torch.Tensor):
+    """The step's record (loss and the fast-weights-off loss summed over ranks, inner metrics)
+    and the global gradient norm as a float: read back from the device in one `.tolist()`."""
     values = [loss.detach().double().reshape(1)]
     if parts.loss_off is not None:
         values.append(parts.loss_off.detach().double().reshape(1))
@@ -245,19 +244,22 @@ def reduce_metrics(step, loss, parts, per_sample, sync, ctx: Context) -> dict[st
         inner = _inner_metrics(parts.info, per_sample=per_sample, sync=sync, ctx=ctx)
         steps = len(inner[0])
         packed = torch.cat([packed, *inner])
+    packed = torch.cat([packed, grad_norm.detach().double().reshape(1).to(packed.device)])
     flat = packed.tolist()
+    norm = flat.pop()
     off = flat[1] if parts.loss_off is not None else None
     inner = flat[len(flat) - 3 * steps :] if steps else []
     lists = inner[:steps], inner[steps : 2 * steps], inner[2 * steps :]
-    return {"step": step, **step_record(flat[0], off, *lists)}
+    return {"step": step, **step_record(flat[0], off, *lists)}, norm
 
 
-def clip(model: nn.Module, max_norm: float) -> float:
-    """Global gradient-norm clip; under FSDP the norm is a DTensor over all shards."""
+def clip(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Global gradient-norm clip; under FSDP the norm is a DTensor over all shards. Returns the
+    norm before clipping (a tensor; no read back here)."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     if hasattr(norm, "full_tensor"):
         norm = norm.full_tensor()
-    return float(norm)
+    return norm
 
 
 def broadcast(value):

@@ -147,14 +147,17 @@ def run_steps(method, backbone, state: PhaseState, sync_inner: bool, log, report
                 started = time.perf_counter()
                 batch = state.sampler.next().to(ctx.device)
                 draws = method.draw(batch, state.generators)
-                local = draws.rows(rows, per_sample=method.per_sample)
+                local = draws.rows(rows)
                 sync = InnerSync.of(local, draws) if sync_inner else None
                 options = {"log_gap": method.gap_due(step), "share": share_of(local, draws, ctx)}
                 options["grad_sync"] = None if sync is None else sync.transform()
                 with autocast_for(ctx.device):
                     loss, parts = state.run(partial(method.loss, backbone, local, **options))
-                record = reduce_metrics(step, loss, parts, method.per_sample, sync, ctx)
-                updated = update(record, state.backward(loss), state.optimizer, state.scheduler)
+                grad_norm = state.backward(loss)  # NaN for a non-finite loss: a skip
+                record, norm = reduce_metrics(
+                    step, loss, parts, method.per_sample, sync, ctx, grad_norm
+                )
+                updated = update(record, norm, state.optimizer, state.scheduler)
                 elapsed = time.perf_counter() - started
                 counters.count(record, updated, elapsed)
                 record.update(seconds=elapsed, tokens=int(batch.x0.numel()))
@@ -220,14 +223,12 @@ class PhaseState:
             return compute()
         return self.runner(lambda model: compute())
 
-    def backward(self, loss: torch.Tensor):
-        """The step's backward pass and global gradient clip; returns the gradient norm."""
-
-        def run() -> float:
-            (loss * self.ctx.world_size).backward()  # undo the mean over ranks of DDP / FSDP
-            return clip(self.model, self.phase.grad_clip)
-
-        return run
+    def backward(self, loss: torch.Tensor) -> torch.Tensor:
+        """The step's backward pass and global gradient clip; returns the gradient norm (a
+        tensor: read back with the step's record). A non-finite loss gives non-finite
+        gradients, so the step is skipped (`update`)."""
+        (loss * self.ctx.world_size).backward()  # undo the mean over ranks of DDP / FSDP
+        return clip(self.model, self.phase.grad_clip)
 
     def checkpoint_after(self, step: int) -> None:
         """Stop after `phase.max_nonfinite_in_row` skips in a row (checkpointed first), and

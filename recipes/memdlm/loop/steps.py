@@ -158,10 +158,11 @@ def restore(state, optimizer, scheduler, sampler, generators, counters) -> None:
         setattr(counters, name, value)
 
 
-def update(record, backward, optimizer, scheduler) -> bool:
-    """The optimizer step of a finite step (`backward` returns the gradient norm), else a skip;
-    the schedule advances either way. Writes skipped, lr and grad_norm into `record`."""
-    grad_norm = backward() if math.isfinite(record["loss"]) else math.nan
+def update(record, grad_norm: float, optimizer, scheduler) -> bool:
+    """The optimizer step of a step whose loss and gradient norm are finite, else a skip; the
+    schedule advances either way. Writes skipped, lr and grad_norm into `record`."""
+    if not math.isfinite(record["loss"]):
+        grad_norm = math.nan  # the backward pass ran on a non-finite loss: nothing to report
     updated = math.isfinite(grad_norm)
     if updated:
         optimizer.step()

@@ -66,8 +66,9 @@ class Draws:
     MemDLM: per inner step its input mask, loss mask, look-ahead mask (`teacher_masks`; None =
     the clean x0) and the t of its 1/t weight (B,) float64; `anchor_index`, the inner step
     whose input is the anchor x_t itself (its early hidden states are the outer pass's), or
-    None; phi_0; the leak-free control's outer positions O (None unless `leak_free`).
-    Standard with more than one anchor per batch (the compute-matched control): the extras.
+    None; phi_0 (`per_sample`: one per row); the leak-free control's outer positions O (None
+    unless `leak_free`). Standard with more than one anchor per batch (the compute-matched
+    control): the extras.
     """
 
     batch: Batch
@@ -78,10 +79,11 @@ class Draws:
     times: list[torch.Tensor] = field(default_factory=list)
     anchor_index: int | None = None
     phi0: dict[str, torch.Tensor] | None = None
+    per_sample: bool = False
     outer: torch.Tensor | None = None
     extra_anchors: list[Anchor] = field(default_factory=list)
 
-    def rows(self, rows: slice, *, per_sample: bool) -> Draws:
+    def rows(self, rows: slice) -> Draws:
         """The rows that belong to one rank; a shared phi_0 (no batch dim) is every rank's."""
 
         def of(tensor):
@@ -91,7 +93,7 @@ class Draws:
             return Anchor(a.t[rows], a.mask[rows], a.xt[rows])
 
         b, phi0 = self.batch, self.phi0
-        if phi0 is not None and per_sample:
+        if phi0 is not None and self.per_sample:
             phi0 = {k: v[rows] for k, v in phi0.items()}
         return replace(
             self,
@@ -136,7 +138,9 @@ def inner_draws(batch: Batch, anchor: Anchor, cfg: MemDLMConfig, generator, init
     # (leak-free too: O lies inside M_t); pre_only and progressive_memory never reach it.
     tied = cfg.strategy not in ("pre_only", "progressive_memory")
     index = len(inputs) - 1 if tied else None
-    return Draws(batch, anchor, inputs, targets, teachers, times, index, phi0, outer)
+    steps = {"inputs": inputs, "targets": targets, "teachers": teachers, "times": times}
+    return Draws(batch, anchor, **steps, anchor_index=index, phi0=phi0,
+                 per_sample=cfg.per_sample, outer=outer)  # fmt: skip
 
 
 def realised_ratio(mask: torch.Tensor, maskable: torch.Tensor) -> torch.Tensor:
