@@ -138,7 +138,7 @@ def run_steps(method, backbone, state: PhaseState, sync_inner: bool, log, report
     or gradient norm skips the update (`phase.max_nonfinite_in_row` in a row: TrainingError);
     Ctrl-C finishes the step, checkpoints and raises Interrupted."""
     phase, ctx, counters = state.phase, state.ctx, state.counters
-    rows = ctx.rows(phase.batch_size)
+    rows, precision = ctx.rows(phase.batch_size), autocast_for(ctx.device)  # chosen once
     task = reporter.start(label, total=phase.steps)
     reporter.advance(task, counters.step)
     try:
@@ -151,7 +151,7 @@ def run_steps(method, backbone, state: PhaseState, sync_inner: bool, log, report
                 sync = InnerSync.of(local, draws) if sync_inner else None
                 options = {"log_gap": method.gap_due(step), "share": share_of(local, draws, ctx)}
                 options["grad_sync"] = None if sync is None else sync.transform()
-                with autocast_for(ctx.device):
+                with precision:
                     loss, parts = state.run(partial(method.loss, backbone, local, **options))
                 grad_norm = state.backward(loss)  # NaN for a non-finite loss: a skip
                 record, norm = reduce_metrics(
