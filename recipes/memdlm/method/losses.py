@@ -93,9 +93,15 @@ def tail_on_rows(split: Split, mask: torch.Tensor, *, per_sample: bool):
         return split.row_features
     if torch.compiler.is_compiling():
         return None
-    samples = mask.nonzero(as_tuple=True)[0]
-    slots = (mask.long().cumsum(1) - 1)[mask]
-    width = max(1, int(mask.sum(1).max()))
+    # One read-back (the rows per sample); the rest is index arithmetic on the device, in the
+    # row-major order of the scored rows (sample by sample, positions ascending).
+    counts = mask.sum(1)
+    per_row = counts.tolist()
+    total, width = sum(per_row), max([1, *per_row])
+    samples = torch.repeat_interleave(torch.arange(len(per_row), device=mask.device), counts,
+                                      output_size=total)  # fmt: skip
+    starts = torch.repeat_interleave(counts.cumsum(0) - counts, counts, output_size=total)
+    slots = torch.arange(total, device=mask.device) - starts
 
     def packed_features(rows: torch.Tensor) -> torch.Tensor:
         packed = rows.new_zeros(mask.shape[0], width, rows.shape[-1])
