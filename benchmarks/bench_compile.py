@@ -8,7 +8,7 @@ round robin in one process (median process time per step, 1 thread on CPU):
                                   masked rows' cross-entropy (the code before issue 7);
     standard / memdlm, fused      eager, `loss_backend="auto"` (the default): only the masked
                                   rows are projected (`dd.masked_diffusion_loss_from_hidden`);
-    standard / memdlm, compiled   `method.compile_steps()` (inductor), fused loss; the first
+    standard / memdlm, compiled   `Standard/MemDLM.compiled()` (inductor), fused loss; the first
                                   step compiles, and its time is reported apart.
 
 Ratios are to the eager logits step of the same method.
@@ -32,6 +32,7 @@ import time
 import torch
 
 from recipes.memdlm import method
+from recipes.memdlm.backbones import adapter
 from recipes.memdlm.build import new_model
 from recipes.memdlm.config import build_config
 from recipes.memdlm.data.batches import BatchSampler
@@ -54,38 +55,40 @@ def make_setup(device: str = "cpu", preset: str = "cpu-tiny", batch_size: int = 
 def step_functions(cfg, data, model, batch, anchor) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
     mask_id = data.tokenizer.mask_id
-    mem = method.make_fast_weights(model, cfg.memdlm)
-    compiled = method.compile_steps()
+    backbone = adapter(model)
+    mem = method.make_fast_weights(backbone, cfg.memdlm)
     device = batch.x0.device
 
-    def update(loss):
+    def update(loss, parts):
+        method.record_of(loss, parts)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    def standard(**options):
-        return lambda: update(method.standard_step(model, batch, anchor, **options).loss)
+    def standard(compiled=False, **options):
+        step = method.Standard(mask_id, **options)
+        step = step.compiled() if compiled else step
+        return lambda: update(*step.loss(backbone, method.Draws(batch, anchor)))
 
-    def memdlm(**options):
+    def memdlm(compiled=False, **options):
         generator = torch.Generator(device=device).manual_seed(1)
+        step = method.MemDLM.on(backbone, cfg.memdlm, mask_id=mask_id, mem=mem, **options)
+        step = step.compiled() if compiled else step
 
         def fn():
-            out = method.memdlm_step(
-                model, mem, batch, anchor, cfg.memdlm, mask_id=mask_id, generator=generator,
-                log_gap=True, **options,
-            )  # fmt: skip
-            update(out.loss)
+            draws = step.draw_after(batch, anchor, generator)
+            update(*step.loss(backbone, draws, log_gap=True))
 
         return fn
 
     return {
         "standard, logits": standard(loss_backend=None),
         "standard, fused": standard(),
-        "standard, compiled": standard(compiled=compiled),
+        "standard, compiled": standard(compiled=True),
         "memdlm, logits": memdlm(loss_backend=None),
         "memdlm, fused": memdlm(),
-        "memdlm, compiled": memdlm(compiled=compiled),
+        "memdlm, compiled": memdlm(compiled=True),
     }
 
 

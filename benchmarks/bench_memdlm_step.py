@@ -25,6 +25,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch
 
 from recipes.memdlm import method
+from recipes.memdlm.backbones import adapter
 from recipes.memdlm.build import new_model
 from recipes.memdlm.config import build_config
 from recipes.memdlm.data.batches import BatchSampler
@@ -48,36 +49,27 @@ def make_setup(preset: str = "cpu-tiny", batch_size: int = 32, n_layers: int | N
 def step_functions(cfg, data, model, batch, anchor):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
     mask_id = data.tokenizer.mask_id
-    mems = {}
+    backbone = adapter(model)  # resolved once, as `train_phase` does
 
-    def run(loss):
+    def run(loss, parts):
+        method.record_of(loss, parts)  # the step record, as the training loop reads it back
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    standard_method = method.Standard(mask_id)
+
     def standard():
-        run(method.standard_step(model, batch, anchor).loss)
+        run(*standard_method.loss(backbone, method.Draws(batch, anchor)))
 
     def memdlm(memcfg, log_gap):
-        if id(memcfg) not in mems:
-            mems[id(memcfg)] = method.make_fast_weights(model, memcfg)
-        mem = mems[id(memcfg)]
+        memdlm_method = method.MemDLM.on(backbone, memcfg, mask_id=mask_id)
         generator = torch.Generator().manual_seed(1)
 
         def fn():
-            run(
-                method.memdlm_step(
-                    model,
-                    mem,
-                    batch,
-                    anchor,
-                    memcfg,
-                    mask_id=mask_id,
-                    generator=generator,
-                    log_gap=log_gap,
-                ).loss
-            )
+            draws = memdlm_method.draw_after(batch, anchor, generator)
+            run(*memdlm_method.loss(backbone, draws, log_gap=log_gap))
 
         return fn
 
@@ -127,7 +119,8 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
         f"threads {torch.get_num_threads()}, batch {tuple(batch.x0.shape)}, "
-        f"preset {args.preset}, fast layers from {method.first_fast_layer(model, cfg.memdlm)}"
+        f"preset {args.preset}, fast layers from "
+        f"{method.first_fast_layer(adapter(model), cfg.memdlm)}"
         f" of {len(model.layers)}, glibc thresholds {'pinned' if pinned else 'default'}"
     )
     print(f"{'step':32s} {'median ms':>10s} {'ratio':>7s} {'IQR of ratio':>14s} {'faults':>8s}")

@@ -31,7 +31,7 @@ except ImportError:  # the optional extra 'hf'
     transformers = None
 
 from recipes.memdlm import method
-from recipes.memdlm.backbones import hf
+from recipes.memdlm.backbones import adapter, hf
 from recipes.memdlm.config import MemDLMConfig
 from recipes.memdlm.data.batches import Batch
 
@@ -88,25 +88,28 @@ def step_functions():
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
     batch, anchor = batch_and_anchor()
 
-    def run(loss):
+    def run(loss, parts):
+        method.record_of(loss, parts)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+    backbone = adapter(model)
+    memdlm_method = method.MemDLM.on(backbone, cfg, mask_id=1, mem=mem)
+    standard_method = method.Standard(1)
 
     def memdlm(split: bool):
         def fn():
             model.split = split
             generator = torch.Generator().manual_seed(1)
-            out = method.memdlm_step(
-                model, mem, batch, anchor, cfg, mask_id=1, generator=generator, log_gap=False
-            )
-            run(out.loss)
+            draws = memdlm_method.draw_after(batch, anchor, generator)
+            run(*memdlm_method.loss(backbone, draws))
 
         return fn
 
     def standard():
         model.split = True
-        run(method.standard_step(model, batch, anchor).loss)
+        run(*standard_method.loss(backbone, method.Draws(batch, anchor)))
 
     return {"standard": standard, "memdlm split": memdlm(True), "memdlm full": memdlm(False)}
 

@@ -37,6 +37,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from recipes.memdlm import method
+from recipes.memdlm.backbones import adapter
 from recipes.memdlm.build import new_model
 from recipes.memdlm.config import build_config
 from recipes.memdlm.data.batches import BatchSampler
@@ -119,7 +120,6 @@ def instrument(timer: PhaseTimer, model, mem, monkey: list):
     method_inner.make_inner_loss = make_inner_loss
     patch(model, "hidden_states", "early layers")
     patch(method_inner, "solve_inner", "inner backward + update")
-    patch(method_step, "solve_inner", "inner backward + update")
     patch(method_inner, "head_loss", head_label)
     patch(method_step, "head_loss", head_label)
     patch(method_step, "step_record", "diagnostics")
@@ -146,8 +146,14 @@ def setup(overrides: dict):
 
 def run_steps(cfg, data, model, sampler, steps: int, *, timer=None, memdlm=True):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    mem = method.make_fast_weights(model, cfg.memdlm) if memdlm else None
-    generator = torch.Generator().manual_seed(0)
+    backbone = adapter(model)
+    mask_id = data.tokenizer.mask_id
+    if memdlm:
+        step = method.MemDLM.on(backbone, cfg.memdlm, mask_id=mask_id)
+    else:
+        step = method.Standard(mask_id)
+    mem = step.mem if memdlm else None
+    generators = method.Generators(torch.Generator().manual_seed(0), torch.Generator())
     monkey: list = []
     timer = timer or PhaseTimer()
     if memdlm:
@@ -158,19 +164,16 @@ def run_steps(cfg, data, model, sampler, steps: int, *, timer=None, memdlm=True)
             batch = sampler.next()
             start = time.process_time()
             with timer.phase("other"):
-                anchor = method.sample_anchor(
-                    batch, mask_id=data.tokenizer.mask_id, eps=1e-3, generator=generator
-                )
+                draws = step.draw(batch, generators)
                 if memdlm:
-                    out = method.memdlm_step(
-                        model, mem, batch, anchor, cfg.memdlm, mask_id=data.tokenizer.mask_id,
-                        generator=generator, log_gap=True,
-                    )  # fmt: skip
+                    loss, parts = step.loss(backbone, draws, log_gap=True)
+                    method.record_of(loss, parts)
                 else:
                     with timer.phase("forward"):
-                        out = method.standard_step(model, batch, anchor)
+                        loss, parts = step.loss(backbone, draws)
+                        method.record_of(loss, parts)
                 with timer.phase("outer backward" if memdlm else "backward"):
-                    out.loss.backward()
+                    loss.backward()
                 with timer.phase("optimizer"):
                     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                     optimizer.step()

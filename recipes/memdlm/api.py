@@ -95,8 +95,10 @@ def adapt_prompt(
     if bool((prompt_ids == mask_id).any()):
         raise ValueError(f"prompt_ids contains the mask id {mask_id}")
     cfg = memdlm_config(config)
+    if not callable(model):
+        raise TypeError(f"model must be callable (tokens -> logits), got {type(model).__name__}")
     return adapt_to_prompt(
-        _denoiser(model),
+        adapter(model),
         fast_weights,
         prompt_ids,
         cfg,

@@ -21,9 +21,10 @@ import time
 import torch
 
 import diffusion as dd
+from recipes.memdlm.backbones import adapter
 from recipes.memdlm.data.batches import BatchSampler, collate, encode
 from recipes.memdlm.data.tasks import ByteTokenizer, DataError, make_split
-from recipes.memdlm.method.losses import sample_anchor, standard_loss
+from recipes.memdlm.method import sample_anchor, standard_loss
 
 TOK = ByteTokenizer()
 
@@ -87,7 +88,7 @@ def main(args: dict) -> None:
                 group["lr"] = lr_at(step)
             batch = sampler.next()
             anchor = sample_anchor(batch, mask_id=TOK.mask_id, eps=1e-3, generator=generator)
-            loss = standard_loss(model, batch, anchor, None)
+            loss = standard_loss(adapter(model), batch, anchor, None)
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -9,8 +9,6 @@ plus its test.
 
 from __future__ import annotations
 
-import torch
-
 import diffusion as dd
 from recipes.memdlm.backbones.base import Backbone, describe_line
 from recipes.memdlm.backbones.generic import FullForward, GenericBackbone
@@ -19,18 +17,19 @@ from recipes.memdlm.backbones.reference import ReferenceBackbone
 
 def adapter(model) -> Backbone:
     """The `Backbone` of `model`: the reference Transformer, a wrapped Hugging Face model
-    (`hf.HFDenoiser`), or any tokens -> logits module (a full forward). Built once per model
-    and kept on it (the Backbone holds no state of its own but the module)."""
-    found = getattr(model, BACKBONE_ATTRIBUTE, None)
-    if found is not None:
-        return found
-    backbone = _make_backbone(model)
-    if isinstance(model, torch.nn.Module):
-        object.__setattr__(model, BACKBONE_ATTRIBUTE, backbone)  # not a submodule
-    return backbone
+    (`hf.HFDenoiser`), or any tokens -> logits module (a full forward). Resolve it once, where
+    the model is built or enters (a training phase, an evaluation, the API), and pass it on:
+    nothing is kept on the module."""
+    return _make_backbone(model)
 
 
-BACKBONE_ATTRIBUTE = "_memdlm_backbone"
+def resolve(model_or_backbone) -> Backbone:
+    """`model_or_backbone` itself when it is a `Backbone` already, else `adapter(model)`: for the
+    public entry points that take either."""
+    from recipes.memdlm.backbones.hf import HFBackbone
+
+    known = (ReferenceBackbone, GenericBackbone, HFBackbone)
+    return model_or_backbone if isinstance(model_or_backbone, known) else adapter(model_or_backbone)
 
 
 def _make_backbone(model) -> Backbone:
@@ -49,4 +48,4 @@ def split_forward(model):
     return FullForward(model) if isinstance(adapter(model), GenericBackbone) else model
 
 
-__all__ = ["Backbone", "FullForward", "adapter", "describe_line", "split_forward"]
+__all__ = ["Backbone", "FullForward", "adapter", "describe_line", "resolve", "split_forward"]

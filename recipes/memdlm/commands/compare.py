@@ -98,14 +98,13 @@ def obtain_base(
     sampler = pretrain_sampler(cfg, data)
     result = train_phase(
         model,
-        method="standard",
+        phase_options(cfg, data, "standard"),
         phase=cfg.pretrain,
         sampler=sampler,
         seed=cfg.seed,
         folder=folder,
         log=log,
         reporter=reporter,
-        **phase_options(cfg, data),
     )
     if cached is not None and (pretrain or not cached.is_file()):  # --pretrain refreshes it
         cached.parent.mkdir(parents=True, exist_ok=True)

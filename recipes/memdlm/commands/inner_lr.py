@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from rich.table import Table
 
+from recipes.memdlm.backbones import adapter
 from recipes.memdlm.build import resolve_device
 from recipes.memdlm.commands.compare import fresh_base, obtain_base
 from recipes.memdlm.commands.folders import (
@@ -32,34 +33,26 @@ from recipes.memdlm.data.prepare import prepare_data
 from recipes.memdlm.eval.metrics import EVAL_SEED
 from recipes.memdlm.loop import checkpoint as ckpt
 from recipes.memdlm.loop.progress import Reporter
-from recipes.memdlm.method import make_fast_weights, memdlm_step, sample_anchor
+from recipes.memdlm.method import MemDLM, record_of, sample_anchor
 
 
 def probe_gaps(
     model, batches, anchors, cfg, *, mask_id: int, loss_backend: str | None = "auto"
 ) -> dict[str, float]:
     """Mean same-batch gap and inner gradient norm of one inner-loop configuration."""
-    mem = make_fast_weights(model, cfg)
+    backbone = adapter(model)
+    method = MemDLM.on(backbone, cfg, mask_id=mask_id, loss_backend=loss_backend)
     generator = torch.Generator(device=batches[0].x0.device).manual_seed(EVAL_SEED + 4)
     gaps, norms = [], []
     try:
         for batch, anchor in zip(batches, anchors):
+            draws = method.draw_after(batch, anchor, generator)
             with torch.no_grad():
-                out = memdlm_step(
-                    model,
-                    mem,
-                    batch,
-                    anchor,
-                    cfg,
-                    mask_id=mask_id,
-                    generator=generator,
-                    log_gap=True,
-                    loss_backend=loss_backend,
-                )
-            gaps.append(out.metrics["gap"])
-            norms.append(max(v for k, v in out.metrics.items() if k.startswith("inner_grad_norm")))
+                metrics = record_of(*method.loss(backbone, draws, log_gap=True))
+            gaps.append(metrics["gap"])
+            norms.append(max(v for k, v in metrics.items() if k.startswith("inner_grad_norm")))
     finally:
-        mem.remove()
+        method.close()
     return {
         "gap": statistics.fmean(gaps),
         "gap_sd": statistics.pstdev(gaps),

@@ -58,22 +58,23 @@ def fine_tune(
     reporter.note(plan.describe())
     sampler = sampler_for(cfg.train, plan, data.train, seed=seed, eos_id=data.tokenizer.eos_id)
     log = phase_log(folder, folder, cfg.train, "train", run, seed)
-    settings = phase_options(cfg, data)
-    if ctx is not None:
-        settings.update(ctx=ctx, sync_inner=cfg.distributed.sync_inner)
+    anchors = cfg.standard_anchors() if method == "standard" else 1
+    sync = ctx is not None and cfg.distributed.sync_inner
+    settings = phase_options(cfg, data, method, anchors=anchors, sync_inner=sync)
+    evaluate = None
     if plan.eval_every is not None:
-        settings["evaluate"] = PeriodicEval(plan.eval_every, held_out_metrics(cfg, data, method))
+        evaluate = PeriodicEval(plan.eval_every, held_out_metrics(cfg, data, method))
     return train_phase(
         model,
-        method=method,
+        settings,
         phase=resolved(cfg.train, plan),
+        evaluate=evaluate,
         sampler=sampler,
         seed=seed,
         folder=folder,
         log=log,
         reporter=reporter,
-        anchors=cfg.standard_anchors() if method == "standard" else 1,
-        **settings,
+        ctx=ctx,
     )
 
 

@@ -4,9 +4,11 @@ Every model is scored on the same held-out examples with the same precomputed an
 differences between methods are paired, not noise from different masks.
 
 - "off": fast weights off, the base model theta alone (MemDLM "Train-Only"; Standard).
-- "adapted": after the training-time inner loop on the example's own answer tokens. This is what
-  the paper plots; it flatters MemDLM (the inner loop sees the targets).
-- "prompt": after inference-time adaptation on the prompt alone ("Train & Inference").
+- "adapted" (`eval_loss_answer_adapted`): after the training step's inner half on the example's
+  own answer tokens (the same draws and inner loop as training). This is what the paper plots;
+  it flatters MemDLM (the inner loop sees the targets).
+- "prompt" (`eval_loss_adapted`): after inference-time adaptation on the prompt alone
+  ("Train & Inference").
 """
 
 from __future__ import annotations
@@ -20,16 +22,11 @@ from dataclasses import dataclass
 import torch
 
 from recipes.memdlm import api
+from recipes.memdlm.backbones import adapter
 from recipes.memdlm.config import MemDLMConfig
 from recipes.memdlm.data.batches import Batch, Encoded, collate, fixed_batches
 from recipes.memdlm.data.tasks import ByteTokenizer, Example
-from recipes.memdlm.method import (
-    Anchor,
-    adapt_on_trajectory,
-    adapt_to_prompt,
-    sample_anchor,
-    standard_loss,
-)
+from recipes.memdlm.method import Anchor, MemDLM, adapt_to_prompt, sample_anchor, standard_loss
 
 EVAL_SEED = 20260325  # fixed: every run and method sees the same anchors and adaptation masks
 
@@ -87,49 +84,51 @@ def eval_loss(
 ):
     """Mean outer loss over the held-out set, weighted by maskable tokens per batch.
 
-    loss_backend: the fused loss from hidden states (`method.standard_loss`), None for logits.
+    mode: "off" (fast weights off), "adapted" (`eval_loss_answer_adapted`: the training step's
+    inner half on the batch's own answer, `_gold_adaptation`) or "prompt" (`eval_loss_adapted`:
+    prompt-only adaptation, as at inference). loss_backend: the fused loss from hidden states
+    (`method.standard_loss`), None for logits.
     """
     if mode != "off" and (mem is None or cfg is None):
         raise ValueError(f"mode {mode!r} needs fast weights and their config")
+    backbone = adapter(model)
+    memdlm = None
+    if mode == "adapted":
+        memdlm = MemDLM.on(backbone, cfg, mask_id=mask_id, mem=mem, loss_backend=loss_backend)
     generator = torch.Generator(device=loss_set.batches[0].x0.device).manual_seed(EVAL_SEED + 1)
     values, weights = [], []
     model.eval()
     for batch, anchor in zip(loss_set.batches, loss_set.anchors):
         phi = None
         if mode == "adapted":
-            phi = _gold_adaptation(model, mem, batch, anchor, cfg, mask_id, generator, loss_backend)
+            phi = _gold_adaptation(memdlm, backbone, batch, anchor, generator)
         elif mode == "prompt":
-            phi = _prompt_adaptation(model, mem, batch, cfg, mask_id, generator, loss_backend)
+            phi = _prompt_adaptation(backbone, mem, batch, cfg, mask_id, generator, loss_backend)
+        per_sample = mode == "prompt" or (mode == "adapted" and cfg.per_sample)
         with torch.no_grad(), mem.bind(phi) if phi is not None else nullcontext():
-            values.append(standard_loss(model, batch, anchor, loss_backend).item())
+            loss = standard_loss(backbone, batch, anchor, loss_backend, per_sample=per_sample)
+            values.append(loss.item())
         weights.append(int(batch.maskable.sum()))
     return _weighted_mean(values, weights)
 
 
-def _gold_adaptation(model, mem, batch, anchor, cfg: MemDLMConfig, mask_id, generator, backend):
-    """The training-time inner loop on the example's own answer (memdlm-method.md 2.2)."""
-    return adapt_on_trajectory(
-        model,
-        mem,
-        batch.x0,
-        batch.maskable,
-        anchor.mask,
-        cfg,
-        mask_id=mask_id,
-        generator=generator,
-        per_sample=cfg.per_sample,
-        loss_backend=backend,
-    ).phi
+def _gold_adaptation(memdlm: MemDLM, backbone, batch: Batch, anchor: Anchor, generator):
+    """The training step's inner half on the example's own answer (memdlm-method.md 2.2): the
+    step's draws after the fixed anchor (`MemDLM.draw_after`), then `MemDLM.inner`, so that
+    phi is the one training computes from the same draws, for every variant."""
+    draws = memdlm.draw_after(batch, anchor, generator)
+    phi, _ = memdlm.inner(backbone, draws)
+    return phi
 
 
-def _prompt_adaptation(model, mem, batch: Batch, cfg, mask_id, generator, backend):
+def _prompt_adaptation(backbone, mem, batch: Batch, cfg, mask_id, generator, backend):
     """Prompt-only adaptation; rows of a batch share one prompt length (equal-length cells)."""
     prompt_len = int(batch.prompt_lengths[0])
     if not bool((batch.prompt_lengths == prompt_len).all()):
         raise ValueError("prompt adaptation needs rows of equal prompt length")
     prompt = batch.x0[:, :prompt_len]
     return adapt_to_prompt(
-        model, mem, prompt, cfg, mask_id=mask_id, generator=generator, loss_backend=backend
+        backbone, mem, prompt, cfg, mask_id=mask_id, generator=generator, loss_backend=backend
     )
 
 

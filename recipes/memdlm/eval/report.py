@@ -101,10 +101,7 @@ def per_seed_record(seed: int, result, evaluation: dict[str, Any]) -> dict[str, 
             exposure_bias_adapted=evaluation["exposure_bias_adapted"],
             train_loss_off_final=result.extra.get("loss_off", math.nan),
             gap_final=result.extra.get("gap", math.nan),
-            inner_grad_norm_final=max(
-                result.extra.get("inner_grad_norm_1", math.nan),
-                result.extra.get("inner_grad_norm_2", math.nan),
-            ),
+            inner_grad_norm_final=result.extra.get("inner_grad_norm_final", math.nan),
         )
     return record
 

@@ -53,6 +53,9 @@ def evaluate_model(
         mem = make_fast_weights(model, cfg.memdlm)
         try:
             fast = {"mem": mem, "cfg": cfg.memdlm}
+            # Two adaptations: "answer_adapted" runs the training step's inner half on the
+            # answer itself (what the paper plots; it sees the targets), "adapted" adapts to
+            # the prompt alone (what inference can do, "Train & Inference").
             result["eval_loss_answer_adapted"] = eval_loss(
                 model, loss_set, mode="adapted", mask_id=tok.mask_id, **fast, **backend
             )

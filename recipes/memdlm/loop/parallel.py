@@ -32,8 +32,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -130,41 +129,54 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-# --------------------------------------------------------------------------- global draws
-
-
 # --------------------------------------------------------------------------- inner sync
 
 
-def inner_grad_sync(shares: list[float], record: list[torch.Tensor] | None = None):
-    """A `bilevel` transform that all-reduces SHARED fast-weight gradients across ranks.
+@dataclass
+class InnerSync:
+    """The all-reduce of SHARED fast-weight gradients across ranks for one step.
 
     shares[k]: this rank's fraction of inner step k's loss-masked tokens, n_r^k / N^k. Each rank's
     inner loss is the mean over its own masked tokens, so sum_r shares_r^k * grad_r^k is the
     gradient of the mean over the global batch: every rank then clips and steps identically and
-    holds the single-process phi. One flat all-reduce per inner step. record: if given, receives
-    the global norm of each synchronised (raw, unclipped) gradient.
+    holds the single-process phi. One flat all-reduce per inner step. norms: receives the
+    global norm of each synchronised (raw, unclipped) gradient.
     """
 
-    def init(params):
-        del params  # the state is the inner step index
-        return 0
+    shares: list[float]
+    norms: list[torch.Tensor] = field(default_factory=list)
 
-    def update(grads, state, params=None):
-        del params
-        keys = list(grads)
-        flat = torch.cat([grads[k].reshape(-1) for k in keys]) * shares[state]
-        dist.all_reduce(flat)
-        out, offset = {}, 0
-        for k in keys:
-            n = grads[k].numel()
-            out[k] = flat[offset : offset + n].view_as(grads[k])
-            offset += n
-        if record is not None:
-            record.append(torch.linalg.vector_norm(flat))
-        return out, state + 1
+    @classmethod
+    def of(cls, local, draws) -> InnerSync:
+        """n_r^k / N^k for each inner step's loss mask (`Draws` of this rank and the global)."""
+        return cls(
+            [
+                float(mine.sum()) / max(1.0, float(whole.sum()))
+                for mine, whole in zip(local.targets, draws.targets)
+            ]
+        )
 
-    return bl.GradientTransformation(init, update)
+    def transform(self) -> bl.GradientTransformation:
+        """The `bilevel` transform, first in the inner optimizer's chain."""
+
+        def init(params):
+            del params  # the state is the inner step index
+            return 0
+
+        def update(grads, state, params=None):
+            del params
+            keys = list(grads)
+            flat = torch.cat([grads[k].reshape(-1) for k in keys]) * self.shares[state]
+            dist.all_reduce(flat)
+            out, offset = {}, 0
+            for k in keys:
+                n = grads[k].numel()
+                out[k] = flat[offset : offset + n].view_as(grads[k])
+                offset += n
+            self.norms.append(torch.linalg.vector_norm(flat))
+            return out, state + 1
+
+        return bl.GradientTransformation(init, update)
 
 
 # --------------------------------------------------------------------------- one step
@@ -181,69 +193,73 @@ class StepModule(nn.Module):
         return step(self.model)
 
 
-def _inner_metrics(parts, *, per_sample: bool, sync: dict | None, ctx: Context):
+def share_of(local, draws, ctx: Context) -> float:
+    """This rank's fraction of the global batch's maskable tokens (1 in one process)."""
+    if not ctx.distributed:
+        return 1.0
+    return int(local.batch.maskable.sum()) / max(1, int(draws.batch.maskable.sum()))
+
+
+def _inner_metrics(info, *, per_sample: bool, sync: InnerSync | None, ctx: Context):
     """Inner-loop metrics of the global batch where they are exact, else the mean over ranks:
-    (losses, gradient norms, largest per-tensor norms), a list each, one value per inner step.
+    (losses, gradient norms, largest per-tensor norms), a float64 tensor each, one value per
+    inner step.
 
     Per-sample phi: inner losses add up over rows (sum over ranks), gradient norms are norms of
     row-disjoint tensors (square root of the summed squares). Shared phi with sync: losses are
     weighted by token shares; norms come from the synchronised gradients. Shared phi without sync:
     each rank has its own phi, and the logged values are the mean over ranks.
     """
-    info = parts["info"]
     losses = info["loss"].detach().double()
-    per_key = torch.stack(list(info["grad_norms"].values())).double()  # (keys, steps)
+    per_key = torch.stack(list(info["grad_norms"].values())).detach().double()  # (keys, steps)
     if per_sample:
         sq = per_key.square()
         packed = torch.cat([losses, sq.reshape(-1)])
         ctx.all_reduce(packed)
         losses = packed[: len(losses)]
         per_key = packed[len(losses) :].view_as(sq).sqrt()
-        norms = per_key.square().sum(0).sqrt()
-    elif sync is not None:
-        losses = losses * torch.tensor(sync["shares"], dtype=torch.float64, device=losses.device)
+        return losses, per_key.square().sum(0).sqrt(), per_key.amax(0)
+    if sync is not None:
+        losses = losses * torch.tensor(sync.shares, dtype=torch.float64, device=losses.device)
         ctx.all_reduce(losses)
-        norms = torch.stack(sync["record"]).double()
-        per_key = None
-    else:
-        packed = torch.cat([losses, info["grad_norm"].detach().double(), per_key.amax(0)])
-        ctx.all_reduce(packed)
-        packed = packed / ctx.world_size
-        k = len(losses)
-        losses, norms, largest = packed[:k], packed[k : 2 * k], packed[2 * k :]
-        return losses.tolist(), norms.tolist(), largest.tolist()
-    largest = per_key.amax(0) if per_key is not None else torch.full_like(norms, math.nan)
-    return losses.tolist(), norms.tolist(), largest.tolist()
-
-
-def sync_shares(local, draws) -> list[float]:
-    """n_r^k / N^k for each inner step's loss mask."""
-    return [
-        float(mine.sum()) / max(1.0, float(whole.sum()))
-        for mine, whole in zip(local.targets, draws.targets)
-    ]
-
-
-def reduce_metrics(step, loss, parts, per_sample, sync, ctx: Context) -> dict[str, Any]:
-    """The step's record: loss (and the fast-weights-off loss) summed over ranks, inner metrics."""
-    values = [loss.detach().double().reshape(())]
-    if "loss_off" in parts:
-        values.append(parts["loss_off"].detach().double().reshape(()))
-    packed = torch.stack(values)
+        norms = torch.stack(sync.norms).double()
+        return losses, norms, torch.full_like(norms, math.nan)
+    packed = torch.cat([losses, info["grad_norm"].detach().double(), per_key.amax(0)])
     ctx.all_reduce(packed)
-    inner = ([], [], [])
-    if "info" in parts:
-        inner = _inner_metrics(parts, per_sample=per_sample, sync=sync, ctx=ctx)
-    off = float(packed[1]) if len(values) > 1 else None
-    return {"step": step, **step_record(float(packed[0]), off, *inner)}
+    if ctx.distributed:
+        packed = packed / ctx.world_size
+    return packed.view(3, -1).unbind(0)
 
 
-def clip(model: nn.Module, max_norm: float) -> float:
-    """Global gradient-norm clip; under FSDP the norm is a DTensor over all shards."""
+def reduce_metrics(step, loss, parts, per_sample, sync, ctx: Context, grad_norm: torch.Tensor):
+    """The step's record (loss and the fast-weights-off loss summed over ranks, inner metrics)
+    and the global gradient norm as a float: read back from the device in one `.tolist()`."""
+    values = [loss.detach().double().reshape(1)]
+    if parts.loss_off is not None:
+        values.append(parts.loss_off.detach().double().reshape(1))
+    packed = torch.cat(values)
+    ctx.all_reduce(packed)
+    steps = 0
+    if parts.info is not None:
+        inner = _inner_metrics(parts.info, per_sample=per_sample, sync=sync, ctx=ctx)
+        steps = len(inner[0])
+        packed = torch.cat([packed, *inner])
+    packed = torch.cat([packed, grad_norm.detach().double().reshape(1).to(packed.device)])
+    flat = packed.tolist()
+    norm = flat.pop()
+    off = flat[1] if parts.loss_off is not None else None
+    inner = flat[len(flat) - 3 * steps :] if steps else []
+    lists = inner[:steps], inner[steps : 2 * steps], inner[2 * steps :]
+    return {"step": step, **step_record(flat[0], off, *lists)}, norm
+
+
+def clip(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Global gradient-norm clip; under FSDP the norm is a DTensor over all shards. Returns the
+    norm before clipping (a tensor; no read back here)."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     if hasattr(norm, "full_tensor"):
         norm = norm.full_tensor()
-    return float(norm)
+    return norm
 
 
 def broadcast(value):

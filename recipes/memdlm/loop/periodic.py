@@ -14,27 +14,27 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from recipes.memdlm.loop.steps import MetricsLog, StepOutcome
+from recipes.memdlm.loop.steps import MetricsLog
 
 
-def with_evals(
-    one_step: Callable[[int], StepOutcome],
+def evals_before_steps(
     evaluate: Callable[[], dict[str, float]],
     *,
     every: int,
     model,
     log: MetricsLog,
     write_log: bool = True,
-) -> Callable[[int], StepOutcome]:
-    """`one_step` preceded, at every step s > 0 with s % every == 0, by `evaluate()` (metrics
-    of the model after s steps), logged with the tags of `log` but phase "train_eval"."""
+) -> Callable[[int], None]:
+    """What the loop calls before step s: at every s > 0 with s % every == 0, `evaluate()`
+    (metrics of the model after s steps), logged with the tags of `log` but phase
+    "train_eval"."""
     if every < 1:
         raise ValueError(f"every must be at least 1, got {every}")
     evals = MetricsLog(log.path, {**log.tags, "phase": "train_eval"})
     evals.sink = log.sink  # TensorBoard too, when the phase has it
     first: list[int] = []
 
-    def step_with_eval(step: int) -> StepOutcome:
+    def before_step(step: int) -> None:
         if not first:  # a resumed run redoes the evaluations from its first step on
             first.append(step)
             if write_log:
@@ -44,9 +44,8 @@ def with_evals(
             model.train()
             if write_log:
                 evals.write(record)
-        return one_step(step)
 
-    return step_with_eval
+    return before_step
 
 
 @dataclass(frozen=True)
@@ -57,10 +56,9 @@ class PeriodicEval:
     every: int
     metrics: Callable[[Any, Any], dict[str, float]]
 
-    def wrap(self, one_step, model, mem, log: MetricsLog, *, write_log: bool = True):
-        """`one_step` with this evaluation before every `every`-th step (`with_evals`)."""
-        return with_evals(
-            one_step,
+    def before_steps(self, model, mem, log: MetricsLog, *, write_log: bool = True):
+        """This evaluation as the loop's `evals(step)` (`evals_before_steps`)."""
+        return evals_before_steps(
             lambda: self.metrics(model, mem),
             every=self.every,
             model=model,

@@ -8,24 +8,28 @@ once finished, `model.pt`. Starting a phase whose folder has `model.pt` reuses i
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from recipes.memdlm.backbones import Backbone, adapter
 from recipes.memdlm.config import MemDLMConfig, PhaseConfig
 from recipes.memdlm.data.batches import BatchSampler
 from recipes.memdlm.errors import UserError
 from recipes.memdlm.loop import checkpoint as ckpt
+from recipes.memdlm.loop import interrupts
 from recipes.memdlm.loop.parallel import (
     Context,
+    InnerSync,
     StepModule,
     clip,
-    inner_grad_sync,
     reduce_metrics,
-    sync_shares,
+    share_of,
 )
 from recipes.memdlm.loop.periodic import PeriodicEval
 from recipes.memdlm.loop.plan import periods_in_steps
@@ -40,34 +44,30 @@ from recipes.memdlm.loop.sharding import (
     shard_model,
 )
 from recipes.memdlm.loop.steps import (
+    Counters,
+    Interrupted,
     MetricsLog,
     PhaseResult,
-    StepOutcome,
+    TrainingError,
     autocast_for,
     denormals_flushed,
     finished_phase,
-    new_counters,
     phase_generators,
     restore,
     resume_payload,
-    run_steps,
     summarise,
+    update,
 )
-from recipes.memdlm.method import (
-    compile_steps,
-    draw,
-    make_fast_weights,
-    sample_anchor,
-    step_loss,
-)
+from recipes.memdlm.method import Generators, MemDLM, Standard
 
 
-@dataclass
+@dataclass(frozen=True)
 class StepSettings:
     """What a step needs besides the model and the data (`phase_options` builds it from the
-    configuration). anchors: Standard only, independent anchors per batch, the loss averaged
-    over them (the compute-matched control). sync_inner: all-reduce the inner gradients of
-    shared fast weights across ranks. compiled: the steps through `torch.compile`."""
+    configuration). method: "standard" or "memdlm", turned into a method object once
+    (`build`). anchors: Standard only, independent anchors per batch, the loss averaged over
+    them (the compute-matched control). sync_inner: all-reduce the inner gradients of shared
+    fast weights across ranks. compiled: the steps through `torch.compile`."""
 
     method: str
     memdlm: MemDLMConfig
@@ -78,9 +78,29 @@ class StepSettings:
     sync_inner: bool = False
     anchors: int = 1
 
+    def build(self, backbone: Backbone) -> Standard | MemDLM:
+        """The method object (MemDLM attaches its fast weights: `close()` takes them off)."""
+        if self.anchors < 1 or (self.anchors > 1 and self.method != "standard"):
+            raise UserError(
+                f"anchors={self.anchors}: more than one anchor per batch is for Standard"
+            )
+        if self.sync_inner and self.memdlm.per_sample and self.method == "memdlm":
+            raise UserError(
+                "distributed.sync_inner applies to shared fast weights; per-sample "
+                "fast weights are already exact across ranks (memdlm.per_sample=true)"
+            )
+        options = {"mask_id": self.mask_id, "time_eps": self.time_eps}
+        options["loss_backend"] = self.loss_backend
+        if self.method == "standard":
+            method = Standard(anchors=self.anchors, **options)
+        else:
+            method = MemDLM.on(backbone, self.memdlm, **options)
+        return method.compiled() if self.compiled else method
+
 
 def train_phase(
     model: nn.Module,
+    settings: StepSettings,
     *,
     phase: PhaseConfig,
     sampler: BatchSampler,
@@ -90,99 +110,82 @@ def train_phase(
     reporter: Reporter,
     ctx: Context | None = None,
     evaluate: PeriodicEval | None = None,
-    **settings,
 ) -> PhaseResult:
-    """Train `model` in place for `phase.steps` steps of `settings.method` ("standard" or
-    "memdlm"; `StepSettings` fields as keywords), in one process (`ctx` None) or under torchrun
-    (`ctx` from `parallel.init`): every rank draws the global step and keeps its rows, so N
-    processes compute the one-process step (docs/scaling.md). Rank 0 writes the metrics and
-    checkpoints (FSDP: every rank its shards). Returns the result on every rank."""
-    s = StepSettings(**settings)
+    """Train `model` in place for `phase.steps` steps of `settings.method`, in one process
+    (`ctx` None) or under torchrun (`ctx` from `parallel.init`): every rank draws the global
+    step and keeps its rows, so N processes compute the one-process step (docs/scaling.md).
+    Rank 0 writes the metrics and checkpoints (FSDP: every rank its shards). The loop itself
+    is `run_steps`. evaluate: the held-out loss every `evaluate.every` steps. Returns the
+    result on every rank."""
     phase = periods_in_steps(phase)  # ckpt_every 0.1 -> steps (loop/plan.py)
     ctx = ctx or Context.single(next(model.parameters()).device)
-    check_settings(s)
     if (finished := finished_phase(folder, model, reporter)) is not None:
         return finished
     folder.mkdir(parents=True, exist_ok=True)
     resumed = resume_state(model, folder, ctx)
-    mem = make_fast_weights(model, s.memdlm) if s.method == "memdlm" else None
-    state = PhaseState.start(model, resumed, phase, sampler, seed, folder, ctx, reporter, log)
-    one_step = step_function(model, mem, s, state, ctx)
-    if evaluate is not None:  # the held-out loss every `evaluate.every` steps
-        one_step = evaluate.wrap(one_step, model, mem, log, write_log=ctx.is_main)
-    model.train()
+    backbone = adapter(model)  # resolved once: the method, the split and the losses use it
+    method = settings.build(backbone)  # fast weights attached before DDP / FSDP wrap the model
     try:
+        state = PhaseState.start(model, resumed, phase, sampler, seed, folder, ctx, reporter, log)
+        method = method.placed(backbone)
+        evals = None
+        if evaluate is not None:  # Standard has no fast weights to adapt
+            mem = getattr(method, "mem", None)
+            evals = evaluate.before_steps(model, mem, log, write_log=ctx.is_main)
+        model.train()
+        label = f"{log.tags.get('phase')}/{settings.method}"
         with denormals_flushed():
-            run_steps(
-                one_step,
-                phase=phase,
-                optimizer=state.optimizer,
-                scheduler=state.scheduler,
-                counters=state.counters,
-                save_checkpoint=state.save,
-                log=log,
-                reporter=reporter,
-                label=f"{log.tags.get('phase')}/{s.method}",
-                folder=folder,
-                write_log=ctx.is_main,
-            )
+            run_steps(method, backbone, state, settings.sync_inner, log, reporter, label, evals)
     finally:
-        if mem is not None:
-            mem.remove()
+        method.close()
     return state.finish(log)
 
 
-def check_settings(s: StepSettings) -> None:
-    if s.anchors < 1 or (s.anchors > 1 and s.method != "standard"):
-        raise UserError(f"anchors={s.anchors}: more than one anchor per batch is for Standard")
-    if s.sync_inner and s.memdlm.per_sample and s.method == "memdlm":
-        raise UserError(
-            "distributed.sync_inner applies to shared fast weights; per-sample "
-            "fast weights are already exact across ranks (memdlm.per_sample=true)"
-        )
-
-
-def step_function(model, mem, s: StepSettings, state: PhaseState, ctx: Context):
-    """`one_step(step) -> StepOutcome` for `run_steps`: draw the global step (`method.draw`),
-    keep this rank's rows, compute the loss (`method.step_loss`), reduce the metrics."""
-    rows = ctx.rows(state.phase.batch_size)
-    compiled = compile_steps() if s.compiled else None
-    generators = state.generators
-
-    def one_step(step: int) -> StepOutcome:
-        batch = state.sampler.next().to(ctx.device)
-        anchor = sample_anchor(
-            batch, mask_id=s.mask_id, eps=s.time_eps, generator=generators["anchor"]
-        )
-        draws = draw(
-            model, mem, batch, anchor, s.memdlm, generators["inner"],
-            mask_id=s.mask_id, time_eps=s.time_eps, anchors=s.anchors,
-        )  # fmt: skip
-        local = draws.rows(rows, per_sample=s.memdlm.per_sample)
-        share = int(local.batch.maskable.sum()) / max(1, int(batch.maskable.sum()))
-        sync = None
-        if mem is not None and s.sync_inner:
-            sync = {"shares": sync_shares(local, draws), "record": []}
-
-        def loss_of(net):
-            return step_loss(
-                net, mem, local, s.memdlm, mask_id=s.mask_id,
-                log_gap=mem is not None and step % s.memdlm.gap_every == 0,
-                loss_backend=s.loss_backend, compiled=compiled, share=share,
-                grad_sync=None if sync is None else inner_grad_sync(sync["shares"], sync["record"]),
-            )  # fmt: skip
-
-        with autocast_for(ctx.device):
-            loss, parts = state.run(loss_of)
-        record = reduce_metrics(step, loss, parts, s.memdlm.per_sample, sync, ctx)
-
-        def backward() -> float:
-            (loss * ctx.world_size).backward()  # undo the mean over ranks of DDP / FSDP
-            return clip(model, state.phase.grad_clip)
-
-        return StepOutcome(record, backward, int(batch.x0.numel()))
-
-    return one_step
+def run_steps(
+    method, backbone, state: PhaseState, sync_inner: bool, log, reporter, label, evals=None
+) -> None:
+    """The training loop, from the checkpoint's step to the last: draw the global step, keep
+    this rank's rows, the loss, the metrics, update or skip, log, checkpoint. A non-finite loss
+    or gradient norm skips the update (`phase.max_nonfinite_in_row` in a row: TrainingError);
+    Ctrl-C finishes the step, checkpoints and raises Interrupted. evals(step): the periodic
+    held-out evaluation, before the step's batch is drawn (`periodic.PeriodicEval`)."""
+    phase, ctx, counters = state.phase, state.ctx, state.counters
+    rows, precision = ctx.rows(phase.batch_size), autocast_for(ctx.device)  # chosen once
+    task = reporter.start(label, total=phase.steps)
+    reporter.advance(task, counters.step)
+    try:
+        with interrupts.deferred() as stop:
+            for step in range(counters.step, phase.steps):
+                if evals is not None:
+                    evals(step)
+                started = time.perf_counter()
+                batch = state.sampler.next().to(ctx.device)
+                draws = method.draw(batch, state.generators)
+                local = draws.rows(rows)
+                sync = InnerSync.of(local, draws) if sync_inner else None
+                options = {"log_gap": method.gap_due(step), "share": share_of(local, draws, ctx)}
+                options["grad_sync"] = None if sync is None else sync.transform()
+                with precision:
+                    loss, parts = state.run(partial(method.loss, backbone, local, **options))
+                grad_norm = state.backward(loss)  # NaN for a non-finite loss: a skip
+                record, norm = reduce_metrics(
+                    step, loss, parts, method.per_sample, sync, ctx, grad_norm
+                )
+                updated = update(record, norm, state.optimizer, state.scheduler)
+                elapsed = time.perf_counter() - started
+                counters.count(record, updated, elapsed)
+                record.update(seconds=elapsed, tokens=int(batch.x0.numel()))
+                if ctx.is_main:
+                    log.write(record)
+                reporter.step(task, record, every=phase.log_every)
+                state.checkpoint_after(step)
+                if stop.requested:  # Ctrl-C during the step: it finished, now stop
+                    raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        state.save()
+        raise Interrupted(f"interrupted at step {counters.step} of {state.folder}") from None
+    finally:
+        reporter.stop(task)
 
 
 @dataclass
@@ -199,8 +202,8 @@ class PhaseState:
     runner: Any
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    generators: dict[str, torch.Generator]
-    counters: dict[str, Any]
+    generators: Generators
+    counters: Counters
 
     @classmethod
     def start(cls, model, resumed, phase, sampler, seed, folder, ctx, reporter, log):
@@ -211,7 +214,7 @@ class PhaseState:
             model.parameters(), lr=phase.lr, betas=(0.9, 0.999), weight_decay=phase.weight_decay
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(phase))
-        generators, counters = phase_generators(seed, ctx.device), new_counters()
+        generators, counters = phase_generators(seed, ctx.device), Counters()
         if resumed is not None:
             restore(resumed, optimizer, scheduler, sampler, generators, counters)
         elif ctx.strategy == "fsdp" and (folder / DCP_FOLDER).exists():
@@ -219,19 +222,40 @@ class PhaseState:
                 load_dcp(folder, model, optimizer), None, scheduler, sampler, generators, counters
             )
         if ctx.is_main:  # as the single-process phase: records past the checkpoint are redone
-            log.drop_after(counters["step"] - 1)
+            log.drop_after(counters.step - 1)
             ckpt.remove_stale_temporaries(folder)
-        if counters["step"]:
-            reporter.note(f"resuming {folder} at step {counters['step']} on {ctx.world_size} ranks")
+        if counters.step:
+            reporter.note(f"resuming {folder} at step {counters.step} on {ctx.world_size} ranks")
         return cls(
             model, phase, sampler, folder, ctx, runner, optimizer, scheduler, generators, counters
         )
 
-    def run(self, loss_of):
-        """`loss_of(model)` through the runner (DDP needs its forward to run the step)."""
+    def run(self, compute):
+        """`compute()` (the step's loss) through the runner: DDP needs its forward to run it."""
         if self.runner is None or self.ctx.strategy == "fsdp":
-            return loss_of(self.model)
-        return self.runner(loss_of)
+            return compute()
+        return self.runner(lambda model: compute())
+
+    def backward(self, loss: torch.Tensor) -> torch.Tensor:
+        """The step's backward pass and global gradient clip; returns the gradient norm (a
+        tensor: read back with the step's record). A non-finite loss gives non-finite
+        gradients, so the step is skipped (`update`)."""
+        (loss * self.ctx.world_size).backward()  # undo the mean over ranks of DDP / FSDP
+        return clip(self.model, self.phase.grad_clip)
+
+    def checkpoint_after(self, step: int) -> None:
+        """Stop after `phase.max_nonfinite_in_row` skips in a row (checkpointed first), and
+        checkpoint every `phase.ckpt_every` steps."""
+        c = self.counters
+        if c.in_row >= self.phase.max_nonfinite_in_row:
+            self.save()
+            raise TrainingError(
+                f"{c.in_row} non-finite losses or gradients in a row at step {step}"
+                f" ({c.skipped} skipped in total); lower the learning rate"
+                " (train.lr / memdlm.inner_lr) or raise train.max_nonfinite_in_row"
+            )
+        if c.step % self.phase.ckpt_every == 0:
+            self.save()
 
     def save(self) -> None:
         extra = resume_payload(
@@ -292,12 +316,15 @@ def _runner(model, ctx: Context):
 # ------------------------------------------------------------------ shared by both trainers
 
 
-def phase_options(cfg, data) -> dict[str, Any]:
-    """The keyword arguments of `train.train_phase` that follow from the configuration."""
-    return {
-        "memdlm": cfg.memdlm,
-        "mask_id": data.tokenizer.mask_id,
-        "time_eps": cfg.time_eps,
-        "loss_backend": cfg.loss_backend,
-        "compiled": cfg.compile,
-    }
+def phase_options(cfg, data, method: str, **extra) -> StepSettings:
+    """The `StepSettings` of `method` that follow from the configuration (`extra`: anchors,
+    sync_inner)."""
+    return StepSettings(
+        method,
+        cfg.memdlm,
+        data.tokenizer.mask_id,
+        time_eps=cfg.time_eps,
+        loss_backend=cfg.loss_backend,
+        compiled=cfg.compile,
+        **extra,
+    )

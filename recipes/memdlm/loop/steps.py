@@ -1,13 +1,13 @@
-"""The step loop under every training phase: update or skip, log, checkpoint, Ctrl-C; the
-phase's metrics log, counters, resume state and result."""
+"""What the training loop (`loop.phase.train_phase`) keeps and writes: the phase's metrics
+log, generators, counters, resume state, the update-or-skip of one step, and the result."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,10 +15,9 @@ from typing import Any
 
 import torch
 
-from recipes.memdlm.config import PhaseConfig
 from recipes.memdlm.loop import checkpoint as ckpt
-from recipes.memdlm.loop import interrupts
 from recipes.memdlm.loop.progress import Reporter
+from recipes.memdlm.method import Generators
 
 
 class TrainingError(RuntimeError):
@@ -75,13 +74,12 @@ class MetricsLog:
         return [r for r in rows if all(r.get(k) == v for k, v in self.tags.items())]
 
 
-def phase_generators(seed: int, device: torch.device) -> dict[str, torch.Generator]:
-    # Separate streams: the anchors (t, M_t) depend only on the seed and the step, so Standard
-    # and MemDLM runs with one seed see identical batches and identical anchor masks.
-    return {
-        "anchor": torch.Generator(device=device).manual_seed(1000 * seed + 1),
-        "inner": torch.Generator(device=device).manual_seed(1000 * seed + 2),
-    }
+def phase_generators(seed: int, device: torch.device) -> Generators:
+    """The phase's anchor and inner streams (`method.Generators`), seeded from `seed`."""
+    return Generators(
+        torch.Generator(device=device).manual_seed(1000 * seed + 1),
+        torch.Generator(device=device).manual_seed(1000 * seed + 2),
+    )
 
 
 @contextmanager
@@ -116,9 +114,27 @@ def finished_phase(folder: Path, model: torch.nn.Module, reporter: Reporter) -> 
     return PhaseResult(**state["result"])
 
 
-def new_counters() -> dict[str, Any]:
-    """Progress of a phase, saved in its checkpoints: steps done, skipped, skipped in a row."""
-    return {"step": 0, "skipped": 0, "in_row": 0, "seconds": 0.0, "inner_nonfinite": 0}
+@dataclass
+class Counters:
+    """Progress of a phase, saved in its checkpoints: steps done, skipped (in total, in a row,
+    and of those with a non-finite inner loop), seconds spent."""
+
+    step: int = 0
+    skipped: int = 0
+    in_row: int = 0
+    seconds: float = 0.0
+    inner_nonfinite: int = 0
+
+    def count(self, record: dict[str, Any], updated: bool, seconds: float) -> None:
+        """After the step of `record`: an update made, or a skip (`record` says why)."""
+        if updated:
+            self.in_row = 0
+        else:
+            self.skipped += 1
+            self.inner_nonfinite += bool(record.get("inner_nonfinite"))
+            self.in_row += 1
+        self.step = record["step"] + 1
+        self.seconds += seconds
 
 
 def resume_payload(optimizer, scheduler, sampler, generators, counters) -> dict[str, Any]:
@@ -127,9 +143,9 @@ def resume_payload(optimizer, scheduler, sampler, generators, counters) -> dict[
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "sampler": sampler.state_dict(),
-        "generators": {k: g.get_state() for k, g in generators.items()},
+        "generators": {k: g.get_state() for k, g in generators._asdict().items()},
         "rng": ckpt.rng_state(),
-        "counters": dict(counters),
+        "counters": dataclasses.asdict(counters),
     }
 
 
@@ -139,120 +155,22 @@ def restore(state, optimizer, scheduler, sampler, generators, counters) -> None:
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     sampler.load_state_dict(state["sampler"])
-    for name, generator in generators.items():
+    for name, generator in generators._asdict().items():
         generator.set_state(state["generators"][name])
     ckpt.set_rng_state(state["rng"])
-    counters.update(state["counters"])
+    for name, value in state["counters"].items():
+        setattr(counters, name, value)
 
 
-@dataclass
-class StepOutcome:
-    """One step's forward result, before its update.
-
-    record: the step's metrics, with at least "step" and "loss" (a float, possibly non-finite).
-    backward: runs the backward pass and gradient clipping, returns the global gradient norm.
-    tokens: tokens in the (global) batch, for the throughput shown and logged.
-    """
-
-    record: dict[str, Any]
-    backward: Callable[[], float]
-    tokens: int
-
-
-def run_steps(
-    one_step: Callable[[int], StepOutcome],
-    *,
-    phase: PhaseConfig,
-    optimizer: torch.optim.Optimizer,
-    scheduler,
-    counters: dict[str, Any],
-    save_checkpoint: Callable[[], None],
-    log: MetricsLog,
-    reporter: Reporter,
-    label: str,
-    folder: Path,
-    write_log: bool = True,
-) -> None:
-    """Run `one_step` from `counters["step"]` to `phase.steps`: update or skip, log, checkpoint.
-
-    A non-finite loss or gradient norm skips the update (counted; the schedule still advances);
-    `phase.max_nonfinite_in_row` of them in a row checkpoint and raise TrainingError. A checkpoint
-    is written every `phase.ckpt_every` steps and on Ctrl-C (then Interrupted is raised).
-    """
-    task = reporter.start(label, total=phase.steps)
-    reporter.advance(task, counters["step"])
-    try:
-        with interrupts.deferred() as stop:
-            while counters["step"] < phase.steps:
-                run_one(
-                    one_step,
-                    phase,
-                    optimizer,
-                    scheduler,
-                    counters,
-                    log,
-                    reporter,
-                    task,
-                    write_log=write_log,
-                    save_checkpoint=save_checkpoint,
-                )
-                if stop.requested:  # Ctrl-C during the step: it finished, now stop
-                    raise KeyboardInterrupt
-    except KeyboardInterrupt:
-        save_checkpoint()
-        raise Interrupted(f"interrupted at step {counters['step']} of {folder}") from None
-    finally:
-        reporter.stop(task)
-
-
-def run_one(
-    one_step,
-    phase,
-    optimizer,
-    scheduler,
-    counters,
-    log,
-    reporter,
-    task,
-    *,
-    write_log,
-    save_checkpoint,
-) -> None:
-    """One step of `run_steps`: forward, update or skip, log, periodic checkpoint."""
-    step = counters["step"]
-    started = time.perf_counter()
-    outcome = one_step(step)
-    record = outcome.record
-    _update(record, outcome.backward, optimizer, scheduler, counters)
-    elapsed = time.perf_counter() - started
-    counters["seconds"] += elapsed
-    counters["step"] = step + 1
-    record.update(seconds=elapsed, tokens=outcome.tokens)
-    if write_log:
-        log.write(record)
-    reporter.step(task, record, every=phase.log_every)
-    if counters["in_row"] >= phase.max_nonfinite_in_row:
-        save_checkpoint()
-        raise TrainingError(
-            f"{counters['in_row']} non-finite losses or gradients in a row at step {step}"
-            f" ({counters['skipped']} skipped in total); lower the learning rate"
-            " (train.lr / memdlm.inner_lr) or raise train.max_nonfinite_in_row"
-        )
-    if counters["step"] % phase.ckpt_every == 0:
-        save_checkpoint()
-
-
-def _update(record, backward, optimizer, scheduler, counters) -> None:
-    grad_norm = math.nan
-    if math.isfinite(record["loss"]):
-        grad_norm = backward()
-    if math.isfinite(grad_norm):
+def update(record, grad_norm: float, optimizer, scheduler) -> bool:
+    """The optimizer step of a step whose loss and gradient norm are finite, else a skip; the
+    schedule advances either way. Writes skipped, lr and grad_norm into `record`."""
+    if not math.isfinite(record["loss"]):
+        grad_norm = math.nan  # the backward pass ran on a non-finite loss: nothing to report
+    updated = math.isfinite(grad_norm)
+    if updated:
         optimizer.step()
-        counters["in_row"] = 0
     else:
-        counters["skipped"] += 1
-        counters["inner_nonfinite"] += bool(record.get("inner_nonfinite"))
-        counters["in_row"] += 1
         record["skipped"] = True
     optimizer.zero_grad(set_to_none=True)
     record.update(lr=scheduler.get_last_lr()[0], grad_norm=grad_norm)
@@ -260,21 +178,23 @@ def _update(record, backward, optimizer, scheduler, counters) -> None:
         # A skipped step still advances the schedule; torch warns about the order.
         warnings.simplefilter("ignore", UserWarning)
         scheduler.step()
+    return updated
 
 
-def summarise(records: list[dict[str, Any]], counters: dict[str, Any]) -> PhaseResult:
+def summarise(records: list[dict[str, Any]], counters: Counters) -> PhaseResult:
     tail = records[-max(1, len(records) // 10) :]
 
     def mean(key: str) -> float:
         values = [r[key] for r in tail if key in r and math.isfinite(r[key])]
         return sum(values) / len(values) if values else math.nan
 
-    extra = {k: mean(k) for k in ("loss_off", "gap", "inner_grad_norm_1", "inner_grad_norm_2")}
+    keys = ("loss_off", "gap", "inner_grad_norm_1", "inner_grad_norm_2", "inner_grad_norm_final")
+    extra = {k: mean(k) for k in keys}
     return PhaseResult(
-        steps=counters["step"],
+        steps=counters.step,
         train_loss_final=mean("loss"),
-        seconds_per_step=counters["seconds"] / max(1, counters["step"]),
-        skipped_steps=counters["skipped"],
-        inner_nonfinite_steps=counters.get("inner_nonfinite", 0),
+        seconds_per_step=counters.seconds / max(1, counters.step),
+        skipped_steps=counters.skipped,
+        inner_nonfinite_steps=counters.inner_nonfinite,
         extra={k: v for k, v in extra.items() if math.isfinite(v)},
     )

@@ -2,53 +2,51 @@
 
 - `losses`: the anchor x_t and the standard masked-diffusion loss (the outer objective).
 - `split`: where the fast-weight-dependent part of the network begins (the split forward).
-- `trajectory`: the nested inner-step masks of the simulated denoising trajectory.
-- `inner`: the inner loop on phi through `bilevel.solve`, and its prompt-only form.
-- `step`: one MemDLM training step, top to bottom.
+- `trajectory`: everything random in one step, drawn before any model call (`Draws`): the
+  anchor, the nested inner-step masks of the simulated denoising trajectory, phi_0, O.
+- `inner`: the inner loop on phi through `bilevel.solve` (`adapt`: the step's inner half).
+- `distill`: the inner distillation objectives.
+- `step`: the two methods as objects, `Standard` and `MemDLM` (`draw`, `loss`), top to bottom;
+  prompt adaptation.
 """
 
+from recipes.memdlm.method.distill import token_divergence
 from recipes.memdlm.method.inner import (
-    Adaptation,
     InnerProblem,
     InnerState,
     adapt,
-    adapt_on_trajectory,
-    adapt_to_prompt,
-    init_fast_weights,
+    fast_weight_dtype,
     inner_optimizer,
     inner_states,
     make_fast_weights,
     make_inner_loss,
     objective_options,
     solve_inner,
-    token_divergence,
 )
-from recipes.memdlm.method.losses import (
-    SCHEDULE,
-    Anchor,
-    StepOutput,
-    fused_head,
-    head_loss,
-    outer_loss,
-    sample_anchor,
-    standard_loss,
-)
-from recipes.memdlm.method.split import Split, first_fast_layer, split_point
+from recipes.memdlm.method.losses import fused_head, head_loss, outer_loss, standard_loss
+from recipes.memdlm.method.split import Split, first_fast_layer, last_split, split_point
 from recipes.memdlm.method.step import (
-    Draws,
-    compile_steps,
-    draw,
+    MemDLM,
+    Parts,
+    Standard,
+    adapt_to_prompt,
     memdlm_core,
-    memdlm_step,
-    standard_step,
-    step_loss,
+    outer_losses,
+    record_of,
     step_record,
 )
 from recipes.memdlm.method.trajectory import (
+    SCHEDULE,
+    Anchor,
+    Draws,
+    Generators,
+    draw_memdlm,
+    inner_draws,
     loss_masks,
     outer_positions,
     progressive_ratios,
     realised_ratio,
+    sample_anchor,
     state_times,
     teacher_masks,
     trajectory_masks,
@@ -57,44 +55,45 @@ from recipes.memdlm.method.trajectory import (
 
 __all__ = [
     "SCHEDULE",
-    "Adaptation",
-    "Draws",
     "Anchor",
+    "Draws",
+    "Generators",
     "InnerProblem",
     "InnerState",
+    "MemDLM",
+    "Parts",
     "Split",
-    "StepOutput",
+    "Standard",
     "adapt",
-    "adapt_on_trajectory",
     "adapt_to_prompt",
-    "compile_steps",
-    "draw",
+    "draw_memdlm",
+    "fast_weight_dtype",
     "first_fast_layer",
     "fused_head",
     "head_loss",
-    "init_fast_weights",
-    "loss_masks",
+    "inner_draws",
     "inner_optimizer",
     "inner_states",
+    "last_split",
+    "loss_masks",
     "make_fast_weights",
     "make_inner_loss",
     "memdlm_core",
-    "memdlm_step",
     "objective_options",
+    "outer_losses",
+    "outer_loss",
     "outer_positions",
     "progressive_ratios",
-    "outer_loss",
     "realised_ratio",
+    "record_of",
     "sample_anchor",
     "solve_inner",
     "split_point",
+    "standard_loss",
     "state_times",
+    "step_record",
     "teacher_masks",
     "token_divergence",
-    "standard_loss",
-    "standard_step",
-    "step_loss",
-    "step_record",
     "trajectory_masks",
     "without_outer",
 ]

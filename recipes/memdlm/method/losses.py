@@ -1,4 +1,4 @@
-"""The standard masked-diffusion objective on an anchor x_t: draws, losses and the fused head.
+"""The standard masked-diffusion objective on an anchor x_t: losses and the fused head.
 
 Outer objective of both methods (memdlm-method.md section 2.1): t ~ U[eps, 1], M_t ~ Bernoulli(t)
 over the response, weight 1/t, token normalisation by the maskable count. With the reference
@@ -8,46 +8,13 @@ projected, docs/kernels.md).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
 import diffusion as dd
-import memory as mm
-from recipes.memdlm.backbones import adapter
+from recipes.memdlm.backbones import Backbone, FullForward
 from recipes.memdlm.data.batches import Batch
 from recipes.memdlm.method.split import Split, last_split
-
-SCHEDULE = dd.LinearSchedule()  # alpha(t) = 1 - t, weight 1/t (LLaDA, MemDLM)
-
-
-@dataclass
-class Anchor:
-    """The sampled noisy state x_t shared by the inner and the outer loop."""
-
-    t: torch.Tensor  # (B,) float
-    mask: torch.Tensor  # (B, L) bool, M_t
-    xt: torch.Tensor  # (B, L) long
-
-
-@dataclass
-class StepOutput:
-    loss: torch.Tensor  # scalar, differentiable w.r.t. the base model
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
-def sample_anchor(batch: Batch, *, mask_id: int, eps: float, generator) -> Anchor:
-    t = dd.sample_t(batch.x0.shape[0], eps=eps, antithetic=False, generator=generator)
-    t = t.to(batch.x0.device)
-    xt, mask = dd.corrupt(
-        batch.x0,
-        t,
-        mask_id=mask_id,
-        schedule=SCHEDULE,
-        maskable=batch.maskable,
-        generator=generator,
-    )
-    return Anchor(t, mask, xt)
+from recipes.memdlm.method.trajectory import SCHEDULE, Anchor
 
 
 def outer_loss(logits: torch.Tensor, batch: Batch, anchor: Anchor) -> torch.Tensor:
@@ -63,8 +30,8 @@ def outer_loss(logits: torch.Tensor, batch: Batch, anchor: Anchor) -> torch.Tens
     )
 
 
-def fused_head(model, loss_backend: str | None) -> torch.Tensor | None:
-    """`model.lm_head.weight` when the fused loss applies, else None (the logits path).
+def fused_head(backbone: Backbone, loss_backend: str | None) -> torch.Tensor | None:
+    """The output head's weight when the fused loss applies, else None (the logits path).
 
     It applies to the reference `dd.Transformer` whose bias-free `lm_head` carries no hooks
     (a hook, e.g. fast weights on the head, must see the head's call), unless loss_backend is
@@ -72,13 +39,12 @@ def fused_head(model, loss_backend: str | None) -> torch.Tensor | None:
     """
     if loss_backend is None:
         return None
-    return adapter(model).head_weight(loss_backend)
+    return backbone.head_weight(loss_backend)
 
 
 def head_loss(
-    model,
-    hidden: torch.Tensor,
     split: Split,
+    hidden: torch.Tensor,
     x0: torch.Tensor,
     mask: torch.Tensor,
     t: torch.Tensor,
@@ -88,6 +54,7 @@ def head_loss(
     weight: torch.Tensor | None = None,
     loss_backend: str | None = "auto",
     head_grad: bool = True,
+    per_sample: bool = False,
 ) -> torch.Tensor:
     """The masked diffusion loss of the network after `split` and the head applied to `hidden`.
 
@@ -95,22 +62,22 @@ def head_loss(
     (V, D) weight-gradient products (the first-order inner loop differentiates phi only).
     When the network after the split acts on each position alone (`Split.position_wise`), it
     runs on the scored rows only (`tail_on_rows`): the same loss, at a fraction of the cost when
-    few positions are masked.
+    few positions are masked. per_sample: the fast weights bound now are per sample.
     """
-    head = fused_head(model, loss_backend)
+    head = fused_head(split.backbone, loss_backend)
     common = dict(schedule=SCHEDULE, maskable=maskable, normalize=normalize, weight=weight)
     if head is None:
-        return dd.masked_diffusion_loss(split.logits(model, hidden), x0, mask, t, **common)
-    row_map = tail_on_rows(model, split, mask)
+        return dd.masked_diffusion_loss(split.logits(hidden), x0, mask, t, **common)
+    row_map = tail_on_rows(split, mask, per_sample=per_sample)
     if row_map is None:
-        hidden = split.features(model, hidden)
+        hidden = split.features(hidden)
     return dd.masked_diffusion_loss_from_hidden(
         hidden, head if head_grad else head.detach(), x0, mask, t, backend=loss_backend,
         row_map=row_map, **common,
     )  # fmt: skip
 
 
-def tail_on_rows(model, split: Split, mask: torch.Tensor):
+def tail_on_rows(split: Split, mask: torch.Tensor, *, per_sample: bool):
     """The network after `split` as a map of the scored rows (N, D) -> (N, D), for
     `dd.masked_diffusion_loss_from_hidden(row_map=...)`; None when it needs every position.
 
@@ -120,37 +87,51 @@ def tail_on_rows(model, split: Split, mask: torch.Tensor):
     position (static shapes), and the per-sample case takes the full path there.
     mask: (B, L) bool, the positions the loss scores.
     """
-    if not split.position_wise(model):
+    if not split.position_wise():
         return None
-    if mm.per_sample_batch() is None:
-        return lambda rows: split.row_features(model, rows)
+    if not per_sample:
+        return split.row_features
     if torch.compiler.is_compiling():
         return None
-    samples = mask.nonzero(as_tuple=True)[0]
-    slots = (mask.long().cumsum(1) - 1)[mask]
-    width = max(1, int(mask.sum(1).max()))
+    # One read-back (the rows per sample); the rest is index arithmetic on the device, in the
+    # row-major order of the scored rows (sample by sample, positions ascending).
+    counts = mask.sum(1)
+    per_row = counts.tolist()
+    total, width = sum(per_row), max([1, *per_row])
+    samples = torch.repeat_interleave(torch.arange(len(per_row), device=mask.device), counts,
+                                      output_size=total)  # fmt: skip
+    starts = torch.repeat_interleave(counts.cumsum(0) - counts, counts, output_size=total)
+    slots = torch.arange(total, device=mask.device) - starts
 
-    def per_sample(rows: torch.Tensor) -> torch.Tensor:
+    def packed_features(rows: torch.Tensor) -> torch.Tensor:
         packed = rows.new_zeros(mask.shape[0], width, rows.shape[-1])
         packed = packed.index_put((samples, slots), rows)
-        return split.features(model, packed)[samples, slots]
+        return split.features(packed)[samples, slots]
 
-    return per_sample
+    return packed_features
 
 
-def standard_loss(model, batch: Batch, anchor: Anchor, loss_backend: str | None = "auto"):
-    """The standard masked-diffusion loss on x_t (compile-clean)."""
-    if fused_head(model, loss_backend) is None:
-        return outer_loss(model(anchor.xt), batch, anchor)
-    split = last_split(model)  # so that the last FFN runs on the masked rows only
+def standard_loss(
+    backbone: Backbone,
+    batch: Batch,
+    anchor: Anchor,
+    loss_backend: str | None = "auto",
+    *,
+    per_sample: bool = False,
+):
+    """The standard masked-diffusion loss on x_t (compile-clean). per_sample: per-sample fast
+    weights are bound (evaluation after adaptation)."""
+    if fused_head(backbone, loss_backend) is None:  # the module's own forward (FSDP gathers)
+        return outer_loss(FullForward(backbone.module)(anchor.xt), batch, anchor)
+    split = last_split(backbone)  # so that the last FFN runs on the masked rows only
     return head_loss(
-        model,
-        split.early(model, anchor.xt),
         split,
+        split.early(anchor.xt),
         batch.x0,
         anchor.mask,
         anchor.t,
         batch.maskable,
         normalize="token",
         loss_backend=loss_backend,
+        per_sample=per_sample,
     )

@@ -1,4 +1,5 @@
-"""The two training objectives: the standard masked-diffusion loss and the MemDLM step.
+"""The two training methods as objects: `Standard` and `MemDLM`, each with
+`draw(batch, generators) -> Draws` and `loss(backbone, draws) -> (loss, Parts)`.
 
 MemDLM (arXiv 2603.22241; memdlm-method.md section 2.4) for one batch:
 
@@ -10,6 +11,9 @@ MemDLM (arXiv 2603.22241; memdlm-method.md section 2.4) for one batch:
 4. Outer loss: the ordinary masked-diffusion loss on the same x_t with phi bound as constants;
    its gradient trains the base model theta only.
 
+Steps 1-2 and the trajectory's masks are `draw`; step 3 is the inner half (`MemDLM.inner`, also
+evaluation's and prompt adaptation's inner loop); step 4 the outer half (`outer_losses`).
+
 Efficiency: layers before the first fast-weight layer do not depend on phi, so they run once per
 state without gradient, and the anchor's early hidden states are shared with the outer pass. With
 fast weights only on the FFN of that layer (the default), its attention sub-block is part of the
@@ -18,282 +22,304 @@ acts on each position alone and runs on the scored rows only (`losses.head_loss`
 With the reference Transformer, the losses go through `dd.masked_diffusion_loss_from_hidden`
 (`model.norm` output and `model.lm_head.weight`): only the masked rows are projected, and the
 (B, L, V) logits are never formed (`loss_backend`, docs/kernels.md). `memdlm_core` and
-`standard_loss` are the compile-clean parts of the steps (`compile_steps`): everything that draws
-from a generator or reads values back to Python stays outside them.
+`standard_loss` are the compile-clean parts (`compiled(...)`): everything that draws from a
+generator or reads values back to Python stays outside them.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import torch
 
+import diffusion as dd
+from recipes.memdlm.backbones import Backbone, resolve
 from recipes.memdlm.config import MemDLMConfig
 from recipes.memdlm.data.batches import Batch
 from recipes.memdlm.method.inner import (
     InnerProblem,
-    init_fast_weights,
-    inner_states,
+    adapt,
+    fast_weight_dtype,
+    inner_optimizer,
+    make_fast_weights,
     objective_options,
-    solve_inner,
 )
-from recipes.memdlm.method.losses import (
+from recipes.memdlm.method.losses import head_loss, standard_loss
+from recipes.memdlm.method.split import Split, split_point
+from recipes.memdlm.method.trajectory import (
     SCHEDULE,
     Anchor,
-    StepOutput,
-    head_loss,
+    Draws,
+    Generators,
+    draw_memdlm,
+    inner_draws,
     sample_anchor,
-    standard_loss,
-)
-from recipes.memdlm.method.split import split_point
-from recipes.memdlm.method.trajectory import (
-    loss_masks,
-    outer_positions,
-    state_times,
-    teacher_masks,
-    trajectory_masks,
-    without_outer,
 )
 
 
 @dataclass
-class Draws:
-    """Everything random in one training step, drawn before any model call (so that the rest
-    is one deterministic, compile-clean function, and every rank of a torchrun job draws the
-    global step and keeps its rows, `rows`).
+class Parts:
+    """What a step's loss reports besides the loss: the inner loop's info (solve's tensors:
+    inner losses, gradient norms), the fast-weights-off loss (times the rank's share) when
+    measured, and the adapted phi (MemDLM; None for Standard)."""
 
-    batch, anchor: the global batch and its x_t (both methods). MemDLM: the inner steps' input
-    and loss masks, the look-ahead masks of the distillation objectives, phi_0, and the
-    leak-free control's outer positions O (None unless `leak_free`). Standard with more than
-    one anchor per batch (the compute-matched control): the extra anchors.
-    """
+    info: dict[str, Any] | None = None
+    loss_off: torch.Tensor | None = None
+    phi: dict[str, torch.Tensor] | None = None
 
-    batch: Batch
-    anchor: Anchor
-    inputs: list[torch.Tensor] = field(default_factory=list)
-    targets: list[torch.Tensor] = field(default_factory=list)
-    teachers: list[torch.Tensor | None] = field(default_factory=list)
-    phi0: dict[str, torch.Tensor] | None = None
-    outer: torch.Tensor | None = None
-    extra_anchors: list[Anchor] = field(default_factory=list)
 
-    def rows(self, rows: slice, *, per_sample: bool) -> Draws:
-        """The rows that belong to one rank. A tensor that is one object stays one object (the
-        MemDLM step recognises the anchor mask among the inner inputs by identity); a shared
-        phi_0 (no batch dim) is every rank's."""
-        cut: dict[int, torch.Tensor] = {}
+@dataclass(frozen=True)
+class Standard:
+    """The standard masked-diffusion objective. anchors > 1: independent anchors per batch, the
+    loss averaged over them (the compute-matched control); the extras come from the inner
+    stream. compiled: `standard_loss` through a compiler (`compiled(...)`), None = eager."""
 
-        def of(tensor: torch.Tensor) -> torch.Tensor:
-            if id(tensor) not in cut:
-                cut[id(tensor)] = tensor[rows]
-            return cut[id(tensor)]
+    mask_id: int
+    time_eps: float = 1e-3
+    loss_backend: str | None = "auto"
+    anchors: int = 1
+    compiled_loss: Callable | None = None
 
-        def anchor_of(a: Anchor) -> Anchor:
-            return Anchor(of(a.t), of(a.mask), of(a.xt))
+    per_sample = False  # no fast weights: nothing per sample
 
-        b, phi0 = self.batch, self.phi0
-        if phi0 is not None and per_sample:
-            phi0 = {k: of(v) for k, v in phi0.items()}
-        return Draws(
-            Batch(of(b.x0), of(b.maskable), of(b.prompt_lengths)),
-            anchor_of(self.anchor),
-            [of(m) for m in self.inputs],
-            [of(m) for m in self.targets],
-            [None if m is None else of(m) for m in self.teachers],
-            phi0,
-            None if self.outer is None else of(self.outer),
-            [anchor_of(a) for a in self.extra_anchors],
+    def compiled(self, compiler: Callable[[Callable], Callable] | None = None) -> Standard:
+        return replace(self, compiled_loss=(compiler or torch.compile)(standard_loss))
+
+    def placed(self, backbone: Backbone) -> Standard:
+        """Nothing depends on how the model is wrapped."""
+        del backbone
+        return self
+
+    def gap_due(self, step: int) -> bool:
+        del step
+        return False
+
+    def draw(self, batch: Batch, generators: Generators) -> Draws:
+        anchor = sample_anchor(
+            batch, mask_id=self.mask_id, eps=self.time_eps, generator=generators.anchor
         )
-
-
-def draw(
-    model,
-    mem,
-    batch: Batch,
-    anchor: Anchor,
-    cfg: MemDLMConfig,
-    generator,
-    *,
-    mask_id: int,
-    time_eps: float = 1e-3,
-    anchors: int = 1,
-) -> Draws:
-    """The step's draws after its batch and anchor, from `generator` (the inner stream).
-
-    MemDLM (mem given): trajectory masks, then phi_0, then (leak_free) the outer positions, in
-    that order. Standard: `anchors - 1` extra anchors (the stream is otherwise unused by it).
-    """
-    if mem is None:
         extra = [
-            sample_anchor(batch, mask_id=mask_id, eps=time_eps, generator=generator)
-            for _ in range(anchors - 1)
+            sample_anchor(
+                batch, mask_id=self.mask_id, eps=self.time_eps, generator=generators.inner
+            )
+            for _ in range(self.anchors - 1)
         ]
         return Draws(batch, anchor, extra_anchors=extra)
-    inputs = trajectory_masks(anchor.mask, batch.maskable, cfg, generator)
-    teachers = teacher_masks(inputs, anchor.mask, cfg)
-    targets = loss_masks(inputs, anchor.mask, cfg.inner_loss_mask, teachers)
-    phi0 = init_fast_weights(model, mem, batch.x0, per_sample=cfg.per_sample, generator=generator)
-    outer = None
-    if cfg.leak_free:
-        outer = outer_positions(anchor.mask, cfg.leak_free_fraction, generator)
-        inputs, targets, teachers = without_outer(inputs, targets, teachers, outer)
-    return Draws(batch, anchor, inputs, targets, teachers, phi0, outer)
+
+    def loss(self, backbone: Backbone, draws: Draws, *, log_gap=False, share=1.0, grad_sync=None):
+        """(loss times `share`, Parts()): the masked-diffusion loss on x_t, averaged over the
+        anchors. share: this rank's fraction of the global batch's maskable tokens (1 in one
+        process), so that the ranks' losses add up to the one-process loss."""
+        del log_gap, grad_sync
+        loss_fn = self.compiled_loss or standard_loss
+        anchors = [draws.anchor, *draws.extra_anchors]
+        loss = sum(loss_fn(backbone, draws.batch, a, self.loss_backend) for a in anchors[1:])
+        loss = loss_fn(backbone, draws.batch, anchors[0], self.loss_backend) + loss
+        return loss * (share / len(anchors)), Parts()
+
+    def close(self) -> None:
+        """Nothing attached to the model."""
 
 
-def outer_losses(
-    model, mem, phi, hidden_t, split, batch, anchor, log_gap, loss_backend, outer=None, cfg=None
-):
+@dataclass(frozen=True)
+class MemDLM:
+    """The MemDLM step (module docstring) with fast weights `mem` on the run's backbone.
+
+    Built once per phase by `MemDLM.on(backbone, cfg, ...)`, which attaches the fast weights
+    (`close()` takes them off) and finds the split (`layer`, `mid`) and the inner objective.
+    uniform: weight the inner tokens by 1 instead of 1/t (prompt adaptation, `for_prompts`).
+    """
+
+    cfg: MemDLMConfig
+    mem: Any
+    mask_id: int
+    layer: int
+    mid: bool
+    objective: dict[str, Any]
+    phi_dtype: torch.dtype
+    optimizer: Any  # the inner optimizer (`inner_optimizer`), built once
+    time_eps: float = 1e-3
+    loss_backend: str | None = "auto"
+    uniform: bool = False
+    compiled_core: Callable | None = None
+
+    @classmethod
+    def on(cls, backbone: Backbone, cfg: MemDLMConfig, *, mask_id: int, mem=None, **options):
+        """The method for `backbone`; mem: fast weights already attached (else made here)."""
+        mem = make_fast_weights(backbone, cfg) if mem is None else mem
+        split = split_point(backbone, mem.targets, cfg)
+        objective, dtype = objective_options(backbone, cfg), fast_weight_dtype(backbone)
+        optimizer = inner_optimizer(cfg, cfg.per_sample)
+        fields = (cfg, mem, mask_id, split.layer, split.mid, objective, dtype, optimizer)
+        return cls(*fields, **options)
+
+    def placed(self, backbone: Backbone) -> MemDLM:
+        """The method once the model is wrapped for training (FSDP2 shards in place): a sharded
+        layer must be entered whole, so the split is found again (`split_point`)."""
+        split = split_point(backbone, self.mem.targets, self.cfg)
+        return replace(self, layer=split.layer, mid=split.mid)
+
+    @property
+    def per_sample(self) -> bool:
+        return self.cfg.per_sample
+
+    def compiled(self, compiler: Callable[[Callable], Callable] | None = None) -> MemDLM:
+        return replace(self, compiled_core=(compiler or torch.compile)(memdlm_core))
+
+    def for_prompts(self) -> MemDLM:
+        """Inference-time adaptation (memdlm-method.md 3.2): one phi per prompt, uniform
+        weights, no leak-free control (there is no outer target to hide)."""
+        cfg = self.cfg.model_copy(update={"per_sample": True, "leak_free": False})
+        return replace(self, cfg=cfg, uniform=True, optimizer=inner_optimizer(cfg, True))
+
+    def gap_due(self, step: int) -> bool:
+        return step % self.cfg.gap_every == 0
+
+    def split(self, backbone: Backbone) -> Split:
+        return Split(backbone, self.layer, self.mid)
+
+    def draw(self, batch: Batch, generators: Generators) -> Draws:
+        """The anchor from the anchor stream, then the rest from the inner stream
+        (`trajectory.draw_memdlm`)."""
+        init_phi = self._phi0_of(batch)
+        eps = self.time_eps
+        return draw_memdlm(batch, generators, self.cfg, init_phi, mask_id=self.mask_id, eps=eps)
+
+    def draw_after(self, batch: Batch, anchor: Anchor, generator) -> Draws:
+        """The draws after a given anchor (`trajectory.inner_draws`), from `generator`: the
+        same draws as `draw`'s after its anchor (evaluation's fixed anchors, prompts)."""
+        return inner_draws(batch, anchor, self.cfg, generator, self._phi0_of(batch))
+
+    def _phi0_of(self, batch: Batch):
+        """phi_0's draw (`init_phi(generator=...)`): A random, B = 0; one per row when
+        per_sample; float32 at least (accurate updates under bf16), float64 for float64."""
+        rows = batch.x0.shape[0] if self.per_sample else None
+        device, dtype = batch.x0.device, self.phi_dtype
+        return partial(self.mem.init, batch_size=rows, device=device, dtype=dtype)
+
+    def problem(self, backbone: Backbone, batch: Batch) -> InnerProblem:
+        return InnerProblem(
+            self.split(backbone), self.mem, batch.x0, batch.maskable, self.per_sample,
+            self.loss_backend, self.uniform, **self.objective,
+        )  # fmt: skip
+
+    def inner(
+        self, backbone, draws: Draws, *, anchor_hidden=None, grad_sync=None, allow_nonfinite=False
+    ):
+        """The inner half: (detached adapted phi, inner info) from the step's draws. grad_sync:
+        the all-reduce of shared fast-weight gradients across ranks (`inner_optimizer`)."""
+        optimizer = self.optimizer
+        if grad_sync is not None:
+            optimizer = inner_optimizer(self.cfg, self.per_sample, grad_sync)
+        return adapt(
+            self.problem(backbone, draws.batch), draws, optimizer, mask_id=self.mask_id,
+            anchor_hidden=anchor_hidden, allow_nonfinite=allow_nonfinite,
+        )  # fmt: skip
+
+    def loss(self, backbone: Backbone, draws: Draws, *, log_gap=False, share=1.0, grad_sync=None):
+        """(loss times `share`, Parts): the inner half, then the outer loss with phi bound;
+        with log_gap, the fast-weights-off loss too. share: see `Standard.loss`."""
+        core = self.compiled_core or memdlm_core
+        loss, off, phi, info = core(self, backbone, draws, log_gap, grad_sync)
+        return loss * share, Parts(info, None if off is None else off * share, phi)
+
+    def close(self) -> None:
+        """Take the fast weights off the model."""
+        self.mem.remove()
+
+
+def memdlm_core(method: MemDLM, backbone: Backbone, draws: Draws, log_gap: bool, grad_sync=None):
+    """The MemDLM step from its draws (compile-clean: no generator, no `.item()`).
+
+    Returns (loss, loss with fast weights off or None, adapted phi, inner info dict)."""
+    split = method.split(backbone)
+    hidden_t = split.early(draws.anchor.xt)  # with grad: reused by the outer pass
+    phi, info = method.inner(
+        backbone, draws, anchor_hidden=hidden_t, grad_sync=grad_sync, allow_nonfinite=True
+    )
+    loss, off = outer_losses(method, split, phi, hidden_t, draws, log_gap)
+    return loss, off, phi, info
+
+
+def outer_losses(method: MemDLM, split: Split, phi, hidden_t, draws: Draws, log_gap: bool):
     """The outer loss with phi bound, and (log_gap) the same loss with fast weights off.
 
-    outer: the leak-free control's positions O (None: all of M_t); the loss then scores O only,
-    with weight 1 / (t q), q = cfg.leak_free_fraction, so that its expectation over O is the
-    standard loss.
+    draws.outer: the leak-free control's positions O (None: all of M_t); the loss then scores
+    O only, with weight 1 / (t q), q = cfg.leak_free_fraction, so that its expectation over O
+    is the standard loss.
     """
+    batch, anchor = draws.batch, draws.anchor
     mask, weight = anchor.mask, None
-    if outer is not None:
-        mask = outer
-        weight = SCHEDULE.weight(anchor.t) / cfg.leak_free_fraction
+    if draws.outer is not None:
+        mask = draws.outer
+        weight = SCHEDULE.weight(anchor.t) / method.cfg.leak_free_fraction
 
-    def loss_of(hidden):
+    def loss_of(hidden, per_sample):
         return head_loss(
-            model,
-            hidden,
-            split,
-            batch.x0,
-            mask,
-            anchor.t,
-            batch.maskable,
-            normalize="token",
-            weight=weight,
-            loss_backend=loss_backend,
-        )
+            split, hidden, batch.x0, mask, anchor.t, batch.maskable, normalize="token",
+            weight=weight, loss_backend=method.loss_backend, per_sample=per_sample,
+        )  # fmt: skip
 
-    with mem.bind(phi):
-        loss = loss_of(hidden_t)
+    with method.mem.bind(phi):
+        loss = loss_of(hidden_t, method.per_sample)
     off = None
     if log_gap:
         with torch.no_grad():
-            off = loss_of(hidden_t.detach())
+            off = loss_of(hidden_t.detach(), False)
     return loss, off
 
 
-def memdlm_core(
+def adapt_to_prompt(
     model,
     mem,
-    batch: Batch,
-    anchor: Anchor,
-    input_masks: list[torch.Tensor],
-    loss_masks_: list[torch.Tensor],
-    phi0: dict[str, torch.Tensor],
-    cfg: MemDLMConfig,
-    mask_id: int,
-    log_gap: bool,
-    loss_backend: str | None = "auto",
-    grad_sync=None,
-    teachers: list[torch.Tensor | None] | None = None,
-    outer: torch.Tensor | None = None,
-):
-    """The MemDLM step from drawn masks and phi_0 (compile-clean: no generator, no `.item()`).
-
-    Returns (loss, loss with fast weights off or None, inner info dict of tensors). grad_sync:
-    see `inner_optimizer` (data-parallel training with shared fast weights). teachers: the
-    look-ahead masks (`trajectory.teacher_masks`; needed by the distillation objectives).
-    outer: the leak-free control's outer positions (`Draws.outer`).
-    """
-    split = split_point(model, mem, cfg)
-    hidden_t = split.early(model, anchor.xt)  # with grad: reused by the outer pass
-    anchor_index = {len(input_masks) - 1: hidden_t} if input_masks[-1] is anchor.mask else {}
-    problem = InnerProblem(
-        model,
-        mem,
-        batch.x0,
-        batch.maskable,
-        split,
-        cfg.per_sample,
-        loss_backend,
-        **objective_options(model, cfg),
-    )
-    states = inner_states(
-        problem,
-        input_masks,
-        loss_masks_,
-        mask_id=mask_id,
-        precomputed=anchor_index,
-        teachers=teachers,
-        times=state_times(cfg, anchor.t, len(input_masks)),
-    )
-    phi, info = solve_inner(problem, states, phi0, cfg, grad_sync=grad_sync, allow_nonfinite=True)
-    loss, off = outer_losses(
-        model, mem, phi, hidden_t, split, batch, anchor, log_gap, loss_backend, outer, cfg
-    )
-    return loss, off, info
-
-
-def step_loss(
-    model,
-    mem,
-    draws: Draws,
+    prompt: torch.Tensor,
     cfg: MemDLMConfig,
     *,
     mask_id: int,
-    log_gap: bool,
+    generator,
     loss_backend: str | None = "auto",
-    compiled: dict[str, Callable] | None = None,
-    grad_sync=None,
-    share: float = 1.0,
-):
-    """The step's loss from its draws, for both methods: (loss times `share`, parts).
+) -> dict[str, torch.Tensor]:
+    """Inference-time adaptation ("Train & Inference", memdlm-method.md section 3.2).
 
-    Standard (mem None): the masked-diffusion loss on x_t, averaged over the anchors. MemDLM:
-    `memdlm_core` (the inner loop on phi, then the outer loss with phi bound); parts holds the
-    inner loop's info and, with log_gap, the fast-weights-off loss. share: this rank's fraction
-    of the global batch's maskable tokens (1 in one process), so that the ranks' losses add up
-    to the one-process loss. compiled: from `compile_steps` (None = eager). grad_sync: see
-    `inner_optimizer`.
+    model: a model or its `Backbone`; mem: fast weights attached to it. Every prompt token is
+    maskable. Anchor: Bernoulli(prompt_anchor_ratio); then the training step's draws after an
+    anchor (`MemDLM.draw_after`: the configured strategy's trajectory, phi_0) and its inner half
+    (`MemDLM.inner`), with uniform weighting and the mean over masked tokens, one phi per prompt
+    (`MemDLM.for_prompts`), exactly as if each prompt were adapted alone. Returns detached
+    per-sample fast weights.
     """
-    if mem is None:
-        loss_fn = compiled["standard"] if compiled is not None else standard_loss
-        anchors = [draws.anchor, *draws.extra_anchors]
-        loss = sum(loss_fn(model, draws.batch, a, loss_backend) for a in anchors[1:])
-        loss = loss_fn(model, draws.batch, anchors[0], loss_backend) + loss
-        return loss * (share / len(anchors)), {}
-    core = compiled["memdlm"] if compiled is not None else memdlm_core
-    loss, off, info = core(
-        model,
-        mem,
-        draws.batch,
-        draws.anchor,
-        draws.inputs,
-        draws.targets,
-        draws.phi0,
-        cfg,
-        mask_id,
-        log_gap,
-        loss_backend,
-        grad_sync=grad_sync,
-        teachers=draws.teachers,
-        outer=draws.outer,
+    backbone = resolve(model)
+    method = MemDLM.on(backbone, cfg, mask_id=mask_id, mem=mem, loss_backend=loss_backend)
+    method = method.for_prompts()
+    maskable = torch.ones_like(prompt, dtype=torch.bool)
+    t = torch.full((prompt.shape[0],), cfg.prompt_anchor_ratio, device=prompt.device)
+    xt, mask = dd.corrupt(
+        prompt, t, mask_id=mask_id, schedule=SCHEDULE, maskable=maskable, generator=generator
     )
-    parts = {"info": info}
-    if off is not None:
-        parts["loss_off"] = off * share
-    return loss * share, parts
+    batch = Batch(prompt, maskable, torch.zeros_like(prompt[:, 0]))
+    draws = method.draw_after(batch, Anchor(t, mask, xt), generator)
+    phi, _ = method.inner(backbone, draws)
+    return phi
 
 
 def step_record(loss: float, off: float | None, losses, norms, largest) -> dict[str, Any]:
     """The logged record of a step from plain numbers (one process, or reduced over ranks):
-    loss, the inner losses, gradient norms and largest per-tensor norms per inner step, and the
-    fast-weights-off loss and the gap when measured. A non-finite inner loss means phi is not
-    finite: the step is skipped, so its loss (and gap) are NaN and `inner_nonfinite` is set."""
+    loss, the inner losses, gradient norms and largest per-tensor norms per inner step, the
+    last inner step's gradient norm (`inner_grad_norm_final`), and the fast-weights-off loss
+    and the gap when measured. A non-finite inner loss means phi is not finite: the step is
+    skipped, so its loss (and gap) are NaN and `inner_nonfinite` is set."""
     record: dict[str, Any] = {"loss": loss}
     for k, (value, norm, big) in enumerate(zip(losses, norms, largest), 1):
         record[f"inner_loss_{k}"] = value
         record[f"inner_grad_norm_{k}"] = norm
         if math.isfinite(big):
             record[f"inner_max_tensor_norm_{k}"] = big
+    if norms:
+        record["inner_grad_norm_final"] = norms[-1]
     if not all(math.isfinite(value) for value in losses):
         record["inner_nonfinite"] = True
         record["loss"] = math.nan
@@ -303,71 +329,20 @@ def step_record(loss: float, off: float | None, losses, norms, largest) -> dict[
     return record
 
 
-def standard_step(
-    model,
-    batch: Batch,
-    anchor: Anchor,
-    *,
-    loss_backend: str | None = "auto",
-    compiled: dict[str, Callable] | None = None,
-) -> StepOutput:
-    """One standard step in one process (without the optimizer update): `step_loss`."""
-    loss, _ = step_loss(  # Standard reads neither the MemDLM config nor the mask id
-        model,
-        None,
-        Draws(batch, anchor),
-        MemDLMConfig(),
-        mask_id=-1,
-        log_gap=False,
-        loss_backend=loss_backend,
-        compiled=compiled,
-    )
-    return StepOutput(loss, step_record(loss.item(), None, [], [], []))
-
-
-def memdlm_step(
-    model,
-    mem,
-    batch: Batch,
-    anchor: Anchor,
-    cfg: MemDLMConfig,
-    *,
-    mask_id: int,
-    generator,
-    log_gap: bool,
-    loss_backend: str | None = "auto",
-    compiled: dict[str, Callable] | None = None,
-) -> StepOutput:
-    """One MemDLM step in one process (without the optimizer update): `draw` from `generator`,
-    then `step_loss` (see the module docstring); compiled: from `compile_steps`."""
-    draws = draw(model, mem, batch, anchor, cfg, generator, mask_id=mask_id)
-    loss, parts = step_loss(
-        model,
-        mem,
-        draws,
-        cfg,
-        mask_id=mask_id,
-        log_gap=log_gap,
-        loss_backend=loss_backend,
-        compiled=compiled,
-    )
-    info = parts["info"]
-    largest = torch.stack(list(info["grad_norms"].values())).amax(0)
-    off = parts["loss_off"].item() if "loss_off" in parts else None
-    record = step_record(
-        loss.item(), off, info["loss"].tolist(), info["grad_norm"].tolist(), largest.tolist()
-    )
-    return StepOutput(loss, record)
-
-
-def compile_steps(compiler: Callable[[Callable], Callable] | None = None) -> dict[str, Callable]:
-    """The compile-clean step functions wrapped by `compiler` (default `torch.compile`), for
-    `standard_step(..., compiled=...)` and `memdlm_step(..., compiled=...)`.
-
-    Compiled: the whole standard loss; for MemDLM the anchor's early layers, the inner states,
-    the inner loop (bilevel.solve, through torch.func under the compiler), the outer loss and
-    the gap diagnostic, with backward graphs for both losses. Left eager: the mask and phi_0
-    draws (generators), the `.item()` metrics, backward calls and the optimizer.
-    """
-    compiler = torch.compile if compiler is None else compiler
-    return {"standard": compiler(standard_loss), "memdlm": compiler(memdlm_core)}
+def record_of(loss: torch.Tensor, parts: Parts) -> dict[str, Any]:
+    """`step_record` of a step in one process, read back from the device in one `.tolist()`."""
+    values = [loss.detach().double().reshape(1)]
+    if parts.loss_off is not None:
+        values.append(parts.loss_off.detach().double().reshape(1))
+    steps = 0
+    if parts.info is not None:
+        info = parts.info
+        steps = info["loss"].numel()
+        largest = torch.stack(list(info["grad_norms"].values())).amax(0)
+        values += [
+            t.detach().double().reshape(-1) for t in (info["loss"], info["grad_norm"], largest)
+        ]
+    flat = torch.cat(values).tolist()
+    off = flat[1] if parts.loss_off is not None else None
+    inner = flat[len(flat) - 3 * steps :] if steps else []
+    return step_record(flat[0], off, inner[:steps], inner[steps : 2 * steps], inner[2 * steps :])

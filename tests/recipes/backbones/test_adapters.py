@@ -82,7 +82,8 @@ def test_mid_layer_split_only_when_the_first_fast_layer_has_ffn_targets_only():
     cfg = MemDLMConfig(layer_fraction=0.5)
     mem = make_fast_weights(model, cfg)
     try:
-        assert split_point(model, mem, cfg) == Split(2, mid=True)
+        backbone = adapter(model)
+        assert split_point(backbone, mem.targets, cfg) == Split(backbone, 2, mid=True)
     finally:
         mem.remove()
     attention_too = ("layers.2.attn.qkv", "layers.2.mlp.up_proj")
@@ -145,6 +146,6 @@ def test_only_the_last_layers_ffn_and_the_final_norm_count_as_position_wise():
     assert not adapter(Plain()).position_wise_after(3, True)
     # Per position means per position: rows taken from anywhere give the same features.
     h = torch.randn(2, 5, 16)
-    rows = Split(2, mid=True).row_features(reference(n_layers=3), h.reshape(10, 16))
-    full = Split(2, mid=True).features(reference(n_layers=3), h)
+    split = Split(adapter(reference(n_layers=3)), 2, mid=True)
+    rows, full = split.row_features(h.reshape(10, 16)), split.features(h)
     torch.testing.assert_close(rows, full.reshape(10, 16), rtol=1e-6, atol=1e-6)

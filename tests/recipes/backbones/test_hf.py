@@ -33,6 +33,7 @@ from recipes.memdlm.config import build_config  # noqa: E402
 from recipes.memdlm.data.batches import Batch  # noqa: E402
 from recipes.memdlm.data.prepare import tokenizer_for  # noqa: E402
 from recipes.memdlm.data.tasks import filler_text  # noqa: E402
+from tests.recipes.method.test_step import memdlm_step  # noqa: E402
 
 KINDS = ("moe", "bert", "modernbert")
 
@@ -333,7 +334,7 @@ def memdlm_losses(model, cfg, x0, maskable, seed=0):
         batch = Batch(x0, maskable, maskable.long().argmax(1))
         g = torch.Generator(device=x0.device).manual_seed(seed)
         anchor = method.sample_anchor(batch, mask_id=1, eps=1e-3, generator=g)
-        out = method.memdlm_step(
+        out = memdlm_step(
             model, mem, batch, anchor, cfg.memdlm, mask_id=1, generator=g, log_gap=True
         )
         model.zero_grad()

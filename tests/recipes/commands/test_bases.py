@@ -162,14 +162,13 @@ def test_pretraining_reproduces_the_shipped_bases_first_losses(tmp_path):
     with pytest.raises(Interrupted):
         train_phase(
             model,
-            method="standard",
+            phase_options(cfg, data, "standard"),
             phase=cfg.pretrain,
             sampler=sampler,
             seed=cfg.seed,
             folder=tmp_path / "base",
             log=log,
             reporter=Notes(stop_after=steps),
-            **phase_options(cfg, data),
         )
     losses = [r["loss"] for r in log.records()]
     assert losses == pytest.approx(record["first_losses"], rel=1e-4)

@@ -11,6 +11,7 @@ configuration.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import subprocess
@@ -94,20 +95,19 @@ def run(scenario, folder: Path, *, ctx=None, interrupt_at=None, model_path=None)
     cfg = config(method_name, memdlm, model_path)
     model = new_model(cfg, ByteTokenizer(), seed=cfg.seed, device="cpu")
     common = dict(
-        method=method_name,
         phase=cfg.train,
-        memdlm=cfg.memdlm,
         sampler=sampler_for(cfg, interrupt_at),
         seed=cfg.seed,
         folder=folder,
         log=loop_steps.MetricsLog(folder / "metrics.jsonl", {"phase": "train"}),
         reporter=Reporter(quiet=True),
-        mask_id=ByteTokenizer.mask_id,
     )
+    settings = train.StepSettings(method_name, cfg.memdlm, ByteTokenizer.mask_id)
     if ctx is None:
-        return model, train.train_phase(model, **common)
+        return model, train.train_phase(model, settings, **common)
     ctx = distributed.Context(ctx.rank, ctx.world_size, ctx.local_rank, ctx.device, strategy)
-    return model, train.train_phase(model, ctx=ctx, sync_inner=sync, **common)
+    settings = dataclasses.replace(settings, sync_inner=sync)
+    return model, train.train_phase(model, settings, ctx=ctx, **common)
 
 
 def worker(out: Path, hf_model: str | None) -> None:
@@ -274,16 +274,13 @@ def test_the_cli_trains_under_torchrun_and_writes_one_run_folder(tmp_path):
     model = new_model(cfg, data.tokenizer, seed=cfg.seed, device="cpu")
     train.train_phase(
         model,
-        method="memdlm",
+        train.StepSettings("memdlm", cfg.memdlm, ByteTokenizer.mask_id, time_eps=cfg.time_eps),
         phase=cfg.train,
-        memdlm=cfg.memdlm,
         sampler=BatchSampler(data.train, cfg.train.batch_size, seed=cfg.seed, eos_id=258),
         seed=cfg.seed,
         folder=tmp_path / "single",
         log=loop_steps.MetricsLog(tmp_path / "single" / "metrics.jsonl", {"phase": "train"}),
         reporter=Reporter(quiet=True),
-        mask_id=ByteTokenizer.mask_id,
-        time_eps=cfg.time_eps,
     )
     torch.testing.assert_close(
         torch.tensor(losses_in(run_folder)),

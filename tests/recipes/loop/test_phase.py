@@ -48,15 +48,13 @@ def run_phase(cfg, data, folder, method_name, *, steps=None, sampler_hook=None, 
     log = loop_steps.MetricsLog(folder / "metrics.jsonl", {"phase": "train", "method": method_name})
     result = train.train_phase(
         model,
-        method=method_name,
+        train.StepSettings(method_name, cfg.memdlm, data.tokenizer.mask_id),
         phase=phase,
-        memdlm=cfg.memdlm,
         sampler=sampler,
         seed=cfg.seed,
         folder=folder,
         log=log,
         reporter=Reporter(quiet=True),
-        mask_id=data.tokenizer.mask_id,
     )
     return model, result, [r["loss"] for r in log.records()]
 
@@ -80,6 +78,19 @@ def test_golden_losses(setup, tmp_path, method_name):
     if expected is None:
         pytest.fail(f"record golden losses for {method_name}: {losses}")
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=2e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method_name", ["standard", "memdlm"])
+def test_the_backbone_is_resolved_once_per_phase(setup, tmp_path, monkeypatch, method_name):
+    """The phase resolves the model's `Backbone` once and passes it to the method, the split
+    and the losses: no step looks it up again."""
+    from recipes.memdlm import backbones
+
+    cfg, data = setup
+    real, calls = backbones._make_backbone, []
+    monkeypatch.setattr(backbones, "_make_backbone", lambda m: calls.append(m) or real(m))
+    _, _, losses = run_phase(cfg, data, tmp_path, method_name, steps=3)
+    assert len(losses) == 3 and len(calls) == 1
 
 
 @pytest.mark.parametrize("method_name", ["standard", "memdlm"])

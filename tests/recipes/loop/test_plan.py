@@ -92,9 +92,9 @@ def run(cfg, data, folder, method_name, *, stop_at=None):
     model = new_model(cfg, data.tokenizer, seed=cfg.seed, device="cpu")
     log = loop_steps.MetricsLog(folder / "metrics.jsonl", {"phase": "train", "method": method_name})
     train.train_phase(
-        model, method=method_name, phase=resolved(cfg.train, plan), memdlm=cfg.memdlm,
-        sampler=sampler, seed=cfg.seed, folder=folder, log=log, reporter=Reporter(quiet=True),
-        mask_id=data.tokenizer.mask_id,
+        model, train.StepSettings(method_name, cfg.memdlm, data.tokenizer.mask_id),
+        phase=resolved(cfg.train, plan), sampler=sampler, seed=cfg.seed, folder=folder, log=log,
+        reporter=Reporter(quiet=True),
         evaluate=PeriodicEval(plan.eval_every, held_out_metrics(cfg, data, method_name)),
     )  # fmt: skip
     return model, loop_steps.MetricsLog(log.path, {}).records()

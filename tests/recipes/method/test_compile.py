@@ -15,8 +15,10 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import diffusion as dd
 from recipes.memdlm import method
+from recipes.memdlm.backbones import adapter
 from recipes.memdlm.config import MemDLMConfig
 from recipes.memdlm.data.batches import Batch
+from tests.recipes.method.test_step import memdlm_step
 
 pytestmark = pytest.mark.slow
 
@@ -57,18 +59,15 @@ def _explain(fn, *args):
 def test_training_steps_trace_without_graph_breaks():
     model = _model()
     batch, anchor = _batch(0)
-    breaks, graphs, reasons = _explain(method.standard_loss, model, batch, anchor)
+    backbone = adapter(model)
+    breaks, graphs, reasons = _explain(method.standard_loss, backbone, batch, anchor)
     assert (breaks, graphs) == (0, 1), reasons
 
-    mem = method.make_fast_weights(model, CFG)
-    generator = torch.Generator().manual_seed(1)
-    inputs = method.trajectory_masks(anchor.mask, batch.maskable, CFG, generator)
-    targets = method.loss_masks(inputs, anchor.mask, CFG.inner_loss_mask)
-    phi0 = method.init_fast_weights(model, mem, batch.x0, per_sample=False, generator=generator)
-    args = (model, mem, batch, anchor, inputs, targets, phi0, CFG, MASK_ID, True)
-    breaks, graphs, reasons = _explain(method.memdlm_core, *args)
+    memdlm = method.MemDLM.on(backbone, CFG, mask_id=MASK_ID)
+    draws = memdlm.draw_after(batch, anchor, torch.Generator().manual_seed(1))
+    breaks, graphs, reasons = _explain(method.memdlm_core, memdlm, backbone, draws, True)
     assert (breaks, graphs) == (0, 1), reasons
-    mem.remove()
+    memdlm.close()
 
 
 def _grads(model):
@@ -83,13 +82,13 @@ def test_compiled_memdlm_step_matches_eager_and_does_not_recompile(per_sample):
     model = _model()
     mem = method.make_fast_weights(model, cfg)
     counter = CompileCounterWithBackend("aot_eager")
-    compiled = method.compile_steps(lambda fn: torch.compile(fn, backend=counter))
+    compiler = lambda fn: torch.compile(fn, backend=counter)  # noqa: E731
     frames = []
     for seed in range(3):  # new anchors: other mask counts and ratios, the same shapes
         batch, anchor = _batch(seed)
         outs = {}
-        for name, steps in (("eager", None), ("compiled", compiled)):
-            out = method.memdlm_step(
+        for name, steps in (("eager", None), ("compiled", compiler)):
+            out = memdlm_step(
                 model,
                 mem,
                 batch,
@@ -98,7 +97,7 @@ def test_compiled_memdlm_step_matches_eager_and_does_not_recompile(per_sample):
                 mask_id=MASK_ID,
                 generator=torch.Generator().manual_seed(seed),
                 log_gap=True,
-                compiled=steps,
+                compiler=steps,
             )
             out.loss.backward()
             outs[name] = (out, _grads(model))
@@ -117,15 +116,18 @@ def test_compiled_memdlm_step_matches_eager_and_does_not_recompile(per_sample):
 def test_compiled_standard_step_matches_eager_and_does_not_recompile():
     model = _model()
     counter = CompileCounterWithBackend("aot_eager")
-    compiled = method.compile_steps(lambda fn: torch.compile(fn, backend=counter))
+    standard = method.Standard(MASK_ID)
+    compiled = standard.compiled(lambda fn: torch.compile(fn, backend=counter))
+    backbone = adapter(model)
     for seed in range(3):
         batch, anchor = _batch(seed)
-        eager = method.standard_step(model, batch, anchor)
-        eager.loss.backward()
+        draws = method.Draws(batch, anchor)
+        eager, _ = standard.loss(backbone, draws)
+        eager.backward()
         eager_grads = _grads(model)
-        ours = method.standard_step(model, batch, anchor, compiled=compiled)
-        ours.loss.backward()
-        torch.testing.assert_close(ours.loss, eager.loss, rtol=1e-5, atol=1e-6)
+        ours, _ = compiled.loss(backbone, draws)
+        ours.backward()
+        torch.testing.assert_close(ours, eager, rtol=1e-5, atol=1e-6)
         for name, grad in _grads(model).items():
             torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
     assert counter.frame_count == 1

@@ -9,18 +9,40 @@ weight 1/t without the code's additive 1e-6 (DESIGN.md: schedules clamp t instea
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import diffusion as dd
 from recipes.memdlm import method
+from recipes.memdlm.backbones import adapter
 from recipes.memdlm.config import MemDLMConfig
 from recipes.memdlm.data.batches import Batch, Encoded, collate
 from recipes.memdlm.loop.schedule import cosine_with_warmup
-from recipes.memdlm.method import step as method_step
+from recipes.memdlm.method import inner as method_inner
+from recipes.memdlm.method import trajectory as traj
 
 MASK_ID, VOCAB = 13, 14
+
+
+class StepOut(NamedTuple):
+    loss: torch.Tensor
+    metrics: dict
+
+
+def memdlm_step(model, mem, batch, anchor, cfg, *, generator, log_gap, mask_id=MASK_ID, **options):
+    """One MemDLM step as the training loop runs it after its anchor: `MemDLM.draw_after`, then
+    `MemDLM.loss`, and the step record (`method.record_of`). options: loss_backend, compiler."""
+    compiler = options.pop("compiler", None)
+    backbone = adapter(model)
+    memdlm = method.MemDLM.on(backbone, cfg, mask_id=mask_id, mem=mem, **options)
+    if compiler is not None:
+        memdlm = memdlm.compiled(compiler)
+    draws = memdlm.draw_after(batch, anchor, generator)
+    loss, parts = memdlm.loss(backbone, draws, log_gap=log_gap)
+    return StepOut(loss, method.record_of(loss, parts))
 
 
 def tiny_model() -> torch.nn.Module:
@@ -92,7 +114,7 @@ def reference_step(model, batch, anchor, pre_mask, phi0, cfg: MemDLMConfig, name
 def test_memdlm_step_equals_reference_pseudocode(cfg, monkeypatch):
     model = tiny_model()
     batch, anchor, pre_mask = fixed_batch()
-    monkeypatch.setattr(method_step, "trajectory_masks", lambda *args: [pre_mask, anchor.mask])
+    monkeypatch.setattr(traj, "trajectory_masks", lambda *args: [pre_mask, anchor.mask])
     mem = method.make_fast_weights(model, cfg)
     assert mem.targets == (
         "layers.1.mlp.gate_proj",
@@ -101,9 +123,7 @@ def test_memdlm_step_equals_reference_pseudocode(cfg, monkeypatch):
     )
 
     generator = torch.Generator().manual_seed(11)
-    out = method.memdlm_step(
-        model, mem, batch, anchor, cfg, mask_id=MASK_ID, generator=generator, log_gap=True
-    )
+    out = memdlm_step(model, mem, batch, anchor, cfg, generator=generator, log_gap=True)
     out.loss.backward()
     ours = {k: p.grad.clone() for k, p in model.named_parameters()}
     model.zero_grad()
@@ -126,7 +146,7 @@ def test_inner_loop_is_first_order_and_leaves_no_fast_weight_gradient(monkeypatc
     cfg = MemDLMConfig(rank=4, alpha=8.0, inner_lr=0.5)
     model = tiny_model()
     batch, anchor, pre_mask = fixed_batch()
-    monkeypatch.setattr(method_step, "trajectory_masks", lambda *args: [pre_mask, anchor.mask])
+    monkeypatch.setattr(traj, "trajectory_masks", lambda *args: [pre_mask, anchor.mask])
     mem = method.make_fast_weights(model, cfg)
     captured = {}
     real_solve = method.solve_inner
@@ -135,16 +155,9 @@ def test_inner_loop_is_first_order_and_leaves_no_fast_weight_gradient(monkeypatc
         captured["phi"], captured["info"] = real_solve(*args, **kwargs)
         return captured["phi"], captured["info"]
 
-    monkeypatch.setattr(method_step, "solve_inner", spy)
-    out = method.memdlm_step(
-        model,
-        mem,
-        batch,
-        anchor,
-        cfg,
-        mask_id=MASK_ID,
-        generator=torch.Generator().manual_seed(0),
-        log_gap=False,
+    monkeypatch.setattr(method_inner, "solve_inner", spy)
+    out = memdlm_step(
+        model, mem, batch, anchor, cfg, generator=torch.Generator().manual_seed(0), log_gap=False
     )
     phi = captured["phi"]
     assert all(v.grad_fn is None and not v.requires_grad for v in phi.values())
@@ -154,7 +167,7 @@ def test_inner_loop_is_first_order_and_leaves_no_fast_weight_gradient(monkeypatc
     out.loss.backward()
     grads = {k: p.grad.clone() for k, p in model.named_parameters()}
     model.zero_grad()
-    start = method.first_fast_layer(model, cfg)
+    start = method.first_fast_layer(adapter(model), cfg)
     with mem.bind(phi):
         direct = method.outer_loss(
             model.logits_from(model.hidden_states(anchor.xt, upto=start), start=start),
@@ -216,16 +229,19 @@ def test_the_prompt_is_never_masked_by_the_anchor_or_the_inner_states():
 
 def test_split_point_is_mid_layer_only_when_the_layer_may_be_split():
     model = tiny_model()
+    backbone = adapter(model)
     ffn = method.make_fast_weights(model, MemDLMConfig(rank=2, alpha=4.0))
-    assert method.split_point(model, ffn, MemDLMConfig()) == method.Split(1, mid=True)
+    assert method.split_point(backbone, ffn.targets, MemDLMConfig()) == method.Split(
+        backbone, 1, mid=True
+    )
     ffn.remove()
     attention = MemDLMConfig(rank=2, alpha=4.0, targets=["q_proj", "gate_proj"])
     mem = method.make_fast_weights(model, attention)
-    assert method.split_point(model, mem, attention) == method.Split(1, mid=False)
+    assert method.split_point(backbone, mem.targets, attention) == method.Split(backbone, 1)
     mem.remove()
     handle = model.layers[1].register_forward_pre_hook(lambda module, args: None)
     mem = method.make_fast_weights(model, MemDLMConfig(rank=2, alpha=4.0))
-    assert method.split_point(model, mem, MemDLMConfig()) == method.Split(1, mid=False)
+    assert method.split_point(backbone, mem.targets, MemDLMConfig()) == method.Split(backbone, 1)
     handle.remove()
     mem.remove()
 
@@ -248,16 +264,18 @@ def test_losses_on_the_scored_rows_equal_the_full_forward(per_sample):
     phi = mem.init(batch_size=3 if per_sample else None, generator=torch.Generator().manual_seed(1),
                    dtype=torch.float64)  # fmt: skip
     phi = {k: (v + 0.1 * torch.randn_like(v)).requires_grad_() for k, v in phi.items()}
-    split = method.split_point(model, mem, cfg)
-    assert split == method.Split(1, mid=True) and split.position_wise(model)
+    backbone = adapter(model)
+    split = method.split_point(backbone, mem.targets, cfg)
+    assert split == method.Split(backbone, 1, mid=True) and split.position_wise()
     args = (batch.x0, anchor.mask, anchor.t, batch.maskable)
     seen = []
     hook = model.layers[1].mlp.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape))
+    whole = method.Split(backbone, 0)
     with mem.bind(phi):
-        rows = method.head_loss(model, split.early(model, anchor.xt), split, *args,
-                                normalize="token")  # fmt: skip
-        full = method.head_loss(model, method.Split(0).early(model, anchor.xt), method.Split(0),
-                                *args, normalize="token")  # fmt: skip
+        rows = method.head_loss(split, split.early(anchor.xt), *args, normalize="token",
+                                per_sample=per_sample)  # fmt: skip
+        full = method.head_loss(whole, whole.early(anchor.xt), *args, normalize="token",
+                                per_sample=per_sample)  # fmt: skip
     hook.remove()
     scored = int(anchor.mask.sum())
     packed = (3, int(anchor.mask.sum(1).max()), 16) if per_sample else (scored, 1, 16)
@@ -274,11 +292,12 @@ def test_standard_loss_runs_the_last_ffn_on_the_masked_rows_with_the_full_result
     batch, anchor, _ = fixed_batch()
     calls = []
     model.layers[1].mlp.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape))
-    loss = method.standard_loss(model, batch, anchor)
+    backbone = adapter(model)
+    loss = method.standard_loss(backbone, batch, anchor)
     assert calls == [(int(anchor.mask.sum()), 1, 16)]  # the masked rows, one position each
-    full = method.head_loss(model, method.Split(0).early(model, anchor.xt), method.Split(0),
-                            batch.x0, anchor.mask, anchor.t, batch.maskable,
-                            normalize="token")  # fmt: skip
+    whole = method.Split(backbone, 0)
+    full = method.head_loss(whole, whole.early(anchor.xt), batch.x0, anchor.mask, anchor.t,
+                            batch.maskable, normalize="token")  # fmt: skip
     grads = torch.autograd.grad(loss, list(model.parameters()))
     oracle = torch.autograd.grad(full, list(model.parameters()))
     torch.testing.assert_close(loss, full, rtol=1e-12, atol=0)
@@ -295,7 +314,7 @@ def test_the_first_fast_layer_is_memorys_rule_everywhere():
 
     model, shape = tiny_model(), SHAPES[0]
     for fraction in (1e-17, 0.1, 0.5, 1.0):
-        first = method.first_fast_layer(model, MemDLMConfig(layer_fraction=fraction))
+        first = method.first_fast_layer(adapter(model), MemDLMConfig(layer_fraction=fraction))
         assert first == min(int(2 * (1 - fraction)), 1) == first_fast_index(2, fraction)
         line = adapter(model).describe(fraction, ["up_proj"])
         assert line["forward"] == f"split at layer {first}"
@@ -303,3 +322,14 @@ def test_the_first_fast_layer_is_memorys_rule_everywhere():
         assert shape.fast_layers(fraction) == shape.layers - first_fast_index(
             shape.layers, fraction
         )
+
+
+def test_the_final_inner_gradient_norm_is_the_last_inner_steps_for_any_k():
+    """`inner_grad_norm_final` is the last inner step's norm (not the largest of the first two),
+    whatever the number of inner steps."""
+    for norms in ([0.5], [3.0, 1.0], [1.0, 4.0, 2.0], [9.0, 8.0, 7.0, 0.25]):
+        k = len(norms)
+        record = method.step_record(1.0, None, [0.1] * k, norms, [0.0] * k)
+        assert record["inner_grad_norm_final"] == norms[-1]
+        assert [record[f"inner_grad_norm_{i + 1}"] for i in range(k)] == norms
+    assert "inner_grad_norm_final" not in method.step_record(1.0, None, [], [], [])

@@ -12,6 +12,7 @@ both sides see the same ones.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 
 import diffusion as dd
 from recipes.memdlm import method
+from recipes.memdlm.backbones import adapter
 from recipes.memdlm.config import MemDLMConfig
 from tests.recipes.method.test_step import MASK_ID, VOCAB, fixed_batch
 
@@ -154,24 +156,12 @@ CASES = {
 def test_step_equals_the_hand_written_loop(cfg):
     model = model_of(4 if cfg.distill_hidden_layers == "early" else 2)
     batch, anchor, _ = fixed_batch()
-    mem = method.make_fast_weights(model, cfg)
-    draws = method.draw(
-        model, mem, batch, anchor, cfg, torch.Generator().manual_seed(5), mask_id=MASK_ID
-    )
-    loss, off, info = method.memdlm_core(
-        model,
-        mem,
-        batch,
-        anchor,
-        draws.inputs,
-        draws.targets,
-        draws.phi0,
-        cfg,
-        MASK_ID,
-        True,
-        teachers=draws.teachers,
-        outer=draws.outer,
-    )
+    backbone = adapter(model)
+    memdlm = method.MemDLM.on(backbone, cfg, mask_id=MASK_ID)
+    mem = memdlm.mem
+    draws = memdlm.draw_after(batch, anchor, torch.Generator().manual_seed(5))
+    loss, parts = memdlm.loss(backbone, draws, log_gap=True)
+    off, info = parts.loss_off, parts.info
     loss.backward()
     ours = {k: p.grad.clone() for k, p in model.named_parameters()}
     model.zero_grad()
@@ -194,15 +184,12 @@ def test_early_hidden_distillation_before_the_fast_layers_leaves_phi_unchanged()
     cfg.distill_hidden_layers = "early"
     model = model_of(4)
     batch, anchor, _ = fixed_batch()
-    mem = method.make_fast_weights(model, cfg)
-    draws = method.draw(
-        model, mem, batch, anchor, cfg, torch.Generator().manual_seed(5), mask_id=MASK_ID
-    )
-    loss, off, info = method.memdlm_core(
-        model, mem, batch, anchor, draws.inputs, draws.targets, draws.phi0, cfg, MASK_ID, True,
-        teachers=draws.teachers,
-    )  # fmt: skip
-    mem.remove()
+    backbone = adapter(model)
+    memdlm = method.MemDLM.on(backbone, cfg, mask_id=MASK_ID)
+    draws = memdlm.draw_after(batch, anchor, torch.Generator().manual_seed(5))
+    loss, parts = memdlm.loss(backbone, draws, log_gap=True)
+    off, info = parts.loss_off, parts.info
+    memdlm.close()
     assert info["grad_norm"].abs().max().item() == 0.0
     assert off.item() == loss.item()
 
@@ -234,15 +221,12 @@ def test_leak_free_inner_loop_never_sees_the_outer_targets():
     cfg = MemDLMConfig(leak_free=True, inner_steps=3, inner_epochs=2, inner_loss="distill")
     model = model_of(2)
     batch, anchor, _ = fixed_batch()
-    mem = method.make_fast_weights(model, cfg)
-    draws = method.draw(
-        model, mem, batch, anchor, cfg, torch.Generator().manual_seed(1), mask_id=MASK_ID
-    )
-    plain = method.draw(
-        model, mem, batch, anchor, cfg.model_copy(update={"leak_free": False}),
-        torch.Generator().manual_seed(1), mask_id=MASK_ID,
-    )  # fmt: skip
-    mem.remove()
+    backbone = adapter(model)
+    memdlm = method.MemDLM.on(backbone, cfg, mask_id=MASK_ID)
+    draws = memdlm.draw_after(batch, anchor, torch.Generator().manual_seed(1))
+    plain = replace(memdlm, cfg=cfg.model_copy(update={"leak_free": False}))
+    plain = plain.draw_after(batch, anchor, torch.Generator().manual_seed(1))
+    memdlm.close()
     outer = draws.outer
     assert outer.any() and (outer & ~anchor.mask).sum() == 0 and (anchor.mask & ~outer).any()
     for inp, target, teacher in zip(draws.inputs, draws.targets, draws.teachers):
@@ -254,7 +238,9 @@ def test_leak_free_inner_loop_never_sees_the_outer_targets():
         assert torch.equal(a, b)
     for key in plain.phi0:
         assert torch.equal(draws.phi0[key], plain.phi0[key])
-    assert draws.inputs[-1] is anchor.mask  # the anchor's early states stay shared
+    # The anchor is the last inner input (its early states are the outer pass's).
+    assert draws.anchor_index == len(draws.inputs) - 1
+    assert torch.equal(draws.inputs[-1], anchor.mask)
 
 
 def test_leak_free_outer_loss_is_unbiased_for_the_standard_loss():
