@@ -61,15 +61,13 @@ def run_phase(cfg, data, folder, *, steps=4, sampler_hook=None):
     log = loop_steps.MetricsLog(folder / "metrics.jsonl", {"phase": "train", "method": "memdlm"})
     train.train_phase(
         model,
-        method="memdlm",
+        train.StepSettings("memdlm", cfg.memdlm, data.tokenizer.mask_id),
         phase=phase,
-        memdlm=cfg.memdlm,
         sampler=sampler,
         seed=cfg.seed,
         folder=folder,
         log=log,
         reporter=Reporter(quiet=True),
-        mask_id=data.tokenizer.mask_id,
     )
     return model, [r["loss"] for r in log.records()]
 
