@@ -81,23 +81,37 @@ def test_leaving_bind_through_an_exception_restores_the_model(kind):
     assert not mem.is_bound and torch.equal(model(x), bare)
 
 
-def test_remove_detaches_every_hook_and_blocks_later_binds():
+def test_hooks_exist_only_inside_bind_and_remove_is_harmless():
+    """Attaching is scoped to `bind`: no hook of ours before, one per target inside, none after
+    (also after an exception); the deprecated `remove()` changes nothing and later binds work."""
     model = tiny_model()
     x = tokens(2, 6)
     bare = model(x)
     targets = mm.last_layers(model, 0.5)
-    hooks_before = {t: len(model.get_submodule(t)._forward_hooks) for t in targets}
+
+    def hook_counts():
+        return {t: len(model.get_submodule(t)._forward_hooks) for t in targets}
+
+    before = hook_counts()
     mem = mm.FastLoRA(model, targets, rank=2)
-    assert all(len(model.get_submodule(t)._forward_hooks) == hooks_before[t] + 1 for t in targets)
+    assert hook_counts() == before and mm.bindings(model) == ()
     state = randomize(mem.init())
-    with mem.bind(state), pytest.raises(RuntimeError, match="remove"):
-        mem.remove()  # not while bound
+    with mem.bind(state) as binding:
+        assert hook_counts() == {t: n + 1 for t, n in before.items()}
+        assert mm.bindings(model) == (binding,) and binding.memory is mem
+        assert binding.batch_size is None
+        inside = model(x)
+        with pytest.raises(RuntimeError, match="remove"):
+            mem.remove()  # not while bound
+    assert hook_counts() == before and mm.bindings(model) == ()
+    with pytest.raises(KeyError), mem.bind(state):
+        raise KeyError("boom")
+    assert hook_counts() == before
     mem.remove()
-    mem.remove()  # idempotent
-    assert {t: len(model.get_submodule(t)._forward_hooks) for t in targets} == hooks_before
+    mem.remove()  # idempotent, harmless
     assert torch.equal(model(x), bare)
-    with pytest.raises(RuntimeError, match="after remove"):
-        mem.bind(state)
+    with mem.bind(state):
+        assert torch.equal(model(x), inside)  # a later bind still works
 
 
 def test_two_memories_on_one_target_add_their_corrections():

@@ -163,6 +163,7 @@ def make_inner_loss(problem: InnerProblem, *, uniform: bool):
                 weight=weight,
                 loss_backend=p.loss_backend,
                 head_grad=False,  # first order: the inner gradient is taken for phi only
+                per_sample=p.per_sample,
             )
 
     return inner_loss

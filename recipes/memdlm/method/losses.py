@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 import torch
 
 import diffusion as dd
-import memory as mm
 from recipes.memdlm.backbones import adapter
 from recipes.memdlm.data.batches import Batch
 from recipes.memdlm.method.split import Split, last_split
@@ -88,11 +87,14 @@ def head_loss(
     weight: torch.Tensor | None = None,
     loss_backend: str | None = "auto",
     head_grad: bool = True,
+    per_sample: bool = False,
 ) -> torch.Tensor:
     """The masked diffusion loss of the network after `split` and the head applied to `hidden`.
 
     head_grad=False: the fused loss treats the head's weight as a constant, so it skips the
     (V, D) weight-gradient products (the first-order inner loop differentiates phi only).
+    per_sample: whether the fast weights bound around this call are per-sample (the caller
+    knows: `InnerProblem.per_sample`, `cfg.per_sample`).
     When the network after the split acts on each position alone (`Split.position_wise`), it
     runs on the scored rows only (`tail_on_rows`): the same loss, at a fraction of the cost when
     few positions are masked.
@@ -101,7 +103,7 @@ def head_loss(
     common = dict(schedule=SCHEDULE, maskable=maskable, normalize=normalize, weight=weight)
     if head is None:
         return dd.masked_diffusion_loss(split.logits(model, hidden), x0, mask, t, **common)
-    row_map = tail_on_rows(model, split, mask)
+    row_map = tail_on_rows(model, split, mask, per_sample=per_sample)
     if row_map is None:
         hidden = split.features(model, hidden)
     return dd.masked_diffusion_loss_from_hidden(
@@ -110,7 +112,7 @@ def head_loss(
     )  # fmt: skip
 
 
-def tail_on_rows(model, split: Split, mask: torch.Tensor):
+def tail_on_rows(model, split: Split, mask: torch.Tensor, *, per_sample: bool = False):
     """The network after `split` as a map of the scored rows (N, D) -> (N, D), for
     `dd.masked_diffusion_loss_from_hidden(row_map=...)`; None when it needs every position.
 
@@ -118,11 +120,12 @@ def tail_on_rows(model, split: Split, mask: torch.Tensor):
     sample, so the rows go back into a (B, M, D) batch first, M the most rows any sample has,
     padded with zeros (whose outputs are dropped). Under `torch.compile` the loss scores every
     position (static shapes), and the per-sample case takes the full path there.
-    mask: (B, L) bool, the positions the loss scores.
+    mask: (B, L) bool, the positions the loss scores. per_sample: per-sample fast weights
+    are bound around the call.
     """
     if not split.position_wise(model):
         return None
-    if mm.per_sample_batch() is None:
+    if not per_sample:
         return lambda rows: split.row_features(model, rows)
     if torch.compiler.is_compiling():
         return None

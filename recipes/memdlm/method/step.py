@@ -157,7 +157,7 @@ def outer_losses(
         mask = outer
         weight = SCHEDULE.weight(anchor.t) / cfg.leak_free_fraction
 
-    def loss_of(hidden):
+    def loss_of(hidden, per_sample=False):
         return head_loss(
             model,
             hidden,
@@ -169,10 +169,11 @@ def outer_losses(
             normalize="token",
             weight=weight,
             loss_backend=loss_backend,
+            per_sample=per_sample,
         )
 
     with mem.bind(phi):
-        loss = loss_of(hidden_t)
+        loss = loss_of(hidden_t, per_sample=cfg is not None and cfg.per_sample)
     off = None
     if log_gap:
         with torch.no_grad():
