@@ -100,8 +100,10 @@ def eval_loss(
             phi = _gold_adaptation(model, mem, batch, anchor, cfg, mask_id, generator, loss_backend)
         elif mode == "prompt":
             phi = _prompt_adaptation(model, mem, batch, cfg, mask_id, generator, loss_backend)
+        per_sample = phi is not None and mem.batch_size(phi) is not None
         with torch.no_grad(), mem.bind(phi) if phi is not None else nullcontext():
-            values.append(standard_loss(model, batch, anchor, loss_backend).item())
+            loss = standard_loss(model, batch, anchor, loss_backend, per_sample=per_sample)
+            values.append(loss.item())
         weights.append(int(batch.maskable.sum()))
     return _weighted_mean(values, weights)
 

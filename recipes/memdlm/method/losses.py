@@ -141,8 +141,11 @@ def tail_on_rows(model, split: Split, mask: torch.Tensor, *, per_sample: bool = 
     return per_sample
 
 
-def standard_loss(model, batch: Batch, anchor: Anchor, loss_backend: str | None = "auto"):
-    """The standard masked-diffusion loss on x_t (compile-clean)."""
+def standard_loss(
+    model, batch: Batch, anchor: Anchor, loss_backend: str | None = "auto", *, per_sample=False
+):
+    """The standard masked-diffusion loss on x_t (compile-clean); per_sample: per-sample fast
+    weights are bound around the call (evaluation's adapted losses)."""
     if fused_head(model, loss_backend) is None:
         return outer_loss(model(anchor.xt), batch, anchor)
     split = last_split(model)  # so that the last FFN runs on the masked rows only
@@ -156,4 +159,5 @@ def standard_loss(model, batch: Batch, anchor: Anchor, loss_backend: str | None 
         batch.maskable,
         normalize="token",
         loss_backend=loss_backend,
+        per_sample=per_sample,
     )
