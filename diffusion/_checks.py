@@ -19,7 +19,7 @@ _ENV = "DIFFUSION_DEBUG_CHECKS"
 _debug = {"on": os.environ.get(_ENV, "").strip() not in ("", "0", "false", "False")}
 
 
-class debug_checks:  # noqa: N801 - a switch that reads as a function, like torch's anomaly mode
+class debug_checks:  # a switch that reads as a function, like torch's anomaly mode
     """Turn the value checks (they sync the device) on or off, now; as a context manager,
     restore the previous setting on exit.
 

@@ -61,7 +61,10 @@ def test_a_shared_state_or_none_has_no_per_sample_batch_and_one_sample_refuses()
         assert mm.per_sample_size(model) is None
     with mem.bind(state):
         for bad in (3, -1, True):
-            with pytest.raises(ValueError, match="index must be an int in"), mm.one_sample(model, bad):
+            with (
+                pytest.raises(ValueError, match="index must be an int in"),
+                mm.one_sample(model, bad),
+            ):
                 pass
 
 
