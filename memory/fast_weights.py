@@ -8,11 +8,15 @@ whose parameters ("state") are not in the model: they are a `dict[str, Tensor]` 
 owns and passes to `bind`. The model's code and parameters are never changed, so nothing is
 needed from the model beyond `nn.Linear` targets called as modules.
 
-Binding and attaching are one scope (equinox's explicit state, in a `with` block): entering
-`with mem.bind(state):` installs one forward hook per target, leaving removes them, also
-through an exception. Outside `bind` the model carries no hook of ours and computes exactly
-what it computed before; no module-level registry exists, so which state a forward uses is
-read from the model's own hooks (`bindings`), never from a global.
+Binding is a scoped, explicit value (equinox's explicit state, in a `with` block): the hooks
+hold no state of their own, only a slot that `with mem.bind(state):` fills on entering and
+empties on leaving, also through an exception. Attaching is scoped to the memory object: the
+hooks are made with it and taken off the model when it is garbage-collected (or by the
+optional `remove()`), so no caller needs `try/finally: remove()`. There is no module-level
+registry: which state a forward uses is read from the model's own hooks (`bindings`).
+(Installing the hooks on entering `bind` instead would make every traced function that binds
+inside a `torch.func` transform break its `torch.compile` graph: dynamo cannot trace a write
+into a module's hook dict there.)
 
 A state tensor either has its per-target shape (one set of fast weights shared by the whole
 batch, as in the MemDLM reference code) or an extra leading batch dimension B (per-sample fast
@@ -24,6 +28,7 @@ Subclasses (`FastLoRA`, `FullFastWeights`) define the state layout and the corre
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 
 import torch
@@ -33,7 +38,8 @@ Shape = tuple[int, ...]
 
 
 class FastWeights:
-    """Base class: target bookkeeping, `bind` (the scoped hooks) and state validation.
+    """Base class: target bookkeeping, the hooks, `bind` (the scoped binding) and state
+    validation.
 
     Subclasses set `_suffixes` (the state key suffixes per target, e.g. `("A", "B")`) and
     implement `_param_shapes`, `_init_params`, `_output_delta` and `_weight_delta`.
@@ -49,7 +55,15 @@ class FastWeights:
             for name, linear in self._linears.items()
             for suffix, shape in zip(self._suffixes, self._param_shapes(linear))
         }
-        self._active: Binding | None = None  # the binding whose `with` block is open
+        self._slot = _Slot()  # the open binding, read by the hooks; None outside `bind`
+        handles = [
+            linear.register_forward_hook(_Hook(self._slot, name), with_kwargs=True)
+            for name, linear in self._linears.items()
+        ]
+        # The hooks reference the slot, not this object: dropping the last reference to the
+        # memory takes them off the model (the attachment lives as long as the memory).
+        self._detach = weakref.finalize(self, _remove_handles, handles)
+        self._removed = False
 
     # ----------------------------------------------------------------- subclass interface
     def _param_shapes(self, linear: nn.Linear) -> tuple[Shape, ...]:
@@ -81,7 +95,7 @@ class FastWeights:
     @property
     def is_bound(self) -> bool:
         """Whether a state is bound right now (inside a `with mem.bind(state)` block)."""
-        return self._active is not None
+        return self._slot.binding is not None
 
     def init(
         self,
@@ -129,12 +143,17 @@ class FastWeights:
         """Context manager: inside the `with` block the targets use `state`.
 
         The state is validated here (keys, shapes, dtypes, devices, batch dims). Entering
-        installs one forward hook per target, leaving removes them (also through an
-        exception), so no caller ever needs `remove()`. Tensors are used as given, never
+        puts the binding into the hooks' slot, leaving empties it (also through an
+        exception). Tensors are used as given, never
         copied or modified, so gradients flow from the model output back to them
         (`torch.func.grad` over a function that binds its argument works). `with ... as b`
         gives the `Binding` (its `batch_size`).
         """
+        if self._removed:
+            raise RuntimeError(
+                f"bind() after remove(): this {type(self).__name__} is detached from its "
+                "model; create a new one"
+            )
         params, batch_size = self._check_state(state)
         return Binding(self, params, batch_size)
 
@@ -150,11 +169,12 @@ class FastWeights:
         return self._linears[name].weight + self._weight_delta(params[name])
 
     def remove(self) -> None:
-        """Deprecated, harmless: hooks live only inside `bind`, so outside a `with` block there
-        is nothing to take off. Kept so that older callers still run. Not allowed while bound
-        (the hooks of the open block belong to it)."""
-        if self._active is not None:
+        """Take the hooks off the model now (idempotent; optional: dropping the memory does
+        it too). Later binds raise. Not allowed while bound."""
+        if self._slot.binding is not None:
             raise RuntimeError("remove() inside a bind() block; leave the block first")
+        self._detach()
+        self._removed = True
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(targets={len(self.targets)}, {self._extra_repr()})"
@@ -200,51 +220,53 @@ class FastWeights:
 class Binding:
     """One state bound to one memory: what `mem.bind(state)` returns (an explicit value).
 
-    Entering installs a forward hook on every target that adds the memory's correction under
-    `params`; leaving removes them. `batch_size` is B for a per-sample state, else None.
-    A binding is entered at most once at a time, and a memory holds one open binding.
+    Inside its `with` block the memory's hooks add the correction under `params`; outside,
+    they return None. `batch_size` is B for a per-sample state, else None. A memory holds
+    one open binding at a time.
     """
 
     def __init__(self, memory: FastWeights, params, batch_size: int | None) -> None:
         self.memory = memory
         self.params: dict[str, tuple[torch.Tensor, ...]] = params
         self.batch_size = batch_size
-        self._handles: list = []
 
     def __enter__(self) -> Binding:
         memory = self.memory
-        if memory._active is not None:
+        if memory._slot.binding is not None:
             raise RuntimeError(
                 f"nested bind(): this {type(memory).__name__} is already bound to a state; "
                 "leave the first `with` block before binding another state (for several "
                 "states at once, bind one state with a leading batch dimension)"
             )
-        memory._active = self
-        self._handles = [
-            linear.register_forward_hook(_Hook(self, name), with_kwargs=True)
-            for name, linear in memory._linears.items()
-        ]
+        memory._slot.binding = self
         return self
 
     def __exit__(self, *exc_info) -> bool:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        self.memory._active = None
+        self.memory._slot.binding = None
         return False  # never swallow the exception
 
     def __repr__(self) -> str:
         return f"Binding({self.memory!r}, batch_size={self.batch_size})"
 
 
-class _Hook:
-    """The forward hook of one target inside one binding: `output + delta(x; params[name])`."""
+class _Slot:
+    """Where a memory's hooks find its open binding (None outside `bind`)."""
 
-    def __init__(self, binding: Binding, name: str) -> None:
-        self.binding, self.name = binding, name
+    def __init__(self) -> None:
+        self.binding: Binding | None = None
+
+
+class _Hook:
+    """The forward hook of one target: `output + delta(x; params[name])` under the open
+    binding, `None` (the output untouched) outside `bind`."""
+
+    def __init__(self, slot: _Slot, name: str) -> None:
+        self.slot, self.name = slot, name
 
     def __call__(self, module, args, kwargs, output):
-        binding = self.binding
+        binding = self.slot.binding
+        if binding is None:  # unbound: leave the output object untouched
+            return None
         x = args[0] if args else kwargs["input"]
         if binding.batch_size is not None:
             _check_input_batch(self.name, x, binding.batch_size)
@@ -253,6 +275,11 @@ class _Hook:
         dtype = output.dtype
         params = tuple(p.to(dtype) for p in binding.params[self.name])
         return output + binding.memory._output_delta(module, x.to(dtype), params)
+
+
+def _remove_handles(handles: list) -> None:
+    for handle in handles:
+        handle.remove()
 
 
 def bindings(module: nn.Module) -> tuple[Binding, ...]:
@@ -264,8 +291,8 @@ def bindings(module: nn.Module) -> tuple[Binding, ...]:
     found: dict[int, Binding] = {}
     for sub in module.modules():
         for hook in sub._forward_hooks.values():
-            if isinstance(hook, _Hook):
-                found.setdefault(id(hook.binding), hook.binding)
+            if isinstance(hook, _Hook) and hook.slot.binding is not None:
+                found.setdefault(id(hook.slot.binding), hook.slot.binding)
     return tuple(found.values())
 
 
