@@ -1,15 +1,15 @@
-"""What scoping the hooks to `bind` costs: hooks installed on entering `with mem.bind(state):`
-and removed on leaving, against hooks that stay on the model for the memory's life (the
-design before issue 30).
+"""What the scoped binding costs: entering and leaving `with mem.bind(state):` (it fills and
+empties the slot the memory's hooks read), and a memory's hooks on an unbound forward, against
+the bare model.
 
 Workload: `diffusion.Transformer` at the MemDLM recipe's cpu-tiny size (d_model 128, 4 layers,
-d_ff 256), MemDLM's targets (the last layer's FFN projections), rank 8, batch 16,
-128 tokens; forward only, no gradient (the cheapest forward, where a fixed cost shows most).
-  * "bound, scoped":    N x (enter bind, forward, leave)      -- this design;
-  * "bound, kept":      enter once, N x forward, leave once    -- hooks kept, as before;
-  * "unbound, no hook": N x forward of the bare model          -- this design outside bind;
-  * "unbound, no-op hook": N x forward with a hook that returns None on every target, which is
-    what the model carried outside `bind` before.
+d_ff 256), MemDLM's targets (the last layer's FFN projections), rank 8, batch 16, 128 tokens;
+forward only, no gradient (the cheapest forward, where a fixed cost shows most):
+  * "bound forward, bind per call": N x (enter bind, forward, leave);
+  * "bound forward, one bind":      enter once, N x forward, leave once;
+  * "bind + leave alone":           N x (enter, leave), no forward;
+  * "unbound, memory attached":     N x forward with the memory alive (hooks return None);
+  * "unbound, memory dropped":      N x forward after the memory is garbage-collected.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_memory_bind.py
 """
@@ -20,6 +20,7 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import gc
 import platform
 import statistics
 import time
@@ -43,45 +44,47 @@ def _median_per_call(fn) -> float:
     return statistics.median(times)
 
 
-def measure() -> dict[str, float]:
-    torch.manual_seed(0)
-    model = dd.Transformer(**MODEL).eval()
+def _with_memory(model, x) -> dict[str, float]:
     mem = mm.FastLoRA(model, mm.last_layers(model, 0.1), rank=RANK, alpha=2.0 * RANK)
     state = mem.init()
-    x = torch.randint(0, 96, (BATCH, TOKENS))
 
-    def scoped():
+    def bind_per_call():
         for _ in range(CALLS):
             with mem.bind(state):
                 model(x)
 
-    def kept():
+    def one_bind():
         with mem.bind(state):
             for _ in range(CALLS):
                 model(x)
-
-    def bare():
-        for _ in range(CALLS):
-            model(x)
 
     def bind_only():
         for _ in range(CALLS):
             with mem.bind(state):
                 pass
 
+    return {
+        "bound forward, bind per call": _median_per_call(bind_per_call),
+        "bound forward, one bind": _median_per_call(one_bind),
+        "bind + leave alone": _median_per_call(bind_only),
+        "unbound, memory attached": _median_per_call(lambda: _forwards(model, x)),
+    }
+
+
+def _forwards(model, x) -> None:
+    for _ in range(CALLS):
+        model(x)
+
+
+def measure() -> dict[str, float]:
+    torch.manual_seed(0)
+    model = dd.Transformer(**MODEL).eval()
+    x = torch.randint(0, 96, (BATCH, TOKENS))
     with torch.no_grad():
-        out = {
-            "bound, scoped": _median_per_call(scoped),
-            "bound, kept": _median_per_call(kept),
-            "bind + leave alone": _median_per_call(bind_only),
-            "unbound, no hook": _median_per_call(bare),
-        }
-        handles = [
-            model.get_submodule(t).register_forward_hook(lambda *a: None) for t in mem.targets
-        ]
-        out["unbound, no-op hook"] = _median_per_call(bare)
-        for h in handles:
-            h.remove()
+        out = _with_memory(model, x)
+        gc.collect()  # the memory is gone: so are its hooks
+        assert not any(m._forward_hooks for m in model.modules())
+        out["unbound, memory dropped"] = _median_per_call(lambda: _forwards(model, x))
     return out
 
 
@@ -92,7 +95,10 @@ def main() -> None:
         f"{torch.get_num_threads()} thread(s); batch {BATCH}, {TOKENS} tokens, rank {RANK}"
     )
     print("| case | ms per call | ratio |\n|---|---|---|")
-    pairs = {"bound, scoped": "bound, kept", "unbound, no hook": "unbound, no-op hook"}
+    pairs = {
+        "bound forward, bind per call": "bound forward, one bind",
+        "unbound, memory attached": "unbound, memory dropped",
+    }
     for case, ms in times.items():
         base = pairs.get(case)
         ratio = f"{ms / times[base]:.3f}x vs {base}" if base else ""
