@@ -139,6 +139,10 @@ class SyncReport:
         return "\n".join(lines)
 
 
+class EnoughSteps(Exception):
+    """Raised from an optimizer step hook once `stop_after` windows are counted."""
+
+
 class HostSyncCounter(TorchFunctionMode):
     """Count host syncs by call site while active.
 
@@ -146,11 +150,19 @@ class HostSyncCounter(TorchFunctionMode):
     window opens when the first step ends, and the window open when the mode exits is
     dropped (it is not a full step). windowed=False: one window, everything inside the mode.
     exclude: path fragments; a sync with any of them among its first-party frames is ignored.
+    stop_after: raise `EnoughSteps` when that many windows are complete (ends a long run).
     """
 
-    def __init__(self, *, windowed: bool = True, exclude: Sequence[str] = DEFAULT_EXCLUDE):
+    def __init__(
+        self,
+        *,
+        windowed: bool = True,
+        exclude: Sequence[str] = DEFAULT_EXCLUDE,
+        stop_after: int | None = None,
+    ):
         super().__init__()
         self.windowed = windowed
+        self.stop_after = stop_after
         self.exclude = tuple(exclude)
         self.report = SyncReport()
         self._current: collections.Counter | None = None if windowed else collections.Counter()
@@ -190,6 +202,8 @@ class HostSyncCounter(TorchFunctionMode):
         if self._current is not None:
             self.report.windows.append(self._current)
         self._current = None  # the optimizer's own work is not counted
+        if self.stop_after is not None and len(self.report.windows) >= self.stop_after:
+            raise EnoughSteps  # the run's remaining steps and its evaluation are not needed
 
     def _step_ends(self, *_) -> None:
         self._current = collections.Counter()
@@ -215,8 +229,9 @@ def _one_thread() -> Iterator[None]:
 def count_train_syncs(
     method: str, *, steps: int = 4, preset: str = "cpu-tiny", extra: Sequence[str] = ()
 ) -> SyncReport:
-    """Host syncs between optimizer steps of a real `python -m recipes.memdlm train` run
-    (in process, `steps` training steps, logging and checkpoints pushed past the end)."""
+    """Host syncs between optimizer steps of a real `python -m recipes.memdlm train` run, in
+    process: `steps` complete windows (steps + 1 optimizer steps; logging and checkpoints
+    pushed past them), after which the run is stopped before its evaluation."""
     from recipes.memdlm.cli import main
 
     with tempfile.TemporaryDirectory() as out, _one_thread():
@@ -230,17 +245,20 @@ def count_train_syncs(
             "--out",
             os.path.join(out, "run"),
             "--train.steps",
-            str(steps),
+            str(steps + 2),
             "--train.log_every",
-            str(steps + 1),
+            str(steps + 3),
             "--train.ckpt_every",
-            str(steps + 1),
+            str(steps + 3),
             *extra,
         ]
-        with HostSyncCounter() as counter:
-            code = main(argv)
-        if code not in (0, None):
-            raise RuntimeError(f"train exited with {code}: {argv}")
+        counter = HostSyncCounter(stop_after=steps)
+        try:
+            with counter:
+                code = main(argv)
+            raise RuntimeError(f"train ended (exit {code}) before {steps} steps: {argv}")
+        except EnoughSteps:
+            pass
     return counter.report
 
 

@@ -255,9 +255,9 @@ def test_losses_on_the_scored_rows_equal_the_full_forward(per_sample):
     hook = model.layers[1].mlp.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape))
     with mem.bind(phi):
         rows = method.head_loss(model, split.early(model, anchor.xt), split, *args,
-                                normalize="token")  # fmt: skip
+                                normalize="token", per_sample=per_sample)  # fmt: skip
         full = method.head_loss(model, method.Split(0).early(model, anchor.xt), method.Split(0),
-                                *args, normalize="token")  # fmt: skip
+                                *args, normalize="token", per_sample=per_sample)  # fmt: skip
     hook.remove()
     scored = int(anchor.mask.sum())
     packed = (3, int(anchor.mask.sum(1).max()), 16) if per_sample else (scored, 1, 16)
