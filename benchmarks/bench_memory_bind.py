@@ -3,7 +3,7 @@ empties the slot the memory's hooks read), and a memory's hooks on an unbound fo
 the bare model.
 
 Workload: `diffusion.Transformer` at the MemDLM recipe's cpu-tiny size (d_model 128, 4 layers,
-d_ff 256), MemDLM's targets (the last layer's FFN projections), rank 8, batch 16, 128 tokens;
+d_ff 256), MemDLM's targets (the last layer's FFN projections), rank 8, batch 16, 64 tokens;
 forward only, no gradient (the cheapest forward, where a fixed cost shows most):
   * "bound forward, bind per call": N x (enter bind, forward, leave);
   * "bound forward, one bind":      enter once, N x forward, leave once;
@@ -30,7 +30,7 @@ import torch
 import diffusion as dd
 import memory as mm
 
-BATCH, TOKENS, RANK, CALLS, REPEATS = 16, 128, 8, 20, 15
+BATCH, TOKENS, RANK, CALLS, REPEATS = 16, 64, 8, 10, 9
 MODEL = dict(vocab_size=96, d_model=128, n_layers=4, n_heads=4, d_ff=256, max_seq_len=TOKENS)
 
 

@@ -167,8 +167,10 @@ def masked_diffusion_loss_from_hidden(
         targets = torch.where(mask, x0, 0).reshape(-1)
         token_weight = torch.where(mask, row_weight[:, None], 0.0).reshape(-1)
     else:
-        rows, targets = hidden[mask], x0[mask]
-        token_weight = row_weight[:, None].expand(batch, length)[mask]
+        index = _masked_index(mask)  # one host read, shared by the three gathers
+        rows = hidden.reshape(batch * length, dim).index_select(0, index)
+        targets = x0.reshape(-1).index_select(0, index)
+        token_weight = row_weight[:, None].expand(batch, length).reshape(-1).index_select(0, index)
     if row_map is not None:
         rows = row_map(rows)
     return linear_cross_entropy(
@@ -241,9 +243,19 @@ def _masked_cross_entropy(
             logits.to(dtype).transpose(1, 2), torch.where(mask, x0, 0).long(), reduction="none"
         )
         return torch.where(mask, ce, 0.0)
-    ce = F.cross_entropy(logits[mask].to(dtype), x0[mask].long(), reduction="none")
-    per_token = torch.zeros(mask.shape, dtype=dtype, device=logits.device)
-    return per_token.masked_scatter(mask, ce)
+    index = _masked_index(mask)
+    rows = logits.reshape(-1, logits.shape[-1]).index_select(0, index)
+    ce = F.cross_entropy(
+        rows.to(dtype), x0.reshape(-1).index_select(0, index).long(), reduction="none"
+    )
+    per_token = torch.zeros(mask.numel(), dtype=dtype, device=logits.device)
+    return per_token.index_put((index,), ce).reshape(mask.shape)
+
+
+def _masked_index(mask: Tensor) -> Tensor:
+    """(N,) flat indices of the True entries of `mask` (B, L), row-major (the order of
+    `x[mask]`): the one host read of the gathered path (N is data-dependent)."""
+    return mask.reshape(-1).nonzero().squeeze(1)
 
 
 def _row_scale(mask: Tensor, maskable: Tensor | None, normalize: str, dtype: torch.dtype) -> Tensor:
