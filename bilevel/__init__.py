@@ -8,6 +8,7 @@ gradient mode (unrolled, truncated, first-order, implicit) is an argument::
                         mode=bl.Implicit(linsolve=bl.CG(maxiter=50)))
 """
 
+from bilevel._debug import debug_checks, debug_checks_enabled
 from bilevel._warn import BilevelWarning
 from bilevel.clipping import clip_by_global_norm, clip_per_tensor, normalize_per_tensor
 from bilevel.implicit import implicit_fixed_point, implicit_root
@@ -23,7 +24,7 @@ from bilevel.optimizers import (
     safe_sqrt,
     sgd,
 )
-from bilevel.solve import NonFiniteReport, PerStep, solve
+from bilevel.solve import NonFiniteReport, PerStep, SolveInfo, solve, solve_with_info
 from bilevel.transform import GradientTransformation, apply_updates, chain, scale
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "PerStep",
     "RmspropState",
     "SgdState",
+    "SolveInfo",
     "Truncated",
     "Unrolled",
     "adam",
@@ -48,6 +50,8 @@ __all__ = [
     "chain",
     "clip_by_global_norm",
     "clip_per_tensor",
+    "debug_checks",
+    "debug_checks_enabled",
     "implicit_fixed_point",
     "implicit_root",
     "normalize_per_tensor",
@@ -56,4 +60,5 @@ __all__ = [
     "scale",
     "sgd",
     "solve",
+    "solve_with_info",
 ]

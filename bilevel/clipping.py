@@ -13,6 +13,7 @@ import numbers
 
 from torch import Tensor
 
+from bilevel._debug import debug_checks_enabled
 from bilevel._tree import Tree, check_tree, expand_to, global_norm, tensor_norm
 from bilevel.transform import GradientTransformation, check_hyper
 
@@ -34,7 +35,8 @@ def _stateless(scale_tree) -> GradientTransformation:
         return ()
 
     def update(grads: Tree, state: tuple, params: Tree | None = None) -> tuple[Tree, tuple]:
-        check_tree(grads, "grads")
+        if debug_checks_enabled():
+            check_tree(grads, "grads")
         return scale_tree(grads), state
 
     return GradientTransformation(init, update)

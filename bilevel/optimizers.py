@@ -29,6 +29,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from bilevel._debug import debug_checks_enabled
 from bilevel._tree import Tree, check_matching, check_tree
 from bilevel.transform import GradientTransformation, Hyper, check_grads, check_hyper, is_zero
 
@@ -68,8 +69,9 @@ def _zeros(params: Tree) -> Tree:
 def _check_params_for_decay(params: Tree | None, grads: Tree) -> Tree:
     if params is None:
         raise ValueError("weight_decay needs the current params: call update(grads, state, params)")
-    check_tree(params, "params")
-    check_matching(params, grads, "params", "grads")
+    if debug_checks_enabled():
+        check_tree(params, "params")
+        check_matching(params, grads, "params", "grads")
     return params
 
 
@@ -101,10 +103,11 @@ def sgd(
         return SgdState(_zeros(params) if use_momentum else {})
 
     def update(grads: Tree, state: SgdState, params: Tree | None = None) -> tuple[Tree, SgdState]:
-        if use_momentum:
-            check_grads(grads, state.momentum, "state.momentum")
-        else:
-            check_tree(grads, "grads")
+        if debug_checks_enabled():  # init checked params; the state carries their structure
+            if use_momentum:
+                check_grads(grads, state.momentum, "state.momentum")
+            else:
+                check_tree(grads, "grads")
         grads = _add_decay(grads, params, weight_decay)
         if use_momentum:
             buffers = {k: momentum * state.momentum[k] + g for k, g in grads.items()}
@@ -122,7 +125,8 @@ def _adam_step(
     grads: Tree, state: AdamState, lr: Hyper, b1: Hyper, b2: Hyper, eps: Hyper
 ) -> tuple[Tree, AdamState]:
     """The shared Adam direction: returns ``-lr * m_hat / (sqrt(v_hat) + eps)`` per key."""
-    check_grads(grads, state.mu, "state.mu")
+    if debug_checks_enabled():
+        check_grads(grads, state.mu, "state.mu")
     count = state.count + 1
     mu = {k: b1 * state.mu[k] + (1 - b1) * g for k, g in grads.items()}
     nu = {k: b2 * state.nu[k] + (1 - b2) * g * g for k, g in grads.items()}
@@ -158,7 +162,6 @@ def adam(
     b1, b2 = _check_adam_hypers(lr, betas, eps, weight_decay)
 
     def update(grads: Tree, state: AdamState, params: Tree | None = None) -> tuple[Tree, AdamState]:
-        check_tree(grads, "grads")
         return _adam_step(_add_decay(grads, params, weight_decay), state, lr, b1, b2, eps)
 
     return GradientTransformation(_adam_init, update)
@@ -174,7 +177,6 @@ def adamw(
     b1, b2 = _check_adam_hypers(lr, betas, eps, weight_decay)
 
     def update(grads: Tree, state: AdamState, params: Tree | None = None) -> tuple[Tree, AdamState]:
-        check_tree(grads, "grads")
         updates, state = _adam_step(grads, state, lr, b1, b2, eps)
         if not is_zero(weight_decay):
             params = _check_params_for_decay(params, grads)
@@ -212,7 +214,8 @@ def rmsprop(
     def update(
         grads: Tree, state: RmspropState, params: Tree | None = None
     ) -> tuple[Tree, RmspropState]:
-        check_grads(grads, state.square_avg, "state.square_avg")
+        if debug_checks_enabled():
+            check_grads(grads, state.square_avg, "state.square_avg")
         s_old = state.square_avg
         grads = _add_decay(grads, params, weight_decay)
         square_avg = {k: alpha * s_old[k] + (1 - alpha) * g * g for k, g in grads.items()}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -55,30 +55,26 @@ class PerStep:
 
 
 class NonFiniteReport:
-    """Opt-out of :func:`solve`'s non-finite-loss error: ``solve`` records the step instead.
-
-    By default ``solve`` raises ``ValueError("inner_loss returned nan at step k ...")`` when an
-    inner loss is not finite. Pass ``nonfinite=report`` to get the signal back instead and
-    decide by your own policy (e.g. skip the training step)::
+    """Deprecated (use :func:`solve_with_info` and ``info.nonfinite``): the old out-parameter
+    that turns :func:`solve`'s non-finite-loss error off and records the step instead::
 
         report = bl.NonFiniteReport()
         params_K = bl.solve(..., nonfinite=report)
         if report.found:
             ...  # params_K is not usable (non-finite values propagate); skip this step
 
-    ``solve`` resets the report when it starts and fills it in when the loop is done, so one
-    report can be reused across calls. Attributes:
+    ``solve`` resets the report when it starts and hands it the inner losses when the loop is
+    done; nothing is read from the device until you read ``found``, ``step`` or ``value``
+    (each read is one host sync, yours). Attributes:
 
-    - ``checked``: True when the losses were inspected. False under ``vmap`` and while
-      ``torch.compile`` traces, where a tensor cannot steer Python control flow and the check
-      is skipped (as the default error is); there, use ``return_info=True`` and
-      ``torch.isfinite(info["loss"])``, which is batched per task.
+    - ``checked``: True when the losses can be inspected. False under ``vmap`` and while
+      ``torch.compile`` traces, where a tensor cannot steer Python control flow; there, use
+      ``solve_with_info`` and ``info.nonfinite``, which is batched per task.
     - ``step``: index of the first inner step whose loss was not finite, else None.
     - ``value``: that loss as a float (``nan``, ``inf`` or ``-inf``), else None.
 
     Only the ``steps`` losses the loop evaluates are checked, not ``params_K`` after the last
-    update. The computation is the same with and without a report (one device sync per
-    solve either way).
+    update. Results are identical with and without a report.
     """
 
     def __init__(self) -> None:
@@ -87,8 +83,25 @@ class NonFiniteReport:
     def reset(self) -> None:
         """Forget the previous solve: ``checked=False``, ``step=None``, ``value=None``."""
         self.checked = False
-        self.step: int | None = None
-        self.value: float | None = None
+        self._losses: Tensor | None = None
+
+    def _record(self, losses: Tensor) -> None:
+        self.checked = is_concrete()
+        self._losses = losses if self.checked else None
+
+    @property
+    def step(self) -> int | None:
+        """The first inner step whose loss was not finite (a host read), else None."""
+        if self._losses is None:
+            return None
+        bad = (~torch.isfinite(self._losses)).nonzero()
+        return int(bad[0]) if len(bad) else None
+
+    @property
+    def value(self) -> float | None:
+        """That step's loss as a float, else None."""
+        step = self.step
+        return None if step is None else float(self._losses[step])
 
     @property
     def found(self) -> bool:
@@ -97,6 +110,32 @@ class NonFiniteReport:
 
     def __repr__(self) -> str:
         return f"NonFiniteReport(checked={self.checked}, step={self.step}, value={self.value})"
+
+
+class SolveInfo(NamedTuple):
+    """The diagnostics of one :func:`solve_with_info` call: tensors only, never read back to
+    the host, so it passes through ``vmap`` (one entry per task) and
+    ``torch.func.grad(..., has_aux=True)``. Every tensor is detached.
+
+    - ``loss`` (K,): the inner loss at the iterate each gradient is taken at.
+    - ``grad_norm`` (K,): the global norm of the raw inner gradient at each step.
+    - ``grad_norms`` ``{key: (K,)}``: the per-tensor norms of that gradient.
+    - ``nonfinite`` 0-d bool: some inner loss was not finite (``~isfinite(loss).all()``).
+    - ``final_grad_norm`` 0-d or None: ``||grad f(w_K)||`` with the last step's data
+      (Implicit mode always; other modes with ``final_grad_norm=True``, one more gradient).
+    - ``stationary`` 0-d bool or None: Implicit's stationarity check passed.
+    - ``linsolve`` dict: Implicit mode's linear solve (``iterations``, ``residual``,
+      ``converged``, and for CG ``nonpositive_curvature``, 0-d each), filled in when the
+      backward pass runs the solve; empty before and in other modes.
+    """
+
+    loss: Tensor
+    grad_norm: Tensor
+    grad_norms: dict[str, Tensor]
+    nonfinite: Tensor
+    final_grad_norm: Tensor | None
+    stationary: Tensor | None
+    linsolve: dict[str, Tensor]
 
 
 def _check_loss(loss: Any, step: int) -> None:
@@ -194,39 +233,20 @@ class _InnerLoop:
                     self.checked_updates = True
         return params, state
 
-    def check_finite(self, report: NonFiniteReport | None) -> None:
-        """Raise on a non-finite loss, or record it in ``report`` when one is given.
-
-        One device sync per solve: a non-finite loss anywhere makes the sum non-finite.
-        Skipped where values cannot steer Python (``vmap``, compile): ``report.checked`` stays
-        False there.
-        """
+    def raise_if_nonfinite(self) -> None:
+        """Raise on a non-finite inner loss: one host read per solve (a non-finite loss
+        anywhere makes the sum non-finite). Skipped where values cannot steer Python
+        (``vmap``, compile)."""
         if not is_concrete():
             return
         losses = torch.stack(self.losses)
-        finite = math.isfinite(float(losses.sum()))
-        if report is not None:
-            report.checked = True
-        if finite:
+        if math.isfinite(float(losses.sum())):
             return
         step = int((~torch.isfinite(losses)).nonzero()[0])
-        value = float(losses[step])
-        if report is not None:
-            report.step, report.value = step, value
-            return
         raise ValueError(
-            f"inner_loss returned {value} at step {step}; expected a finite "
+            f"inner_loss returned {float(losses[step])} at step {step}; expected a finite "
             "value (lower the inner learning rate, clip gradients, or check the data)"
         )
-
-    def info(self) -> dict[str, Any]:
-        info: dict[str, Any] = {"loss": torch.stack(self.losses)}
-        if self.record_norms:
-            info["grad_norm"] = torch.stack(self.grad_norms)
-            info["grad_norms"] = {
-                k: torch.stack([n[k] for n in self.tensor_norms]) for k in self.tensor_norms[0]
-            }
-        return info
 
 
 def _check_inner_loss(inner_loss: Any) -> None:
@@ -327,9 +347,15 @@ def _straight_through(params_K: Tree, params0: Tree) -> Tree:
 
 
 def _implicit(
-    loop: _InnerLoop, params_K: Tree, meta: Any, mode: Implicit, steps: int, info: dict
-) -> Tree:
-    """Attach IFT gradients at ``params_K`` for the stationarity condition of the last step."""
+    loop: _InnerLoop, params_K: Tree, meta: Any, mode: Implicit, steps: int, info: dict, sinks,
+    depth: int,
+) -> Tree:  # fmt: skip
+    """Attach IFT gradients at ``params_K`` for the stationarity condition of the last step.
+
+    Writes ``final_grad_norm`` and ``stationary`` into ``info``; the linear solve's record goes
+    into each ``(dict, key prefix)`` of ``sinks`` when the backward pass runs it. ``depth``:
+    the user's frame for warnings, counted from here.
+    """
     data = loop.data_at(steps - 1)
     inner_loss = loop.inner_loss
     linearization = None
@@ -369,13 +395,13 @@ def _implicit(
             f"{mode.stationarity_atol:g}; the implicit gradient may be wrong (run more "
             "steps or raise the inner learning rate; with a warm start, set "
             "Implicit(stationarity_scale=...) to the gradient norm of a cold start)",
-            depth=2,
+            depth=depth,
         )
     if _outer_variables(meta) is None:
         warn(
             "Implicit mode with no outer variables (meta=None or empty): nothing can receive "
             "an implicit gradient",
-            depth=2,
+            depth=depth,
         )
         return params_K
 
@@ -390,18 +416,71 @@ def _implicit(
 
     def on_solve(result: LinsolveInfo) -> None:  # tensors only, eagerly as under vmap
         residual = result.residual
-        info["linsolve_iterations"] = torch.as_tensor(result.iterations, device=residual.device)
-        info["linsolve_residual"] = residual
+        record = {
+            "iterations": torch.as_tensor(result.iterations, device=residual.device),
+            "residual": residual,
+        }
         if result.converged is not None:
-            info["linsolve_converged"] = torch.as_tensor(result.converged, device=residual.device)
+            record["converged"] = torch.as_tensor(result.converged, device=residual.device)
         if result.nonpositive_curvature is not None:
-            info["linsolve_nonpositive_curvature"] = torch.as_tensor(
+            record["nonpositive_curvature"] = torch.as_tensor(
                 result.nonpositive_curvature, device=residual.device
             )
+        for sink, prefix in sinks:
+            sink.update({prefix + k: v for k, v in record.items()})
 
     return attach_implicit_gradient(
         stationarity, params_K, meta, mode.linsolve, on_solve, linearization
     )
+
+
+def _run(
+    inner_loss, params0, meta, optimizer, steps, mode, data, *, record_norms, check_finite, sinks,
+    depth,
+) -> tuple[Tree, _InnerLoop, dict[str, Any]]:  # fmt: skip
+    """The inner loop of every mode: ``(params_K, the loop and its record, Implicit's info)``.
+
+    One host read when ``check_finite`` (the non-finite error), none otherwise. ``depth``: the
+    user's frame for warnings, as ``warn(depth=)`` counts it from here (2: the caller of
+    ``_run``'s caller).
+    """
+    data_at = data.__getitem__ if isinstance(data, PerStep) else (lambda step: data)
+    implicit = isinstance(mode, Implicit)
+    first_norm = implicit and mode.stationarity_scale is None
+    loop = _InnerLoop(
+        inner_loss, meta, optimizer, data_at, record_norms=record_norms, first_norm=first_norm
+    )
+    if isinstance(mode, (Unrolled, Truncated)):
+        exact = steps if isinstance(mode, Unrolled) else mode.T
+        params, state = dict(params0), optimizer.init(params0)
+        if exact < steps:  # detached prefix: a constant for the differentiated suffix
+            params, state = detach((params, state))
+            params, state = loop.run(params, state, range(steps - exact), differentiable=False)
+            params, state = detach((params, state))
+        params_K, _ = loop.run(params, state, range(steps - exact, steps), differentiable=True)
+    else:
+        if isinstance(mode, FirstOrder) and any(t.requires_grad for t in _meta_tensors(meta)):
+            warn(
+                "FirstOrder mode gives meta no gradient through the inner loop (params_K does "
+                "not depend on it); use Unrolled, Truncated or Implicit to learn meta",
+                depth=depth,
+            )
+        start = detach(dict(params0))
+        params_K, _ = loop.run(start, optimizer.init(start), range(steps), differentiable=False)
+    if check_finite:
+        loop.raise_if_nonfinite()
+    info: dict[str, Any] = {}
+    if isinstance(mode, FirstOrder):
+        params_K = _straight_through(params_K, params0)
+    elif implicit:
+        params_K = _implicit(loop, params_K, meta, mode, steps, info, sinks, depth + 1)
+    return params_K, loop, info
+
+
+def _final_grad_norm(loop: _InnerLoop, params_K: Tree, steps: int) -> Tensor:
+    grads, _ = loop.gradient(detach(params_K), steps - 1, differentiable=False)
+    with torch.no_grad():
+        return global_norm(grads)
 
 
 def solve(
@@ -413,6 +492,7 @@ def solve(
     steps: int,
     mode: Mode = _UNROLLED,
     data: Any = None,
+    check_finite: bool = True,
     return_info: bool = False,
     final_grad_norm: bool = False,
     nonfinite: NonFiniteReport | None = None,
@@ -432,71 +512,109 @@ def solve(
         mode: ``Unrolled()``, ``Truncated(T)``, ``FirstOrder()`` or ``Implicit(linsolve=...)``;
             see :mod:`bilevel.modes` for each exact gradient.
         data: passed to every step, or ``PerStep([d_0, ..., d_{K-1}])`` for one batch per step.
-        return_info: also return a diagnostics dict (no extra model evaluation): ``loss``
-            ``(K,)``, the inner loss at the iterate each gradient is taken at; ``grad_norm``
-            ``(K,)``, the global norm of the raw inner gradient; ``grad_norms``, ``{key: (K,)}``
-            per-tensor norms. Implicit mode adds ``final_grad_norm`` (0-d, at ``w_K``) and
-            ``stationary`` (0-d bool: the stationarity check passed), and
-            ``linsolve_iterations``, ``linsolve_residual``, ``linsolve_converged`` (and, for
-            CG, ``linsolve_nonpositive_curvature``) once the backward pass has run the linear
-            solve (0-d tensors; per task under ``vmap`` when the backward runs inside the
-            vmapped function, as in ``vmap(grad(f, has_aux=True))`` with ``info`` as the aux
-            output). Every value is a detached tensor (or a dict of them), so ``info`` can be
-            returned through ``vmap`` and ``torch.func.grad(..., has_aux=True)``.
-        final_grad_norm: with ``return_info``, evaluate ``||grad f(w_K)||`` with the last
-            step's data in every mode (one extra gradient evaluation).
-        nonfinite: None (default) raises ``ValueError`` on a non-finite inner loss. A
-            :class:`NonFiniteReport` turns the error off: ``solve`` returns as usual (non-finite
-            values propagate into ``params_K``) and the report says whether and at which step
-            a loss was not finite. Results are identical with and without a report.
+        check_finite: True (default) raises ``ValueError`` on a non-finite inner loss, which
+            costs one host read per call (skipped under ``vmap`` and ``torch.compile``).
+            False: no host read at all; non-finite values propagate into ``params_K``
+            (:func:`solve_with_info` returns the flag as a tensor).
+        return_info, final_grad_norm, nonfinite: deprecated, kept for older callers; use
+            :func:`solve_with_info`. ``return_info=True`` returns ``(params_K, info)`` with
+            ``info`` the dict of :class:`SolveInfo`'s fields (``loss``, ``grad_norm``,
+            ``grad_norms``, ``final_grad_norm`` and ``stationary`` where present, and Implicit's
+            ``linsolve_<name>`` entries once the backward pass has run the linear solve).
+            ``nonfinite=bl.NonFiniteReport()`` means ``check_finite=False`` and hands the
+            report the losses (read lazily, see :class:`NonFiniteReport`).
 
     Returns:
-        ``params_K`` (same keys as ``params0``), or ``(params_K, info)``.
+        ``params_K`` (same keys as ``params0``), or, deprecated, ``(params_K, info)``.
 
     Raises:
         TypeError, ValueError: bad arguments, a non-scalar loss, mismatched keys or shapes,
-        or a non-finite inner loss (checked outside ``vmap`` and ``torch.compile``; not raised
-        when ``nonfinite`` is a report).
+        or (``check_finite``) a non-finite inner loss, outside ``vmap`` and ``torch.compile``.
     """
     _check_arguments(inner_loss, params0, meta, optimizer, steps, mode, data, nonfinite)
-    if nonfinite is not None:
-        nonfinite.reset()
     if final_grad_norm and not return_info:
         raise ValueError("final_grad_norm=True only has an effect with return_info=True")
-    data_at = data.__getitem__ if isinstance(data, PerStep) else (lambda step: data)
-    implicit = isinstance(mode, Implicit)
-    first_norm = implicit and mode.stationarity_scale is None
-    loop = _InnerLoop(
-        inner_loss, meta, optimizer, data_at, record_norms=return_info, first_norm=first_norm
-    )
-
-    if isinstance(mode, (Unrolled, Truncated)):
-        exact = steps if isinstance(mode, Unrolled) else mode.T
-        params, state = dict(params0), optimizer.init(params0)
-        if exact < steps:  # detached prefix: a constant for the differentiated suffix
-            params, state = detach((params, state))
-            params, state = loop.run(params, state, range(steps - exact), differentiable=False)
-            params, state = detach((params, state))
-        params_K, _ = loop.run(params, state, range(steps - exact, steps), differentiable=True)
-    else:
-        if isinstance(mode, FirstOrder) and any(t.requires_grad for t in _meta_tensors(meta)):
-            warn(
-                "FirstOrder mode gives meta no gradient through the inner loop (params_K does "
-                "not depend on it); use Unrolled, Truncated or Implicit to learn meta"
-            )
-        start = detach(dict(params0))
-        params_K, _ = loop.run(start, optimizer.init(start), range(steps), differentiable=False)
-    loop.check_finite(nonfinite)
-
-    info = loop.info() if return_info else {}
-    if isinstance(mode, FirstOrder):
-        params_K = _straight_through(params_K, params0)
-    elif implicit:
-        params_K = _implicit(loop, params_K, meta, mode, steps, info)
+    if not return_info and nonfinite is None:
+        params_K, _, _ = _run(
+            inner_loss, params0, meta, optimizer, steps, mode, data,
+            record_norms=False, check_finite=check_finite, sinks=[], depth=2,
+        )  # fmt: skip
+        return params_K
+    # The deprecated routes, over the typed one.
+    legacy: dict[str, Any] = {}
+    params_K, info = _solve_with_info(
+        inner_loss, params0, meta, optimizer, steps, mode, data,
+        final_grad_norm=final_grad_norm, check_finite=check_finite and nonfinite is None,
+        record_norms=return_info, sinks=[(legacy, "linsolve_")], depth=2,
+    )  # fmt: skip
+    if nonfinite is not None:
+        nonfinite.reset()
+        nonfinite._record(info.loss)
     if not return_info:
         return params_K
-    if final_grad_norm and not implicit:
-        grads, _ = loop.gradient(detach(params_K), steps - 1, differentiable=False)
-        with torch.no_grad():
-            info["final_grad_norm"] = global_norm(grads)
+    legacy.update({"loss": info.loss})
+    if info.grad_norms is not None:
+        legacy.update({"grad_norm": info.grad_norm, "grad_norms": info.grad_norms})
+    for name in ("final_grad_norm", "stationary"):
+        if getattr(info, name) is not None:
+            legacy[name] = getattr(info, name)
+    return params_K, legacy
+
+
+def solve_with_info(
+    inner_loss: InnerLoss,
+    params0: Tree,
+    meta: Tensor | Tree | None = None,
+    *,
+    optimizer: GradientTransformation,
+    steps: int,
+    mode: Mode = _UNROLLED,
+    data: Any = None,
+    check_finite: bool = True,
+    final_grad_norm: bool = False,
+) -> tuple[Tree, SolveInfo]:
+    """:func:`solve`, and its diagnostics as one typed record: ``(params_K, SolveInfo)``.
+
+    The arguments are :func:`solve`'s. The diagnostics cost no extra model evaluation (except
+    ``final_grad_norm=True``: one more gradient) and no host read: with
+    ``check_finite=False`` the call reads nothing back from the device, and
+    ``info.nonfinite`` (a 0-d bool tensor) says whether some inner loss was not finite, for
+    the caller to act on by its own policy (e.g. skip the training step without a sync, with
+    ``torch.where``). With ``check_finite=True`` (default) a non-finite inner loss raises, as
+    in :func:`solve` (one host read). Implicit mode also reads one value, for its
+    stationarity warning.
+    """
+    _check_arguments(inner_loss, params0, meta, optimizer, steps, mode, data, None)
+    params_K, info = _solve_with_info(
+        inner_loss, params0, meta, optimizer, steps, mode, data,
+        final_grad_norm=final_grad_norm, check_finite=check_finite, record_norms=True,
+        sinks=[], depth=2,
+    )  # fmt: skip
+    return params_K, info
+
+
+def _solve_with_info(
+    inner_loss, params0, meta, optimizer, steps, mode, data, *,
+    final_grad_norm, check_finite, record_norms, sinks, depth,
+) -> tuple[Tree, SolveInfo]:  # fmt: skip
+    linsolve: dict[str, Tensor] = {}
+    params_K, loop, extra = _run(
+        inner_loss, params0, meta, optimizer, steps, mode, data,
+        record_norms=record_norms, check_finite=check_finite, sinks=[(linsolve, ""), *sinks],
+        depth=depth + 1,
+    )  # fmt: skip
+    losses = torch.stack(loop.losses)
+    final = extra.get("final_grad_norm")
+    if final_grad_norm and final is None:
+        final = _final_grad_norm(loop, params_K, steps)
+    norms = loop.tensor_norms
+    info = SolveInfo(
+        loss=losses,
+        grad_norm=torch.stack(loop.grad_norms) if record_norms else None,
+        grad_norms={k: torch.stack([n[k] for n in norms]) for k in norms[0]} if norms else None,
+        nonfinite=~torch.isfinite(losses).all(),
+        final_grad_norm=final,
+        stationary=extra.get("stationary"),
+        linsolve=linsolve,
+    )
     return params_K, info

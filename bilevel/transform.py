@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 from torch import Tensor
 
+from bilevel._debug import debug_checks_enabled
 from bilevel._tree import Tree, check_matching, check_tree
 
 Hyper = float | Tensor
@@ -62,7 +63,8 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     """Apply ``transforms`` left to right: each one's updates are the next one's gradients.
 
     ``chain(clip_per_tensor(1.0), sgd(0.1))`` clips each gradient, then takes an SGD step.
-    The state is the tuple of the members' states.
+    The state is the tuple of the members' states. The members are checked here, once; the
+    state's arity at each ``update`` only under ``bl.debug_checks(True)``.
     """
     for i, t in enumerate(transforms):
         if not isinstance(t, GradientTransformation):
@@ -74,7 +76,9 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         return tuple(t.init(params) for t in transforms)
 
     def update(grads: Tree, state: tuple, params: Tree | None = None) -> tuple[Tree, tuple]:
-        if not isinstance(state, tuple) or len(state) != len(transforms):
+        if debug_checks_enabled() and (
+            not isinstance(state, tuple) or len(state) != len(transforms)
+        ):
             raise ValueError(
                 f"chain of {len(transforms)} transforms got a state of type "
                 f"{type(state).__name__} with {len(state) if isinstance(state, tuple) else '?'} "
@@ -98,7 +102,8 @@ def scale(factor: Hyper) -> GradientTransformation:
         return ()
 
     def update(grads: Tree, state: tuple, params: Tree | None = None) -> tuple[Tree, tuple]:
-        check_tree(grads, "grads")
+        if debug_checks_enabled():
+            check_tree(grads, "grads")
         return {k: factor * g for k, g in grads.items()}, state
 
     return GradientTransformation(init, update)

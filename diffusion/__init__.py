@@ -7,6 +7,7 @@ docs/kernels.md.
 """
 
 from . import kernels
+from ._checks import debug_checks, debug_checks_enabled
 from .block_sampling import block_aligned_steps, even_transfer_schedule, generate_block_aligned
 from .cache import CACHE_MODES, CachedDenoiser, supports_cache
 from .corruption import corrupt, nested_mask
@@ -29,6 +30,8 @@ __all__ = [
     "block_aligned_steps",
     "choose",
     "corrupt",
+    "debug_checks",
+    "debug_checks_enabled",
     "elbo_log_likelihood",
     "even_transfer_schedule",
     "generate",

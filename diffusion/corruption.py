@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from ._checks import check_mask_id, check_tensor, check_times
+from ._checks import check_mask_id, check_tensor, check_times, debug_checks_enabled
 from .schedules import Schedule
 
 __all__ = ["corrupt", "nested_mask"]
@@ -30,7 +32,9 @@ def corrupt(
 
     Args:
         x0: (B, L) integer clean tokens; must not contain `mask_id`.
-        t: (B,) times in [0, 1], one per sequence.
+        t: (B,) times in [0, 1], one per sequence. Both value conditions are checked under
+            `dd.debug_checks(True)` (they read values back to the host); types and shapes
+            always.
         mask_id: the absorbing token id.
         schedule: a `Schedule`; the masking probability is `schedule.mask_prob(t)`.
         maskable: (B, L) bool or None (= every position). Positions where it is False (prompt,
@@ -48,11 +52,12 @@ def corrupt(
     if not hasattr(schedule, "mask_prob"):
         raise TypeError(f"{fn}: schedule must be a Schedule, got {type(schedule).__name__}")
     maskable = _check_maskable(fn, maskable, (batch, length))
-    check_times(fn, t, allow_zero=True)
-    if bool((x0 == mask_id).any()):
-        raise ValueError(
-            f"{fn}: x0 contains mask_id={mask_id}; x0 must be clean data (is it already x_t?)"
-        )
+    if debug_checks_enabled():
+        check_times(fn, t, allow_zero=True)
+        if bool((x0 == mask_id).any()):
+            raise ValueError(
+                f"{fn}: x0 contains mask_id={mask_id}; x0 must be clean data (is it already x_t?)"
+            )
 
     p_mask = schedule.mask_prob(t).to(torch.float64)
     u = torch.rand((batch, length), generator=generator, device=x0.device, dtype=torch.float64)
@@ -81,9 +86,11 @@ def nested_mask(
     `int(n * ratio)`.
 
     Args:
-        mask: (B, L) bool, the anchor mask; must lie inside `maskable`.
+        mask: (B, L) bool, the anchor mask; must lie inside `maskable` (checked under
+            `dd.debug_checks(True)`).
         ratio: float or (B,) float tensor, the target masked fraction of the maskable positions
-            (>= 0; values above 1 mask every maskable position).
+            (>= 0; values above 1 mask every maskable position). A float is checked always, a
+            tensor's values under `dd.debug_checks(True)`.
         maskable: (B, L) bool or None (= every position).
         generator: optional `torch.Generator`.
 
@@ -97,7 +104,7 @@ def nested_mask(
     if maskable is None:
         maskable = torch.ones_like(mask)
     ratio = _check_ratio(fn, ratio, batch, mask.device)
-    if bool((mask & ~maskable).any()):
+    if debug_checks_enabled() and bool((mask & ~maskable).any()):
         raise ValueError(f"{fn}: mask has positions outside maskable; it must be a subset")
 
     n_maskable = maskable.sum(1)
@@ -125,10 +132,11 @@ def _check_ratio(fn: str, ratio, batch: int, device) -> Tensor:
             ratio = ratio.expand(batch)
         check_tensor(fn, "ratio", ratio, ndim=1, dtype="float", shape=(batch,))
         ratio = ratio.to(device=device, dtype=torch.float64)
-    elif isinstance(ratio, (int, float)) and not isinstance(ratio, bool):
-        ratio = torch.full((batch,), float(ratio), dtype=torch.float64, device=device)
-    else:
-        raise TypeError(f"{fn}: ratio must be a float or a (B,) tensor, got {type(ratio).__name__}")
-    if not bool((torch.isfinite(ratio) & (ratio >= 0)).all()):
-        raise ValueError(f"{fn}: ratio must be finite and >= 0, got {ratio.tolist()[:4]}")
-    return ratio
+        if debug_checks_enabled() and not bool((torch.isfinite(ratio) & (ratio >= 0)).all()):
+            raise ValueError(f"{fn}: ratio must be finite and >= 0, got {ratio.tolist()[:4]}")
+        return ratio
+    if isinstance(ratio, (int, float)) and not isinstance(ratio, bool):
+        if not (math.isfinite(ratio) and ratio >= 0):  # a Python number: no device read
+            raise ValueError(f"{fn}: ratio must be finite and >= 0, got {ratio}")
+        return torch.full((batch,), float(ratio), dtype=torch.float64, device=device)
+    raise TypeError(f"{fn}: ratio must be a float or a (B,) tensor, got {type(ratio).__name__}")

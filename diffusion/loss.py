@@ -17,9 +17,14 @@ Normalisations (the numerator is summed over the batch):
 projection, with a fused chunked cross-entropy that never forms the (tokens x V) logits
 (`diffusion.kernels.linear_ce`).
 
-Under `torch.compile` the data-dependent checks are skipped and the masked rows are not gathered
-(a data-dependent shape): every row is scored and the unmasked ones get weight zero, which gives
-the same value and gradients without graph breaks. Eager calls validate and gather as before.
+Checks: types, dimensions, shapes and dtypes always; value checks (t in (0, 1], mask inside
+maskable, targets inside the vocabulary, x0 free of mask_id) read values back to the host, so
+they run only under the opt-in `dd.debug_checks(True)` (or DIFFUSION_DEBUG_CHECKS=1).
+
+Rows: eagerly only the masked rows are gathered (`x[mask]`, a data-dependent shape: one host
+read). `static_shapes=True` (the default while `torch.compile` traces) scores every row and
+gives the unmasked ones weight zero instead: the same value and gradients, no host read and no
+graph break, at the cost of scoring the unmasked rows too.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import check_int, check_tensor, check_times
+from ._checks import check_int, check_tensor, check_times, debug_checks_enabled
 from .kernels.linear_ce import linear_cross_entropy
 from .schedules import Schedule
 
@@ -52,6 +57,7 @@ def masked_diffusion_loss(
     weight: Tensor | None = None,
     reduction: str = "mean",
     mask_id: int | None = None,
+    static_shapes: bool | None = None,
 ) -> Tensor:
     """Weighted cross-entropy on the masked positions, in float32 (float64 if logits are).
 
@@ -70,7 +76,9 @@ def masked_diffusion_loss(
         reduction: "mean" returns the normalised scalar; "none" returns the (B, L) weighted
             per-token cross-entropy weight_b * CE_bi, zero where not masked (no normalisation).
         mask_id: optional; when given, x0 must not contain it at a maskable position (catches
-            x_t passed in place of x0).
+            x_t passed in place of x0; checked under `dd.debug_checks(True)`).
+        static_shapes: score every row (True) or gather the masked rows (False); None: True
+            while `torch.compile` traces, else False. Same value either way.
 
     Returns:
         A float32 (or float64) scalar, or (B, L) with reduction="none".
@@ -87,7 +95,9 @@ def masked_diffusion_loss(
     compute_dtype = torch.promote_types(logits.dtype, torch.float32)
     with torch.autocast(device_type=logits.device.type, enabled=False):
         row_weight = (weight if weight is not None else schedule.weight(t)).to(compute_dtype)
-        per_token = _masked_cross_entropy(logits, x0, mask, compute_dtype) * row_weight[:, None]
+        static = _static(static_shapes)
+        per_token = _masked_cross_entropy(logits, x0, mask, compute_dtype, static)
+        per_token = per_token * row_weight[:, None]
         if reduction == "none":
             return per_token
         return _normalize(per_token, mask, maskable, normalize)
@@ -108,6 +118,7 @@ def masked_diffusion_loss_from_hidden(
     backend: str = "auto",
     chunk_size: int | None = None,
     row_map: Callable[[Tensor], Tensor] | None = None,
+    static_shapes: bool | None = None,
 ) -> Tensor:
     """`masked_diffusion_loss(hidden @ lm_head_weight.T, ...)` without forming the logits.
 
@@ -127,6 +138,8 @@ def masked_diffusion_loss_from_hidden(
             `hidden` before the projection: the loss is then that of `row_map(hidden)`, computed
             on the scored rows only. It must act on each row alone (e.g. a network's last
             feed-forward sub-block and final norm, when no attention follows them).
+        static_shapes: as `masked_diffusion_loss`: True projects every row (weight zero where
+            not masked; `row_map` then sees (B L, D) rows), with no host read.
 
     Returns:
         A float32 (float64 for float64 inputs) scalar, differentiable with respect to `hidden`,
@@ -149,13 +162,15 @@ def masked_diffusion_loss_from_hidden(
     compute_dtype = torch.promote_types(hidden.dtype, torch.float32)
     row_weight = (weight if weight is not None else schedule.weight(t)).to(compute_dtype)
     row_weight = row_weight * _row_scale(mask, maskable, normalize, compute_dtype)  # (B,)
-    if torch.compiler.is_compiling():  # static shapes: every row, weight 0 where not masked
+    if _static(static_shapes):  # every row, weight 0 where not masked: no data-dependent shape
         rows = hidden.reshape(batch * length, dim)
         targets = torch.where(mask, x0, 0).reshape(-1)
         token_weight = torch.where(mask, row_weight[:, None], 0.0).reshape(-1)
     else:
-        rows, targets = hidden[mask], x0[mask]
-        token_weight = row_weight[:, None].expand(batch, length)[mask]
+        index = _masked_index(mask)  # one host read, shared by the three gathers
+        rows = hidden.reshape(batch * length, dim).index_select(0, index)
+        targets = x0.reshape(-1).index_select(0, index)
+        token_weight = row_weight[:, None].expand(batch, length).reshape(-1).index_select(0, index)
     if row_map is not None:
         rows = row_map(rows)
     return linear_cross_entropy(
@@ -166,7 +181,7 @@ def masked_diffusion_loss_from_hidden(
 def _check_common(
     fn, shape, x0, mask, t, schedule, maskable, normalize, weight, mask_id, vocab
 ) -> None:
-    """Boundary checks shared by both losses; value checks only in eager mode (they sync)."""
+    """Boundary checks shared by both losses: metadata always, values under the debug switch."""
     batch, length = shape
     check_tensor(fn, "x0", x0, ndim=2, dtype="long", shape=shape)
     check_tensor(fn, "mask", mask, ndim=2, dtype="bool", shape=(batch, length))
@@ -181,8 +196,12 @@ def _check_common(
         raise TypeError(f"{fn}: schedule must be a Schedule, got {type(schedule).__name__}")
     if mask_id is not None:
         check_int(fn, "mask_id", mask_id, minimum=0)
-    if torch.compiler.is_compiling():
-        return
+    if debug_checks_enabled():
+        _check_values(fn, x0, mask, t, maskable, mask_id, vocab)
+
+
+def _check_values(fn, x0, mask, t, maskable, mask_id, vocab) -> None:
+    """The value checks (each reads tensors back to the host): only under the debug switch."""
     check_times(fn, t, allow_zero=False)
     if maskable is not None and bool((mask & ~maskable).any()):
         raise ValueError(f"{fn}: mask has positions outside maskable; it must be a subset")
@@ -201,20 +220,42 @@ def _check_common(
             )
 
 
-def _masked_cross_entropy(logits: Tensor, x0: Tensor, mask: Tensor, dtype: torch.dtype) -> Tensor:
+def _static(static_shapes: bool | None) -> bool:
+    """Whether to score every row: as asked, or by default only while compiling."""
+    if static_shapes is None:
+        return torch.compiler.is_compiling()
+    if not isinstance(static_shapes, bool):
+        raise TypeError(f"static_shapes must be None or a bool, got {static_shapes!r}")
+    return static_shapes
+
+
+def _masked_cross_entropy(
+    logits: Tensor, x0: Tensor, mask: Tensor, dtype: torch.dtype, static: bool
+) -> Tensor:
     """(B, L) cross-entropy at the masked positions, zero elsewhere, in `dtype`.
 
-    Eager: only the masked rows are upcast (never a full (B, L, V) float32 copy of bf16 logits).
-    Compiled: every row is scored (no data-dependent shape); inductor fuses the upcast.
+    Gathered (static=False): only the masked rows are upcast (never a full (B, L, V) float32
+    copy of bf16 logits), one host read for the row count. Static: every row is scored (no
+    data-dependent shape); inductor fuses the upcast.
     """
-    if torch.compiler.is_compiling():
+    if static:
         ce = F.cross_entropy(
             logits.to(dtype).transpose(1, 2), torch.where(mask, x0, 0).long(), reduction="none"
         )
         return torch.where(mask, ce, 0.0)
-    ce = F.cross_entropy(logits[mask].to(dtype), x0[mask].long(), reduction="none")
-    per_token = torch.zeros(mask.shape, dtype=dtype, device=logits.device)
-    return per_token.masked_scatter(mask, ce)
+    index = _masked_index(mask)
+    rows = logits.reshape(-1, logits.shape[-1]).index_select(0, index)
+    ce = F.cross_entropy(
+        rows.to(dtype), x0.reshape(-1).index_select(0, index).long(), reduction="none"
+    )
+    per_token = torch.zeros(mask.numel(), dtype=dtype, device=logits.device)
+    return per_token.index_put((index,), ce).reshape(mask.shape)
+
+
+def _masked_index(mask: Tensor) -> Tensor:
+    """(N,) flat indices of the True entries of `mask` (B, L), row-major (the order of
+    `x[mask]`): the one host read of the gathered path (N is data-dependent)."""
+    return mask.reshape(-1).nonzero().squeeze(1)
 
 
 def _row_scale(mask: Tensor, maskable: Tensor | None, normalize: str, dtype: torch.dtype) -> Tensor:

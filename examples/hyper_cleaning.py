@@ -81,7 +81,7 @@ def run(
     params = {"W": torch.zeros(64, 10), "b": torch.zeros(10)}
 
     # The first, cold solve gives the uniform-weight baseline and the stationarity scale.
-    cold, info = bl.solve(
+    cold, info = bl.solve_with_info(
         weighted_loss,
         params,
         weight_logits.detach(),
@@ -89,13 +89,12 @@ def run(
         steps=inner_steps,
         data=data["train"],
         mode=bl.FirstOrder(),
-        return_info=True,
     )
     baseline = accuracy(cold, data["test"])
     mode = bl.Implicit(
         bl.CG(maxiter=50, tol=1e-4),
         stationarity_rtol=1e-2,
-        stationarity_scale=float(info["grad_norm"][0]),
+        stationarity_scale=float(info.grad_norm[0]),
     )
     params = {k: v.detach() for k, v in cold.items()}  # warm start
     for step in range(outer_steps):

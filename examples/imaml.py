@@ -65,9 +65,10 @@ class IMAML:
         proximal = sum(((params[k] - theta[k]) ** 2).sum() for k in params)
         return self.mse(params, *data) + 0.5 * self.lam * proximal
 
-    def adapt(self, theta, xs, ys, *, return_info=False):
+    def adapt(self, theta, xs, ys):
+        """(adapted params, bl.SolveInfo)."""
         start = {k: v.detach() for k, v in theta.items()}
-        return bl.solve(
+        return bl.solve_with_info(
             self.inner_loss,
             start,
             theta,
@@ -75,12 +76,11 @@ class IMAML:
             steps=self.steps,
             mode=self.mode,
             data=(xs, ys),
-            return_info=return_info,
         )
 
     def task(self, theta, xs, ys, xq, yq):
         """Query loss after adaptation, and the task's diagnostics (the aux output)."""
-        adapted, info = self.adapt(theta, xs, ys, return_info=True)
+        adapted, info = self.adapt(theta, xs, ys)
         return self.mse(adapted, xq, yq), info
 
     def meta_gradients(self, theta, tasks):
@@ -93,7 +93,7 @@ class IMAML:
 
 def dense_meta_gradient(imaml: IMAML, theta, xs, ys, xq, yq):
     """lam (d2f/dw2)^-1 dL/dw with the full Hessian of the proximal objective, solved densely."""
-    adapted = {k: v.detach() for k, v in imaml.adapt(theta, xs, ys).items()}
+    adapted = {k: v.detach() for k, v in imaml.adapt(theta, xs, ys)[0].items()}
     keys, shapes = list(adapted), [v.shape for v in adapted.values()]
     sizes = [v.numel() for v in adapted.values()]
 
@@ -131,7 +131,7 @@ def run(*, iterations: int = 300, meta_batch: int = 10, shots: int = 10, seed: i
     before, dropped = evaluate(), 0
     for _ in range(iterations):
         grads, info = imaml.meta_gradients(theta, sample_tasks(meta_batch, shots, generator))
-        ok = info["stationary"] & info["linsolve_converged"]  # drop ill-posed tasks
+        ok = info.stationary & info.linsolve["converged"]  # drop ill-posed tasks
         dropped += int((~ok).sum())
         weight = ok.float() / ok.float().sum().clamp(min=1.0)
         for k, p in theta.items():

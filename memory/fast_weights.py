@@ -6,8 +6,17 @@ A fast-weight memory adds a correction to the output of selected linear layers,
 
 whose parameters ("state") are not in the model: they are a `dict[str, Tensor]` the caller
 owns and passes to `bind`. The model's code and parameters are never changed, so nothing is
-needed from the model beyond `nn.Linear` targets called as modules. Outside `bind` every hook
-returns `None` and the model computes exactly what it computed before.
+needed from the model beyond `nn.Linear` targets called as modules.
+
+Binding is a scoped, explicit value (equinox's explicit state, in a `with` block): the hooks
+hold no state of their own, only a slot that `with mem.bind(state):` fills on entering and
+empties on leaving, also through an exception. Attaching is scoped to the memory object: the
+hooks are made with it and taken off the model when it is garbage-collected (or by the
+optional `remove()`), so no caller needs `try/finally: remove()`. There is no module-level
+registry: which state a forward uses is read from the model's own hooks (`bindings`).
+(Installing the hooks on entering `bind` instead would make every traced function that binds
+inside a `torch.func` transform break its `torch.compile` graph: dynamo cannot trace a write
+into a module's hook dict there.)
 
 A state tensor either has its per-target shape (one set of fast weights shared by the whole
 batch, as in the MemDLM reference code) or an extra leading batch dimension B (per-sample fast
@@ -19,6 +28,7 @@ Subclasses (`FastLoRA`, `FullFastWeights`) define the state layout and the corre
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 
 import torch
@@ -28,7 +38,8 @@ Shape = tuple[int, ...]
 
 
 class FastWeights:
-    """Base class: target bookkeeping, the forward hooks, `bind`, and state validation.
+    """Base class: target bookkeeping, the hooks, `bind` (the scoped binding) and state
+    validation.
 
     Subclasses set `_suffixes` (the state key suffixes per target, e.g. `("A", "B")`) and
     implement `_param_shapes`, `_init_params`, `_output_delta` and `_weight_delta`.
@@ -44,13 +55,15 @@ class FastWeights:
             for name, linear in self._linears.items()
             for suffix, shape in zip(self._suffixes, self._param_shapes(linear))
         }
-        self._bound: dict[str, tuple[torch.Tensor, ...]] | None = None
-        self._batch_size: int | None = None
-        self._removed = False
-        self._handles = [
-            linear.register_forward_hook(self._hook_for(name), with_kwargs=True)
+        self._slot = _Slot()  # the open binding, read by the hooks; None outside `bind`
+        handles = [
+            linear.register_forward_hook(_Hook(self._slot, name), with_kwargs=True)
             for name, linear in self._linears.items()
         ]
+        # The hooks reference the slot, not this object: dropping the last reference to the
+        # memory takes them off the model (the attachment lives as long as the memory).
+        self._detach = weakref.finalize(self, _remove_handles, handles)
+        self._removed = False
 
     # ----------------------------------------------------------------- subclass interface
     def _param_shapes(self, linear: nn.Linear) -> tuple[Shape, ...]:
@@ -82,7 +95,7 @@ class FastWeights:
     @property
     def is_bound(self) -> bool:
         """Whether a state is bound right now (inside a `with mem.bind(state)` block)."""
-        return self._bound is not None
+        return self._slot.binding is not None
 
     def init(
         self,
@@ -121,13 +134,20 @@ class FastWeights:
             state.update({f"{name}.{s}": p for s, p in zip(self._suffixes, params)})
         return state
 
-    def bind(self, state: Mapping[str, torch.Tensor]) -> _Binding:
+    def batch_size(self, state: Mapping[str, torch.Tensor]) -> int | None:
+        """B of a per-sample `state` (leading batch dim), None for a shared one; validates the
+        state as `bind` does and reads shapes only (no device sync)."""
+        return self._check_state(state)[1]
+
+    def bind(self, state: Mapping[str, torch.Tensor]) -> Binding:
         """Context manager: inside the `with` block the targets use `state`.
 
-        The state is validated here (keys, shapes, dtypes, devices, batch dims). Tensors are
-        used as given, never copied or modified, so gradients flow from the model output
-        back to them (`torch.func.grad` over a function that binds its argument works).
-        Leaving the block, also through an exception, unbinds the state.
+        The state is validated here (keys, shapes, dtypes, devices, batch dims). Entering
+        puts the binding into the hooks' slot, leaving empties it (also through an
+        exception). Tensors are used as given, never
+        copied or modified, so gradients flow from the model output back to them
+        (`torch.func.grad` over a function that binds its argument works). `with ... as b`
+        gives the `Binding` (its `batch_size`).
         """
         if self._removed:
             raise RuntimeError(
@@ -135,7 +155,7 @@ class FastWeights:
                 "model; create a new one"
             )
         params, batch_size = self._check_state(state)
-        return _Binding(self, params, batch_size)
+        return Binding(self, params, batch_size)
 
     def merged_weight(self, name: str, state: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The effective weight of target `name` under `state`: W + correction.
@@ -149,12 +169,11 @@ class FastWeights:
         return self._linears[name].weight + self._weight_delta(params[name])
 
     def remove(self) -> None:
-        """Detach the hooks from the model for good (idempotent). Not allowed while bound."""
-        if self._bound is not None:
+        """Take the hooks off the model now (idempotent; optional: dropping the memory does
+        it too). Later binds raise. Not allowed while bound."""
+        if self._slot.binding is not None:
             raise RuntimeError("remove() inside a bind() block; leave the block first")
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        self._detach()
         self._removed = True
 
     def __repr__(self) -> str:
@@ -164,38 +183,6 @@ class FastWeights:
         return ""
 
     # ------------------------------------------------------------------------ internals
-    def _hook_for(self, name: str):
-        def hook(module, args, kwargs, output):
-            bound = self._bound
-            if bound is None:  # unbound: leave the output object untouched
-                return None
-            x = args[0] if args else kwargs["input"]
-            if self._batch_size is not None:
-                _check_input_batch(name, x, self._batch_size)
-            # Compute in the activation dtype (bf16 under autocast); the state stays as is
-            # and receives its gradient in its own dtype through the cast.
-            dtype = output.dtype
-            params = tuple(p.to(dtype) for p in bound[name])
-            return output + self._output_delta(module, x.to(dtype), params)
-
-        return hook
-
-    def _activate(self, params: dict[str, tuple[torch.Tensor, ...]], batch_size: int | None):
-        if self._removed:
-            raise RuntimeError(f"this {type(self).__name__} was removed; create a new one")
-        if self._bound is not None:
-            raise RuntimeError(
-                f"nested bind(): this {type(self).__name__} is already bound to a state; "
-                "leave the first `with` block before binding another state (for several "
-                "states at once, bind one state with a leading batch dimension)"
-            )
-        self._bound, self._batch_size = params, batch_size
-        _BOUND.append(self)
-
-    def _deactivate(self) -> None:
-        self._bound, self._batch_size = None, None
-        _BOUND.remove(self)
-
     def _check_state(
         self, state: Mapping[str, torch.Tensor]
     ) -> tuple[dict[str, tuple[torch.Tensor, ...]], int | None]:
@@ -230,60 +217,120 @@ class FastWeights:
         return params, distinct.pop()
 
 
-class _Binding:
-    """The context manager `bind` returns; entering activates the state, leaving clears it."""
+class Binding:
+    """One state bound to one memory: what `mem.bind(state)` returns (an explicit value).
+
+    Inside its `with` block the memory's hooks add the correction under `params`; outside,
+    they return None. `batch_size` is B for a per-sample state, else None. A memory holds
+    one open binding at a time.
+    """
 
     def __init__(self, memory: FastWeights, params, batch_size: int | None) -> None:
-        self._memory, self._params, self._batch_size = memory, params, batch_size
+        self.memory = memory
+        self.params: dict[str, tuple[torch.Tensor, ...]] = params
+        self.batch_size = batch_size
 
-    def __enter__(self) -> None:
-        self._memory._activate(self._params, self._batch_size)
+    def __enter__(self) -> Binding:
+        memory = self.memory
+        if memory._slot.binding is not None:
+            raise RuntimeError(
+                f"nested bind(): this {type(memory).__name__} is already bound to a state; "
+                "leave the first `with` block before binding another state (for several "
+                "states at once, bind one state with a leading batch dimension)"
+            )
+        memory._slot.binding = self
+        return self
 
     def __exit__(self, *exc_info) -> bool:
-        self._memory._deactivate()
+        self.memory._slot.binding = None
         return False  # never swallow the exception
 
+    def __repr__(self) -> str:
+        return f"Binding({self.memory!r}, batch_size={self.batch_size})"
 
-# Every memory bound right now, in bind order: what `one_sample` and `per_sample_batch` act on.
-_BOUND: list[FastWeights] = []
+
+class _Slot:
+    """Where a memory's hooks find its open binding (None outside `bind`)."""
+
+    def __init__(self) -> None:
+        self.binding: Binding | None = None
 
 
-def per_sample_batch() -> int | None:
-    """The batch size B of the per-sample states bound right now (by any memory), or None
-    when every bound state is shared or nothing is bound. Code that must treat samples one at
-    a time (see `one_sample`) asks this first, so that shared states keep the fast path."""
-    sizes = {m._batch_size for m in _BOUND if m._batch_size is not None}
+class _Hook:
+    """The forward hook of one target: `output + delta(x; params[name])` under the open
+    binding, `None` (the output untouched) outside `bind`."""
+
+    def __init__(self, slot: _Slot, name: str) -> None:
+        self.slot, self.name = slot, name
+
+    def __call__(self, module, args, kwargs, output):
+        binding = self.slot.binding
+        if binding is None:  # unbound: leave the output object untouched
+            return None
+        x = args[0] if args else kwargs["input"]
+        if binding.batch_size is not None:
+            _check_input_batch(self.name, x, binding.batch_size)
+        # Compute in the activation dtype (bf16 under autocast); the state stays as is and
+        # receives its gradient in its own dtype through the cast.
+        dtype = output.dtype
+        params = tuple(p.to(dtype) for p in binding.params[self.name])
+        return output + binding.memory._output_delta(module, x.to(dtype), params)
+
+
+def _remove_handles(handles: list) -> None:
+    for handle in handles:
+        handle.remove()
+
+
+def bindings(module: nn.Module) -> tuple[Binding, ...]:
+    """The bindings whose hooks sit on `module` or its submodules right now, in module order.
+
+    Outside every `bind` block this is empty. Code deep inside a model (a block that must run
+    samples one at a time) asks the module it owns, so no global registry is needed.
+    """
+    found: dict[int, Binding] = {}
+    for sub in module.modules():
+        for hook in sub._forward_hooks.values():
+            if isinstance(hook, _Hook) and hook.slot.binding is not None:
+                found.setdefault(id(hook.slot.binding), hook.slot.binding)
+    return tuple(found.values())
+
+
+def per_sample_size(module: nn.Module) -> int | None:
+    """B of the per-sample states bound on `module`'s targets (`bindings`), or None when every
+    one bound there is shared or none is bound (shape bookkeeping only, no device sync)."""
+    sizes = {b.batch_size for b in bindings(module) if b.batch_size is not None}
     if len(sizes) > 1:
         raise ValueError(f"per-sample states of different batch sizes are bound: {sorted(sizes)}")
     return sizes.pop() if sizes else None
 
 
 @contextlib.contextmanager
-def one_sample(index: int) -> Iterator[None]:
-    """Inside, every memory bound to a per-sample state (leading dim B) uses row `index` of
-    that state as a shared state (no batch dim); leaving restores the per-sample state.
+def one_sample(module: nn.Module, index: int) -> Iterator[None]:
+    """Inside, every per-sample binding (leading dim B) on `module`'s targets uses row `index`
+    of its state as a shared state (no batch dim); leaving restores the per-sample state.
 
     For code that runs one sample at a time through modules that flatten the batch, where the
     rows a target sees no longer carry a sample index: the routed experts of a mixture-of-
     experts block get (tokens, hidden) rows. Running such a block on sample b's input inside
-    `one_sample(b)` gives sample b's output under sample b's fast weights, exactly, whatever
-    the block's routing code; gradients reach row b of the state through the indexing.
+    `one_sample(block, b)` gives sample b's output under sample b's fast weights, exactly,
+    whatever the block's routing code; gradients reach row b of the state through the indexing.
     """
-    batch = per_sample_batch()
+    batch = per_sample_size(module)
     if batch is None:
         raise RuntimeError("one_sample() needs a per-sample state bound (a bind() block)")
     if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < batch:
         raise ValueError(f"index must be an int in [0, {batch}), got {index!r}")
-    swapped = [m for m in _BOUND if m._batch_size is not None]
-    saved = [(m._bound, m._batch_size) for m in swapped]
+    swapped = [b for b in bindings(module) if b.batch_size is not None]
+    saved = [(b.params, b.batch_size) for b in swapped]
     try:
-        for memory, (bound, _) in zip(swapped, saved):
-            row = {name: tuple(p[index] for p in params) for name, params in bound.items()}
-            memory._bound, memory._batch_size = row, None
+        for binding, (params, _) in zip(swapped, saved):
+            binding.params = {n: tuple(p[index] for p in ps) for n, ps in params.items()}
+            binding.batch_size = None
         yield
     finally:
-        for memory, (bound, batch_size) in zip(swapped, saved):
-            memory._bound, memory._batch_size = bound, batch_size
+        for binding, (params, batch_size) in zip(swapped, saved):
+            binding.params, binding.batch_size = params, batch_size
 
 
 def batched_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -170,6 +170,11 @@ def test_hypergradient_through_adam_with_a_zero_gradient_entry_is_finite():
 
 
 def test_update_rejects_mismatched_keys_and_shapes():
+    with bl.debug_checks():  # update re-checks structure only under the debug switch
+        _update_rejects_mismatched_keys_and_shapes()
+
+
+def _update_rejects_mismatched_keys_and_shapes():
     params, grads = _params_and_grads()
     for optimizer in (bl.sgd(0.1, momentum=0.9), bl.adam(), bl.rmsprop()):
         state = optimizer.init(params)
@@ -198,3 +203,45 @@ def test_factories_validate_hyper_parameters():
         bl.sgd(torch.tensor(1))
     with pytest.raises(ValueError, match=r"alpha must be \[0.0, 1.0\)"):
         bl.rmsprop(alpha=1.5)
+
+
+def test_update_checks_the_structure_only_under_the_debug_switch(monkeypatch):
+    """init validates once; update walks the dicts again only when debugging: with every
+    structure check replaced by a counter, a chain of all the transforms' updates calls none
+    of them with the switch off, and each of them with it on."""
+    import bilevel.clipping
+    import bilevel.optimizers
+    import bilevel.transform
+
+    params, grads = _params_and_grads()
+    transforms = [
+        bl.chain(bl.clip_per_tensor(1.0), bl.scale(0.5), bl.sgd(0.1, momentum=0.9)),
+        bl.adam(weight_decay=0.1),
+        bl.adamw(weight_decay=0.1),
+        bl.rmsprop(weight_decay=0.1, centered=True),
+    ]
+    states = [t.init(params) for t in transforms]  # init checks, before the counting
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[-1])
+
+    for module, name in [
+        (bilevel.optimizers, "check_tree"),
+        (bilevel.optimizers, "check_grads"),
+        (bilevel.optimizers, "check_matching"),
+        (bilevel.transform, "check_tree"),
+        (bilevel.clipping, "check_tree"),
+    ]:
+        monkeypatch.setattr(module, name, counted)
+
+    def run_updates():
+        for t, state in zip(transforms, states):
+            for g in grads:
+                t.update(g, state, params)
+
+    run_updates()
+    assert calls == []
+    with bl.debug_checks():
+        run_updates()
+    assert len(calls) >= len(transforms) * len(grads)

@@ -99,7 +99,7 @@ def test_corrupt_rejects_bad_input(change, error, match):
         maskable=None,
     )
     kwargs.update(change)
-    with pytest.raises(error, match=match):
+    with dd.debug_checks(), pytest.raises(error, match=match):  # value checks are opt-in
         dd.corrupt(kwargs.pop("x0"), kwargs.pop("t"), **kwargs)
 
 
@@ -186,5 +186,5 @@ def test_nested_mask_draws_the_extra_positions_uniformly(gen, chi2_pvalue):
     ],
 )
 def test_nested_mask_rejects_bad_input(mask, ratio, maskable, error, match):
-    with pytest.raises(error, match=match):
+    with dd.debug_checks(), pytest.raises(error, match=match):  # value checks are opt-in
         dd.nested_mask(mask, ratio, maskable=maskable)

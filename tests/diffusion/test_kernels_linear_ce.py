@@ -171,7 +171,7 @@ def test_bad_inputs_are_rejected(change, message):
         row_weight=torch.ones(3),
     )
     args.update(change)
-    with pytest.raises(ValueError, match=message):
+    with dd.debug_checks(), pytest.raises(ValueError, match=message):  # values: opt-in checks
         dd.kernels.linear_cross_entropy(**args)
     with pytest.raises(TypeError, match="chunk_size must be an int"):
         dd.kernels.linear_cross_entropy(
@@ -240,6 +240,11 @@ def test_row_map_gives_the_loss_of_the_mapped_hidden_states():
 def test_loss_from_hidden_validates_like_the_logits_loss():
     hidden, head, x0, mask, maskable, t = _masked_problem()
     s = dd.LinearSchedule()
+    with dd.debug_checks():  # the value checks are opt-in
+        _validates_like_the_logits_loss(hidden, head, x0, mask, maskable, t, s)
+
+
+def _validates_like_the_logits_loss(hidden, head, x0, mask, maskable, t, s):
     with pytest.raises(ValueError, match=r"lm_head_weight must have shape \(V, 6\)"):
         dd.masked_diffusion_loss_from_hidden(hidden, head[:, :3], x0, mask, t, schedule=s)
     with pytest.raises(ValueError, match="mask has positions outside maskable"):

@@ -3,6 +3,8 @@ gradients (finite differences), torch.func.grad / vmap, torch.compile and bf16 a
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -81,20 +83,37 @@ def test_leaving_bind_through_an_exception_restores_the_model(kind):
     assert not mem.is_bound and torch.equal(model(x), bare)
 
 
-def test_remove_detaches_every_hook_and_blocks_later_binds():
+def test_the_attachment_lives_as_long_as_the_memory_and_remove_detaches_early():
+    """No caller needs `remove()`: dropping the memory takes its hooks off the model. The
+    optional `remove()` does it at once (idempotent) and blocks later binds. `bindings` reads
+    the open bindings from the model's hooks: none outside `bind`."""
     model = tiny_model()
     x = tokens(2, 6)
     bare = model(x)
     targets = mm.last_layers(model, 0.5)
-    hooks_before = {t: len(model.get_submodule(t)._forward_hooks) for t in targets}
+
+    def hook_counts():
+        return {t: len(model.get_submodule(t)._forward_hooks) for t in targets}
+
+    before = hook_counts()
     mem = mm.FastLoRA(model, targets, rank=2)
-    assert all(len(model.get_submodule(t)._forward_hooks) == hooks_before[t] + 1 for t in targets)
+    assert hook_counts() == {t: n + 1 for t, n in before.items()}
+    assert mm.bindings(model) == ()
     state = randomize(mem.init())
-    with mem.bind(state), pytest.raises(RuntimeError, match="remove"):
-        mem.remove()  # not while bound
+    with mem.bind(state) as binding:
+        assert mm.bindings(model) == (binding,) and binding.memory is mem
+        assert binding.batch_size is None
+        with pytest.raises(RuntimeError, match="remove"):
+            mem.remove()  # not while bound
+    assert mm.bindings(model) == ()
+    del mem, binding
+    gc.collect()
+    assert hook_counts() == before and torch.equal(model(x), bare)
+
+    mem = mm.FastLoRA(model, targets, rank=2)
     mem.remove()
     mem.remove()  # idempotent
-    assert {t: len(model.get_submodule(t)._forward_hooks) for t in targets} == hooks_before
+    assert hook_counts() == before
     assert torch.equal(model(x), bare)
     with pytest.raises(RuntimeError, match="after remove"):
         mem.bind(state)

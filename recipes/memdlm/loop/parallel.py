@@ -210,8 +210,8 @@ def _inner_metrics(info, *, per_sample: bool, sync: InnerSync | None, ctx: Conte
     weighted by token shares; norms come from the synchronised gradients. Shared phi without sync:
     each rank has its own phi, and the logged values are the mean over ranks.
     """
-    losses = info["loss"].detach().double()
-    per_key = torch.stack(list(info["grad_norms"].values())).detach().double()  # (keys, steps)
+    losses = info.loss.detach().double()
+    per_key = torch.stack(list(info.grad_norms.values())).detach().double()  # (keys, steps)
     if per_sample:
         sq = per_key.square()
         packed = torch.cat([losses, sq.reshape(-1)])
@@ -224,7 +224,7 @@ def _inner_metrics(info, *, per_sample: bool, sync: InnerSync | None, ctx: Conte
         ctx.all_reduce(losses)
         norms = torch.stack(sync.norms).double()
         return losses, norms, torch.full_like(norms, math.nan)
-    packed = torch.cat([losses, info["grad_norm"].detach().double(), per_key.amax(0)])
+    packed = torch.cat([losses, info.grad_norm.detach().double(), per_key.amax(0)])
     ctx.all_reduce(packed)
     if ctx.distributed:
         packed = packed / ctx.world_size

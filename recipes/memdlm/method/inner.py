@@ -197,14 +197,14 @@ def solve_inner(
     optimizer: bl.GradientTransformation,
     *,
     allow_nonfinite: bool = False,
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The inner loop through `bilevel.solve` in first-order mode (compile-clean).
+) -> tuple[dict[str, torch.Tensor], bl.SolveInfo]:
+    """The inner loop through `bilevel.solve_with_info` in first-order mode (compile-clean).
 
-    Returns the detached adapted fast weights and solve's info dict (tensors). optimizer:
+    Returns the detached adapted fast weights and solve's `SolveInfo` (tensors). optimizer:
     `inner_optimizer`'s.
     """
     with torch.enable_grad():  # the inner loop needs gradients even inside evaluation code
-        phi, info = bl.solve(
+        phi, info = bl.solve_with_info(
             make_inner_loss(problem),
             phi0,
             None,
@@ -212,10 +212,10 @@ def solve_inner(
             steps=len(states),
             mode=bl.FirstOrder(),
             data=bl.PerStep(states),
-            return_info=True,
-            # Training skips such a step by its own policy (the inner losses in `info` say so);
+            # Training skips a step whose inner loss is not finite by its own policy, read
+            # back with the step's record (`info.loss`), so solve reads nothing back here;
             # elsewhere a non-finite inner loss stays bilevel's error.
-            nonfinite=bl.NonFiniteReport() if allow_nonfinite else None,
+            check_finite=not allow_nonfinite,
         )
     return mm.detach(phi), info
 

@@ -60,6 +60,8 @@ def head_loss(
 
     head_grad=False: the fused loss treats the head's weight as a constant, so it skips the
     (V, D) weight-gradient products (the first-order inner loop differentiates phi only).
+    per_sample: whether the fast weights bound around this call are per-sample (the caller
+    knows: `InnerProblem.per_sample`, `cfg.per_sample`).
     When the network after the split acts on each position alone (`Split.position_wise`), it
     runs on the scored rows only (`tail_on_rows`): the same loss, at a fraction of the cost when
     few positions are masked. per_sample: the fast weights bound now are per sample.
@@ -85,7 +87,8 @@ def tail_on_rows(split: Split, mask: torch.Tensor, *, per_sample: bool):
     sample, so the rows go back into a (B, M, D) batch first, M the most rows any sample has,
     padded with zeros (whose outputs are dropped). Under `torch.compile` the loss scores every
     position (static shapes), and the per-sample case takes the full path there.
-    mask: (B, L) bool, the positions the loss scores.
+    mask: (B, L) bool, the positions the loss scores. per_sample: per-sample fast weights
+    are bound around the call.
     """
     if not split.position_wise():
         return None

@@ -347,9 +347,9 @@ def _routed_block_forward(block: nn.Module, hidden_states: torch.Tensor, *args, 
 def per_sample_forward(block: nn.Module, hidden_states: torch.Tensor, *args, **kwargs):
     """The block's own forward, once per sample under that sample's fast weights.
 
-    With a per-sample fast-weight state of batch B bound (`memory.per_sample_batch`), sample b's
+    With a per-sample fast-weight state of batch B bound (`memory.per_sample_size`), sample b's
     rows (and any tensor argument with leading dim B) go through the block's own forward inside
-    `memory.one_sample(b)`, so routed experts, which see flattened (tokens, H) rows, meet
+    `memory.one_sample(block, b)`, so routed experts, which see flattened (tokens, H) rows, meet
     sample b's fast weights; outputs are concatenated along dim 0, which gives the block's own
     shapes for (B, ...) and flattened (B L, ...) outputs alike (0-dim outputs, auxiliary losses
     over tokens, are averaged). Without a per-sample state: one call, as the block is.
@@ -358,7 +358,7 @@ def per_sample_forward(block: nn.Module, hidden_states: torch.Tensor, *args, **k
     """
     own = block.memdlm_own_forward
     with _train_mode_for_grad(block):
-        batch = mm.per_sample_batch()
+        batch = mm.per_sample_size(block)
         if batch is None:
             return own(hidden_states, *args, **kwargs)
         if hidden_states.shape[0] != batch:
@@ -369,7 +369,7 @@ def per_sample_forward(block: nn.Module, hidden_states: torch.Tensor, *args, **k
         outs = []
         for b in range(batch):
             row = [_row(a, b, batch) for a in args]
-            with mm.one_sample(b):
+            with mm.one_sample(block, b):
                 outs.append(own(hidden_states[b : b + 1], *row, **kwargs))
         return _concat(outs)
 
