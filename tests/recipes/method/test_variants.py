@@ -170,7 +170,7 @@ def test_step_equals_the_hand_written_loop(cfg):
     ref_loss, ref_inner = reference_step(model, batch, anchor, draws, cfg, targets)
     ref_loss.backward()
     torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-12)
-    assert info["loss"].tolist() == pytest.approx(ref_inner, rel=1e-9, abs=1e-12)
+    assert info.loss.tolist() == pytest.approx(ref_inner, rel=1e-9, abs=1e-12)
     for name, param in model.named_parameters():
         torch.testing.assert_close(ours[name], param.grad, rtol=1e-8, atol=1e-12, msg=name)
     assert abs(off.item() - loss.item()) > 1e-6  # the inner loop changed phi: not vacuous
@@ -190,7 +190,7 @@ def test_early_hidden_distillation_before_the_fast_layers_leaves_phi_unchanged()
     loss, parts = memdlm.loss(backbone, draws, log_gap=True)
     off, info = parts.loss_off, parts.info
     memdlm.close()
-    assert info["grad_norm"].abs().max().item() == 0.0
+    assert info.grad_norm.abs().max().item() == 0.0
     assert off.item() == loss.item()
 
 
