@@ -49,23 +49,17 @@ from recipes.memdlm.backbones.hf.attention import (
 )
 from recipes.memdlm.backbones.hf.backbone import HFBackbone, broadcast_state
 from recipes.memdlm.backbones.hf.denoiser import (
-    DEFAULT_FFN,
-    FFN_PATTERN,
     SPLIT_FAILURES,
     HFDenoiser,
     SplitUnsupported,
     StopForward,
-    has_expert_list,
     wrap,
 )
+from recipes.memdlm.backbones.hf.describe import DEFAULT_FFN, FFN_PATTERN, has_expert_list
 from recipes.memdlm.backbones.hf.experts import (
-    Routing,
     UnfusedExperts,
-    find_routing,
     is_fused_experts,
-    routed_forward,
     routed_sum,
-    take_over_routing,
     unfuse_experts,
 )
 from recipes.memdlm.backbones.hf.loading import (
@@ -77,6 +71,12 @@ from recipes.memdlm.backbones.hf.loading import (
     load_model,
     load_tokenizer,
     require_transformers,
+)
+from recipes.memdlm.backbones.hf.routing import (
+    Routing,
+    find_routing,
+    routed_forward,
+    take_over_routing,
 )
 
 __all__ = [
