@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from recipes.memdlm.allocator import keep_freed_memory
 from recipes.memdlm.config import MemDLMConfig, PhaseConfig
 from recipes.memdlm.data.batches import BatchSampler
 from recipes.memdlm.errors import UserError
@@ -95,6 +96,7 @@ def train_phase(
     processes compute the one-process step (docs/scaling.md). Rank 0 writes the metrics and
     checkpoints (FSDP: every rank its shards). Returns the result on every rank."""
     s = StepSettings(**settings)
+    keep_freed_memory()  # as the CLI does (allocator.py), for library callers too
     ctx = ctx or Context.single(next(model.parameters()).device)
     check_settings(s)
     if (finished := finished_phase(folder, model, reporter)) is not None:

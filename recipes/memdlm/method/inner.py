@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import bilevel as bl
 import diffusion as dd
 import memory as mm
+from recipes.memdlm.allocator import keep_freed_memory
 from recipes.memdlm.backbones import adapter
 from recipes.memdlm.config import MemDLMConfig
 from recipes.memdlm.method.losses import SCHEDULE, head_loss
@@ -60,6 +61,7 @@ def inner_optimizer(cfg: MemDLMConfig, per_sample: bool, grad_sync=None):
 
 
 def make_fast_weights(model, cfg: MemDLMConfig):
+    keep_freed_memory()  # a library caller's steps as the CLI's: no page-fault churn on CPU
     targets = adapter(model).fast_weight_targets(cfg.layer_fraction, tuple(cfg.targets))
     if cfg.fast_weights == "full":
         return mm.FullFastWeights(model, targets)

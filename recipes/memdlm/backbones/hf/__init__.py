@@ -48,13 +48,7 @@ from recipes.memdlm.backbones.hf.attention import (
     make_bidirectional,
 )
 from recipes.memdlm.backbones.hf.backbone import HFBackbone, broadcast_state
-from recipes.memdlm.backbones.hf.denoiser import (
-    SPLIT_FAILURES,
-    HFDenoiser,
-    SplitUnsupported,
-    StopForward,
-    wrap,
-)
+from recipes.memdlm.backbones.hf.denoiser import HFDenoiser, wrap
 from recipes.memdlm.backbones.hf.describe import DEFAULT_FFN, FFN_PATTERN, has_expert_list
 from recipes.memdlm.backbones.hf.experts import (
     UnfusedExperts,
@@ -62,6 +56,7 @@ from recipes.memdlm.backbones.hf.experts import (
     routed_sum,
     unfuse_experts,
 )
+from recipes.memdlm.backbones.hf.hooks import SPLIT_FAILURES, SplitUnsupported, StopForward
 from recipes.memdlm.backbones.hf.loading import (
     DTYPES,
     MASK_TOKENS,

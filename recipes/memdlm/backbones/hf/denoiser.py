@@ -24,28 +24,9 @@ from recipes.memdlm.backbones.hf.attention import (
 )
 from recipes.memdlm.backbones.hf.describe import DEFAULT_FFN
 from recipes.memdlm.backbones.hf.experts import unfuse_experts
+from recipes.memdlm.backbones.hf.hooks import SPLIT_FAILURES, SplitUnsupported, StopForward
 from recipes.memdlm.backbones.hf.routing import take_over_routing
 from recipes.memdlm.errors import UserError
-
-
-class StopForward(Exception):
-    """Raised by a hook to end a forward pass once the wanted hidden states are captured."""
-
-    def __init__(self, hidden: torch.Tensor):
-        super().__init__()
-        self.hidden = hidden
-
-
-class SplitUnsupported(RuntimeError):
-    """The hooks cannot drive this model: layer `index` of the stack is never called through
-    its `__call__`, or is called without its hidden states as first argument or keyword."""
-
-
-# What the split check may meet on a model the hooks cannot drive; the full forward is then
-# used, and `split_note` (printed in the backbone line, kept in summary.json) says why. An
-# IndexError comes from a model that indexes its layer stack by absolute position, which
-# `logits_from`'s shortened stack breaks. Any other exception is a bug and propagates.
-SPLIT_FAILURES = (SplitUnsupported, IndexError)
 
 
 class HFDenoiser(nn.Module):

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from recipes.memdlm.backbones.hf.hooks import stop_at
+
 # The layouts of a last layer whose FFN sub-block follows its attention (module doc):
 # kind -> (the norm whose input is the post-attention residual, the FFN's names in the layer).
 LAYOUTS = {
@@ -126,7 +128,7 @@ def mid_hidden(denoiser, x, attention_mask, layer: int) -> torch.Tensor:
     if layer != len(denoiser.layers) - 1:
         raise ValueError(f"the mid-layer split is the last layer's, not layer {layer}")
     entry = spec.entry(denoiser.layers[layer])
-    h = _stop_at(entry, lambda: denoiser(x, attention_mask), before=True)
+    h = stop_at(entry, lambda: denoiser(x, attention_mask), before=True)
     return _shift(h) if denoiser.shift else h
 
 
@@ -143,11 +145,11 @@ def features(denoiser, h: torch.Tensor, start: int, mid_layer: bool) -> torch.Te
             raise ValueError(f"the mid-layer split is the last layer's, not layer {start}")
         return norm(spec.layer_out(denoiser.layers[start], h))
     if not denoiser.split:
-        out = _stop_at(norm, lambda: denoiser.hf(input_ids=h, **denoiser.model_inputs(h, None)))
+        out = stop_at(norm, lambda: denoiser.hf(input_ids=h, **denoiser.model_inputs(h, None)))
     else:
         with denoiser.resumed(h, start) as dummy:
             inputs = denoiser.model_inputs(dummy, None)
-            out = _stop_at(norm, lambda: denoiser.hf(input_ids=dummy, **inputs))
+            out = stop_at(norm, lambda: denoiser.hf(input_ids=dummy, **inputs))
     return _shift(out) if denoiser.shift else out
 
 
@@ -159,30 +161,6 @@ def _proven(denoiser, *, rows: bool) -> Tail:
 
 def _shift(h: torch.Tensor) -> torch.Tensor:
     return torch.cat([h[:, :1], h[:, :-1]], dim=1)
-
-
-def _stop_at(module: nn.Module, run, *, before: bool = False) -> torch.Tensor:
-    """`module`'s input (`before`) or output in the forward `run()`, which stops there."""
-    from recipes.memdlm.backbones.hf.denoiser import SplitUnsupported, StopForward
-
-    def stop(m, args, out=None):
-        value = args[0] if before and args else out
-        if not isinstance(value, torch.Tensor):
-            where = "input" if before else "output"
-            raise SplitUnsupported(f"{type(m).__name__} has no tensor {where}")
-        raise StopForward(value)
-
-    if before:
-        handle = module.register_forward_pre_hook(stop, prepend=True)
-    else:
-        handle = module.register_forward_hook(stop, prepend=True)
-    try:
-        run()
-    except StopForward as stopped:
-        return stopped.hidden
-    finally:
-        handle.remove()
-    raise SplitUnsupported(f"{type(module).__name__} was never called")
 
 
 def prove_tail(denoiser, probe: torch.Tensor) -> tuple[int, str]:
