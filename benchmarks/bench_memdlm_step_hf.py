@@ -120,7 +120,8 @@ def main() -> None:
         f"{torch.get_num_threads()}, load {os.getloadavg()[0]:.2f}, batch {tuple(batch.x0.shape)}"
         f", vocab {args.vocab}, {model.description(MemDLMConfig().layer_fraction)}"
     )
-    print(f"tail: {model.tail_note}; scored-rows tail {'on' if model.tail_rows else 'off'}")
+    rows = getattr(model, "tail_rows", False)  # (absent before the tail existed)
+    print(f"tail: {getattr(model, 'tail_note', '-')}; scored-rows tail {'on' if rows else 'off'}")
     print(f"{'step':24s} {'median ms':>10s} {'ratio':>7s} {'IQR of ratio':>14s} {'faults':>8s}")
     for name, values in times.items():
         median = statistics.median(values)

@@ -94,6 +94,7 @@ def test_the_tail_on_any_rows_equals_the_full_forward(folders, name, training):
     assert backbone.position_wise_after(last, True)
     assert not backbone.position_wise_after(last, False)  # its attention mixes positions
     assert backbone.head_weight("auto") is not None
+    assert model.describe(0.5)["tail"] == "rows"
     x = torch.randint(0, vocab(model) - 1, (3, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         full = model(x).flatten(0, 1)
@@ -159,6 +160,8 @@ def test_a_tail_that_mixes_positions_fails_the_probe_and_keeps_the_full_tail():
     last = len(wrapped.layers) - 1
     assert not backbone.position_wise_after(last, True)
     assert not backbone.can_split_mid_layer(last, ())
+    assert wrapped.describe(0.1)["tail"] == "head"
+    assert "scored rows" not in wrapped.description(0.1)
 
 
 def test_a_head_that_is_not_a_plain_projection_keeps_the_logits_path():
@@ -173,11 +176,14 @@ def test_a_head_that_is_not_a_plain_projection_keeps_the_logits_path():
     assert "not the logits" in wrapped.tail_note
     backbone = adapter(wrapped)
     assert backbone.head_weight("auto") is None and backbone.output_head() is None
+    assert wrapped.describe(0.5)["tail"] == "none"
 
 
 def test_fast_weights_in_the_attention_keep_the_split_between_layers():
     model = hf.wrap(native("llama"), layer_fraction=0.5)
     backbone, last = adapter(model), len(model.layers) - 1
+    assert "after layer 3's attention, the scored rows only" in model.description(0.1)
+    assert "scored rows" not in model.description(0.5)  # fast weights from layer 2 on
     assert backbone.can_split_mid_layer(last, (f"hf.model.layers.{last}.mlp.up_proj",))
     assert not backbone.can_split_mid_layer(last, (f"hf.model.layers.{last}.self_attn.q_proj",))
     assert not backbone.can_split_mid_layer(last - 1, ())  # only the last layer's tail is proven

@@ -30,6 +30,11 @@ mask) can sample block-causally (`attention="block_causal"`), and MoE blocks wit
 (B, n, H) rows grouped by sample, in train and eval mode. `HFDenoiser.describe()` /
 `description()` say which path is taken.
 
+The position-wise end of the model (the last layer's FFN or MoE block, the final norm, the head)
+is found by the family's layout and proven on a probe against the full forward when the wrapper
+is built (`tail.py`): then the fused loss reads the head's weight and the losses run that end on
+the scored rows only (`HFBackbone.position_wise_after`); otherwise the logits path, as before.
+
 Outer LoRA (`model.lora_rank > 0`) goes through `peft`; fast weights then sit on the frozen base
 projection (`...gate_proj.base_layer`) under the outer LoRA, as in the reference code.
 """

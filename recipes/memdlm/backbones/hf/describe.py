@@ -69,7 +69,8 @@ def fast_weight_targets(denoiser, fraction: float, modules: Sequence[str] = DEFA
 def describe(denoiser, fraction: float = 0.1, modules: Sequence[str] = DEFAULT_FFN) -> dict:
     """What the recipe runs on: family, forward path, attention, fast-weight modules.
 
-    Returns {"family", "forward", "split", "split_note", "attention", "logit_shift",
+    Returns {"family", "forward", "split", "split_note", "tail" (the fused head and the
+    scored-rows tail: "rows", "head" or "none"), "tail_note", "attention", "logit_shift",
     "mask_style", "fast_weights": count, "fast_weight_layers": [indices],
     "fast_weight_kinds": {relative name pattern: count}, "routing": {MoE layer: how it
     serves per-sample fast weights, "softmax" or "module" (the adapter's dispatch) or
@@ -94,11 +95,23 @@ def describe(denoiser, fraction: float = 0.1, modules: Sequence[str] = DEFAULT_F
         if denoiser.split
         else f"full forward ({denoiser.split_note})"
     )
+    tail = "rows" if denoiser.tail_rows else "head" if denoiser.tail is not None else "none"
+    last = len(denoiser.layers) - 1
+    inside = f"hf.{denoiser.layers_path}.{last}."
+    if (
+        denoiser.split
+        and tail == "rows"
+        and first == last
+        and all(denoiser.tail.is_ffn(n[len(inside) :]) for n in targets if n.startswith(inside))
+    ):
+        forward += f"; after layer {last}'s attention, the scored rows only"
     return {
         "family": denoiser.family,
         "forward": forward,
         "split": denoiser.split,
         "split_note": denoiser.split_note,
+        "tail": tail,
+        "tail_note": denoiser.tail_note,
         "attention": denoiser.attention
         + (f" (blocks of {denoiser.block_size})" if denoiser.attention == "block_causal" else ""),
         "logit_shift": denoiser.shift,
