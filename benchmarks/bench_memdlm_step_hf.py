@@ -4,7 +4,8 @@
 A transformers `LlamaForCausalLM` (8 layers, d=128, 4 heads, d_ff=512, vocabulary `--vocab`),
 saved and loaded back as a user's checkpoint is, wrapped as the recipe wraps Hugging Face models
 (`backbones.hf.wrap`: bidirectional attention, the split forward and the tail checked on a probe).
-Batch (8, 256) of random tokens, the first 32 positions a prompt (not maskable); fast weights on
+Batch (8, 256) of random tokens, the first 32 positions a prompt (not maskable; `--prompt`: the
+losses score about half the maskable positions, so it sets the inner steps' rows); fast weights on
 the last 10% of layers' FFN (the defaults: layer 7's gate/up/down_proj). One step = loss,
 backward, gradient clipping and AdamW. Standard and MemDLM (gap diagnostic on and off) run round
 robin in one process; the ratio of medians of process time is reported, with the minor page
@@ -63,13 +64,14 @@ def make_model(vocab: int, full_tail: bool = False) -> hf.HFDenoiser:
     return model.train()
 
 
-def make_batch(vocab: int):
-    """(batch, anchor): random tokens (mask id vocab - 1 never among them), a 32-token prompt."""
+def make_batch(vocab: int, prompt: int = PROMPT):
+    """(batch, anchor): random tokens (mask id vocab - 1 never among them), a `prompt`-token
+    prompt in every row."""
     generator = torch.Generator().manual_seed(0)
     x0 = torch.randint(0, vocab - 1, (BATCH, LENGTH), generator=generator)
     maskable = torch.ones_like(x0, dtype=torch.bool)
-    maskable[:, :PROMPT] = False
-    batch = Batch(x0, maskable, torch.full((BATCH,), PROMPT))
+    maskable[:, :prompt] = False
+    batch = Batch(x0, maskable, torch.full((BATCH,), prompt))
     anchor = method.sample_anchor(batch, mask_id=vocab - 1, eps=1e-3, generator=generator)
     return batch, anchor
 
@@ -108,17 +110,19 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--vocab", type=int, default=32000, help="LlamaConfig's default")
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--prompt", type=int, default=PROMPT, help="unmaskable positions per row")
     parser.add_argument("--full-tail", action="store_true", help="without the scored-rows tail")
     args = parser.parse_args()
     model = make_model(args.vocab, args.full_tail)
-    batch, anchor = make_batch(args.vocab)
+    batch, anchor = make_batch(args.vocab, args.prompt)
     functions = step_functions(model, batch, anchor, mask_id=args.vocab - 1)
     times, faults = time_round_robin(functions, args.repeats)
     base = statistics.median(times["standard"])
     print(
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads "
         f"{torch.get_num_threads()}, load {os.getloadavg()[0]:.2f}, batch {tuple(batch.x0.shape)}"
-        f", vocab {args.vocab}, {model.description(MemDLMConfig().layer_fraction)}"
+        f", prompt {args.prompt}, {int(anchor.mask.sum())} anchor-masked positions, vocab "
+        f"{args.vocab}, {model.description(MemDLMConfig().layer_fraction)}"
     )
     rows = getattr(model, "tail_rows", False)  # (absent before the tail existed)
     print(f"tail: {getattr(model, 'tail_note', '-')}; scored-rows tail {'on' if rows else 'off'}")

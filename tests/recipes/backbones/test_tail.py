@@ -105,6 +105,9 @@ def test_the_tail_on_any_rows_equals_the_full_forward(folders, name, training):
     tol = rounding(full.dtype)
     torch.testing.assert_close(every.to(full.dtype), full, **tol)
     torch.testing.assert_close(alone[:, 0].to(full.dtype), full[rows], **tol)
+    with torch.no_grad():  # a loss may score no row at all (an empty inner mask)
+        none = model.logits_from(hidden.flatten(0, 1)[:0, None], start=last, mid_layer=True)
+    assert none.shape == (0, 1, full.shape[-1])
     # features_from at a layer split: the final norm's output, projected by the head's weight
     features = model.features_from(model.hidden_states(x, upto=1), start=1)
     torch.testing.assert_close(model.project(features).flatten(0, 1).to(full.dtype), full, **tol)

@@ -71,10 +71,10 @@ def routed_forward(block: nn.Module, routing: Routing, hidden: torch.Tensor):
         y = y + block.shared_experts(hidden)
     if routing.output == "logits":
         return y, logits
-    if routing.output == "llada2":
+    if routing.output == "llada2":  # explicit widths: a loss may score no row at all
         if routing.batched_index:
-            index = index.reshape(*hidden.shape[:-1], -1)
-        return y, (logits.reshape(*hidden.shape[:-1], -1), index)
+            index = index.reshape(*hidden.shape[:-1], index.shape[-1])
+        return y, (logits.reshape(*hidden.shape[:-1], logits.shape[-1]), index)
     return y
 
 

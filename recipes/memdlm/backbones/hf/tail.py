@@ -170,7 +170,7 @@ def prove_tail(denoiser, probe: torch.Tensor) -> tuple[int, str]:
     gives the logits: the fused loss applies), 2 the tail holds too (the last layer's
     post-attention residual through `Tail.layer_out`, the final norm and the head gives the
     logits, on every row at once (B, L, D) and on a third of the rows taken from anywhere in
-    the batch (N, 1, D), as the scored-rows loss runs it).
+    the batch (N, 1, D), as the scored-rows loss runs it, and it takes no rows at all).
     """
     full = denoiser(probe).float()
     options = tolerance(denoiser.head_weight().dtype)
@@ -189,4 +189,10 @@ def prove_tail(denoiser, probe: torch.Tensor) -> tuple[int, str]:
     subset = denoiser.logits_from(hidden.flatten(0, 1)[rows, None], start=last, mid_layer=True)
     if not close(subset, full.flatten(0, 1)[rows, None]):
         return 1, "the tail on a subset of the rows differs from the full forward"
+    try:  # a loss may score no row (an empty inner mask): the tail must take (0, 1, D)
+        empty = denoiser.logits_from(hidden.flatten(0, 1)[:0, None], start=last, mid_layer=True)
+    except (RuntimeError, ValueError, IndexError) as error:
+        return 1, f"the tail fails on no rows: {type(error).__name__}: {error}"[:200]
+    if empty.shape[:2] != (0, 1):
+        return 1, f"the tail gives shape {tuple(empty.shape)} for no rows"
     return 2, "the last layer's FFN, final norm and head checked against the full forward"
