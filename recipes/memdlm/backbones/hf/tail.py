@@ -97,15 +97,19 @@ def _has_layout(layer: nn.Module, kind: str, entry: str) -> bool:
 
 def head_name(model: nn.Module) -> str | None:
     """The dotted name of the head module: the output embeddings when they are a bias-free
-    `nn.Linear`, else (a tied model with no head module) the input embeddings."""
+    `nn.Linear`, else (a tied model with no head module) the input embeddings; None when the
+    head is anything else."""
     for getter in ("get_output_embeddings", "get_input_embeddings"):
         try:
             module = getattr(model, getter)()
         except (AttributeError, NotImplementedError):
             continue
-        if isinstance(module, nn.Linear) and module.bias is not None:
+        if type(module) is nn.Linear and module.bias is not None:
             return None  # the fused loss has no bias term
-        if isinstance(module, (nn.Linear, nn.Embedding)):
+        # Exact types with a float weight: a quantised head (a Linear subclass holding packed
+        # integers) or an adapter-wrapped one is no plain (V, D) projection.
+        plain = type(module) in (nn.Linear, nn.Embedding)
+        if plain and module.weight.is_floating_point():
             return next((n for n, m in model.named_modules() if m is module), None)
     return None
 
