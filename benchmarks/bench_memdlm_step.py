@@ -5,7 +5,7 @@ update. The two are timed interleaved in one process (round robin), and the rati
 reported, with the minor page faults per step. Variants: MemDLM with the per-step
 fast-weights-off diagnostic (the recipe's default, `memdlm.gap_every=1`) and without it, and
 per-sample fast weights. glibc's malloc thresholds are pinned as the recipe's CLI pins them
-(`loop/allocator.py`); `--glibc-default` measures without.
+(`allocator.py`); `--glibc-default` measures without.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_memdlm_step.py            # table
     OMP_NUM_THREADS=1 python -m pytest benchmarks/bench_memdlm_step.py --benchmark-only
@@ -26,11 +26,11 @@ import torch
 
 from recipes.memdlm import method
 from recipes.memdlm.backbones import adapter
+from recipes.memdlm.allocator import keep_freed_memory
 from recipes.memdlm.build import new_model
 from recipes.memdlm.config import build_config
 from recipes.memdlm.data.batches import BatchSampler
 from recipes.memdlm.data.prepare import prepare_data
-from recipes.memdlm.loop.allocator import keep_freed_memory
 
 
 def make_setup(preset: str = "cpu-tiny", batch_size: int = 32, n_layers: int | None = None):

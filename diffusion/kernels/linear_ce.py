@@ -87,14 +87,18 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """loss = sum_i w_i CE_i with gradients computed chunk by chunk in the forward pass."""
 
     @staticmethod
-    def forward(hidden, weight, targets, row_weight, chunk_rows, row_kernel, with_grad):
+    def forward(
+        hidden, weight, targets, row_weight, chunk_rows, row_kernel, with_grad, weight_grad
+    ):
+        # weight_grad False (a constant weight, e.g. a first-order inner loss): the (V, D)
+        # weight-gradient product, a third of the chunk's work, is skipped.
         rows = hidden.shape[0]
         acc_dtype = torch.promote_types(hidden.dtype, torch.float32)
         ce = torch.empty(rows, dtype=acc_dtype, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if with_grad else hidden.new_empty(0)
         grad_weight = (
             torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
-            if with_grad
+            if with_grad and weight_grad
             else weight.new_empty(0, dtype=acc_dtype)
         )
         for start in range(0, rows, chunk_rows):
@@ -106,17 +110,19 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             )
             if with_grad:  # logits now holds d loss / d logits
                 grad_hidden[start:stop] = logits @ weight
-                _accumulate(grad_weight, logits.t(), h)
+                if weight_grad:
+                    _accumulate(grad_weight, logits.t(), h)
         loss = (ce * row_weight.to(acc_dtype)).sum()
         return loss, ce, grad_hidden, grad_weight
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        hidden, weight, _, row_weight, _, _, _ = inputs
+        hidden, weight, _, row_weight, _, _, with_grad, weight_grad = inputs
         _, ce, grad_hidden, grad_weight = output
         ctx.mark_non_differentiable(ce, grad_hidden, grad_weight)
         ctx.save_for_backward(ce, grad_hidden, grad_weight)
         ctx.dtypes = (hidden.dtype, weight.dtype, row_weight.dtype)
+        ctx.computed = (with_grad, with_grad and weight_grad)  # which gradients exist
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -124,7 +130,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         ce, grad_hidden, grad_weight = ctx.saved_tensors
         hidden_dtype, weight_dtype, row_weight_dtype = ctx.dtypes
         needs = ctx.needs_input_grad
-        if (needs[0] or needs[1]) and grad_weight.numel() == 0:
+        if (needs[0] and not ctx.computed[0]) or (needs[1] and not ctx.computed[1]):
             raise RuntimeError(
                 "linear_cross_entropy: gradients were not computed in the forward pass "
                 "(it ran with grad disabled or with inputs that did not require grad)"
@@ -134,6 +140,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             _scaled(grad_weight, grad_loss, weight_dtype) if needs[1] else None,
             None,
             (ce * grad_loss).to(row_weight_dtype) if needs[3] else None,
+            None,
             None,
             None,
             None,
@@ -280,6 +287,7 @@ def linear_cross_entropy(
             chunk_size or default_chunk_rows(rows, vocab, dim, min_rows=_min_rows(hidden)),
             kernel,
             with_grad,
+            weight.requires_grad,
         )
     return loss
 

@@ -321,11 +321,11 @@ def main(argv: list[str] | None = None) -> int:
         argv = [argv[0], *rest]
     args, extra = parser.parse_known_args(argv)
     extra += overrides
-    from recipes.memdlm.loop.allocator import keep_freed_memory
+    from recipes.memdlm.allocator import keep_freed_memory
     from recipes.memdlm.loop.progress import Reporter
     from recipes.memdlm.loop.steps import Interrupted, TrainingError
 
-    keep_freed_memory()  # CPU steps without the page-fault churn (loop/allocator.py)
+    keep_freed_memory()  # CPU steps without the page-fault churn (allocator.py)
     reporter = Reporter(quiet=getattr(args, "quiet", False))
     try:
         return handler(args.command)(args, extra, reporter)

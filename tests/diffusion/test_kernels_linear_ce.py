@@ -102,6 +102,23 @@ def test_without_grad_the_forward_skips_the_gradient_work():
     torch.testing.assert_close(loss, _dense(hidden, weight, targets, row_weight).detach())
 
 
+def test_a_constant_weight_skips_the_weight_gradient_product(monkeypatch):
+    """A weight that needs no gradient (the first-order inner loss's detached head): the hidden
+    rows' gradient is the dense one, and the (V, D) weight-gradient product is never formed."""
+    hidden, weight, targets, row_weight = _problem(rows=23)
+    calls = []
+    accumulate = linear_ce._accumulate
+    monkeypatch.setattr(linear_ce, "_accumulate", lambda *a: calls.append(1) or accumulate(*a))
+    constant = weight.detach()
+    loss = dd.kernels.linear_cross_entropy(hidden, constant, targets, row_weight, chunk_size=5)
+    (grad_h,) = _grads(loss, hidden)
+    assert calls == []
+    (expected,) = _grads(_dense(hidden, constant, targets, row_weight), hidden)
+    torch.testing.assert_close(grad_h, expected, rtol=1e-12, atol=1e-12)
+    loss = dd.kernels.linear_cross_entropy(hidden, weight, targets, row_weight, chunk_size=5)
+    assert len(calls) == 5  # one product per chunk when the weight needs its gradient
+
+
 class _LargestAllocation(TorchDispatchMode):
     """Records the largest number of elements of any tensor an aten op returns."""
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from recipes.memdlm.backbones import Backbone, adapter
+from recipes.memdlm.allocator import keep_freed_memory
 from recipes.memdlm.config import MemDLMConfig, PhaseConfig
 from recipes.memdlm.data.batches import BatchSampler
 from recipes.memdlm.errors import UserError
@@ -118,6 +119,7 @@ def train_phase(
     is `run_steps`. evaluate: the held-out loss every `evaluate.every` steps. Returns the
     result on every rank."""
     phase = periods_in_steps(phase)  # ckpt_every 0.1 -> steps (loop/plan.py)
+    keep_freed_memory()  # as the CLI does (allocator.py), for library callers too
     ctx = ctx or Context.single(next(model.parameters()).device)
     if (finished := finished_phase(folder, model, reporter)) is not None:
         return finished

@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
+from recipes.memdlm.allocator import keep_freed_memory
 from recipes.memdlm.errors import UserError
-from recipes.memdlm.loop.allocator import keep_freed_memory
 from recipes.memdlm.loop.steps import Interrupted
 
 EXIT_INTERRUPTED = 130

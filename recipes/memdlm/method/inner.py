@@ -15,6 +15,7 @@ import torch
 
 import bilevel as bl
 import memory as mm
+from recipes.memdlm.allocator import keep_freed_memory
 from recipes.memdlm.backbones import Backbone, resolve
 from recipes.memdlm.config import MemDLMConfig
 from recipes.memdlm.method.distill import distill_loss
@@ -55,6 +56,7 @@ def inner_optimizer(cfg: MemDLMConfig, per_sample: bool, grad_sync=None):
 
 def make_fast_weights(model, cfg: MemDLMConfig):
     """Fast weights on a model (or its `Backbone`'s module) as the configuration places them."""
+    keep_freed_memory()  # a library caller's steps as the CLI's: no page-fault churn on CPU
     backbone = resolve(model)
     targets = backbone.fast_weight_targets(cfg.layer_fraction, tuple(cfg.targets))
     if cfg.fast_weights == "full":

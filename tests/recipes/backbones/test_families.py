@@ -299,7 +299,7 @@ def test_llada21_keeps_the_routing_index_batched_and_the_adapter_returns_it_so(f
 def looped(folders, monkeypatch):
     """LLaDA2.1 with its MoE blocks served by the per-sample loop (as for routing code the
     adapter's dispatch cannot reproduce)."""
-    monkeypatch.setattr(hf.experts, "find_routing", lambda block: None)
+    monkeypatch.setattr(hf.routing, "find_routing", lambda block: None)
     return load(folders, "llada21").double()
 
 

@@ -30,6 +30,11 @@ mask) can sample block-causally (`attention="block_causal"`), and MoE blocks wit
 (B, n, H) rows grouped by sample, in train and eval mode. `HFDenoiser.describe()` /
 `description()` say which path is taken.
 
+The position-wise end of the model (the last layer's FFN or MoE block, the final norm, the head)
+is found by the family's layout and proven on a probe against the full forward when the wrapper
+is built (`tail.py`): then the fused loss reads the head's weight and the losses run that end on
+the scored rows only (`HFBackbone.position_wise_after`); otherwise the logits path, as before.
+
 Outer LoRA (`model.lora_rank > 0`) goes through `peft`; fast weights then sit on the frozen base
 projection (`...gate_proj.base_layer`) under the outer LoRA, as in the reference code.
 """
@@ -48,27 +53,16 @@ from recipes.memdlm.backbones.hf.attention import (
     make_bidirectional,
 )
 from recipes.memdlm.backbones.hf.backbone import HFBackbone, broadcast_state
-from recipes.memdlm.backbones.hf.denoiser import (
-    DEFAULT_FFN,
-    FFN_PATTERN,
-    SPLIT_FAILURES,
-    HFDenoiser,
-    SplitUnsupported,
-    StopForward,
-    has_expert_list,
-    wrap,
-)
+from recipes.memdlm.backbones.hf.denoiser import HFDenoiser, wrap
+from recipes.memdlm.backbones.hf.describe import DEFAULT_FFN, FFN_PATTERN, has_expert_list
 from recipes.memdlm.backbones.hf.experts import (
-    Routing,
     UnfusedExperts,
-    find_routing,
     is_fused_experts,
-    routed_forward,
     routed_sum,
-    take_over_routing,
     unfuse_experts,
 )
 from recipes.memdlm.backbones.hf.hub import fingerprint, resolve
+from recipes.memdlm.backbones.hf.hooks import SPLIT_FAILURES, SplitUnsupported, StopForward
 from recipes.memdlm.backbones.hf.loading import (
     DTYPES,
     MASK_TOKENS,
@@ -80,6 +74,12 @@ from recipes.memdlm.backbones.hf.loading import (
     require_transformers,
 )
 from recipes.memdlm.backbones.hf.peft_adapter import load_adapter
+from recipes.memdlm.backbones.hf.routing import (
+    Routing,
+    find_routing,
+    routed_forward,
+    take_over_routing,
+)
 
 __all__ = [
     "ATTENTION",

@@ -10,6 +10,7 @@ import torch
 
 from recipes.memdlm.backbones.base import SplitForwardOf
 from recipes.memdlm.backbones.hf.denoiser import HFDenoiser
+from recipes.memdlm.backbones.reference import unhooked
 
 
 def broadcast_state(mem, state: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
@@ -34,7 +35,10 @@ def broadcast_state(mem, state: dict[str, torch.Tensor], rows: int) -> dict[str,
 
 class HFBackbone(SplitForwardOf):
     """`Backbone` (base.py) view of an `HFDenoiser`: the split forward lives on the denoiser,
-    the fused loss does not apply (logits path), and routed experts may stay unused in a step."""
+    and routed experts may stay unused in a step. Where the denoiser's tail is proven on its
+    probe (`hf/tail.py`), the fused loss reads the head's weight, and the split may fall
+    between the last layer's attention and its FFN, after which each position is alone (the
+    scored-rows tail); otherwise the logits path and splits between layers."""
 
     def __init__(self, denoiser: HFDenoiser):
         self.module = denoiser
@@ -46,22 +50,30 @@ class HFBackbone(SplitForwardOf):
         return len(self.module.layers)
 
     def head_weight(self, loss_backend: str | None) -> torch.Tensor | None:
-        del loss_backend
-        return None
+        # A hook on the head (fast weights there, or FSDP's sharding signal) must see its call.
+        head = self.output_head()
+        if loss_backend is None or head is None or not unhooked(head):
+            return None
+        return self.module.head_weight()
 
     def can_split_mid_layer(self, layer: int, targets: Sequence[str]) -> bool:
-        del layer, targets
-        return False
+        d = self.module
+        last = len(d.layers) - 1
+        if not (d.split and d.tail_rows and layer == last and unhooked(d.layers[last])):
+            return False
+        prefix = f"hf.{d.layers_path}.{last}."
+        return all(not n.startswith(prefix) or d.tail.is_ffn(n[len(prefix) :]) for n in targets)
 
     def position_wise_after(self, start: int, mid_layer: bool) -> bool:
-        del start, mid_layer
-        return False
+        d = self.module
+        return mid_layer and d.split and d.tail_rows and start == len(d.layers) - 1
 
     def split_methods(self) -> tuple[str, ...]:
-        return ("hidden_states", "logits_from")
+        return ("hidden_states", "logits_from", "features_from")
 
-    def output_head(self) -> None:
-        return None
+    def output_head(self) -> torch.nn.Module | None:
+        tail = self.module.tail
+        return None if tail is None else self.module.hf.get_submodule(tail.head)
 
     def max_positions(self) -> int | None:
         positions = getattr(self.module.hf.config, "max_position_embeddings", None)

@@ -3,15 +3,15 @@
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import re
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from recipes.memdlm.backbones.hf import describe as placement
+from recipes.memdlm.backbones.hf import tail
 from recipes.memdlm.backbones.hf.attention import (
     ATTENTION,
     MASK_STYLE,
@@ -22,44 +22,11 @@ from recipes.memdlm.backbones.hf.attention import (
     first_fast_index,
     make_bidirectional,
 )
-from recipes.memdlm.backbones.hf.experts import (
-    UnfusedExperts,
-    is_fused_experts,
-    take_over_routing,
-    unfuse_experts,
-)
+from recipes.memdlm.backbones.hf.describe import DEFAULT_FFN
+from recipes.memdlm.backbones.hf.experts import unfuse_experts
+from recipes.memdlm.backbones.hf.hooks import SPLIT_FAILURES, SplitUnsupported, StopForward
+from recipes.memdlm.backbones.hf.routing import take_over_routing
 from recipes.memdlm.errors import UserError
-
-DEFAULT_FFN = ("gate_proj", "up_proj", "down_proj")
-# The FFN projections of a layer, relative to the layer, for the layouts we know: Llama, Qwen,
-# Mistral, OLMoE, LLaDA-MoE (gate/up/down_proj); Mixtral's w1/w2/w3; LLaDA-8B / OLMo
-# (ff_proj, up_proj, ff_out); ModernBERT (mlp.Wi, mlp.Wo); BERT (intermediate.dense, output.dense).
-
-
-FFN_PATTERN = re.compile(
-    r"(?:.*\.)?(?:gate_proj|up_proj|down_proj|w1|w2|w3|ff_proj|ff_out)"
-    r"|(?:.*\.)?mlp\.(?:Wi|Wo)|intermediate\.dense|output\.dense"
-)
-
-
-class StopForward(Exception):
-    """Raised by a hook to end a forward pass once the wanted hidden states are captured."""
-
-    def __init__(self, hidden: torch.Tensor):
-        super().__init__()
-        self.hidden = hidden
-
-
-class SplitUnsupported(RuntimeError):
-    """The hooks cannot drive this model: layer `index` of the stack is never called through
-    its `__call__`, or is called without its hidden states as first argument or keyword."""
-
-
-# What the split check may meet on a model the hooks cannot drive; the full forward is then
-# used, and `split_note` (printed in the backbone line, kept in summary.json) says why. An
-# IndexError comes from a model that indexes its layer stack by absolute position, which
-# `logits_from`'s shortened stack breaks. Any other exception is a bug and propagates.
-SPLIT_FAILURES = (SplitUnsupported, IndexError)
 
 
 class HFDenoiser(nn.Module):
@@ -123,8 +90,13 @@ class HFDenoiser(nn.Module):
         self.split = False
         self.split_note = "not verified (verify_split=False)"
         self._embedding: nn.Module | None = None
+        self.tail: tail.Tail | None = None  # proven head and final norm: the fused loss applies
+        self.tail_rows = False  # proven position-wise after the last attention (`tail.py`)
+        self.tail_note = "not checked (no verified split)"
         if verify_split:
             self.split = self._setup_split()
+        if self.split:
+            self._setup_tail()
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -205,26 +177,56 @@ class HFDenoiser(nn.Module):
         return next(p.dtype for p in self.hf.parameters() if p.is_floating_point())
 
     # ----------------------------------------------------------------- split forward
-    def hidden_states(self, x, attention_mask=None, *, upto: int):
-        """Input of `layers[upto]` (B, L, D); without a verified split, the tokens themselves."""
+    def hidden_states(self, x, attention_mask=None, *, upto: int, mid_layer: bool = False):
+        """Input of `layers[upto]` (B, L, D); with `mid_layer`, the last layer's post-attention
+        residual (a proven `tail`; Dream's moved one position on, as its logits are). Without
+        a verified split, the tokens themselves."""
         if not self.split:
             return x
         self._check_index("upto", upto)
+        if mid_layer:
+            return tail.mid_hidden(self, x, attention_mask, upto)
         return self._capture(x, attention_mask, upto)
 
-    def logits_from(self, h, attention_mask=None, *, start: int):
+    def logits_from(self, h, attention_mask=None, *, start: int, mid_layer: bool = False):
         """`layers[start:]` and the head applied to `h`; without a split, `h` are tokens."""
+        if mid_layer:
+            return self.project(self.features_from(h, start=start, mid_layer=True))
         if not self.split:
             return self(h, attention_mask)
         self._check_index("start", start)
+        with self.resumed(h, start) as dummy:
+            return self(dummy, attention_mask)
+
+    def features_from(self, h, *, start: int, mid_layer: bool = False):
+        """The head's input (B, L, D) from `hidden_states(..., upto=start)` (`tail.features`):
+        `project` of it is `logits_from`'s logits. Needs a proven `tail`."""
+        return tail.features(self, h, start, mid_layer)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits (..., V) of the head's input (..., D): W_head features, vocabulary cut."""
+        return torch.nn.functional.linear(features, self.head_weight())
+
+    def head_weight(self) -> torch.Tensor:
+        """The head's (V, D) weight, rows past the tokenizer dropped (`cut_vocab`); needs a
+        proven `tail` (whose head is a bias-free linear map of the final norm's output)."""
+        if self.tail is None:
+            raise TypeError(f"the {self.family} backbone has no proven head ({self.tail_note})")
+        weight = self.hf.get_submodule(self.tail.head).weight
+        cut = self.vocab_size is not None and weight.shape[0] > self.vocab_size
+        return weight[: self.vocab_size] if cut else weight
+
+    @contextlib.contextmanager
+    def resumed(self, h: torch.Tensor, start: int):
+        """Within the block, a forward of the yielded dummy tokens (B, L) runs `layers[start:]`
+        on h (B, L, D): the embedding's output is replaced by h and the stack cut."""
         parent_path, _, name = self.layers_path.rpartition(".")
         parent = self.hf.get_submodule(parent_path) if parent_path else self.hf
         full = self.layers
-        dummy = torch.zeros(h.shape[:2], dtype=torch.long, device=h.device)
         handle = self._embedding.register_forward_hook(lambda m, a, out: h)
         setattr(parent, name, nn.ModuleList(list(full)[start:]))
         try:
-            return self(dummy, attention_mask)
+            yield torch.zeros(h.shape[:2], dtype=torch.long, device=h.device)
         finally:
             setattr(parent, name, full)
             handle.remove()
@@ -285,14 +287,35 @@ class HFDenoiser(nn.Module):
             self.split = False
             self.train(was_training)
 
-    def _probe_input(self) -> torch.Tensor:
-        """(1, 12) random tokens below the vocabulary size (config's, else the embedding's)."""
+    def _setup_tail(self) -> None:
+        """Find the position-wise tail and prove it on a probe (`tail.prove_tail`): the fused
+        loss needs the head proven, the scored-rows tail the whole tail; `tail_note` says
+        what holds. Only a mismatch or one of SPLIT_FAILURES turns it off."""
+        spec = tail.find_tail(self.hf, self.layers_path)
+        if spec is None:
+            self.tail_note = "no known layout of the last layer, final norm and head"
+            return
+        was_training = self.training
+        self.eval()
+        self.tail, self.tail_rows = spec, True
+        try:
+            with torch.no_grad():
+                level, self.tail_note = tail.prove_tail(self, self._probe_input(rows=2))
+        except SPLIT_FAILURES as error:
+            level, self.tail_note = 0, f"the tail raised {type(error).__name__}: {error}"[:200]
+        finally:
+            self.train(was_training)
+        self.tail = spec if level >= 1 else None
+        self.tail_rows = level >= 2
+
+    def _probe_input(self, rows: int = 1) -> torch.Tensor:
+        """(rows, 12) random tokens below the vocabulary size (config's, else the embedding's)."""
         vocab = getattr(getattr(self.hf, "config", None), "vocab_size", None)
         if not isinstance(vocab, int) or vocab < 1:
             vocab = self.hf.get_input_embeddings().num_embeddings
         device = next(self.hf.parameters()).device
         generator = torch.Generator().manual_seed(0)
-        return torch.randint(0, vocab, (1, 12), generator=generator).to(device)
+        return torch.randint(0, vocab, (rows, 12), generator=generator).to(device)
 
     def _embedding_module(self, probe) -> nn.Module | None:
         """The last module to finish before layer 0 starts whose output is layer 0's input."""
@@ -318,113 +341,19 @@ class HFDenoiser(nn.Module):
                 return module
         return None
 
-    # ----------------------------------------------------------------- fast-weight targets
+    # ----------------------------------------------------------------- fast weights, description
     def fast_weight_targets(self, fraction: float, modules: Sequence[str] = DEFAULT_FFN):
-        """Names (from this wrapper) of the FFN linears in the last `fraction` of layers.
+        """Names (from this wrapper) of the FFN linears in the last `fraction` of layers
+        (`describe.py`)."""
+        return placement.fast_weight_targets(self, fraction, modules)
 
-        `modules` equal to the default (gate/up/down_proj) means "the FFN projections" of any
-        known layout (FFN_PATTERN); other names are matched against the last name component.
-        In a MoE layer only `mlp.experts.*` and `mlp.shared_experts.*` are taken (the reference
-        code's rule). Outer-LoRA layers are looked through to their `base_layer`.
-        """
-        if not 0 < fraction <= 1:
-            raise UserError(f"fraction must be in (0, 1], got {fraction}")
-        stack = self.layers
-        start = first_fast_index(len(stack), fraction)
-        default = tuple(modules) == DEFAULT_FFN
-        names = []
-        for index in range(start, len(stack)):
-            layer = stack[index]
-            if any(is_fused_experts(m) for m in layer.modules()):
-                raise UserError(
-                    f"layer {index} still holds fused experts; wrap the model with "
-                    f"layer_fraction >= {fraction} (hf.load_model / hf.wrap unfuse them)"
-                )
-            moe = has_expert_list(layer)
-            for name, module in layer.named_modules():
-                if not isinstance(module, nn.Linear) or "lora_" in name:
-                    continue  # peft's own adapter matrices are not targets
-                logical = name.removesuffix(".base_layer")  # the frozen linear under peft
-                if moe and not logical.startswith(("mlp.experts.", "mlp.shared_experts.")):
-                    continue
-                wanted = (
-                    FFN_PATTERN.fullmatch(logical)
-                    if default
-                    else logical.rsplit(".", 1)[-1] in modules
-                )
-                if wanted:
-                    names.append(f"hf.{self.layers_path}.{index}.{name}")
-        if not names:
-            raise UserError(
-                f"no FFN linear matches modules={tuple(modules)} in layers {start}.."
-                f"{len(stack) - 1} of {self.layers_path}; set memdlm.targets to the model's names"
-            )
-        return names
-
-    # ----------------------------------------------------------------- description
     def describe(self, fraction: float = 0.1, modules: Sequence[str] = DEFAULT_FFN) -> dict:
-        """What the recipe runs on: family, forward path, attention, fast-weight modules.
-
-        Returns {"family", "forward", "split", "split_note", "attention", "logit_shift",
-        "mask_style", "fast_weights": count, "fast_weight_layers": [indices],
-        "fast_weight_kinds": {relative name pattern: count}, "routing": {MoE layer: how it
-        serves per-sample fast weights, "softmax" or "module" (the adapter's dispatch) or
-        "per_sample" (the block once per sample)}}.
-        """
-        targets = self.fast_weight_targets(fraction, modules)
-        prefix = f"hf.{self.layers_path}."
-        layers, kinds = [], collections.Counter()
-        for name in targets:
-            index, _, rest = name[len(prefix) :].partition(".")
-            if int(index) not in layers:
-                layers.append(int(index))
-            kinds[re.sub(r"\.\d+\.", ".*.", rest)] += 1
-        routing = {
-            i: layer.mlp.memdlm_dispatch
-            for i, layer in enumerate(self.layers)
-            if hasattr(getattr(layer, "mlp", None), "memdlm_dispatch")
-        }
-        first = first_fast_index(len(self.layers), fraction)
-        forward = (
-            f"split at layer {first} (layers < {first} once per inner state)"
-            if self.split
-            else f"full forward ({self.split_note})"
-        )
-        return {
-            "family": self.family,
-            "forward": forward,
-            "split": self.split,
-            "split_note": self.split_note,
-            "attention": self.attention
-            + (f" (blocks of {self.block_size})" if self.attention == "block_causal" else ""),
-            "logit_shift": self.shift,
-            "mask_style": self.mask_style,
-            "fast_weights": len(targets),
-            "fast_weight_layers": layers,
-            "fast_weight_kinds": dict(kinds),
-            "routing": routing,
-        }
+        """Family, forward path, attention, fast-weight modules (`describe.py`)."""
+        return placement.describe(self, fraction, modules)
 
     def description(self, fraction: float = 0.1, modules: Sequence[str] = DEFAULT_FFN) -> str:
         """`describe` as one line, for the recipe to print at start."""
-        d = self.describe(fraction, modules)
-        kinds = ", ".join(f"{n} {k}" for k, n in d["fast_weight_kinds"].items())
-        fast = sorted(i for i, how in d["routing"].items() if how != "per_sample")
-        looped = sorted(i for i, how in d["routing"].items() if how == "per_sample")
-        routed = f"; adapter MoE dispatch in layers {fast}" if fast else ""
-        if looped:
-            routed += f"; MoE blocks run once per sample (exact, slower) in layers {looped}"
-        shift = "; logits shifted back by one (Dream)" if d["logit_shift"] else ""
-        return (
-            f"backbone {d['family']} ({type(self.hf).__name__}): {d['forward']}; "
-            f"attention {d['attention']}{shift}; {d['fast_weights']} fast-weight modules in "
-            f"layers {d['fast_weight_layers']} of {self.layers_path} ({kinds}){routed}"
-        )
-
-
-def has_expert_list(layer: nn.Module) -> bool:
-    mlp = getattr(layer, "mlp", None)
-    return isinstance(getattr(mlp, "experts", None), (nn.ModuleList, UnfusedExperts))
+        return placement.description(self, fraction, modules)
 
 
 def wrap(model: nn.Module, *, layer_fraction: float = 0.1, verify_split: bool = True, **options):

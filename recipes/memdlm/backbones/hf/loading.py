@@ -15,9 +15,10 @@ from recipes.memdlm.backbones.hf.attention import (
     make_bidirectional,
 )
 from recipes.memdlm.backbones.hf.denoiser import HFDenoiser
-from recipes.memdlm.backbones.hf.experts import take_over_routing, unfuse_experts
+from recipes.memdlm.backbones.hf.experts import unfuse_experts
 from recipes.memdlm.backbones.hf.hub import fingerprint, resolve
 from recipes.memdlm.backbones.hf.peft_adapter import load_adapter, require_peft
+from recipes.memdlm.backbones.hf.routing import take_over_routing
 from recipes.memdlm.config import MissingExtraError
 from recipes.memdlm.errors import UserError
 

@@ -1,4 +1,4 @@
-"""Pinned glibc malloc thresholds (`loop/allocator.py`): freed tensors stay in the process, so a
+"""Pinned glibc malloc thresholds (`allocator.py`): freed tensors stay in the process, so a
 forward pass without gradient stops faulting its activations in again at every step."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ glibc_only = pytest.mark.skipif(
 PROBE = textwrap.dedent(
     """
     import resource, torch
-    from recipes.memdlm.loop.allocator import keep_freed_memory
+    from recipes.memdlm.allocator import keep_freed_memory
     pinned = keep_freed_memory()
     torch.manual_seed(0)
     w = torch.randn(256, 256) / 16

@@ -1,0 +1,146 @@
+"""Cost of a MemDLM training step relative to a standard step on a Hugging Face backbone
+(issue 30 item 6: at most 1.40x).
+
+A transformers `LlamaForCausalLM` (8 layers, d=128, 4 heads, d_ff=512, vocabulary `--vocab`),
+saved and loaded back as a user's checkpoint is, wrapped as the recipe wraps Hugging Face models
+(`backbones.hf.wrap`: bidirectional attention, the split forward and the tail checked on a probe).
+Batch (8, 256) of random tokens, the first 32 positions a prompt (not maskable; `--prompt`: the
+losses score about half the maskable positions, so it sets the inner steps' rows); fast weights on
+the last 10% of layers' FFN (the defaults: layer 7's gate/up/down_proj). One step = loss,
+backward, gradient clipping and AdamW. Standard and MemDLM (gap diagnostic on and off) run round
+robin in one process; the ratio of medians of process time is reported, with the minor page
+faults per step. A plain Python process calling the library, so glibc's thresholds are whatever
+the library sets (`allocator.py`); `--full-tail` measures without the scored-rows tail and
+the fused head (the backbone as it was before them).
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_memdlm_step_hf.py [--vocab 32000] [--full-tail]
+    OMP_NUM_THREADS=1 python -m pytest benchmarks/bench_memdlm_step_hf.py --benchmark-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import tempfile
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+from bench_memdlm_step import time_round_robin
+
+from recipes.memdlm import method
+from recipes.memdlm.backbones import hf
+from recipes.memdlm.config import MemDLMConfig
+from recipes.memdlm.data.batches import Batch
+
+LAYERS, WIDTH, HEADS, FFN = 8, 128, 4, 512
+BATCH, LENGTH, PROMPT = 8, 256, 32
+
+
+def make_model(vocab: int, full_tail: bool = False) -> hf.HFDenoiser:
+    """The Llama model, written to a folder and loaded from it, then `hf.wrap`ped."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=WIDTH,
+        intermediate_size=FFN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=HEADS,
+        max_position_embeddings=LENGTH,
+        attn_implementation="sdpa",
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        transformers.LlamaForCausalLM(config).save_pretrained(folder)
+        loaded = transformers.LlamaForCausalLM.from_pretrained(folder)
+    model = hf.wrap(loaded, layer_fraction=MemDLMConfig().layer_fraction)
+    if full_tail:  # as before the tail: the logits path and splits between layers only
+        model.tail, model.tail_rows = None, False
+    return model.train()
+
+
+def make_batch(vocab: int, prompt: int = PROMPT):
+    """(batch, anchor): random tokens (mask id vocab - 1 never among them), a `prompt`-token
+    prompt in every row."""
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.randint(0, vocab - 1, (BATCH, LENGTH), generator=generator)
+    maskable = torch.ones_like(x0, dtype=torch.bool)
+    maskable[:, :prompt] = False
+    batch = Batch(x0, maskable, torch.full((BATCH,), prompt))
+    anchor = method.sample_anchor(batch, mask_id=vocab - 1, eps=1e-3, generator=generator)
+    return batch, anchor
+
+
+def step_functions(model, batch, anchor, mask_id: int):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    cfg = MemDLMConfig()
+    mem = method.make_fast_weights(model, cfg)
+
+    def run(loss):
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def memdlm(log_gap: bool):
+        generator = torch.Generator().manual_seed(1)
+
+        def fn():
+            out = method.memdlm_step(
+                model, mem, batch, anchor, cfg, mask_id=mask_id, generator=generator,
+                log_gap=log_gap,
+            )  # fmt: skip
+            run(out.loss)
+
+        return fn
+
+    return {
+        "standard": lambda: run(method.standard_step(model, batch, anchor).loss),
+        "memdlm (gap logged)": memdlm(True),
+        "memdlm (no gap)": memdlm(False),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--vocab", type=int, default=32000, help="LlamaConfig's default")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--prompt", type=int, default=PROMPT, help="unmaskable positions per row")
+    parser.add_argument("--full-tail", action="store_true", help="without the scored-rows tail")
+    args = parser.parse_args()
+    model = make_model(args.vocab, args.full_tail)
+    batch, anchor = make_batch(args.vocab, args.prompt)
+    functions = step_functions(model, batch, anchor, mask_id=args.vocab - 1)
+    times, faults = time_round_robin(functions, args.repeats)
+    base = statistics.median(times["standard"])
+    print(
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads "
+        f"{torch.get_num_threads()}, load {os.getloadavg()[0]:.2f}, batch {tuple(batch.x0.shape)}"
+        f", prompt {args.prompt}, {int(anchor.mask.sum())} anchor-masked positions, vocab "
+        f"{args.vocab}, {model.description(MemDLMConfig().layer_fraction)}"
+    )
+    rows = getattr(model, "tail_rows", False)  # (absent before the tail existed)
+    print(f"tail: {getattr(model, 'tail_note', '-')}; scored-rows tail {'on' if rows else 'off'}")
+    print(f"{'step':24s} {'median ms':>10s} {'ratio':>7s} {'IQR of ratio':>14s} {'faults':>8s}")
+    for name, values in times.items():
+        median = statistics.median(values)
+        q1, _, q3 = statistics.quantiles(values, n=4)
+        print(
+            f"{name:24s} {1000 * median:10.1f} {median / base:7.2f}   "
+            f"{q1 / base:.2f}-{q3 / base:.2f} {statistics.median(faults[name]):10.0f}"
+        )
+
+
+def test_memdlm_step_hf(benchmark):
+    model = make_model(512)
+    batch, anchor = make_batch(512)
+    benchmark(step_functions(model, batch, anchor, mask_id=511)["memdlm (gap logged)"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""The scored-rows tail of Hugging Face backbones (`backbones/hf/tail.py`), proven per family.
+
+Each family's last layer is claimed to end, after its attention, in computation that acts on each
+position alone (its FFN or MoE block, the final norm, the head). Checked here in float64 on the
+stand-ins of the real remote code and on transformers' own Llama and Qwen2-MoE: the tail run on
+rows taken from anywhere in the batch equals the full forward at those rows, and a MemDLM step
+(inner losses, outer loss, diagnostic, every gradient) equals the one that runs the full tail.
+A model whose tail mixes positions, or whose head is not a plain projection, fails the probe at
+wrap time and keeps the full tail.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+from recipes.memdlm import method  # noqa: E402
+from recipes.memdlm.backbones import adapter, hf  # noqa: E402
+from recipes.memdlm.config import build_config  # noqa: E402
+from tests.recipes.backbones import standins  # noqa: E402
+from tests.recipes.backbones.test_hf import memdlm_losses  # noqa: E402
+
+STANDINS = tuple(standins.FAMILIES)  # llada, llada_moe, llada2, dream, llada21
+NATIVE = ("llama", "qwen2_moe")  # transformers' own decoders, made bidirectional
+FAMILIES = STANDINS + NATIVE
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tail")
+    return {name: standins.write(name, root / name) for name in STANDINS}
+
+
+def native(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    common = dict(
+        vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+        num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64,
+    )  # fmt: skip
+    if name == "llama":
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+    config = transformers.Qwen2MoeConfig(
+        **common, moe_intermediate_size=16, shared_expert_intermediate_size=24, num_experts=4,
+        num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[],
+    )  # fmt: skip
+    return transformers.Qwen2MoeForCausalLM(config)  # a MoE last layer, shared expert gated
+
+
+def loaded(folders, name: str) -> hf.HFDenoiser:
+    """The family wrapped as the recipe wraps it (fast weights on the last half of the layers),
+    in float64 (the probe ran in float32 at wrap time)."""
+    if name in NATIVE:
+        model = hf.wrap(native(name), layer_fraction=0.5)
+    else:
+        cfg = build_config(
+            "smoke",
+            overrides={
+                "model": {"path": str(folders[name]), "trust_remote_code": True},
+                "memdlm": {"layer_fraction": 0.5},
+            },
+        )
+        model = hf.load_model(cfg, device="cpu")
+    return model.double()
+
+
+def rounding(dtype: torch.dtype) -> dict[str, float]:
+    """Tolerance of a float64 computation seen in `dtype`: LLaDA2.x rounds its logits to
+    float32 even in a float64 model (llada-family-backbones.md section 4), the tail does not."""
+    if dtype == torch.float64:
+        return {"rtol": 1e-12, "atol": 1e-12}
+    return {"rtol": 3e-7, "atol": 1e-7}
+
+
+def vocab(model: hf.HFDenoiser) -> int:
+    return model.hf.get_input_embeddings().num_embeddings
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_the_tail_on_any_rows_equals_the_full_forward(folders, name, training):
+    model = loaded(folders, name).train(training)
+    assert model.tail_rows, model.tail_note
+    last = len(model.layers) - 1
+    backbone = adapter(model)
+    assert backbone.position_wise_after(last, True)
+    assert not backbone.position_wise_after(last, False)  # its attention mixes positions
+    assert backbone.head_weight("auto") is not None
+    assert model.describe(0.5)["tail"] == "rows"
+    x = torch.randint(0, vocab(model) - 1, (3, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(x).flatten(0, 1)
+        hidden = model.hidden_states(x, upto=last, mid_layer=True)
+        every = model.logits_from(hidden, start=last, mid_layer=True).flatten(0, 1)
+        rows = torch.randperm(30, generator=torch.Generator().manual_seed(2))[:7]
+        alone = model.logits_from(hidden.flatten(0, 1)[rows, None], start=last, mid_layer=True)
+    tol = rounding(full.dtype)
+    torch.testing.assert_close(every.to(full.dtype), full, **tol)
+    torch.testing.assert_close(alone[:, 0].to(full.dtype), full[rows], **tol)
+    with torch.no_grad():  # a loss may score no row at all (an empty inner mask)
+        none = model.logits_from(hidden.flatten(0, 1)[:0, None], start=last, mid_layer=True)
+    assert none.shape == (0, 1, full.shape[-1])
+    # features_from at a layer split: the final norm's output, projected by the head's weight
+    features = model.features_from(model.hidden_states(x, upto=1), start=1)
+    torch.testing.assert_close(model.project(features).flatten(0, 1).to(full.dtype), full, **tol)
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_memdlm_step_with_the_scored_rows_tail_equals_the_full_tail(folders, name, per_sample):
+    """The inner losses, the outer loss, the diagnostic and every gradient are those of the
+    logits path with the full tail (float64). MoE blocks' auxiliary outputs (router logits over
+    the rows they see) are never part of the loss: MoE families are covered too."""
+    memdlm = {"layer_fraction": 0.1, "inner_lr": 1.0, "per_sample": per_sample}
+    cfg = build_config("smoke", overrides={"memdlm": memdlm})  # fast weights: the last FFN
+    model = loaded(folders, name)
+    last = len(model.layers) - 1
+    x0 = torch.randint(0, vocab(model) - 2, (3, 12), generator=torch.Generator().manual_seed(3))
+    maskable = torch.ones_like(x0, dtype=torch.bool)
+    maskable[:, :4] = False
+    mem = method.make_fast_weights(model, cfg.memdlm)
+    try:
+        assert method.split_point(model, mem, cfg.memdlm) == method.Split(last, mid=True)
+    finally:
+        mem.remove()
+    rows_metrics, rows_grads = memdlm_losses(model, cfg, x0, maskable)
+    model.tail, model.tail_rows = None, False  # the logits path: full tail, full logits
+    full_metrics, full_grads = memdlm_losses(model, cfg, x0, maskable)
+    assert rows_metrics["gap"] > 1e-6  # the inner loop does something
+    float32_logits = name in ("llada2", "llada21")  # the logits path rounds (`rounding`)
+    rel, grad_tol = (1e-6, 1e-5) if float32_logits else (1e-10, 1e-8)
+    for key in ("loss", "loss_off", "inner_loss_1", "inner_loss_2"):
+        assert rows_metrics[key] == pytest.approx(full_metrics[key], rel=rel), key
+    # A routed expert that no scored row reaches gets no gradient at all on the rows; on the
+    # full tail it sees only unscored rows, whose loss weight is 0, so its gradient is exactly 0.
+    assert rows_grads.keys() <= full_grads.keys()
+    for key, grad in full_grads.items():
+        if key not in rows_grads:
+            assert ".experts." in key and not grad.any(), key
+            continue
+        torch.testing.assert_close(rows_grads[key], grad, rtol=grad_tol, atol=grad_tol, msg=key)
+
+
+def test_a_tail_that_mixes_positions_fails_the_probe_and_keeps_the_full_tail():
+    """A last FFN whose output depends on other rows (as MoE capacity, where tokens compete for
+    an expert's slots, would make it) is found out on the probe's subset of rows."""
+    model = native("llama")
+    mlp = model.model.layers[-1].mlp
+    own = mlp.forward
+    mlp.forward = lambda h: own(h) + h.mean(dim=(0, 1), keepdim=True)
+    wrapped = hf.wrap(model, layer_fraction=0.5)
+    assert wrapped.split and wrapped.tail is not None and not wrapped.tail_rows
+    assert "subset of the rows" in wrapped.tail_note
+    backbone = adapter(wrapped)
+    last = len(wrapped.layers) - 1
+    assert not backbone.position_wise_after(last, True)
+    assert not backbone.can_split_mid_layer(last, ())
+    assert wrapped.describe(0.1)["tail"] == "head"
+    assert "scored rows" not in wrapped.description(0.1)
+
+
+def test_a_head_that_is_not_a_plain_projection_keeps_the_logits_path():
+    """Scaled logits (as some families' `logit_scale`) are not W_head times the final norm's
+    output: the probe refuses the fused head, and with it the scored-rows tail."""
+    model = native("llama")
+    head = model.lm_head
+    own = head.forward
+    head.forward = lambda h: 0.5 * own(h)
+    wrapped = hf.wrap(model, layer_fraction=0.5)
+    assert wrapped.tail is None and not wrapped.tail_rows
+    assert "not the logits" in wrapped.tail_note
+    backbone = adapter(wrapped)
+    assert backbone.head_weight("auto") is None and backbone.output_head() is None
+    assert wrapped.describe(0.5)["tail"] == "none"
+
+
+def test_fast_weights_in_the_attention_keep_the_split_between_layers():
+    model = hf.wrap(native("llama"), layer_fraction=0.5)
+    backbone, last = adapter(model), len(model.layers) - 1
+    assert "after layer 3's attention, the scored rows only" in model.description(0.1)
+    assert "scored rows" not in model.description(0.5)  # fast weights from layer 2 on
+    assert backbone.can_split_mid_layer(last, (f"hf.model.layers.{last}.mlp.up_proj",))
+    assert not backbone.can_split_mid_layer(last, (f"hf.model.layers.{last}.self_attn.q_proj",))
+    assert not backbone.can_split_mid_layer(last - 1, ())  # only the last layer's tail is proven
