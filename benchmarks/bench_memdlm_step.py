@@ -25,8 +25,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch
 
 from recipes.memdlm import method
-from recipes.memdlm.backbones import adapter
 from recipes.memdlm.allocator import keep_freed_memory
+from recipes.memdlm.backbones import adapter
 from recipes.memdlm.build import new_model
 from recipes.memdlm.config import build_config
 from recipes.memdlm.data.batches import BatchSampler

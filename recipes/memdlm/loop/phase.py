@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from recipes.memdlm.backbones import Backbone, adapter
 from recipes.memdlm.allocator import keep_freed_memory
+from recipes.memdlm.backbones import Backbone, adapter
 from recipes.memdlm.config import MemDLMConfig, PhaseConfig
 from recipes.memdlm.data.batches import BatchSampler
 from recipes.memdlm.errors import UserError

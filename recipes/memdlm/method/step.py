@@ -339,9 +339,7 @@ def record_of(loss: torch.Tensor, parts: Parts) -> dict[str, Any]:
         info = parts.info
         steps = info.loss.numel()
         largest = torch.stack(list(info.grad_norms.values())).amax(0)
-        values += [
-            t.detach().double().reshape(-1) for t in (info.loss, info.grad_norm, largest)
-        ]
+        values += [t.detach().double().reshape(-1) for t in (info.loss, info.grad_norm, largest)]
     flat = torch.cat(values).tolist()
     off = flat[1] if parts.loss_off is not None else None
     inner = flat[len(flat) - 3 * steps :] if steps else []

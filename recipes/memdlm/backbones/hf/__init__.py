@@ -61,8 +61,8 @@ from recipes.memdlm.backbones.hf.experts import (
     routed_sum,
     unfuse_experts,
 )
-from recipes.memdlm.backbones.hf.hub import fingerprint, resolve
 from recipes.memdlm.backbones.hf.hooks import SPLIT_FAILURES, SplitUnsupported, StopForward
+from recipes.memdlm.backbones.hf.hub import fingerprint, resolve
 from recipes.memdlm.backbones.hf.loading import (
     DTYPES,
     MASK_TOKENS,
