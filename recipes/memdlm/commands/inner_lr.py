@@ -18,7 +18,7 @@ import torch
 from rich.table import Table
 
 from recipes.memdlm.build import resolve_device
-from recipes.memdlm.commands.compare import fresh_base, obtain_base
+from recipes.memdlm.commands.base_model import fresh_base, obtain_base
 from recipes.memdlm.commands.folders import (
     UsageError,
     config_from_args,

@@ -21,7 +21,7 @@ import torch
 from recipes.memdlm.config import Config, variant_config
 from recipes.memdlm.data.batches import BatchSampler
 from recipes.memdlm.data.prepare import Data
-from recipes.memdlm.eval.report import plot_all
+from recipes.memdlm.eval.plots import plot_all
 from recipes.memdlm.eval.suite import evaluate_model
 from recipes.memdlm.loop import checkpoint as ckpt
 from recipes.memdlm.loop.phase import phase_options, train_phase
