@@ -164,7 +164,8 @@ def _job_data(cfg: Config, base_file: Path | None, device: str):
 
 
 def evaluate_base(*, reporter, cfg: Config, out: Path, base_file, device: str) -> dict[str, Any]:
-    """The base's held-out loss and needle accuracy (`base/eval.json`; a job)."""
+    """The base's held-out loss and needle accuracy, overall and per task (`base/eval.json`;
+    a job)."""
 
     def compute() -> dict[str, Any]:
         data, model = _job_data(cfg, base_file, device)
@@ -181,6 +182,10 @@ def evaluate_base(*, reporter, cfg: Config, out: Path, base_file, device: str) -
         return {
             "eval_loss": eval_loss(model, loss_set, loss_backend=cfg.loss_backend),
             "niah_accuracy": {str(k): v for k, v in accuracy["by_length"].items()},
+            "niah_accuracy_by_task": {
+                task: {str(k): v for k, v in by_length.items()}
+                for task, by_length in accuracy["by_task"].items()
+            },
         }
 
     reporter.note("evaluating the base")

@@ -4,7 +4,7 @@ summary.json schema ("memdlm-compare/1"); every number is a mean over seeds, `sp
 sample standard deviations and `per_seed` the raw values:
 
     {"schema", "preset", "seeds", "device", "versions",
-     "base": {"eval_loss", "niah_accuracy", "seconds_per_step"} | null,
+     "base": {"eval_loss", "niah_accuracy", "niah_accuracy_by_task", "seconds_per_step"} | null,
      "standard": {"train_loss_final", "eval_loss", "seconds_per_step",
                   "niah_accuracy": {context_len: acc}, "niah_accuracy_by_task",
                   "exposure_bias_final", "spread", "per_seed"},
