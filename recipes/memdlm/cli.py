@@ -17,7 +17,7 @@ from pathlib import Path
 from recipes.memdlm.commands.folders import USER_ERRORS
 from recipes.memdlm.config import PRESETS
 
-COMMANDS = ("train", "eval", "sample", "compare", "inner-lr")
+COMMANDS = ("train", "eval", "sample", "compare", "inner-lr", "harness")
 CHECKPOINT_HELP = (
     "model.pt, or a run folder holding one; may be left out with --model PATH, "
     "which then uses the Hugging Face model's own weights"
@@ -184,6 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="folder (default: runs/inner-lr-<preset>-<time>)")
     p.add_argument("--base", type=Path, help="pretrained base checkpoint (model.pt)")
     p.add_argument("--cache", type=Path, default=Path("runs/cache"))
+
+    # Listed for --help only: `main` hands `harness` and everything after it to lm-eval's own
+    # command line before this parser runs (its options are lm-eval's, not ours).
+    sub.add_parser(
+        "harness",
+        add_help=False,
+        help="lm-evaluation-harness with the `memdlm` model (lm-eval's own arguments; needs the "
+        "eval extra; docs/evaluation.md)",
+    )
     return parser
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,22 +29,24 @@ FOLDERS = {3: "cpu-tiny-default-3seeds", 5: "cpu-tiny-default-5seeds"}
 QUOTING = ("README.md", "docs/memdlm.md")  # the files with results blocks
 MARKER = re.compile(r"<!-- results:([\w-]+) -->\n(.*?)<!-- /results:\1 -->", re.S)
 LENGTHS = ("128", "256", "384")
+WIDTH = 100  # the docs' line length
+FILL = {"break_long_words": False, "break_on_hyphens": False}
 
 
 @dataclass(frozen=True)
 class Recorded:
-    """The recorded runs by seed count: summary.json and recorded.json of each."""
+    """The recorded runs by seed count: summary.json, recorded.json and config.json of each."""
 
     summaries: dict[int, dict[str, Any]]
     records: dict[int, dict[str, Any]]
+    configs: dict[int, dict[str, Any]]
 
     @classmethod
     def load(cls, results: Path = RESULTS) -> Recorded:
-        summaries, records = {}, {}
-        for seeds, name in FOLDERS.items():
-            summaries[seeds] = json.loads((results / name / "summary.json").read_text())
-            records[seeds] = json.loads((results / name / "recorded.json").read_text())
-        return cls(summaries, records)
+        def read(name: str) -> dict[int, dict[str, Any]]:
+            return {n: json.loads((results / f / name).read_text()) for n, f in FOLDERS.items()}
+
+        return cls(read("summary.json"), read("recorded.json"), read("config.json"))
 
 
 def duration(seconds: float) -> str:
@@ -92,27 +95,18 @@ def spread_range(values: list[float], scale: float = 100.0, digits: int = 0) -> 
     return f"{low:.{digits}f}-{high:.{digits}f}"
 
 
-def adaptation_cost(summary: dict[str, Any]) -> str:
-    """How many points of needle accuracy prompt adaptation costs, per length: "15-32"."""
+def adaptation_effect(summary: dict[str, Any]) -> str:
+    """What adapting on the prompt does to MemDLM's needle accuracy over the context lengths:
+    "lowers needle accuracy by 15-32 points" (or "changes ... by -3 to +5 points")."""
     mem = summary["memdlm"]
-    drops = [mem["niah_accuracy"][k] - mem["niah_accuracy_adapted"][k] for k in LENGTHS]
-    return spread_range(drops)
+    changes = [100 * (mem["niah_accuracy_adapted"][k] - mem["niah_accuracy"][k]) for k in LENGTHS]
+    if max(changes) < 0:
+        return f"lowers needle accuracy by {-max(changes):.0f}-{-min(changes):.0f} points"
+    return f"changes needle accuracy by {min(changes):+.0f} to {max(changes):+.0f} points"
 
 
 def by_task(summary: dict[str, Any], who: str, task: str) -> list[float]:
     return [summary[who]["niah_accuracy_by_task"][task][k] for k in LENGTHS]
-
-
-def when(record: dict[str, Any]) -> str:
-    """How long the run took and where: "3 min 42 s on 2026-12-07 (2 cores, load 0.1)"."""
-    return (
-        f"{duration(record['wall_seconds'])} on {record['date']} ({record['cpus']} cores, "
-        f"load average {record['load_average']:.1f} when it started)"
-    )
-
-
-def loss_deltas(summary: dict[str, Any]) -> list[float]:
-    return summary["paired"]["eval_loss_delta"]["per_seed"]
 
 
 def moved(recorded: Recorded) -> str:
@@ -137,11 +131,12 @@ def moved(recorded: Recorded) -> str:
 
 
 def readme_time(recorded: Recorded) -> str:
+    record = recorded.records[3]
     return (
-        f"How long it takes: the comparison took {when(recorded.records[3])}, on this project's "
-        "2-core CPU machine. Installing took about one more minute (2026-12-02). "
-        "`python -m recipes.memdlm.commands.record` measures it again when it re-records the "
-        "results.\n"
+        f"How long it takes: the first command's comparison took "
+        f"{duration(record['wall_seconds'])} on {record['date']}, on a {record['cpus']}-core "
+        f"CPU machine (load average {record['load_average']:.1f} when it started; a busy "
+        "machine takes longer). Installing added about one minute (measured 2026-12-02).\n"
     )
 
 
@@ -151,6 +146,8 @@ def readme_headline(recorded: Recorded) -> str:
     loss5, acc5 = five["paired"]["eval_loss_delta"], five["paired"]["niah_accuracy_delta"]
     every = " It is higher in every seed." if all(d > 0 for d in loss5["per_seed"]) else ""
     single = by_task(five, "base", "single")
+    multikey = by_task(five, "standard", "multikey") + by_task(five, "memdlm", "multikey")
+    ratio = five["paired"]["step_time_ratio"]["mean"]
     return (
         "On the default `cpu-tiny` preset (a 0.7M-parameter byte-level model) over 5 paired seeds "
         "(`python -m recipes.memdlm compare --seeds 5`), MemDLM does not beat Standard. "
@@ -159,16 +156,16 @@ def readme_headline(recorded: Recorded) -> str:
         f"{verdict(loss5, 'higher (worse)', 'lower (better)')}.{every}\n"
         f"- Needle accuracy at 128-384 bytes: {interval(acc5, 100, 1)} points: "
         f"{verdict(acc5)}.\n"
-        f"- Adapting on the prompt at inference costs {adaptation_cost(five)} points of needle "
-        "accuracy.\n"
-        f"- A MemDLM step costs {five['paired']['step_time_ratio']['mean']:.2f}x a standard step "
-        "in that run.\n\n"
+        f"- Adapting on the prompt at inference {adaptation_effect(five)}.\n"
+        f"- A MemDLM step costs {ratio:.2f}x a standard step in that run.\n\n"
         "The README's first command runs seeds 1-3 of these and prints: eval loss "
         f"{interval(loss3)} nats ({verdict(loss3)}), needle accuracy {interval(acc3, 100, 1)} "
-        f"points ({verdict(acc3)}).\n\n"
+        f"points ({verdict(acc3)}). The smallest eval-loss difference 3 seeds would detect is "
+        f"±{loss3['detectable']:.3f} nats, 5 seeds ±{loss5['detectable']:.3f}.\n\n"
         f"The shipped base retrieves `single` needles ({pct(single[0])}% at 128 bytes, "
         f"{pct(single[-1])}% at 384), so the needle columns are graded and fine-tuning has "
-        "something to teach.\n"
+        f"something to teach. Both methods answer `multikey` needles at {spread_range(multikey)}% "
+        "(one of the three values at random: 33%).\n"
     )
 
 
@@ -199,10 +196,13 @@ def table_rows(summary: dict[str, Any], *, chars: bool) -> list[str]:
 
 
 def docs_time(recorded: Recorded) -> str:
+    three, five = recorded.records[3], recorded.records[5]
     return (
-        f"- Paired seeds 1-3 run side by side on the two cores: {when(recorded.records[3])} "
-        f"from start to table; 5 seeds took {when(recorded.records[5])}. The same machine's "
-        "speed varies from day to day by up to a fifth.\n"
+        "- Paired seeds run side by side on the two cores. From start to table: "
+        f"{duration(three['wall_seconds'])} with 3 seeds and {duration(five['wall_seconds'])} "
+        f"with 5, on {three['date']} ({three['cpus']} cores; load average "
+        f"{three['load_average']:.1f} and {five['load_average']:.1f} when they started). The "
+        "same machine's speed varies from day to day by up to a fifth.\n"
     )
 
 
@@ -211,12 +211,7 @@ def docs_three(recorded: Recorded) -> str:
     base, mem = three["base"], three["memdlm"]
     loss, acc = three["paired"]["eval_loss_delta"], three["paired"]["niah_accuracy_delta"]
     single, multikey = by_task(three, "base", "single"), by_task(three, "base", "multikey")
-    tuned = [
-        three[who]["niah_accuracy_by_task"][task][k]
-        for who in ("standard", "memdlm")
-        for task in ("multikey",)
-        for k in LENGTHS
-    ]
+    tuned = by_task(three, "standard", "multikey") + by_task(three, "memdlm", "multikey")
     lines = [
         f"During fine-tuning the same-batch gap is {mem['gap_final']:.3f} ± "
         f"{mem['spread']['gap_final']:.3f} nats.",
@@ -239,61 +234,77 @@ def docs_three(recorded: Recorded) -> str:
         "",
         "Paired, MemDLM Train-Only minus Standard:",
         "",
-        f"- Eval loss: {listed([f'{d:+.3f}' for d in loss['per_seed']])} nats; mean "
-        f"{loss['mean']:+.3f}, 95% CI {ci(loss)}. The smallest difference this run "
-        f"could detect is ±{loss['detectable']:.3f}.",
-        f"- NIAH exact: {points(acc['per_seed'])} points; mean {100 * acc['mean']:+.1f}, 95% CI "
-        f"{ci(acc, 100, 1)}. Smallest detectable ±{100 * acc['detectable']:.1f} points.",
+        *paired_lines(three),
         "",
-        f"Verdict: on the fast-weights-off eval loss, {verdict(loss, 'higher (worse) than Standard', 'lower (better) than Standard')}. "
+        "Verdict: on the fast-weights-off eval loss, "
+        f"{verdict(loss, 'higher (worse) than Standard', 'lower (better) than Standard')}. "
         f"On needle accuracy, {verdict(acc)}. A MemDLM step costs "
         f"{three['paired']['step_time_ratio']['mean']:.2f}x a standard step in this run.",
         "",
-        "Adapting on the prompt at inference (Train & Inference) changes needle accuracy by "
-        f"{adaptation_cost(three)} points (down) and the eval loss by "
-        f"{mem['eval_loss_adapted'] - mem['eval_loss']:+.2f} nats, at the training-time inner "
-        "lr of 0.3.",
+        f"Adapting on the prompt at inference (Train & Inference) {adaptation_effect(three)} "
+        f"and changes the eval loss by {mem['eval_loss_adapted'] - mem['eval_loss']:+.2f} nats, "
+        f"at the training-time inner lr of {recorded.configs[3]['memdlm']['inner_lr']:g}.",
     ]
     if note := moved(recorded):
         lines += ["", note]
     return "\n".join(lines) + "\n"
 
 
+def paired_lines(summary: dict[str, Any]) -> list[str]:
+    """The two bullets of paired differences: per seed, mean, 95% interval, detectable."""
+    loss, acc = summary["paired"]["eval_loss_delta"], summary["paired"]["niah_accuracy_delta"]
+    seeds = listed([f"{d:+.3f}" for d in loss["per_seed"]])
+    return [
+        f"- Eval loss: {seeds} nats; mean {loss['mean']:+.3f}, 95% CI {ci(loss)}; smallest "
+        f"detectable ±{loss['detectable']:.3f}.",
+        f"- NIAH exact: {points(acc['per_seed'])} points; mean {100 * acc['mean']:+.1f}, 95% CI "
+        f"{ci(acc, 100, 1)}; smallest detectable ±{100 * acc['detectable']:.1f} points.",
+    ]
+
+
 def docs_five(recorded: Recorded) -> str:
     five = recorded.summaries[5]
     loss, acc = five["paired"]["eval_loss_delta"], five["paired"]["niah_accuracy_delta"]
-    deltas = loss_deltas(five)
-    worse = [d for d in deltas if d > 0]
-    std, mem = five["standard"], five["memdlm"]
-    at384 = 100 * (mem["niah_accuracy"]["384"] - std["niah_accuracy"]["384"])
-    sign = "in all" if len(worse) == len(deltas) else f"in {len(worse)} of"
-    return (
-        "\n".join(
-            [
-                f"**Five seeds** (`python -m recipes.memdlm compare --seeds 5`, seeds 1-3 as above; "
-                f"[results/cpu-tiny-default-5seeds/](results/cpu-tiny-default-5seeds/)):",
-                "",
-                "| method (5 seeds) | eval loss | NIAH exact, 128/256/384 (%) |",
-                "|---|---|---|",
-                *table_rows(five, chars=False),
-                "",
-                "Paired, Train-Only minus Standard:",
-                "",
-                f"- Eval loss: {listed([f'{d:+.3f}' for d in deltas])} nats; mean {loss['mean']:+.3f}, "
-                f"95% CI {ci(loss)}, smallest detectable ±{loss['detectable']:.3f}.",
-                f"- NIAH exact: {points(acc['per_seed'])} points; mean {100 * acc['mean']:+.1f}, 95% CI "
-                f"{ci(acc, 100, 1)}, smallest detectable ±{100 * acc['detectable']:.1f}.",
-                "",
-                f"Verdict: eval loss, {verdict(loss, 'higher (worse)', 'lower (better)')}; needle "
-                f"accuracy, {verdict(acc)}. MemDLM's fast-weights-off eval loss is higher than "
-                f"Standard's {sign} {len(deltas)} seeds"
-                + (f", by {min(worse):.3f}-{max(worse):.3f} nats" if worse else "")
-                + f". At 384 bytes Train-Only is {at384:+.1f} points from Standard over 5 seeds, a "
-                "per-length difference this run does not test.",
-            ]
-        )
-        + "\n"
-    )
+    worse = [d for d in loss["per_seed"] if d > 0]
+    n = len(loss["per_seed"])
+    where = f"in all {n} seeds" if len(worse) == n else f"in {len(worse)} of {n} seeds"
+    by = f", by {min(worse):.3f}-{max(worse):.3f} nats" if worse else ""
+    std, mem = five["standard"]["niah_accuracy"], five["memdlm"]["niah_accuracy"]
+    lines = [
+        "**Five seeds** (`python -m recipes.memdlm compare --seeds 5`, seeds 1-3 as above; "
+        "[results/cpu-tiny-default-5seeds/](results/cpu-tiny-default-5seeds/)):",
+        "",
+        "| method (5 seeds) | eval loss | NIAH exact, 128/256/384 (%) |",
+        "|---|---|---|",
+        *table_rows(five, chars=False),
+        "",
+        "Paired, Train-Only minus Standard:",
+        "",
+        *paired_lines(five),
+        "",
+        f"Verdict: eval loss, {verdict(loss, 'higher (worse)', 'lower (better)')}; needle "
+        f"accuracy, {verdict(acc)}. MemDLM's fast-weights-off eval loss is higher than "
+        f"Standard's {where}{by}. At 384 bytes Train-Only is "
+        f"{100 * (mem['384'] - std['384']):+.1f} points from Standard over 5 seeds, a per-length "
+        "difference this run does not test.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def wrap(markdown: str, width: int = WIDTH) -> str:
+    """Paragraphs and bullets filled to `width` columns as the hand-written docs are; table rows
+    kept whole."""
+    lines = []
+    for line in markdown.splitlines():
+        if not line or line.startswith("|"):
+            lines.append(line)
+            continue
+        # a code span stays on one line: its spaces are not break points
+        kept = re.sub(r"`[^`]*`", lambda m: m.group(0).replace(" ", "\0"), line)
+        indent = "  " if line.startswith("- ") else ""
+        filled = textwrap.wrap(kept, width, subsequent_indent=indent, **FILL)
+        lines += [part.replace("\0", " ") for part in filled]
+    return "\n".join(lines) + "\n"
 
 
 BLOCKS: dict[str, Callable[[Recorded], str]] = {
@@ -318,7 +329,7 @@ def rewrite(text: str, recorded: Recorded, *, where: str = "text") -> str:
 
     def fill(match: re.Match) -> str:
         name = match.group(1)
-        return f"<!-- results:{name} -->\n{BLOCKS[name](recorded)}<!-- /results:{name} -->"
+        return f"<!-- results:{name} -->\n{wrap(BLOCKS[name](recorded))}<!-- /results:{name} -->"
 
     return MARKER.sub(fill, text)
 
