@@ -160,3 +160,30 @@ def test_seed_1_of_both_methods_gives_the_recorded_numbers(tmp_path):
             f"{method} seed 1 no longer gives the recorded numbers: if the change is meant, "
             "re-record with `python -m recipes.memdlm.commands.record` in the same commit"
         )
+
+
+def test_the_docs_say_how_far_a_re_record_moved_the_3_seed_run():
+    """`quotes.moved`: the largest per-seed eval-loss shift against the replaced record, and
+    the verdict change when there is one."""
+    summary = _summary(3)
+    shift = {"standard": [0.0, 0.0, 0.0], "memdlm": [0.0, -0.0125, 0.002]}
+    before = {"mean": 0.021, "ci95": [-0.010, 0.052]}
+    previous = {
+        "date": "2026-12-05",
+        "eval_loss": {
+            m: [r["eval_loss"] + d for r, d in zip(summary[m]["per_seed"], shift[m], strict=True)]
+            for m in shift
+        },
+        "eval_loss_delta": before,
+    }
+    recorded = quotes.Recorded({3: summary}, {3: {"date": "2026-12-07", "previous": previous}}, {})
+    note = quotes.moved(recorded)
+    assert note.startswith("Re-recording on 2026-12-07 moved the per-seed eval losses of the")
+    assert "record of 2026-12-05 by up to 0.0125 nats" in note
+    assert (
+        f"from +0.021 [-0.010, +0.052] to {quotes.interval(summary['paired']['eval_loss_delta'])}"
+        in note
+    )
+    now = quotes.verdict(summary["paired"]["eval_loss_delta"])
+    assert ("verdict: no difference detectable, now" in note) == (now != "no difference detectable")
+    assert quotes.moved(quotes.Recorded({3: summary}, {3: {"date": "x"}}, {})) == ""

@@ -119,14 +119,16 @@ def moved(recorded: Recorded) -> str:
     shifts = [
         abs(new["eval_loss"] - old)
         for method in ("standard", "memdlm")
-        for new, old in zip(summary[method]["per_seed"], previous["eval_loss"][method])
+        for new, old in zip(summary[method]["per_seed"], previous["eval_loss"][method], strict=True)
     ]
     since = f" of {previous['date']}" if previous.get("date") else ""
+    before, now = previous["eval_loss_delta"], summary["paired"]["eval_loss_delta"]
+    flipped = f" (verdict: {verdict(before)}, now {verdict(now)})"
     return (
         f"Re-recording on {record['date']} moved the per-seed eval losses of the previous "
         f"record{since} by up to {max(shifts):.4f} nats and the 3-seed eval-loss difference "
-        f"from {interval(previous['eval_loss_delta'])} to "
-        f"{interval(summary['paired']['eval_loss_delta'])}."
+        f"from {interval(before)} to {interval(now)}"
+        f"{flipped if verdict(before) != verdict(now) else ''}."
     )
 
 
@@ -299,8 +301,8 @@ def wrap(markdown: str, width: int = WIDTH) -> str:
         if not line or line.startswith("|"):
             lines.append(line)
             continue
-        # a code span stays on one line: its spaces are not break points
-        kept = re.sub(r"`[^`]*`", lambda m: m.group(0).replace(" ", "\0"), line)
+        # a code span or a duration stays on one line: its spaces are not break points
+        kept = re.sub(r"`[^`]*`|\d+ min \d+ s", lambda m: m.group(0).replace(" ", "\0"), line)
         indent = "  " if line.startswith("- ") else ""
         filled = textwrap.wrap(kept, width, subsequent_indent=indent, **FILL)
         lines += [part.replace("\0", " ") for part in filled]
