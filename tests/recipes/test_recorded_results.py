@@ -83,6 +83,9 @@ def test_verdicts_claim_a_sign_only_where_the_interval_excludes_zero():
     assert quotes.verdict({"ci95": [-0.01, 0.05]}) == "no difference detectable"
     assert quotes.interval({"mean": 0.0272, "ci95": [0.0114, 0.0431]}) == "+0.027 [+0.011, +0.043]"
     assert quotes.duration(222.4) == "3 min 42 s" and quotes.duration(59.6) == "1 min 0 s"
+    idle = {"load_average": 0.2, "load_average_end": 0.9, "cpus": 2}
+    assert quotes.load(idle) == "load average 0.2 at the start and 0.9 at the end"
+    assert quotes.busy(idle) == "" and "busy" in quotes.busy({**idle, "load_average_end": 1.1})
 
 
 def test_record_keeps_the_run_and_what_it_replaces(tmp_path):

@@ -132,13 +132,31 @@ def moved(recorded: Recorded) -> str:
     )
 
 
+def load(record: dict[str, Any]) -> str:
+    """The machine's 1-minute load average around a recorded run: "load average 3.2 at the
+    start" (and "... and 11.0 at the end" where it was recorded)."""
+    text = f"load average {record['load_average']:.1f} at the start"
+    if "load_average_end" in record:
+        text += f" and {record['load_average_end']:.1f} at the end"
+    return text
+
+
+def busy(*records: dict[str, Any]) -> str:
+    """A remark when a run shared its machine (a load average above half its cores: more
+    runnable processes than the run's own), which then took longer than an idle one would."""
+    loads = [r.get(k, 0.0) for r in records for k in ("load_average", "load_average_end")]
+    if max(loads) > records[0]["cpus"] / 2:
+        return "; the machine was busy, so an idle one is faster"
+    return ""
+
+
 def readme_time(recorded: Recorded) -> str:
     record = recorded.records[3]
     return (
         f"How long it takes: the first command's comparison took "
         f"{duration(record['wall_seconds'])} on {record['date']}, on a {record['cpus']}-core "
-        f"CPU machine (load average {record['load_average']:.1f} when it started; a busy "
-        "machine takes longer). Installing added about one minute (measured 2026-12-02).\n"
+        f"CPU machine ({load(record)}{busy(record)}). Installing added about one minute "
+        "(measured 2026-12-02).\n"
     )
 
 
@@ -200,11 +218,10 @@ def table_rows(summary: dict[str, Any], *, chars: bool) -> list[str]:
 def docs_time(recorded: Recorded) -> str:
     three, five = recorded.records[3], recorded.records[5]
     return (
-        "- Paired seeds run side by side on the two cores. From start to table: "
-        f"{duration(three['wall_seconds'])} with 3 seeds and {duration(five['wall_seconds'])} "
-        f"with 5, on {three['date']} ({three['cpus']} cores; load average "
-        f"{three['load_average']:.1f} and {five['load_average']:.1f} when they started). The "
-        "same machine's speed varies from day to day by up to a fifth.\n"
+        f"- Paired seeds run side by side on the {three['cpus']} cores. From start to table on "
+        f"{three['date']}: {duration(three['wall_seconds'])} with 3 seeds ({load(three)}) and "
+        f"{duration(five['wall_seconds'])} with 5 ({load(five)}){busy(three, five)}. The same "
+        "machine's speed also varies from day to day by up to a fifth.\n"
     )
 
 

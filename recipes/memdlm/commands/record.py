@@ -8,7 +8,8 @@ For 3 and for 5 paired seeds it runs the README's first command, `python -m reci
 
 1. docs/results/cpu-tiny-default-<N>seeds/ gets the run's config.json, summary.json and plots,
    the printed tables (table.txt: the command's standard output) and recorded.json: the
-   command, the date, its wall-clock time, the machine's cores and load average when it started,
+   command, the date, its wall-clock time, the machine's cores and its 1-minute load average
+   when the run started and ended,
    the torch version, the git commit, and the per-seed eval losses and paired difference of
    the record it replaces ("previous"), so the docs can say how far a re-run moved them.
 2. Every results block of README.md and docs/memdlm.md is rewritten from those files
@@ -89,6 +90,7 @@ def run_default(seeds: int, out: Path, root: Path) -> tuple[str, dict[str, Any]]
             check=False,
         )
         seconds = time.perf_counter() - started
+        load_end = os.getloadavg()[0]
     if done.returncode != 0:
         raise SystemExit(f"record: `{' '.join(argv)}` exited with {done.returncode}")
     import torch
@@ -99,6 +101,7 @@ def run_default(seeds: int, out: Path, root: Path) -> tuple[str, dict[str, Any]]
         "wall_seconds": seconds,
         "cpus": cores,
         "load_average": load,
+        "load_average_end": load_end,
         "torch": torch.__version__,
         "commit": git_commit(root),
     }
