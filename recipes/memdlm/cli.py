@@ -17,7 +17,17 @@ from pathlib import Path
 from recipes.memdlm.commands.folders import USER_ERRORS
 from recipes.memdlm.config import PRESETS
 
-COMMANDS = ("train", "eval", "sample", "compare", "inner-lr", "data", "export", "estimate")
+COMMANDS = (
+    "train",
+    "eval",
+    "sample",
+    "compare",
+    "inner-lr",
+    "data",
+    "export",
+    "estimate",
+    "harness",
+)
 CHECKPOINT_HELP = (
     "model.pt, or a run folder holding one; may be left out with --model PATH_OR_HUB_ID, "
     "which then uses the Hugging Face model's own weights (or --model.adapter's LoRA on them)"
@@ -246,6 +256,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="measure the throughput: run this many steps here (after one warm-up step)",
+    )
+
+    # Listed for --help only: `main` hands `harness` and everything after it to lm-eval's own
+    # command line before this parser runs (its options are lm-eval's, not ours).
+    sub.add_parser(
+        "harness",
+        add_help=False,
+        help="lm-evaluation-harness with the `memdlm` model (lm-eval's own arguments; needs the "
+        "eval extra; docs/evaluation.md)",
     )
     return parser
 

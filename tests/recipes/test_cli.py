@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,17 @@ def one_line_error(result) -> str:
 def test_help(command):
     result = run(*command, "--help")
     assert result.returncode == 0 and "usage: python -m recipes.memdlm" in result.stdout
+
+
+def test_help_lists_every_command_the_docs_use():
+    """`--help` names every command, `harness` (lm-eval's command line, which `main` hands over
+    before parsing) included."""
+    from recipes.memdlm.cli import COMMANDS, build_parser
+
+    text = build_parser().format_help()
+    listed = re.findall(r"^    (\S+)  ", text, flags=re.M)
+    assert listed == ["compare", "train", "eval", "sample", "inner-lr", "harness"]
+    assert sorted(listed) == sorted(COMMANDS) and "lm-evaluation-harness" in text
 
 
 @pytest.mark.parametrize(

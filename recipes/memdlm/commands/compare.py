@@ -1,8 +1,9 @@
 """`compare`: one base, then Standard and MemDLM fine-tuned from it with paired seeds.
 
-1. The base: `--base CKPT`; a Hugging Face backbone's own weights (`model.path`: no
-   pretraining, as in the paper); the cached or shipped base of this configuration
-   (`commands.bases`); else pretrain one with the standard objective (`--pretrain` forces it).
+1. The base (`commands.base_model`): `--base CKPT`; a Hugging Face backbone's own weights
+   (`model.path`: no pretraining, as in the paper); the cached or shipped base of this
+   configuration (`commands.bases`); else pretrain one with the standard objective
+   (`--pretrain` forces it).
 2. Jobs: the base's evaluation, and for each seed Standard and MemDLM fine-tuned from the base and
    evaluated. Both methods of a seed see the same batches in the same order and the same anchor
    masks (`loop.steps.phase_generators`); every model is scored on the same held-out data and
@@ -19,14 +20,13 @@ from __future__ import annotations
 
 import json
 import platform
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from recipes.memdlm.build import announce, load_weights, new_model, resolve_device
-from recipes.memdlm.commands.bases import base_key, differences, shipped_base
+from recipes.memdlm.build import load_weights, new_model, resolve_device
+from recipes.memdlm.commands.base_model import fresh_base, obtain_base
 from recipes.memdlm.commands.folders import (
     UsageError,
     fresh_folder,
@@ -39,13 +39,11 @@ from recipes.memdlm.commands.runs import (
     evaluate_run,
     evaluated_once,
     fine_tune,
-    phase_log,
     run_method,
     write_outputs,
 )
 from recipes.memdlm.config import Config, variant_config
-from recipes.memdlm.data.prepare import Data, prepare_data, pretrain_sampler
-from recipes.memdlm.errors import UserError
+from recipes.memdlm.data.prepare import prepare_data
 from recipes.memdlm.eval.metrics import eval_loss, niah_accuracy
 from recipes.memdlm.eval.report import (
     method_summary,
@@ -55,110 +53,9 @@ from recipes.memdlm.eval.report import (
 )
 from recipes.memdlm.eval.suite import loss_set_for
 from recipes.memdlm.loop import checkpoint as ckpt
-from recipes.memdlm.loop.phase import phase_options, train_phase
 from recipes.memdlm.loop.progress import JobClock, Reporter
 from recipes.memdlm.loop.steps import MetricsLog
 from recipes.memdlm.loop.workers import Job, default_workers, run_jobs
-
-
-def obtain_base(
-    cfg: Config,
-    data: Data,
-    out: Path,
-    *,
-    base: Path | None,
-    cache: Path | None,
-    reporter,
-    device,
-    model: torch.nn.Module | None = None,
-    pretrain: bool = False,
-) -> tuple[torch.nn.Module, dict[str, Any] | None]:
-    """The pretrained base model and its training result (None when given by the user).
-
-    model: the run's freshly built model (`new_model`, seed cfg.seed), with the weights of `base`
-    already loaded when `base` is given (see `fresh_base`); built here when None.
-    cache: the folder of cached bases, None to neither read nor write it (nor use the shipped
-    base). pretrain: pretrain even when a cached or shipped base would do.
-    """
-    if model is None:
-        model = new_model(cfg, data.tokenizer, seed=cfg.seed, device=device)
-        if base is not None:
-            load_weights(model, base)
-    if base is not None:
-        reporter.note(f"base model from {base}")
-        return model, None
-    if cfg.model.path:  # a pretrained Hugging Face backbone is the base, as in the paper
-        reporter.note(f"base model: the pretrained weights in {cfg.model.path}")
-        return model, None
-    folder = out / "base"
-    cached = cache / f"base-{base_key(cfg)}.pt" if cache is not None else None
-    if not pretrain and not (folder / "model.pt").exists():
-        _reuse_base(cfg, folder, cached, shipped=cache is not None, reporter=reporter)
-    log = phase_log(out, folder, cfg.pretrain, "pretrain", "standard", cfg.seed)
-    sampler = pretrain_sampler(cfg, data)
-    result = train_phase(
-        model,
-        phase_options(cfg, data, "standard"),
-        phase=cfg.pretrain,
-        sampler=sampler,
-        seed=cfg.seed,
-        folder=folder,
-        log=log,
-        reporter=reporter,
-    )
-    if cached is not None and (pretrain or not cached.is_file()):  # --pretrain refreshes it
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write_bytes(cached, lambda h: h.write((folder / "model.pt").read_bytes()))
-    return model, result.__dict__
-
-
-def _reuse_base(cfg: Config, folder: Path, cached: Path | None, *, shipped: bool, reporter):
-    """Copy the cached base, else the shipped one, into `folder`; say why when neither fits."""
-    source = cached if cached is not None and cached.is_file() else None
-    if source is not None:
-        _check_cached(source)
-        reporter.note(f"reusing the cached base {cached}")
-    elif shipped and (source := shipped_base(cfg)) is not None:
-        reporter.note(f"using the base shipped for this configuration ({source.name})")
-    elif shipped and (changed := differences(cfg)):
-        reporter.note(
-            f"no shipped base for this configuration (it differs in {', '.join(changed[:6])}"
-            f"{' ...' if len(changed) > 6 else ''}): pretraining one, {cfg.pretrain.steps} steps"
-        )
-    if source is not None:
-        folder.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, folder / "model.pt")
-
-
-def _check_cached(path: Path) -> None:
-    """A cached base must load before it is copied into a run folder: an unreadable one stops
-    the run naming the cache file, with nothing written."""
-    try:
-        ckpt.load(path)
-    except ValueError as error:
-        raise UserError(
-            f"the cached base {str(path)!r} cannot be used: delete it, or run with --pretrain, "
-            f"which replaces it ({error})"
-        ) from None
-
-
-def fresh_base(
-    cfg: Config, data: Data, *, base: Path | None, reporter, device
-) -> tuple[torch.nn.Module, dict]:
-    """The run's model before the run folder is written, so that what only the model can tell
-    (a base checkpoint that is corrupt or does not fit, fast-weight targets that match no module)
-    fails first: the model (with `base`'s weights when given) and its `announce` record."""
-    if base is not None and base.is_dir():
-        raise UserError(f"base checkpoint {str(base)!r} is a folder; give its model.pt")
-    if base is not None and not base.is_file():
-        raise UserError(f"base checkpoint {str(base)!r} does not exist")
-    if base is not None:
-        ckpt.check(base)  # a corrupt base fails before the backbone line
-    model = new_model(cfg, data.tokenizer, seed=cfg.seed, device=device)
-    backbone = announce(model, cfg, reporter)
-    if base is not None:
-        load_weights(model, base)
-    return model, backbone
 
 
 def run_compare(
@@ -267,7 +164,8 @@ def _job_data(cfg: Config, base_file: Path | None, device: str):
 
 
 def evaluate_base(*, reporter, cfg: Config, out: Path, base_file, device: str) -> dict[str, Any]:
-    """The base's held-out loss and needle accuracy (`base/eval.json`; a job)."""
+    """The base's held-out loss and needle accuracy, overall and per task (`base/eval.json`;
+    a job)."""
 
     def compute() -> dict[str, Any]:
         data, model = _job_data(cfg, base_file, device)
@@ -284,6 +182,10 @@ def evaluate_base(*, reporter, cfg: Config, out: Path, base_file, device: str) -
         return {
             "eval_loss": eval_loss(model, loss_set, loss_backend=cfg.loss_backend),
             "niah_accuracy": {str(k): v for k, v in accuracy["by_length"].items()},
+            "niah_accuracy_by_task": {
+                task: {str(k): v for k, v in by_length.items()}
+                for task, by_length in accuracy["by_task"].items()
+            },
         }
 
     reporter.note("evaluating the base")

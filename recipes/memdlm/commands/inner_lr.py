@@ -19,7 +19,7 @@ from rich.table import Table
 
 from recipes.memdlm.backbones import adapter
 from recipes.memdlm.build import resolve_device
-from recipes.memdlm.commands.compare import fresh_base, obtain_base
+from recipes.memdlm.commands.base_model import fresh_base, obtain_base
 from recipes.memdlm.commands.folders import (
     UsageError,
     config_from_args,

@@ -21,7 +21,7 @@ import torch
 from recipes.memdlm.config import Config, variant_config
 from recipes.memdlm.data.prepare import Data
 from recipes.memdlm.eval.metrics import eval_loss
-from recipes.memdlm.eval.report import plot_all
+from recipes.memdlm.eval.plots import plot_all
 from recipes.memdlm.eval.suite import evaluate_model, loss_set_for
 from recipes.memdlm.loop import checkpoint as ckpt
 from recipes.memdlm.loop import tensorboard

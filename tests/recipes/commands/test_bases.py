@@ -10,7 +10,8 @@ import torch
 
 from recipes.memdlm.build import new_model
 from recipes.memdlm.commands import bases
-from recipes.memdlm.commands.compare import obtain_base, run_compare
+from recipes.memdlm.commands.base_model import obtain_base
+from recipes.memdlm.commands.compare import run_compare
 from recipes.memdlm.config import build_config
 from recipes.memdlm.data.prepare import prepare_data, pretrain_sampler
 from recipes.memdlm.eval.metrics import niah_accuracy
