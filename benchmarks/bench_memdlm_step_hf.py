@@ -32,7 +32,7 @@ import torch
 from bench_memdlm_step import time_round_robin
 
 from recipes.memdlm import method
-from recipes.memdlm.backbones import hf
+from recipes.memdlm.backbones import adapter, hf
 from recipes.memdlm.config import MemDLMConfig
 from recipes.memdlm.data.batches import Batch
 
@@ -77,30 +77,32 @@ def make_batch(vocab: int, prompt: int = PROMPT):
 
 
 def step_functions(model, batch, anchor, mask_id: int):
+    """The two steps as training runs them: the methods built once on the backbone resolved
+    once (`loop.train_phase`), the step record read back, backward, clip, AdamW."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
-    cfg = MemDLMConfig()
-    mem = method.make_fast_weights(model, cfg)
+    backbone = adapter(model)
 
-    def run(loss):
+    def run(loss, parts):
+        method.record_of(loss, parts)  # the step record, as the training loop reads it back
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    standard = method.Standard(mask_id)
+    memdlm_method = method.MemDLM.on(backbone, MemDLMConfig(), mask_id=mask_id)
+
     def memdlm(log_gap: bool):
         generator = torch.Generator().manual_seed(1)
 
         def fn():
-            out = method.memdlm_step(
-                model, mem, batch, anchor, cfg, mask_id=mask_id, generator=generator,
-                log_gap=log_gap,
-            )  # fmt: skip
-            run(out.loss)
+            draws = memdlm_method.draw_after(batch, anchor, generator)
+            run(*memdlm_method.loss(backbone, draws, log_gap=log_gap))
 
         return fn
 
     return {
-        "standard": lambda: run(method.standard_step(model, batch, anchor).loss),
+        "standard": lambda: run(*standard.loss(backbone, method.Draws(batch, anchor))),
         "memdlm (gap logged)": memdlm(True),
         "memdlm (no gap)": memdlm(False),
     }

@@ -32,9 +32,9 @@ def corrupt(
 
     Args:
         x0: (B, L) integer clean tokens; must not contain `mask_id`.
-        t: (B,) times in [0, 1], one per sequence. Both value conditions are checked under
-            `dd.debug_checks(True)` (they read values back to the host); types and shapes
-            always.
+        t: (B,) times in [0, 1], one per sequence; outside -> ValueError (always: it reads t
+            back to the host once). That x0 holds no `mask_id` is checked under
+            `dd.debug_checks(True)` only; types and shapes always.
         mask_id: the absorbing token id.
         schedule: a `Schedule`; the masking probability is `schedule.mask_prob(t)`.
         maskable: (B, L) bool or None (= every position). Positions where it is False (prompt,
@@ -52,8 +52,10 @@ def corrupt(
     if not hasattr(schedule, "mask_prob"):
         raise TypeError(f"{fn}: schedule must be a Schedule, got {type(schedule).__name__}")
     maskable = _check_maskable(fn, maskable, (batch, length))
+    # The public contract (shared/DESIGN.md): t outside [0, 1] is a ValueError, always. It
+    # reads t's B values back (one sync per call); the costlier check of x0 is opt-in.
+    check_times(fn, t, allow_zero=True)
     if debug_checks_enabled():
-        check_times(fn, t, allow_zero=True)
         if bool((x0 == mask_id).any()):
             raise ValueError(
                 f"{fn}: x0 contains mask_id={mask_id}; x0 must be clean data (is it already x_t?)"

@@ -54,8 +54,6 @@ def _nested(mask=None, ratio=0.5, maskable=None):
 
 
 BAD = [
-    (_corrupt(t=(0.5, 1.5)), r"t must lie in \[0, 1\]"),
-    (_corrupt(x0=torch.full((2, 5), MASK)), "x0 contains mask_id"),
     (_nested(ratio=torch.tensor([0.5, -1.0])), "ratio must be finite"),
     (
         _nested(torch.ones(2, 4, dtype=torch.bool), 0.5, torch.zeros(2, 4, dtype=torch.bool)),
@@ -66,6 +64,23 @@ BAD = [
     (_loss(static=True, mask_id=3), "x0 contains mask_id=3"),
     (_loss_from_hidden(t=torch.tensor([2.0, 0.5], dtype=torch.float64)), r"t must lie in"),
 ]
+
+
+def test_corrupt_refuses_t_outside_the_unit_interval_always():
+    """shared/DESIGN.md's contract: `dd.corrupt` with t outside [0, 1] is a ValueError with or
+    without the debug switch; that check is its one read of values (t's B entries)."""
+    assert not dd.debug_checks_enabled()
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 1\]"):
+        _corrupt(t=(0.5, 1.5))()
+    assert count_syncs(_corrupt()).per_step() == [1]
+
+
+def test_corrupt_checks_x0_for_mask_id_only_under_the_switch():
+    call = _corrupt(x0=torch.full((2, 5), MASK))
+    call()  # off: no error, and no read beyond t's range check
+    assert count_syncs(call).per_step() == [1]
+    with dd.debug_checks(), pytest.raises(ValueError, match="x0 contains mask_id"):
+        call()
 
 
 @pytest.mark.parametrize(("call", "match"), BAD)
