@@ -55,11 +55,10 @@ def corrupt(
     # The public contract (shared/DESIGN.md): t outside [0, 1] is a ValueError, always. It
     # reads t's B values back (one sync per call); the costlier check of x0 is opt-in.
     check_times(fn, t, allow_zero=True)
-    if debug_checks_enabled():
-        if bool((x0 == mask_id).any()):
-            raise ValueError(
-                f"{fn}: x0 contains mask_id={mask_id}; x0 must be clean data (is it already x_t?)"
-            )
+    if debug_checks_enabled() and bool((x0 == mask_id).any()):
+        raise ValueError(
+            f"{fn}: x0 contains mask_id={mask_id}; x0 must be clean data (is it already x_t?)"
+        )
 
     p_mask = schedule.mask_prob(t).to(torch.float64)
     u = torch.rand((batch, length), generator=generator, device=x0.device, dtype=torch.float64)
