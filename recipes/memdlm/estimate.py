@@ -187,16 +187,14 @@ def trainable_parameters(shape: Shape, *, mode: str, lora_rank: int = 32) -> int
 def disk(shape: Shape, *, mode: str, lora_rank: int = 32) -> dict[str, float]:
     """GiB on disk of a run folder (loop/checkpoint.py, loop/phase.py).
 
-    checkpoint.pt: the model's full state dict (fp32 for full fine-tuning; the bf16 or NF4
-    base plus fp32 LoRA weights otherwise) and AdamW's two fp32 moments per trainable
-    parameter; there is one, rewritten atomically (a new file beside the old one, then a
-    rename), so the peak holds two of it and, at the end, model.pt (the weights once more).
+    checkpoint.pt: the weights that train (fp32) and AdamW's two fp32 moments per trainable
+    parameter. Full fine-tuning saves the whole model; a LoRA or QLoRA run only its adapter,
+    the frozen base being named, not copied (`checkpoint.model_payload`). There is one,
+    rewritten atomically (a new file beside the old one, then a rename), so the peak holds two
+    of it and, at the end, model.pt (the saved weights once more).
     """
     p, trainable = shape.parameters(), trainable_parameters(shape, mode=mode, lora_rank=lora_rank)
-    if mode in ("ddp", "fsdp"):
-        weights = 4 * p
-    else:
-        weights = (2 if mode == "lora" else NF4_BYTES) * p + 4 * trainable
+    weights = 4 * (p if mode in ("ddp", "fsdp") else trainable)
     checkpoint = weights + 8 * trainable
     return {
         "checkpoint": checkpoint / GIB,

@@ -85,7 +85,10 @@ def test_verdicts_claim_a_sign_only_where_the_interval_excludes_zero():
     assert quotes.duration(222.4) == "3 min 42 s" and quotes.duration(59.6) == "1 min 0 s"
     idle = {"load_average": 0.2, "load_average_end": 0.9, "cpus": 2}
     assert quotes.load(idle) == "load average 0.2 at the start and 0.9 at the end"
-    assert quotes.busy(idle) == "" and "busy" in quotes.busy({**idle, "load_average_end": 1.1})
+    assert quotes.busy(idle) == "" and quotes.busy({**idle, "load_average_end": 1.9}) == ""
+    assert "busy" in quotes.busy({**idle, "load_average": 1.1})  # others' work before the run
+    assert "busy" in quotes.busy({**idle, "load_average_end": 2.1})  # more than its 2 workers'
+    assert "busy" in quotes.busy(idle, {**idle, "load_average": 1.5})  # either of two runs
 
 
 def test_record_keeps_the_run_and_what_it_replaces(tmp_path):

@@ -142,10 +142,14 @@ def load(record: dict[str, Any]) -> str:
 
 
 def busy(*records: dict[str, Any]) -> str:
-    """A remark when a run shared its machine (a load average above half its cores: more
-    runnable processes than the run's own), which then took longer than an idle one would."""
-    loads = [r.get(k, 0.0) for r in records for k in ("load_average", "load_average_end")]
-    if max(loads) > records[0]["cpus"] / 2:
+    """A remark when a run shared its machine, which then took longer than an idle one would:
+    a load average above half the cores at the start (others' work: the run has not begun),
+    or above the cores at the end (the run's own side-by-side workers account for up to one
+    runnable process per core just before it ends)."""
+    cpus = records[0]["cpus"]
+    started = max(r.get("load_average", 0.0) for r in records)
+    ended = max(r.get("load_average_end", 0.0) for r in records)
+    if started > cpus / 2 or ended > cpus:
         return "; the machine was busy, so an idle one is faster"
     return ""
 

@@ -61,6 +61,18 @@ def test_disk_is_the_size_of_the_files_train_writes(trained):
     assert disk["peak"] == pytest.approx(2 * disk["checkpoint"] + disk["model"])
 
 
+@pytest.mark.parametrize("mode", ["lora", "qlora"])
+def test_a_lora_runs_disk_is_its_adapter_and_moments_only(mode):
+    """A LoRA or QLoRA run saves what trains (loop/checkpoint.py), never the frozen base:
+    fp32 adapter weights in model.pt, and those plus AdamW's two moments in checkpoint.pt."""
+    shape = shape_of(config())
+    trainable = est.trainable_parameters(shape, mode=mode, lora_rank=8)
+    disk = est.disk(shape, mode=mode, lora_rank=8)
+    assert disk["model"] == pytest.approx(4 * trainable / est.GIB)
+    assert disk["checkpoint"] == pytest.approx(12 * trainable / est.GIB)
+    assert trainable < shape.parameters()
+
+
 def test_time_is_tokens_over_throughput():
     t = est.run_time(steps=100, tokens_per_step=8192, tokens_per_second=4096, gpus=2,
                      eval_tokens=3 * 4096)  # fmt: skip
