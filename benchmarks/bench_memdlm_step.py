@@ -101,6 +101,22 @@ def time_round_robin(functions, repeats: int, warmup: int = 2):
     return times, faults
 
 
+def print_ratios(times, faults, width: int = 32) -> None:
+    """The table: median ms per step, its ratio to the standard step's median, the ratio's
+    interquartile range, and the median minor page faults per step."""
+    base = statistics.median(times["standard"])
+    print(
+        f"{'step':{width}s} {'median ms':>10s} {'ratio':>7s} {'IQR of ratio':>14s} {'faults':>8s}"
+    )
+    for name, values in times.items():
+        median = statistics.median(values)
+        q1, _, q3 = statistics.quantiles(values, n=4)
+        print(
+            f"{name:{width}s} {1000 * median:10.1f} {median / base:7.2f}   "
+            f"{q1 / base:.2f}-{q3 / base:.2f} {statistics.median(faults[name]):10.0f}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", default="cpu-tiny")
@@ -115,7 +131,6 @@ def main() -> None:
     pinned = False if args.glibc_default else keep_freed_memory()
     cfg, data, model, batch, anchor = make_setup(args.preset, n_layers=args.layers)
     times, faults = time_round_robin(step_functions(cfg, data, model, batch, anchor), args.repeats)
-    base = statistics.median(times["standard"])
     print(
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
         f"threads {torch.get_num_threads()}, batch {tuple(batch.x0.shape)}, "
@@ -123,14 +138,7 @@ def main() -> None:
         f"{method.first_fast_layer(adapter(model), cfg.memdlm)}"
         f" of {len(model.layers)}, glibc thresholds {'pinned' if pinned else 'default'}"
     )
-    print(f"{'step':32s} {'median ms':>10s} {'ratio':>7s} {'IQR of ratio':>14s} {'faults':>8s}")
-    for name, values in times.items():
-        median = statistics.median(values)
-        q1, _, q3 = statistics.quantiles(values, n=4)
-        print(
-            f"{name:32s} {1000 * median:10.1f} {median / base:7.2f}   "
-            f"{q1 / base:.2f}-{q3 / base:.2f} {statistics.median(faults[name]):10.0f}"
-        )
+    print_ratios(times, faults)
 
 
 def test_standard_step(benchmark):

@@ -22,14 +22,13 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import tempfile
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from bench_memdlm_step import time_round_robin
+from bench_memdlm_step import print_ratios, time_round_robin
 
 from recipes.memdlm import method
 from recipes.memdlm.backbones import adapter, hf
@@ -119,7 +118,6 @@ def main() -> None:
     batch, anchor = make_batch(args.vocab, args.prompt)
     functions = step_functions(model, batch, anchor, mask_id=args.vocab - 1)
     times, faults = time_round_robin(functions, args.repeats)
-    base = statistics.median(times["standard"])
     print(
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads "
         f"{torch.get_num_threads()}, load {os.getloadavg()[0]:.2f}, batch {tuple(batch.x0.shape)}"
@@ -128,14 +126,7 @@ def main() -> None:
     )
     rows = getattr(model, "tail_rows", False)  # (absent before the tail existed)
     print(f"tail: {getattr(model, 'tail_note', '-')}; scored-rows tail {'on' if rows else 'off'}")
-    print(f"{'step':24s} {'median ms':>10s} {'ratio':>7s} {'IQR of ratio':>14s} {'faults':>8s}")
-    for name, values in times.items():
-        median = statistics.median(values)
-        q1, _, q3 = statistics.quantiles(values, n=4)
-        print(
-            f"{name:24s} {1000 * median:10.1f} {median / base:7.2f}   "
-            f"{q1 / base:.2f}-{q3 / base:.2f} {statistics.median(faults[name]):10.0f}"
-        )
+    print_ratios(times, faults, width=24)
 
 
 def test_memdlm_step_hf(benchmark):
