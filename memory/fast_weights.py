@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -37,12 +38,20 @@ from torch import nn
 Shape = tuple[int, ...]
 
 
+class Target(NamedTuple):
+    """One target of `FastWeights.init`: its linear and where/how its state is made."""
+
+    linear: nn.Linear
+    device: torch.device
+    dtype: torch.dtype
+
+
 class FastWeights:
     """Base class: target bookkeeping, the hooks, `bind` (the scoped binding) and state
     validation.
 
     Subclasses set `_suffixes` (the state key suffixes per target, e.g. `("A", "B")`) and
-    implement `_param_shapes`, `_init_params`, `_output_delta` and `_weight_delta`.
+    implement `_param_shapes`, `_init_state`, `_output_delta` and `_weight_delta`.
     """
 
     _suffixes: tuple[str, ...] = ()
@@ -70,10 +79,13 @@ class FastWeights:
         """Per-sample shape of each state tensor of one target, in `_suffixes` order."""
         raise NotImplementedError
 
-    def _init_params(
-        self, linear: nn.Linear, batch: Shape, generator, device, dtype
-    ) -> tuple[torch.Tensor, ...]:
-        """Fresh state tensors of one target, each of shape `batch + per-sample shape`."""
+    def _init_state(
+        self, targets: list[Target], batch: Shape, generator
+    ) -> list[tuple[torch.Tensor, ...]]:
+        """Fresh state tensors of every target, in `targets` order (random draws consume
+        `generator` in that order): per target, one tensor per suffix of shape
+        `batch + per-sample shape`. One call for all targets, so `init` crosses into the
+        subclass once per state, not once per target."""
         raise NotImplementedError
 
     def _output_delta(
@@ -126,11 +138,16 @@ class FastWeights:
         ):
             raise TypeError(f"dtype must be None or a floating-point torch.dtype, got {dtype!r}")
         batch = () if batch_size is None else (batch_size,)
+        targets = [
+            Target(
+                linear,
+                linear.weight.device if device is None else torch.device(device),
+                default_dtype(linear.weight.dtype) if dtype is None else dtype,
+            )
+            for linear in self._linears.values()
+        ]
         state = {}
-        for name, linear in self._linears.items():
-            where = linear.weight.device if device is None else torch.device(device)
-            kind = default_dtype(linear.weight.dtype) if dtype is None else dtype
-            params = self._init_params(linear, batch, generator, where, kind)
+        for name, params in zip(self._linears, self._init_state(targets, batch, generator)):
             state.update({f"{name}.{s}": p for s, p in zip(self._suffixes, params)})
         return state
 
@@ -420,10 +437,3 @@ def _preview(items: list[str], limit: int = 4) -> str:
     shown = ", ".join(repr(i) for i in items[:limit])
     more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
     return f"[{shown}{more}]"
-
-
-def uniform_draw(shape: Shape, bound: float, generator, device, dtype) -> torch.Tensor:
-    """U(-bound, bound) drawn on the generator's device (if any), then moved to `device`."""
-    draw_on = generator.device if generator is not None else device
-    sample = torch.empty(shape, device=draw_on, dtype=dtype)
-    return sample.uniform_(-bound, bound, generator=generator).to(device)

@@ -29,10 +29,12 @@ class FullFastWeights(FastWeights):
     def _param_shapes(self, linear: nn.Linear):
         return ((linear.out_features, linear.in_features),)
 
-    def _init_params(self, linear, batch, generator, device, dtype):
-        del generator  # deterministic: the delta starts at zero
-        shape = batch + self._param_shapes(linear)[0]
-        return (torch.zeros(shape, device=device, dtype=dtype),)
+    def _init_state(self, targets, batch, generator):
+        del generator  # deterministic: every delta starts at zero
+        return [
+            (torch.zeros(batch + self._param_shapes(t.linear)[0], device=t.device, dtype=t.dtype),)
+            for t in targets
+        ]
 
     def _output_delta(self, linear, x, params):
         (delta,) = params

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memory.fast_weights import FastWeights, batched_linear, uniform_draw
+from memory.fast_weights import FastWeights, Shape, batched_linear
 
 
 class FastLoRA(FastWeights):
@@ -70,13 +70,16 @@ class FastLoRA(FastWeights):
     def _param_shapes(self, linear: nn.Linear):
         return (self.rank, linear.in_features), (linear.out_features, self.rank)
 
-    def _init_params(self, linear, batch, generator, device, dtype):
-        shape_a, shape_b = self._param_shapes(linear)
-        a = uniform_draw(
-            batch + shape_a, 1.0 / math.sqrt(linear.in_features), generator, device, dtype
-        )
-        b = torch.zeros(batch + shape_b, device=device, dtype=dtype)
-        return a, b
+    def _init_state(self, targets, batch, generator):
+        """A ~ U(-1/sqrt(in), 1/sqrt(in)) drawn target after target, B = 0 (Hu et al. 2021:
+        B A = 0 at the start)."""
+        state = []
+        for linear, device, dtype in targets:
+            shape_a, shape_b = self._param_shapes(linear)
+            bound = 1.0 / math.sqrt(linear.in_features)
+            a = uniform_draw(batch + shape_a, bound, generator, device, dtype)
+            state.append((a, torch.zeros(batch + shape_b, device=device, dtype=dtype)))
+        return state
 
     def _output_delta(self, linear, x, params):
         a, b = params
@@ -92,3 +95,11 @@ class FastLoRA(FastWeights):
 
     def _extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}, dropout={self.dropout}"
+
+
+def uniform_draw(shape: Shape, bound: float, generator, device, dtype) -> torch.Tensor:
+    """U(-bound, bound) of `shape` (LoRA's A), drawn on the generator's device (if any), then
+    moved to `device`; kept here with its one user so a state's init stays in this file."""
+    draw_on = generator.device if generator is not None else device
+    sample = torch.empty(shape, device=draw_on, dtype=dtype)
+    return sample.uniform_(-bound, bound, generator=generator).to(device)

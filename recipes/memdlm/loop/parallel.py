@@ -194,7 +194,8 @@ class StepModule(nn.Module):
 
 
 def share_of(local, draws, ctx: Context) -> float:
-    """This rank's fraction of the global batch's maskable tokens (1 in one process)."""
+    """This rank's fraction of the global batch's maskable tokens (the loop takes 1 in one
+    process without asking)."""
     if not ctx.distributed:
         return 1.0
     return int(local.batch.maskable.sum()) / max(1, int(draws.batch.maskable.sum()))

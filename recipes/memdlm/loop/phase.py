@@ -153,6 +153,7 @@ def run_steps(
     held-out evaluation, before the step's batch is drawn (`periodic.PeriodicEval`)."""
     phase, ctx, counters = state.phase, state.ctx, state.counters
     rows, precision = ctx.rows(phase.batch_size), autocast_for(ctx.device)  # chosen once
+    gap_steps, distributed = method.gap_steps(phase.steps), ctx.distributed
     task = reporter.start(label, total=phase.steps)
     reporter.advance(task, counters.step)
     try:
@@ -163,9 +164,12 @@ def run_steps(
                 started = time.perf_counter()
                 batch = state.sampler.next().to(ctx.device)
                 draws = method.draw(batch, state.generators)
-                local = draws.rows(rows)
+                local, share = draws, 1.0  # one process keeps every row
+                if distributed:
+                    local = draws.rows(rows)
+                    share = share_of(local, draws, ctx)
                 sync = InnerSync.of(local, draws) if sync_inner else None
-                options = {"log_gap": method.gap_due(step), "share": share_of(local, draws, ctx)}
+                options = {"log_gap": step in gap_steps, "share": share}
                 options["grad_sync"] = None if sync is None else sync.transform()
                 with precision:
                     loss, parts = state.run(partial(method.loss, backbone, local, **options))

@@ -94,9 +94,10 @@ class Standard:
         del backbone
         return self
 
-    def gap_due(self, step: int) -> bool:
-        del step
-        return False
+    def gap_steps(self, steps: int) -> range:
+        """The steps of a phase of `steps` that log the fast-weights-off gap: none."""
+        del steps
+        return range(0)
 
     def draw(self, batch: Batch, generators: Generators) -> Draws:
         anchor = sample_anchor(
@@ -176,8 +177,10 @@ class MemDLM:
         cfg = self.cfg.model_copy(update={"per_sample": True, "leak_free": False})
         return replace(self, cfg=cfg, uniform=True, optimizer=inner_optimizer(cfg, True))
 
-    def gap_due(self, step: int) -> bool:
-        return step % self.cfg.gap_every == 0
+    def gap_steps(self, steps: int) -> range:
+        """The steps of a phase of `steps` that log the fast-weights-off gap: every
+        `gap_every`-th from step 0 (chosen once per phase, so the loop asks no one per step)."""
+        return range(0, steps, self.cfg.gap_every)
 
     def split(self, backbone: Backbone) -> Split:
         return Split(backbone, self.layer, self.mid)
