@@ -128,7 +128,9 @@ def test_a_memdlm_step_with_the_scored_rows_tail_equals_the_full_tail(folders, n
     maskable[:, :4] = False
     mem = method.make_fast_weights(model, cfg.memdlm)
     try:
-        assert method.split_point(model, mem, cfg.memdlm) == method.Split(last, mid=True)
+        backbone = adapter(model)
+        split = method.split_point(backbone, mem.targets, cfg.memdlm)
+        assert split == method.Split(backbone, last, mid=True)
     finally:
         mem.remove()
     rows_metrics, rows_grads = memdlm_losses(model, cfg, x0, maskable)
