@@ -62,7 +62,9 @@ def test_help_lists_every_command_the_docs_use():
 
     text = build_parser().format_help()
     listed = re.findall(r"^    (\S+)  ", text, flags=re.M)
-    assert listed == ["compare", "train", "eval", "sample", "inner-lr", "harness"]
+    assert listed == [
+        "compare", "train", "eval", "sample", "inner-lr", "data", "export", "estimate", "harness"
+    ]  # fmt: skip
     assert sorted(listed) == sorted(COMMANDS) and "lm-evaluation-harness" in text
 
 
