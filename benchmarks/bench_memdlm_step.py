@@ -46,10 +46,10 @@ def make_setup(preset: str = "cpu-tiny", batch_size: int = 32, n_layers: int | N
     return cfg, data, model, batch, anchor
 
 
-def step_functions(cfg, data, model, batch, anchor):
+def full_step(model):
+    """`run(loss, parts)`: the rest of a training step after its loss, as the loop does it: the
+    step record read back, backward, gradient clip, AdamW."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
-    mask_id = data.tokenizer.mask_id
-    backbone = adapter(model)  # resolved once, as `train_phase` does
 
     def run(loss, parts):
         method.record_of(loss, parts)  # the step record, as the training loop reads it back
@@ -57,6 +57,14 @@ def step_functions(cfg, data, model, batch, anchor):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+    return run
+
+
+def step_functions(cfg, data, model, batch, anchor):
+    run = full_step(model)
+    mask_id = data.tokenizer.mask_id
+    backbone = adapter(model)  # resolved once, as `train_phase` does
 
     standard_method = method.Standard(mask_id)
 

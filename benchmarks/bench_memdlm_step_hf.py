@@ -28,7 +28,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from bench_memdlm_step import print_ratios, time_round_robin
+from bench_memdlm_step import full_step, print_ratios, time_round_robin
 
 from recipes.memdlm import method
 from recipes.memdlm.backbones import adapter, hf
@@ -78,15 +78,8 @@ def make_batch(vocab: int, prompt: int = PROMPT):
 def step_functions(model, batch, anchor, mask_id: int):
     """The two steps as training runs them: the methods built once on the backbone resolved
     once (`loop.train_phase`), the step record read back, backward, clip, AdamW."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    run = full_step(model)
     backbone = adapter(model)
-
-    def run(loss, parts):
-        method.record_of(loss, parts)  # the step record, as the training loop reads it back
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
 
     standard = method.Standard(mask_id)
     memdlm_method = method.MemDLM.on(backbone, MemDLMConfig(), mask_id=mask_id)
