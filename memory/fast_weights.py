@@ -35,6 +35,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from memory.at_init import plain_autograd
+
 Shape = tuple[int, ...]
 
 
@@ -93,6 +95,14 @@ class FastWeights:
     ) -> torch.Tensor:
         """The correction added to `linear(x)`; `x` and `params` are already in one dtype."""
         raise NotImplementedError
+
+    def _output_at_init(
+        self, linear: nn.Linear, x: torch.Tensor, params: tuple[torch.Tensor, ...], output
+    ) -> torch.Tensor:
+        """`output + _output_delta(...)` for a state that is `init`'s (`bind(at_init=True)`),
+        where the correction is zero: subclasses skip it (`memory.at_init`); this default
+        computes it."""
+        return output + self._output_delta(linear, x, params)
 
     def _weight_delta(self, params: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """The correction as a weight matrix, (out, in) or (B, out, in)."""
@@ -156,7 +166,7 @@ class FastWeights:
         state as `bind` does and reads shapes only (no device sync)."""
         return self._check_state(state)[1]
 
-    def bind(self, state: Mapping[str, torch.Tensor]) -> Binding:
+    def bind(self, state: Mapping[str, torch.Tensor], *, at_init: bool = False) -> Binding:
         """Context manager: inside the `with` block the targets use `state`.
 
         The state is validated here (keys, shapes, dtypes, devices, batch dims). Entering
@@ -165,14 +175,25 @@ class FastWeights:
         copied or modified, so gradients flow from the model output back to them
         (`torch.func.grad` over a function that binds its argument works). `with ... as b`
         gives the `Binding` (its `batch_size`).
+
+        at_init: the caller states that `state` holds `init`'s values (LoRA's B = 0, full
+        deltas = 0; e.g. the first step of an inner loop), where the correction is exactly
+        zero. The targets then return their own output and, in the backward pass, compute only
+        the gradients that are not zero there (LoRA: B's; A's is exactly zero and returned as
+        zeros), each as the ordinary path computes it (`memory.at_init`): the same values,
+        bit for bit, for less work. First-order only (its backward is not differentiable
+        again); under `torch.compile` or a `torch.func` transform the ordinary path runs. A
+        state that is not at init gives wrong results here: pass it only when it is.
         """
         if self._removed:
             raise RuntimeError(
                 f"bind() after remove(): this {type(self).__name__} is detached from its "
                 "model; create a new one"
             )
+        if not isinstance(at_init, bool):
+            raise TypeError(f"at_init must be True or False, got {at_init!r}")
         params, batch_size = self._check_state(state)
-        return Binding(self, params, batch_size)
+        return Binding(self, params, batch_size, at_init=at_init)
 
     def merged_weight(self, name: str, state: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The effective weight of target `name` under `state`: W + correction.
@@ -238,14 +259,17 @@ class Binding:
     """One state bound to one memory: what `mem.bind(state)` returns (an explicit value).
 
     Inside its `with` block the memory's hooks add the correction under `params`; outside,
-    they return None. `batch_size` is B for a per-sample state, else None. A memory holds
-    one open binding at a time.
+    they return None. `batch_size` is B for a per-sample state, else None; `at_init`: the
+    state is `init`'s (`FastWeights.bind`). A memory holds one open binding at a time.
     """
 
-    def __init__(self, memory: FastWeights, params, batch_size: int | None) -> None:
+    def __init__(
+        self, memory: FastWeights, params, batch_size: int | None, *, at_init: bool = False
+    ) -> None:
         self.memory = memory
         self.params: dict[str, tuple[torch.Tensor, ...]] = params
         self.batch_size = batch_size
+        self.at_init = at_init
 
     def __enter__(self) -> Binding:
         memory = self.memory
@@ -263,7 +287,7 @@ class Binding:
         return False  # never swallow the exception
 
     def __repr__(self) -> str:
-        return f"Binding({self.memory!r}, batch_size={self.batch_size})"
+        return f"Binding({self.memory!r}, batch_size={self.batch_size}, at_init={self.at_init})"
 
 
 class _Slot:
@@ -291,6 +315,8 @@ class _Hook:
         # receives its gradient in its own dtype through the cast.
         dtype = output.dtype
         params = tuple(p.to(dtype) for p in binding.params[self.name])
+        if binding.at_init and plain_autograd():  # the correction is zero: `memory.at_init`
+            return binding.memory._output_at_init(module, x.to(dtype), params, output)
         return output + binding.memory._output_delta(module, x.to(dtype), params)
 
 

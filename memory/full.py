@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memory.at_init import FullAtInit
 from memory.fast_weights import FastWeights, batched_linear
 
 
@@ -39,6 +40,12 @@ class FullFastWeights(FastWeights):
     def _output_delta(self, linear, x, params):
         (delta,) = params
         return F.linear(x, delta) if delta.dim() == 2 else batched_linear(x, delta)
+
+    def _output_at_init(self, linear, x, params, output):
+        """At delta = 0 the output is the base's; delta's gradient needs only x
+        (`memory.at_init`)."""
+        (delta,) = params
+        return FullAtInit.apply(output, x, delta)
 
     def _weight_delta(self, params):
         (delta,) = params

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memory.at_init import LoRAAtInit
 from memory.fast_weights import FastWeights, Shape, batched_linear
 
 
@@ -83,11 +84,24 @@ class FastLoRA(FastWeights):
 
     def _output_delta(self, linear, x, params):
         a, b = params
+        mid = self._mid(linear, x, a)
+        return F.linear(mid, b) if b.dim() == 2 else batched_linear(mid, b)
+
+    def _output_at_init(self, linear, x, params, output):
+        """At B = 0 the output is the base's; B's gradient needs only mid = s A x (made
+        without a graph: A's gradient is zero there), `memory.at_init`."""
+        a, b = params
+        with torch.no_grad():
+            mid = self._mid(linear, x, a)
+        return LoRAAtInit.apply(output, mid, a, b)
+
+    def _mid(self, linear, x, a):
+        """s A dropout(x): (..., in) -> (..., rank); per sample when a is (B, rank, in)."""
         if self.dropout > 0.0 and linear.training:
             x = F.dropout(x, self.dropout, training=True)
         if a.dim() == 2:  # one state shared by the whole batch
-            return F.linear(F.linear(x, a) * self.scale, b)
-        return batched_linear(batched_linear(x, a) * self.scale, b)
+            return F.linear(x, a) * self.scale
+        return batched_linear(x, a) * self.scale
 
     def _weight_delta(self, params):
         a, b = params

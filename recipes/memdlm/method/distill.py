@@ -50,7 +50,7 @@ def distill_loss(p, phi, state, weight) -> torch.Tensor:
     """The inner loss of `state` for the distillation objective of `p` (an `InnerProblem`):
     sum over loss-masked tokens of weight_b * divergence, per row (per_sample) or divided by
     the masked count."""
-    with p.mem.bind(phi):
+    with p.mem.bind(phi, at_init=state.at_init):
         with torch.no_grad():
             teacher = _outputs(p, state.teacher_hidden, state.teacher_tokens)
         student = _outputs(p, state.hidden, state.tokens)

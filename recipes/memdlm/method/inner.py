@@ -31,6 +31,9 @@ class InnerState:
     hidden: torch.Tensor  # (B, L, D) early-layer output for this state's input, detached
     loss_mask: torch.Tensor  # (B, L) bool
     ratio: torch.Tensor  # (B,) the inner loss's t (`Draws.times`)
+    # The first inner step: phi is phi_0, `init`'s (LoRA B = 0), where the fast weights' forward
+    # correction and A's gradient are exactly zero and are skipped (`mm.FastWeights.bind`).
+    at_init: bool = False
     # Distillation (`InnerProblem.inner_loss` != "ce"): the teacher's input, the state the step
     # looks ahead to (`trajectory.teacher_masks`; the clean x0 when there is none), as early
     # hidden states; and, for the early-layer hidden distillation, both inputs as tokens.
@@ -130,7 +133,7 @@ def make_inner_loss(problem: InnerProblem):
             weight = weight / state.loss_mask.sum(1).clamp(min=1)
         if p.inner_loss != "ce":
             return distill_loss(p, phi, state, weight)
-        with p.mem.bind(phi):
+        with p.mem.bind(phi, at_init=state.at_init):
             return head_loss(
                 p.split,
                 state.hidden,
@@ -183,7 +186,7 @@ def inner_states(
             cache.append((input_mask, hidden))
         else:
             hidden = early(input_mask)
-        state = InnerState(hidden, loss_mask, time)
+        state = InnerState(hidden, loss_mask, time, at_init=i == 0)  # solve starts at phi0
         if problem.inner_loss != "ce":
             state.teacher_hidden = early(teacher)
             if problem.early_layers is not None:

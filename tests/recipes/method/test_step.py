@@ -333,3 +333,32 @@ def test_the_final_inner_gradient_norm_is_the_last_inner_steps_for_any_k():
         assert record["inner_grad_norm_final"] == norms[-1]
         assert [record[f"inner_grad_norm_{i + 1}"] for i in range(k)] == norms
     assert "inner_grad_norm_final" not in method.step_record(1.0, None, [], [], [])
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per-sample"])
+def test_the_first_inner_step_at_init_gives_the_ordinary_paths_phi_bit_for_bit(
+    per_sample, monkeypatch
+):
+    """The first inner state binds phi_0 with `at_init` (LoRA B = 0: the correction's forward
+    and A's gradient are skipped); the adapted phi and the inner record are those of the
+    ordinary path, exactly."""
+    cfg = MemDLMConfig(rank=4, alpha=8.0, inner_lr=0.5, per_sample=per_sample)
+    model = tiny_model()
+    batch, anchor, pre_mask = fixed_batch()
+    monkeypatch.setattr(traj, "trajectory_masks", lambda *args: [pre_mask, anchor.mask])
+    backbone = adapter(model)
+    memdlm = method.MemDLM.on(backbone, cfg, mask_id=MASK_ID)
+    draws = memdlm.draw_after(batch, anchor, torch.Generator().manual_seed(4))
+    problem = memdlm.problem(backbone, batch)
+    states = method_inner.inner_states(problem, draws, mask_id=MASK_ID)
+    assert [s.at_init for s in states] == [True, False]
+    results = []
+    for first_at_init in (True, False):
+        states[0].at_init = first_at_init
+        results.append(method_inner.solve_inner(problem, states, draws.phi0, memdlm.optimizer))
+    (phi, info), (ordinary_phi, ordinary_info) = results
+    assert all(torch.equal(phi[k], ordinary_phi[k]) for k in phi)
+    assert torch.equal(info.loss, ordinary_info.loss)
+    assert torch.equal(info.grad_norm, ordinary_info.grad_norm)
+    assert all(torch.count_nonzero(phi[k]) > 0 for k in phi if k.endswith(".B"))  # it moved
+    memdlm.close()

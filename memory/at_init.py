@@ -1,0 +1,106 @@
+"""The correction at a freshly initialised state, where it is exactly zero (`bind(at_init=True)`).
+
+`init` starts LoRA at B = 0 and full fast weights at delta = 0, so at that state a target
+computes y = W x + b + 0. The first inner step of a fast-weight loop is taken there, and the
+ordinary path pays for a correction that adds nothing:
+
+    LoRA, y = W x + s B (A x):   dy/dB = s g^T (A x)   (the only gradient that is not zero)
+                                 dy/dA = s (B^T g)^T x = 0,   dy/dx (correction) = s A^T B^T g = 0
+    full, y = W x + D x:         dy/dD = g^T x,   dy/dx (correction) = D^T g = 0
+
+with g the gradient at y. The functions below return `output` itself in the forward pass and
+only these gradients in the backward pass: the B products of the forward, the additions, the
+products with B^T and the A and x gradients of the correction are skipped. Each gradient is
+computed with the same operation, on the same layout, as autograd's backward of the ordinary
+path (`F.linear`'s mm, `batched_linear`'s bmm), so the values are the ordinary path's, bit for
+bit on the same device. The backward pass is not differentiable again: a backward with
+`create_graph=True` (an unrolled or second-order inner loop) raises instead of dropping the
+second-order terms.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def plain_autograd() -> bool:
+    """True in eager autograd: not while `torch.compile` traces, not inside a `torch.func`
+    transform, where the ordinary path runs (the functions below define no vmap or jvp rule)."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._functorch.peek_interpreter_stack() is None
+
+
+def first_order_only() -> None:
+    """Raise in a backward pass that builds a graph (`create_graph=True`): the gradients below
+    are correct only to first order (at B = 0 the second derivatives are not zero)."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "bind(state, at_init=True) is first-order only: its gradients cannot be "
+            "differentiated again (create_graph=True, an unrolled or second-order inner loop); "
+            "bind without at_init there"
+        )
+
+
+def weight_grad(grad: Tensor, rows: Tensor, batched: bool) -> Tensor:
+    """The gradient of `F.linear(rows, w)` (batched: `batched_linear(rows, w)`) with respect to
+    w, as autograd's backward computes it: (out, in), or (B, out, in).
+
+    grad: (..., out) the gradient at the output; rows: (..., in) the input, same leading dims.
+    """
+    if not batched:  # mm's backward for a transposed mat2: grad^T mm rows
+        return grad.reshape(-1, grad.shape[-1]).t().mm(rows.reshape(-1, rows.shape[-1]))
+    flat_grad = grad.reshape(grad.shape[0], -1, grad.shape[-1])
+    flat_rows = rows.reshape(rows.shape[0], -1, rows.shape[-1])
+    return flat_rows.transpose(1, 2).bmm(flat_grad).transpose(1, 2)  # bmm's backward for mat2
+
+
+class LoRAAtInit(torch.autograd.Function):
+    """`output + B mid` at B = 0, mid = s A x computed without a graph: the value is `output`;
+    gradients: output's passed through, B's = weight_grad(g, mid), A's exactly zero."""
+
+    @staticmethod
+    def forward(output: Tensor, mid: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        del mid, a, b
+        return output.view_as(output)
+
+    @staticmethod
+    def setup_context(ctx, inputs, result):
+        _, mid, a, b = inputs
+        ctx.save_for_backward(mid)
+        ctx.a_like = (a.shape, a.dtype, a.device)
+        ctx.batched = b.dim() == 3
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        first_order_only()
+        (mid,) = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        shape, dtype, device = ctx.a_like
+        grad_a = torch.zeros(shape, dtype=dtype, device=device) if needs[2] else None
+        grad_b = weight_grad(grad, mid, ctx.batched) if needs[3] else None
+        return grad, None, grad_a, grad_b
+
+
+class FullAtInit(torch.autograd.Function):
+    """`output + D x` at D = 0: the value is `output`; gradients: output's passed through,
+    D's = weight_grad(g, x), none to x through the correction (D^T g = 0)."""
+
+    @staticmethod
+    def forward(output: Tensor, x: Tensor, delta: Tensor) -> Tensor:
+        del x, delta
+        return output.view_as(output)
+
+    @staticmethod
+    def setup_context(ctx, inputs, result):
+        _, x, delta = inputs
+        ctx.save_for_backward(x)
+        ctx.batched = delta.dim() == 3
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        first_order_only()
+        (x,) = ctx.saved_tensors
+        grad_delta = weight_grad(grad, x, ctx.batched) if ctx.needs_input_grad[2] else None
+        return grad, None, grad_delta
