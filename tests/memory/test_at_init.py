@@ -38,7 +38,9 @@ def test_at_init_equals_the_ordinary_path_bit_for_bit(kind, per_sample, dtype):
     model = tiny_model(dtype=dtype)
     mem = make_memory(kind, model)
     x = tokens(3, 6)
-    state = mem.init(batch_size=3 if per_sample else None, generator=torch.Generator().manual_seed(1))
+    state = mem.init(
+        batch_size=3 if per_sample else None, generator=torch.Generator().manual_seed(1)
+    )
     out, grads = loss_and_grads(model, mem, state, x, at_init=False)
     fast_out, fast_grads = loss_and_grads(model, mem, state, x, at_init=True)
     assert torch.equal(out, fast_out)
