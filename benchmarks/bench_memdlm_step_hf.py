@@ -11,7 +11,8 @@ backward, gradient clipping and AdamW. Standard and MemDLM (gap diagnostic on an
 robin in one process; the ratio of medians of process time is reported, with the minor page
 faults per step. A plain Python process calling the library, so glibc's thresholds are whatever
 the library sets (`allocator.py`); `--full-tail` measures without the scored-rows tail and
-the fused head (the backbone as it was before them).
+the fused head (the backbone as it was before them); `--floor` also times the standard step
+plus one forward pass of the pre-anchor state without gradient (MemDLM's least possible cost).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_memdlm_step_hf.py [--vocab 32000] [--full-tail]
     OMP_NUM_THREADS=1 python -m pytest benchmarks/bench_memdlm_step_hf.py --benchmark-only
@@ -75,9 +76,12 @@ def make_batch(vocab: int, prompt: int = PROMPT):
     return batch, anchor
 
 
-def step_functions(model, batch, anchor, mask_id: int):
+def step_functions(model, batch, anchor, mask_id: int, floor: bool = False):
     """The two steps as training runs them: the methods built once on the backbone resolved
-    once (`loop.train_phase`), the step record read back, backward, clip, AdamW."""
+    once (`loop.train_phase`), the step record read back, backward, clip, AdamW. floor: also
+    the standard step plus the pre-anchor state's early layers without gradient, the part of
+    a MemDLM step that is one more forward pass (what MemDLM would cost with a free inner loop
+    and no diagnostic)."""
     run = full_step(model)
     backbone = adapter(model)
 
@@ -93,11 +97,21 @@ def step_functions(model, batch, anchor, mask_id: int):
 
         return fn
 
-    return {
+    def standard_plus_pre_anchor():
+        draws = memdlm_method.draw_after(batch, anchor, torch.Generator().manual_seed(1))
+        pre_anchor = torch.where(draws.inputs[0], mask_id, batch.x0)
+        with torch.no_grad():
+            memdlm_method.split(backbone).early(pre_anchor)
+        run(*standard.loss(backbone, method.Draws(batch, anchor)))
+
+    functions = {
         "standard": lambda: run(*standard.loss(backbone, method.Draws(batch, anchor))),
         "memdlm (gap logged)": memdlm(True),
         "memdlm (no gap)": memdlm(False),
     }
+    if floor:
+        functions["standard + pre-anchor pass"] = standard_plus_pre_anchor
+    return functions
 
 
 def main() -> None:
@@ -106,10 +120,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--prompt", type=int, default=PROMPT, help="unmaskable positions per row")
     parser.add_argument("--full-tail", action="store_true", help="without the scored-rows tail")
+    parser.add_argument(
+        "--floor", action="store_true", help="also time standard + the pre-anchor forward pass"
+    )
     args = parser.parse_args()
     model = make_model(args.vocab, args.full_tail)
     batch, anchor = make_batch(args.vocab, args.prompt)
-    functions = step_functions(model, batch, anchor, mask_id=args.vocab - 1)
+    functions = step_functions(model, batch, anchor, mask_id=args.vocab - 1, floor=args.floor)
     times, faults = time_round_robin(functions, args.repeats)
     print(
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads "

@@ -26,7 +26,9 @@ from torch import Tensor
 
 def plain_autograd() -> bool:
     """True in eager autograd: not while `torch.compile` traces, not inside a `torch.func`
-    transform, where the ordinary path runs (the functions below define no vmap or jvp rule)."""
+    transform, where the ordinary path runs (the functions below define no vmap or jvp rule;
+    they are written in the ctx-first style, whose `apply` skips the signature binding that a
+    `setup_context` function pays on every call)."""
     if torch.compiler.is_compiling():
         return False
     return torch._C._functorch.peek_interpreter_stack() is None
@@ -61,16 +63,11 @@ class LoRAAtInit(torch.autograd.Function):
     gradients: output's passed through, B's = weight_grad(g, mid), A's exactly zero."""
 
     @staticmethod
-    def forward(output: Tensor, mid: Tensor, a: Tensor, b: Tensor) -> Tensor:
-        del mid, a, b
-        return output.view_as(output)
-
-    @staticmethod
-    def setup_context(ctx, inputs, result):
-        _, mid, a, b = inputs
+    def forward(ctx, output: Tensor, mid: Tensor, a: Tensor, b: Tensor) -> Tensor:
         ctx.save_for_backward(mid)
         ctx.a_like = (a.shape, a.dtype, a.device)
         ctx.batched = b.dim() == 3
+        return output.view_as(output)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -88,15 +85,10 @@ class FullAtInit(torch.autograd.Function):
     D's = weight_grad(g, x), none to x through the correction (D^T g = 0)."""
 
     @staticmethod
-    def forward(output: Tensor, x: Tensor, delta: Tensor) -> Tensor:
-        del x, delta
-        return output.view_as(output)
-
-    @staticmethod
-    def setup_context(ctx, inputs, result):
-        _, x, delta = inputs
+    def forward(ctx, output: Tensor, x: Tensor, delta: Tensor) -> Tensor:
         ctx.save_for_backward(x)
         ctx.batched = delta.dim() == 3
+        return output.view_as(output)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
