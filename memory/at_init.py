@@ -2,20 +2,21 @@
 
 `init` starts LoRA at B = 0 and full fast weights at delta = 0, so at that state a target
 computes y = W x + b + 0. The first inner step of a fast-weight loop is taken there, and the
-ordinary path pays for a correction that adds nothing:
+ordinary path pays for a correction that adds nothing. With g = dL/dy at a target:
 
-    LoRA, y = W x + s B (A x):   dy/dB = s g^T (A x)   (the only gradient that is not zero)
-                                 dy/dA = s (B^T g)^T x = 0,   dy/dx (correction) = s A^T B^T g = 0
-    full, y = W x + D x:         dy/dD = g^T x,   dy/dx (correction) = D^T g = 0
+    LoRA, y = W x + s B (A x):   dL/dB = s g^T (A x)   (the only gradient that is not zero)
+                                 dL/dA = s (B^T g)^T x = 0,  x's share, s A^T B^T g = 0
+    full, y = W x + D x:         dL/dD = g^T x,               x's share, D^T g = 0
 
-with g the gradient at y. The functions below return `output` itself in the forward pass and
-only these gradients in the backward pass: the B products of the forward, the additions, the
-products with B^T and the A and x gradients of the correction are skipped. Each gradient is
-computed with the same operation, on the same layout, as autograd's backward of the ordinary
-path (`F.linear`'s mm, `batched_linear`'s bmm), so the values are the ordinary path's, bit for
-bit on the same device. The backward pass is not differentiable again: a backward with
-`create_graph=True` (an unrolled or second-order inner loop) raises instead of dropping the
-second-order terms.
+The functions below return `output` itself in the forward pass and only the nonzero gradient in
+the backward pass: B's forward product, the addition, g B, and A's and x's gradients through the
+correction are skipped (A gets exact zeros). That gradient is computed with the same operation,
+on the same layout, as autograd's backward of the ordinary path (`F.linear`'s mm,
+`batched_linear`'s bmm), so the values are the ordinary path's bit for bit on the same device
+(for contiguous state tensors, as `init` and an SGD step make them; autograd takes another
+product order for a transposed one, equal to rounding). The backward pass is not
+differentiable again: a backward with `create_graph=True` (an unrolled or second-order inner
+loop) raises instead of dropping the second-order terms.
 """
 
 from __future__ import annotations
