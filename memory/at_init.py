@@ -8,7 +8,7 @@ ordinary path pays for a correction that adds nothing. With g = dL/dy at a targe
                                  dL/dA = s (B^T g)^T x = 0,  x's share, s A^T B^T g = 0
     full, y = W x + D x:         dL/dD = g^T x,               x's share, D^T g = 0
 
-The functions below return `output` itself in the forward pass and only the nonzero gradient in
+`AtInit` below returns `output` itself in the forward pass and only the nonzero gradient in
 the backward pass: B's forward product, the addition, g B, and A's and x's gradients through the
 correction are skipped (A gets exact zeros). That gradient is computed with the same operation,
 on the same layout, as autograd's backward of the ordinary path (`F.linear`'s mm,
@@ -27,8 +27,8 @@ from torch import Tensor
 
 def plain_autograd() -> bool:
     """True in eager autograd: not while `torch.compile` traces, not inside a `torch.func`
-    transform, where the ordinary path runs (the functions below define no vmap or jvp rule;
-    they are written in the ctx-first style, whose `apply` skips the signature binding that a
+    transform, where the ordinary path runs (`AtInit` defines no vmap or jvp rule: it is
+    written in the ctx-first style, whose `apply` skips the signature binding that a
     `setup_context` function pays on every call)."""
     if torch.compiler.is_compiling():
         return False
@@ -59,41 +59,30 @@ def weight_grad(grad: Tensor, rows: Tensor, batched: bool) -> Tensor:
     return flat_rows.transpose(1, 2).bmm(flat_grad).transpose(1, 2)  # bmm's backward for mat2
 
 
-class LoRAAtInit(torch.autograd.Function):
-    """`output + B mid` at B = 0, mid = s A x computed without a graph: the value is `output`;
-    gradients: output's passed through, B's = weight_grad(g, mid), A's exactly zero."""
+class AtInit(torch.autograd.Function):
+    """`output + correction` at init, where the correction is zero: the value is `output`.
+
+    `AtInit.apply(output, rows, weight, *zeros)`: the correction's last product is
+    `F.linear(rows, weight)` (LoRA: rows = s A x made without a graph, weight = B; full: rows = x,
+    weight = delta). Gradients: output's passed through, weight's = `weight_grad(g, rows)`,
+    exact zeros for each of `zeros` (LoRA's A), none to rows (its share is zero at init).
+    """
 
     @staticmethod
-    def forward(ctx, output: Tensor, mid: Tensor, a: Tensor, b: Tensor) -> Tensor:
-        ctx.save_for_backward(mid)
-        ctx.a_like = (a.shape, a.dtype, a.device)
-        ctx.batched = b.dim() == 3
+    def forward(ctx, output: Tensor, rows: Tensor, weight: Tensor, *zeros: Tensor) -> Tensor:
+        ctx.save_for_backward(rows)
+        ctx.batched = weight.dim() == 3
+        ctx.zeros_like = [(z.shape, z.dtype, z.device) for z in zeros]
         return output.view_as(output)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         first_order_only()
-        (mid,) = ctx.saved_tensors
+        (rows,) = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        shape, dtype, device = ctx.a_like
-        grad_a = torch.zeros(shape, dtype=dtype, device=device) if needs[2] else None
-        grad_b = weight_grad(grad, mid, ctx.batched) if needs[3] else None
-        return grad, None, grad_a, grad_b
-
-
-class FullAtInit(torch.autograd.Function):
-    """`output + D x` at D = 0: the value is `output`; gradients: output's passed through,
-    D's = weight_grad(g, x), none to x through the correction (D^T g = 0)."""
-
-    @staticmethod
-    def forward(ctx, output: Tensor, x: Tensor, delta: Tensor) -> Tensor:
-        ctx.save_for_backward(x)
-        ctx.batched = delta.dim() == 3
-        return output.view_as(output)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        first_order_only()
-        (x,) = ctx.saved_tensors
-        grad_delta = weight_grad(grad, x, ctx.batched) if ctx.needs_input_grad[2] else None
-        return grad, None, grad_delta
+        grad_weight = weight_grad(grad, rows, ctx.batched) if needs[2] else None
+        zeros = [
+            torch.zeros(shape, dtype=dtype, device=device) if need else None
+            for (shape, dtype, device), need in zip(ctx.zeros_like, needs[3:])
+        ]
+        return (grad, None, grad_weight, *zeros)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memory.at_init import FullAtInit
+from memory.at_init import AtInit
 from memory.fast_weights import FastWeights, batched_linear
 
 
@@ -45,7 +45,7 @@ class FullFastWeights(FastWeights):
         """At delta = 0 the output is the base's; delta's gradient needs only x
         (`memory.at_init`)."""
         (delta,) = params
-        return FullAtInit.apply(output, x, delta)
+        return AtInit.apply(output, x, delta)
 
     def _weight_delta(self, params):
         (delta,) = params

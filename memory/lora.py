@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memory.at_init import LoRAAtInit
+from memory.at_init import AtInit
 from memory.fast_weights import FastWeights, Shape, batched_linear
 
 
@@ -93,7 +93,7 @@ class FastLoRA(FastWeights):
         a, b = params
         with torch.no_grad():
             mid = self._mid(linear, x, a)
-        return LoRAAtInit.apply(output, mid, a, b)
+        return AtInit.apply(output, mid, b, a)
 
     def _mid(self, linear, x, a):
         """s A dropout(x): (..., in) -> (..., rank); per sample when a is (B, rank, in)."""
