@@ -71,6 +71,17 @@ def write_task(folder: Path, name: str, rows: list[dict], body: str) -> None:
     (folder / f"{name}.yaml").write_text(head + body)
 
 
+def choice_task(folder: Path) -> None:
+    """The multiple-choice task on CHOICES (lm-eval's `acc`), named "choice"."""
+    write_task(
+        folder,
+        "choice",
+        CHOICES,
+        'output_type: multiple_choice\ndoc_to_text: "{{question}}"\ndoc_to_choice: choices\n'
+        "doc_to_target: label\nmetric_list:\n  - metric: acc\n",
+    )
+
+
 def generation_task(folder: Path, name: str, rows: list[dict], max_gen_toks: int, until="[]"):
     write_task(
         folder,
@@ -92,13 +103,7 @@ def tasks(tmp_path_factory, loaded) -> Path:
     for task in sorted({e.task for e in examples}):
         rows = [{"prompt": e.prompt, "response": e.response} for e in examples if e.task == task]
         generation_task(folder, f"niah_{task}", rows, len(rows[0]["response"]) + 1)
-    write_task(
-        folder,
-        "choice",
-        CHOICES,
-        'output_type: multiple_choice\ndoc_to_text: "{{question}}"\ndoc_to_choice: choices\n'
-        "doc_to_target: label\nmetric_list:\n  - metric: acc\n",
-    )
+    choice_task(folder)
     write_task(
         folder,
         "rolling",

@@ -32,8 +32,8 @@ from recipes.memdlm.data.prepare import prepare_data  # noqa: E402
 from recipes.memdlm.eval import ranks  # noqa: E402
 from recipes.memdlm.eval.harness import MemDLMLM, load_run  # noqa: E402
 from tests.recipes.eval.test_harness import (  # noqa: E402
-    CHOICES,
     TEXTS,
+    choice_task,
     evaluate,
     generation_task,
     write_task,
@@ -48,13 +48,7 @@ SHARES = {"loglikelihood": (6, 6), "loglikelihood_rolling": (1, 1), "generate_un
 @pytest.fixture(scope="module")
 def tasks(tmp_path_factory, run_dir) -> Path:
     folder = tmp_path_factory.mktemp("tasks")
-    write_task(
-        folder,
-        "choice",
-        CHOICES,
-        'output_type: multiple_choice\ndoc_to_text: "{{question}}"\ndoc_to_choice: choices\n'
-        "doc_to_target: label\nmetric_list:\n  - metric: acc\n",
-    )
+    choice_task(folder)
     write_task(
         folder,
         "rolling",

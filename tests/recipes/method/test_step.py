@@ -23,6 +23,7 @@ from recipes.memdlm.data.batches import Batch, Encoded, collate
 from recipes.memdlm.loop.schedule import cosine_with_warmup
 from recipes.memdlm.method import inner as method_inner
 from recipes.memdlm.method import trajectory as traj
+from tests.memory.test_at_init import CountMatmuls
 
 MASK_ID, VOCAB = 13, 14
 
@@ -352,11 +353,18 @@ def test_the_first_inner_step_at_init_gives_the_ordinary_paths_phi_bit_for_bit(
     problem = memdlm.problem(backbone, batch)
     states = method_inner.inner_states(problem, draws, mask_id=MASK_ID)
     assert [s.at_init for s in states] == [True, False]
-    results = []
+    results, matmuls = [], []
     for first_at_init in (True, False):
         states[0].at_init = first_at_init
-        results.append(method_inner.solve_inner(problem, states, draws.phi0, memdlm.optimizer))
+        with CountMatmuls() as counter:
+            results.append(method_inner.solve_inner(problem, states, draws.phi0, memdlm.optimizer))
+        matmuls.append(counter.count)
     (phi, info), (ordinary_phi, ordinary_info) = results
+    # The inner loss passes the flag on. Skipped in the first step, per LoRA target: B's forward
+    # product, g B and A's gradient; for down_proj also its input's gradient through A (that
+    # input depends on gate/up's fast weights; gate/up's input, the detached hidden rows, not).
+    assert len(memdlm.mem.targets) == 3
+    assert matmuls[1] - matmuls[0] == 3 + 3 + 4
     assert all(torch.equal(phi[k], ordinary_phi[k]) for k in phi)
     assert torch.equal(info.loss, ordinary_info.loss)
     assert torch.equal(info.grad_norm, ordinary_info.grad_norm)
