@@ -12,6 +12,8 @@ from memory.fast_weights import (
     FastWeights,
     bindings,
     one_sample,
+    only_fast_weights,
+    output_of,
     per_sample_size,
 )
 from memory.full import FullFastWeights
@@ -30,6 +32,8 @@ __all__ = [
     "first_of_last_layers",
     "last_layers",
     "one_sample",
+    "only_fast_weights",
+    "output_of",
     "per_sample_size",
     "select",
 ]

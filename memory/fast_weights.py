@@ -320,6 +320,41 @@ class _Hook:
         return output + binding.memory._output_delta(module, x.to(dtype), params)
 
 
+def output_of(linear: nn.Module, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """What `linear(x)` returns right now, given `output`, the linear's own result for `x`
+    (`F.linear(x, weight, bias)`, computed once elsewhere and shared by several forwards):
+    `output` with the correction of every open binding on `linear` added (`output` itself
+    when none is open), exactly as the hooks add it after the linear's own forward.
+
+    For code that reuses one product of a target's base weight across forwards under different
+    states (or none): each forward pays only for its correction. `linear` must carry no hooks
+    but fast weights' (`only_fast_weights`), else ValueError: another hook would be skipped.
+    """
+    if not only_fast_weights(linear):
+        raise ValueError(
+            f"output_of: {type(linear).__name__} carries hooks other than fast weights'; call "
+            "the module itself"
+        )
+    for hook in linear._forward_hooks.values():
+        corrected = hook(linear, (x,), {}, output)
+        output = output if corrected is None else corrected
+    return output
+
+
+def only_fast_weights(module: nn.Module) -> bool:
+    """Whether `module`'s own hooks are fast weights' forward hooks only (or none): then its
+    output is its own forward plus their corrections (`output_of`). Global module hooks
+    (`torch.nn.modules.module.register_module_forward_hook`) count as other hooks."""
+    from torch.nn.modules import module as torch_module
+
+    if module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks:
+        return False
+    global_hooks = ("forward_hooks", "forward_pre_hooks", "backward_hooks", "backward_pre_hooks")
+    if any(getattr(torch_module, f"_global_{kind}") for kind in global_hooks):
+        return False
+    return all(isinstance(hook, _Hook) for hook in module._forward_hooks.values())
+
+
 def _remove_handles(handles: list) -> None:
     for handle in handles:
         handle.remove()

@@ -79,6 +79,17 @@ class Backbone(Protocol):
         (`head_weight` not None)."""
         ...
 
+    def ffn_entry(self, h, *, start: int, mid_layer: bool = False):
+        """What forwards of the same rows h (N, 1, D) after a position-wise split
+        (`position_wise_after`) under different fast-weight states (or none) can share,
+        computed once: the last FFN's entry norm and its input-side base products (an
+        `hf.tail.FFNEntry`); None when the backbone does not offer it."""
+        ...
+
+    def features_from_entry(self, entry, *, start: int, mid_layer: bool = False):
+        """`features_from` of an `ffn_entry`'s rows (N, 1, D) under the bindings open now."""
+        ...
+
     def output_head(self) -> nn.Module | None:
         """The output head module when the fused loss reads its weight directly, else None."""
         ...
@@ -127,6 +138,12 @@ class SplitForwardOf:
     def features_from(self, h, *, start: int, mid_layer: bool = False):
         extra = {"mid_layer": True} if mid_layer else {}
         return self.module.features_from(h, start=start, **extra)
+
+    def ffn_entry(self, h, *, start: int, mid_layer: bool = False):
+        return None  # an adapter that can share the FFN's start says so
+
+    def features_from_entry(self, entry, *, start: int, mid_layer: bool = False):
+        raise TypeError(f"{type(self).__name__} offers no shared FFN entry")
 
 
 def describe_line(info: dict[str, Any]) -> str:

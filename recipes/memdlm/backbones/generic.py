@@ -97,6 +97,12 @@ class GenericBackbone:
     def features_from(self, h, *, start: int, mid_layer: bool = False):
         raise TypeError(f"{type(self.module).__name__} has no split forward (no fused loss)")
 
+    def ffn_entry(self, h, *, start: int, mid_layer: bool = False):
+        return None
+
+    def features_from_entry(self, entry, *, start: int, mid_layer: bool = False):
+        raise TypeError("a generic module offers no shared FFN entry")
+
     def output_head(self) -> nn.Module | None:
         return None
 

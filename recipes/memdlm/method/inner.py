@@ -19,7 +19,7 @@ from recipes.memdlm.allocator import keep_freed_memory
 from recipes.memdlm.backbones import Backbone, resolve
 from recipes.memdlm.config import MemDLMConfig
 from recipes.memdlm.method.distill import distill_loss
-from recipes.memdlm.method.losses import head_loss
+from recipes.memdlm.method.losses import SharedRows, head_loss
 from recipes.memdlm.method.split import Split
 from recipes.memdlm.method.trajectory import SCHEDULE, Draws
 
@@ -28,12 +28,17 @@ from recipes.memdlm.method.trajectory import SCHEDULE, Draws
 class InnerState:
     """One state of the simulated trajectory: the input, the loss mask and the weight time."""
 
-    hidden: torch.Tensor  # (B, L, D) early-layer output for this state's input, detached
+    # (B, L, D) early-layer output for this state's input, detached (but with `shared`)
+    hidden: torch.Tensor
     loss_mask: torch.Tensor  # (B, L) bool
     ratio: torch.Tensor  # (B,) the inner loss's t (`Draws.times`)
     # The first inner step: phi is phi_0, `init`'s (LoRA B = 0), where the fast weights' forward
     # correction and A's gradient are exactly zero and are skipped (`mm.FastWeights.bind`).
     at_init: bool = False
+    # The anchor's scored rows shared with the outer loss (`losses.SharedRows`); `hidden` is
+    # then the outer pass's own, with its graph, so that the rows' shared start can carry it
+    # (the inner gradient is taken for phi only: that graph is never run backward here).
+    shared: SharedRows | None = None
     # Distillation (`InnerProblem.inner_loss` != "ce"): the teacher's input, the state the step
     # looks ahead to (`trajectory.teacher_masks`; the clean x0 when there is none), as early
     # hidden states; and, for the early-layer hidden distillation, both inputs as tokens.
@@ -146,6 +151,7 @@ def make_inner_loss(problem: InnerProblem):
                 loss_backend=p.loss_backend,
                 head_grad=False,  # first order: the inner gradient is taken for phi only
                 per_sample=p.per_sample,
+                shared=state.shared,
             )
 
     return inner_loss
@@ -157,12 +163,15 @@ def inner_states(
     *,
     mask_id: int,
     anchor_hidden: torch.Tensor | None = None,
+    shared: SharedRows | None = None,
 ) -> list[InnerState]:
     """The inner steps' data: early hidden states (no gradient), loss masks and weight times.
 
     anchor_hidden: the anchor's early hidden states when the caller has them (training shares
     them with the outer pass), used at `draws.anchor_index`; every other input runs the early
     layers here without gradient, once per distinct mask object (an epoch repeats its states).
+    shared: the anchor's scored rows shared with the outer loss (`SharedRows`), for the step at
+    `draws.anchor_index` (with anchor_hidden, when `draws.anchor_scores_outer`).
     """
     cache: list[tuple[torch.Tensor | None, torch.Tensor]] = []  # by object: compile-clean
 
@@ -181,12 +190,15 @@ def inner_states(
     states = []
     steps = zip(draws.inputs, draws.targets, draws.teachers, draws.times)
     for i, (input_mask, loss_mask, teacher, time) in enumerate(steps):
+        share = None
         if i == draws.anchor_index and anchor_hidden is not None:
             hidden = anchor_hidden.detach()
             cache.append((input_mask, hidden))
+            if shared is not None and draws.anchor_scores_outer:
+                hidden, share = anchor_hidden, shared
         else:
             hidden = early(input_mask)
-        state = InnerState(hidden, loss_mask, time, at_init=i == 0)  # solve starts at phi0
+        state = InnerState(hidden, loss_mask, time, at_init=i == 0, shared=share)  # at phi0
         if problem.inner_loss != "ce":
             state.teacher_hidden = early(teacher)
             if problem.early_layers is not None:
@@ -232,12 +244,15 @@ def adapt(
     *,
     mask_id: int,
     anchor_hidden: torch.Tensor | None = None,
+    shared: SharedRows | None = None,
     allow_nonfinite: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The inner half of the MemDLM step: from the step's draws to the adapted phi.
 
     Returns (detached phi, solve's info: inner losses and gradient norms per step, tensors).
-    optimizer: `inner_optimizer`'s; anchor_hidden: see `inner_states`.
+    optimizer: `inner_optimizer`'s; anchor_hidden, shared: see `inner_states`.
     """
-    states = inner_states(problem, draws, mask_id=mask_id, anchor_hidden=anchor_hidden)
+    states = inner_states(
+        problem, draws, mask_id=mask_id, anchor_hidden=anchor_hidden, shared=shared
+    )
     return solve_inner(problem, states, draws.phi0, optimizer, allow_nonfinite=allow_nonfinite)

@@ -8,6 +8,10 @@ projected, docs/kernels.md).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
 import torch
 
 import diffusion as dd
@@ -42,6 +46,35 @@ def fused_head(backbone: Backbone, loss_backend: str | None) -> torch.Tensor | N
     return backbone.head_weight(loss_backend)
 
 
+@dataclass(eq=False)
+class SharedRows:
+    """The scored rows of one state that several losses run the tail on (MemDLM's anchor: the
+    inner step on it, the outer loss and the diagnostic, each under its own fast weights).
+
+    The start of the tail on them (`Split.ffn_entry`: the last FFN's entry norm and the base
+    products of its input-side linears) is computed once, by the first of those losses whose
+    rows carry a gradient, and reused by the others (detached where their rows carry none):
+    the same values, so each loss is what it would be alone, for 2 of the FFN's 3 products
+    once instead of three times. Every loss given one `SharedRows` must score the same rows of
+    the same hidden states (only their number is checked).
+    """
+
+    entry: Any = None
+
+    def features(self, split: Split, rows: torch.Tensor) -> torch.Tensor:
+        """`split.row_features(rows)` through the shared entry: (N, D) -> (N, D)."""
+        entry = self.entry
+        stale = entry is None or entry.rows.shape[0] != rows.shape[0]
+        if stale or (rows.requires_grad and not entry.rows.requires_grad):
+            entry = split.ffn_entry(rows)
+            if entry is None:  # the backbone cannot share it
+                return split.row_features(rows)
+            self.entry = entry
+        elif not rows.requires_grad:
+            entry = entry.detached()
+        return split.entry_features(entry)
+
+
 def head_loss(
     split: Split,
     hidden: torch.Tensor,
@@ -55,6 +88,7 @@ def head_loss(
     loss_backend: str | None = "auto",
     head_grad: bool = True,
     per_sample: bool = False,
+    shared: SharedRows | None = None,
 ) -> torch.Tensor:
     """The masked diffusion loss of the network after `split` and the head applied to `hidden`.
 
@@ -65,12 +99,14 @@ def head_loss(
     When the network after the split acts on each position alone (`Split.position_wise`), it
     runs on the scored rows only (`tail_on_rows`): the same loss, at a fraction of the cost when
     few positions are masked. per_sample: the fast weights bound now are per sample.
+    shared: the rows' tail start shared with other losses on the same rows (`SharedRows`;
+    shared fast weights only).
     """
     head = fused_head(split.backbone, loss_backend)
     common = dict(schedule=SCHEDULE, maskable=maskable, normalize=normalize, weight=weight)
     if head is None:
         return dd.masked_diffusion_loss(split.logits(hidden), x0, mask, t, **common)
-    row_map = tail_on_rows(split, mask, per_sample=per_sample)
+    row_map = tail_on_rows(split, mask, per_sample=per_sample, shared=shared)
     if row_map is None:
         hidden = split.features(hidden)
     return dd.masked_diffusion_loss_from_hidden(
@@ -79,7 +115,7 @@ def head_loss(
     )  # fmt: skip
 
 
-def tail_on_rows(split: Split, mask: torch.Tensor, *, per_sample: bool):
+def tail_on_rows(split: Split, mask: torch.Tensor, *, per_sample: bool, shared=None):
     """The network after `split` as a map of the scored rows (N, D) -> (N, D), for
     `dd.masked_diffusion_loss_from_hidden(row_map=...)`; None when it needs every position.
 
@@ -88,12 +124,12 @@ def tail_on_rows(split: Split, mask: torch.Tensor, *, per_sample: bool):
     padded with zeros (whose outputs are dropped). Under `torch.compile` the loss scores every
     position (static shapes), and the per-sample case takes the full path there.
     mask: (B, L) bool, the positions the loss scores. per_sample: per-sample fast weights
-    are bound around the call.
+    are bound around the call. shared: a `SharedRows` for these rows (shared fast weights).
     """
     if not split.position_wise():
         return None
     if not per_sample:
-        return split.row_features
+        return split.row_features if shared is None else partial(shared.features, split)
     if torch.compiler.is_compiling():
         return None
     # One read-back (the rows per sample); the rest is index arithmetic on the device, in the

@@ -58,6 +58,16 @@ class Split:
         `position_wise` split: (N, D) -> (N, D)."""
         return self.features(rows[:, None])[:, 0]
 
+    def ffn_entry(self, rows: torch.Tensor):
+        """What forwards of the same (N, D) rows under different fast-weight states can share
+        after a `position_wise` split (`Backbone.ffn_entry`), or None."""
+        return self.backbone.ffn_entry(rows[:, None], start=self.layer, mid_layer=self.mid)
+
+    def entry_features(self, entry) -> torch.Tensor:
+        """`row_features` of an `ffn_entry`'s rows under the bindings open now: (N, D)."""
+        backbone = self.backbone
+        return backbone.features_from_entry(entry, start=self.layer, mid_layer=self.mid)[:, 0]
+
 
 def last_split(backbone: Backbone) -> Split:
     """The latest split a model allows with no fast weights: half-way through its last layer

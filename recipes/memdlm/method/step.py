@@ -48,7 +48,7 @@ from recipes.memdlm.method.inner import (
     make_fast_weights,
     objective_options,
 )
-from recipes.memdlm.method.losses import head_loss, standard_loss
+from recipes.memdlm.method.losses import SharedRows, head_loss, standard_loss
 from recipes.memdlm.method.split import Split, split_point
 from recipes.memdlm.method.trajectory import (
     SCHEDULE,
@@ -211,17 +211,27 @@ class MemDLM:
         )  # fmt: skip
 
     def inner(
-        self, backbone, draws: Draws, *, anchor_hidden=None, grad_sync=None, allow_nonfinite=False
-    ):
+        self, backbone, draws: Draws, *, anchor_hidden=None, shared=None, grad_sync=None,
+        allow_nonfinite=False,
+    ):  # fmt: skip
         """The inner half: (detached adapted phi, inner info) from the step's draws. grad_sync:
-        the all-reduce of shared fast-weight gradients across ranks (`inner_optimizer`)."""
+        the all-reduce of shared fast-weight gradients across ranks (`inner_optimizer`);
+        anchor_hidden, shared: the outer pass's (`inner.inner_states`)."""
         optimizer = self.optimizer
         if grad_sync is not None:
             optimizer = inner_optimizer(self.cfg, self.per_sample, grad_sync)
         return adapt(
             self.problem(backbone, draws.batch), draws, optimizer, mask_id=self.mask_id,
-            anchor_hidden=anchor_hidden, allow_nonfinite=allow_nonfinite,
+            anchor_hidden=anchor_hidden, shared=shared, allow_nonfinite=allow_nonfinite,
         )  # fmt: skip
+
+    def shares_anchor_rows(self, draws: Draws) -> bool:
+        """Whether the inner step on the anchor, the outer loss and the diagnostic can share
+        the tail's start on the anchor's scored rows (`losses.SharedRows`): the inner step
+        scores the outer loss's positions, with one phi for the batch and the cross-entropy,
+        in eager mode (the backbone decides whether it can share)."""
+        plain = self.objective["inner_loss"] == "ce" and not self.per_sample
+        return draws.anchor_scores_outer and plain and not torch.compiler.is_compiling()
 
     def loss(self, backbone: Backbone, draws: Draws, *, log_gap=False, share=1.0, grad_sync=None):
         """(loss times `share`, Parts): the inner half, then the outer loss with phi bound;
@@ -241,19 +251,24 @@ def memdlm_core(method: MemDLM, backbone: Backbone, draws: Draws, log_gap: bool,
     Returns (loss, loss with fast weights off or None, adapted phi, inner info dict)."""
     split = method.split(backbone)
     hidden_t = split.early(draws.anchor.xt)  # with grad: reused by the outer pass
+    shared = SharedRows() if method.shares_anchor_rows(draws) else None
     phi, info = method.inner(
-        backbone, draws, anchor_hidden=hidden_t, grad_sync=grad_sync, allow_nonfinite=True
-    )
-    loss, off = outer_losses(method, split, phi, hidden_t, draws, log_gap)
+        backbone, draws, anchor_hidden=hidden_t, shared=shared, grad_sync=grad_sync,
+        allow_nonfinite=True,
+    )  # fmt: skip
+    loss, off = outer_losses(method, split, phi, hidden_t, draws, log_gap, shared)
     return loss, off, phi, info
 
 
-def outer_losses(method: MemDLM, split: Split, phi, hidden_t, draws: Draws, log_gap: bool):
+def outer_losses(
+    method: MemDLM, split: Split, phi, hidden_t, draws: Draws, log_gap: bool, shared=None
+):
     """The outer loss with phi bound, and (log_gap) the same loss with fast weights off.
 
     draws.outer: the leak-free control's positions O (None: all of M_t); the loss then scores
     O only, with weight 1 / (t q), q = cfg.leak_free_fraction, so that its expectation over O
-    is the standard loss.
+    is the standard loss. shared: the anchor's scored rows shared with the inner step on the
+    anchor (`losses.SharedRows`), or None.
     """
     batch, anchor = draws.batch, draws.anchor
     mask, weight = anchor.mask, None
@@ -265,6 +280,7 @@ def outer_losses(method: MemDLM, split: Split, phi, hidden_t, draws: Draws, log_
         return head_loss(
             split, hidden, batch.x0, mask, anchor.t, batch.maskable, normalize="token",
             weight=weight, loss_backend=method.loss_backend, per_sample=per_sample,
+            shared=None if per_sample else shared,
         )  # fmt: skip
 
     with method.mem.bind(phi):

@@ -67,8 +67,10 @@ class Draws:
     the clean x0) and the t of its 1/t weight (B,) float64; `anchor_index`, the inner step
     whose input is the anchor x_t itself (its early hidden states are the outer pass's), or
     None; phi_0 (`per_sample`: one per row); the leak-free control's outer positions O (None
-    unless `leak_free`). Standard with more than one anchor per batch (the compute-matched
-    control): the extras.
+    unless `leak_free`); `anchor_scores_outer`: the loss of the step at `anchor_index` scores
+    exactly the outer loss's positions (M_t itself), so the two may share the tail's start on
+    those rows (`losses.SharedRows`). Standard with more than one anchor per batch (the
+    compute-matched control): the extras.
     """
 
     batch: Batch
@@ -82,6 +84,7 @@ class Draws:
     per_sample: bool = False
     outer: torch.Tensor | None = None
     extra_anchors: list[Anchor] = field(default_factory=list)
+    anchor_scores_outer: bool = False
 
     def rows(self, rows: slice) -> Draws:
         """The rows that belong to one rank; a shared phi_0 (no batch dim) is every rank's."""
@@ -139,8 +142,11 @@ def inner_draws(batch: Batch, anchor: Anchor, cfg: MemDLMConfig, generator, init
     tied = cfg.strategy not in ("pre_only", "progressive_memory")
     index = len(inputs) - 1 if tied else None
     steps = {"inputs": inputs, "targets": targets, "teachers": teachers, "times": times}
+    # Known here, by construction, not by comparing values later (a host read).
+    scores_outer = index is not None and outer is None and targets[index] is anchor.mask
     return Draws(batch, anchor, **steps, anchor_index=index, phi0=phi0,
-                 per_sample=cfg.per_sample, outer=outer)  # fmt: skip
+                 per_sample=cfg.per_sample, outer=outer,
+                 anchor_scores_outer=scores_outer)  # fmt: skip
 
 
 def realised_ratio(mask: torch.Tensor, maskable: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,8 @@ pytest.importorskip("tokenizers")
 from recipes.memdlm import method  # noqa: E402
 from recipes.memdlm.backbones import adapter, hf  # noqa: E402
 from recipes.memdlm.config import build_config  # noqa: E402
+from recipes.memdlm.data.batches import Batch  # noqa: E402
+from tests.memory.test_at_init import CountMatmuls  # noqa: E402
 from tests.recipes.backbones import standins  # noqa: E402
 from tests.recipes.backbones.test_hf import memdlm_losses  # noqa: E402
 
@@ -149,6 +152,67 @@ def test_a_memdlm_step_with_the_scored_rows_tail_equals_the_full_tail(folders, n
             assert ".experts." in key and not grad.any(), key
             continue
         torch.testing.assert_close(rows_grads[key], grad, rtol=grad_tol, atol=grad_tol, msg=key)
+
+
+DENSE = ("llada", "dream", "llama")  # a dense gated FFN last: its base products can be shared
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_the_anchor_rows_share_the_last_ffns_base_products_bit_for_bit(folders, name):
+    """The inner step on the anchor, the outer loss and the diagnostic score the same rows
+    under phi_1, phi_2 and no fast weights: on a family whose last FFN is a dense gated one
+    (proven on the probe: `tail_shared`) they share its entry norm and the base products of
+    gate/up (`losses.SharedRows`), 4 products fewer per step; MoE last layers do not share.
+    Every loss, phi and the inner record equal the unshared step's bit for bit; the base
+    weights' gradients to float64 rounding (their four terms at the FFN's entry are summed in
+    another order)."""
+    cfg = build_config("smoke", overrides={"memdlm": {"layer_fraction": 0.1, "inner_lr": 1.0}})
+    model = loaded(folders, name)
+    assert model.tail_shared == (name in DENSE)
+    x0 = torch.randint(0, vocab(model) - 2, (3, 12), generator=torch.Generator().manual_seed(3))
+    maskable = torch.ones_like(x0, dtype=torch.bool)
+    maskable[:, :4] = False
+    batch = Batch(x0, maskable, maskable.long().argmax(1))
+    backbone = adapter(model)
+    memdlm = method.MemDLM.on(backbone, cfg.memdlm, mask_id=1)
+    anchor = method.sample_anchor(batch, mask_id=1, eps=1e-3, generator=torch.Generator())
+    draws = memdlm.draw_after(batch, anchor, torch.Generator().manual_seed(4))
+    assert draws.anchor_scores_outer and memdlm.shares_anchor_rows(draws)
+    results, matmuls = [], []
+    for step_draws in (draws, replace(draws, anchor_scores_outer=False)):
+        model.zero_grad()
+        with CountMatmuls() as counter:
+            loss, parts = memdlm.loss(backbone, step_draws, log_gap=True)
+            loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((loss, parts, grads))
+        matmuls.append(counter.count)
+    memdlm.close()
+    (loss, parts, grads), (loss_u, parts_u, grads_u) = results
+    assert matmuls[1] - matmuls[0] == (4 if name in DENSE else 0)
+    assert torch.equal(loss, loss_u) and torch.equal(parts.loss_off, parts_u.loss_off)
+    assert torch.equal(parts.info.loss, parts_u.info.loss)
+    assert torch.equal(parts.info.grad_norm, parts_u.info.grad_norm)
+    assert all(torch.equal(parts.phi[k], parts_u.phi[k]) for k in parts.phi)
+    assert parts.loss_off - loss > 1e-6  # the inner loop does something
+    assert grads.keys() == grads_u.keys()
+    for key, grad in grads_u.items():
+        torch.testing.assert_close(grads[key], grad, rtol=1e-12, atol=1e-15, msg=key)
+
+
+def test_an_ffn_that_is_not_the_gated_form_keeps_its_own_module():
+    """A last FFN with gate/up/down_proj whose forward computes something else than
+    down(act(gate(x)) * up(x)) is still position-wise (the rows tail holds) but fails the
+    shared-products probe, so its module keeps computing it."""
+    model = native("llama")
+    mlp = model.model.layers[-1].mlp
+    mlp.forward = lambda x: mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x) / 2)
+    wrapped = hf.wrap(model, layer_fraction=0.5)
+    assert wrapped.tail_rows and not wrapped.tail_shared
+    last = len(wrapped.layers) - 1
+    rows = torch.randn(4, 1, 32)
+    assert adapter(wrapped).ffn_entry(rows, start=last, mid_layer=True) is None
+    assert hf.wrap(native("llama"), layer_fraction=0.5).tail_shared
 
 
 def test_a_tail_that_mixes_positions_fails_the_probe_and_keeps_the_full_tail():

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from recipes.memdlm.backbones.base import SplitForwardOf
+from recipes.memdlm.backbones.hf import tail
 from recipes.memdlm.backbones.hf.denoiser import HFDenoiser
 from recipes.memdlm.backbones.reference import unhooked
 
@@ -67,6 +68,16 @@ class HFBackbone(SplitForwardOf):
     def position_wise_after(self, start: int, mid_layer: bool) -> bool:
         d = self.module
         return mid_layer and d.split and d.tail_rows and start == len(d.layers) - 1
+
+    def ffn_entry(self, h, *, start: int, mid_layer: bool = False):
+        d = self.module
+        if not (d.tail_shared and self.position_wise_after(start, mid_layer)):
+            return None
+        layer = d.layers[start]
+        return None if d.tail.ffn_inputs(layer) is None else d.tail.ffn_entry(layer, h)
+
+    def features_from_entry(self, entry, *, start: int, mid_layer: bool = False):
+        return tail.shared_features(self.module, entry)
 
     def split_methods(self) -> tuple[str, ...]:
         return ("hidden_states", "logits_from", "features_from")

@@ -92,6 +92,7 @@ class HFDenoiser(nn.Module):
         self._embedding: nn.Module | None = None
         self.tail: tail.Tail | None = None  # proven head and final norm: the fused loss applies
         self.tail_rows = False  # proven position-wise after the last attention (`tail.py`)
+        self.tail_shared = False  # the last FFN's base products shareable (`tail.FFNEntry`)
         self.tail_note = "not checked (no verified split)"
         if verify_split:
             self.split = self._setup_split()
@@ -298,15 +299,19 @@ class HFDenoiser(nn.Module):
         was_training = self.training
         self.eval()
         self.tail, self.tail_rows = spec, True
+        shared = False
         try:
             with torch.no_grad():
-                level, self.tail_note = tail.prove_tail(self, self._probe_input(rows=2))
+                probe = self._probe_input(rows=2)
+                level, self.tail_note = tail.prove_tail(self, probe)
+                shared = level >= 2 and tail.prove_shared_ffn(self, probe)
         except SPLIT_FAILURES as error:
             level, self.tail_note = 0, f"the tail raised {type(error).__name__}: {error}"[:200]
         finally:
             self.train(was_training)
         self.tail = spec if level >= 1 else None
         self.tail_rows = level >= 2
+        self.tail_shared = level >= 2 and shared
 
     def _probe_input(self, rows: int = 1) -> torch.Tensor:
         """(rows, 12) random tokens below the vocabulary size (config's, else the embedding's)."""

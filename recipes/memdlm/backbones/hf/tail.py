@@ -24,8 +24,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+import memory as mm
 from recipes.memdlm.backbones.hf.hooks import stop_at
 
 # The layouts of a last layer whose FFN sub-block follows its attention (module doc):
@@ -35,6 +37,24 @@ LAYOUTS = {
     "llada": ("ff_norm", ("ff_proj", "up_proj", "ff_out")),
 }
 FINAL_NORMS = ("norm", "ln_f", "final_layernorm", "norm_f")
+# A dense gated FFN's two input-side linears (both read the entry norm's output), per layout.
+FFN_INPUTS = {"pre_norm": ("mlp.gate_proj", "mlp.up_proj"), "llada": ("ff_proj", "up_proj")}
+
+
+@dataclass(frozen=True)
+class FFNEntry:
+    """The start of the last layer's FFN on some rows, computed once and shared by forwards of
+    the tail under different fast-weight states (or none): the post-attention residual rows
+    (N, 1, D), the entry norm's output and the base products of the FFN's two input-side
+    linears, (N, 1, F) each, without any fast-weight correction (`Tail.ffn_entry`)."""
+
+    rows: torch.Tensor
+    normed: torch.Tensor
+    products: tuple[torch.Tensor, torch.Tensor]
+
+    def detached(self) -> FFNEntry:
+        gate, up = self.products
+        return FFNEntry(self.rows.detach(), self.normed.detach(), (gate.detach(), up.detach()))
 
 
 @dataclass(frozen=True)
@@ -70,6 +90,47 @@ class Tail:
         if isinstance(shared, nn.Module):
             out = out + shared(normed)
         return h + out
+
+    def ffn_inputs(self, layer: nn.Module) -> tuple[nn.Linear, nn.Linear] | None:
+        """The two input-side linears of `layer`'s FFN when it is a dense gated one whose base
+        products can be shared (`ffn_entry`): plain `nn.Linear`s carrying no hooks but fast
+        weights' (`mm.only_fast_weights`; an adapter-wrapped or sharded one is not), and for
+        the pre-norm layout an `mlp` with `down_proj` and `act_fn` and no shared expert; else
+        None. What the FFN computes from them is proven on the probe (`prove_shared_ffn`)."""
+        if self.kind == "pre_norm":
+            mlp = getattr(layer, "mlp", None)
+            if not all(hasattr(mlp, n) for n in ("down_proj", "act_fn")):
+                return None
+            if isinstance(getattr(layer, "shared_expert", None), nn.Module):
+                return None
+        linears = tuple(_submodule(layer, name) for name in FFN_INPUTS[self.kind])
+        if not all(type(lin) is nn.Linear and mm.only_fast_weights(lin) for lin in linears):
+            return None
+        return linears
+
+    def ffn_entry(self, layer: nn.Module, h: torch.Tensor) -> FFNEntry:
+        """`FFNEntry` of the post-attention residual rows h (N, 1, D): the entry norm's output
+        and `F.linear` of it by each input-side linear (what `nn.Linear.forward` computes)."""
+        normed = self.entry(layer)(h)
+        gate, up = (F.linear(normed, lin.weight, lin.bias) for lin in self.ffn_inputs(layer))
+        return FFNEntry(h, normed, (gate, up))
+
+    def layer_out_from(self, layer: nn.Module, entry: FFNEntry) -> torch.Tensor:
+        """`layer_out` of `entry.rows` from a shared `FFNEntry`: each input-side product with
+        the open fast-weight bindings' corrections added (`mm.output_of`), then the rest of the
+        FFN and the residual, as the family's own modules compute them."""
+        linears = self.ffn_inputs(layer)
+        gate, up = (mm.output_of(lin, entry.normed, p) for lin, p in zip(linears, entry.products))
+        if self.kind == "llada":
+            return entry.rows + layer.dropout(layer.ff_out(layer.act(gate) * up))
+        return entry.rows + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+
+
+def _submodule(layer: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return layer.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 def find_tail(model: nn.Module, layers_path: str) -> Tail | None:
@@ -157,6 +218,17 @@ def features(denoiser, h: torch.Tensor, start: int, mid_layer: bool) -> torch.Te
     return _shift(out) if denoiser.shift else out
 
 
+def shared_features(denoiser, entry: FFNEntry) -> torch.Tensor:
+    """`features` of the rows (N, 1, D) of a shared `FFNEntry` (the mid-layer split of the last
+    layer): `Tail.layer_out_from` and the final norm. (Dream's move by one position is the
+    identity on (N, 1, D) rows.)"""
+    spec = _proven(denoiser, rows=True)
+    if not denoiser.tail_shared:
+        raise TypeError(f"the {denoiser.family} backbone's FFN is not proven shareable")
+    norm = denoiser.hf.get_submodule(spec.final_norm)
+    return norm(spec.layer_out_from(denoiser.layers[len(denoiser.layers) - 1], entry))
+
+
 def _proven(denoiser, *, rows: bool) -> Tail:
     if denoiser.tail is None or (rows and not denoiser.tail_rows):
         raise TypeError(f"the {denoiser.family} backbone's tail is unproven: {denoiser.tail_note}")
@@ -200,3 +272,18 @@ def prove_tail(denoiser, probe: torch.Tensor) -> tuple[int, str]:
     if empty.shape[:2] != (0, 1):
         return 1, f"the tail gives shape {tuple(empty.shape)} for no rows"
     return 2, "the last layer's FFN, final norm and head checked against the full forward"
+
+
+def prove_shared_ffn(denoiser, probe: torch.Tensor) -> bool:
+    """Whether the last layer's FFN computed from a shared `FFNEntry` (`Tail.layer_out_from`)
+    equals, bit for bit, the family's own FFN (`Tail.layer_out`) on a third of `probe`'s rows
+    at the last layer's mid-layer split: then forwards under different fast-weight states may
+    share its base products. Run after `prove_tail` has proven the rows tail."""
+    spec = denoiser.tail
+    layer = denoiser.layers[len(denoiser.layers) - 1]
+    if spec.ffn_inputs(layer) is None:
+        return False
+    hidden = denoiser.hidden_states(probe, upto=len(denoiser.layers) - 1, mid_layer=True)
+    rows = hidden.flatten(0, 1)[1::3, None]
+    shared = spec.layer_out_from(layer, spec.ffn_entry(layer, rows))
+    return torch.equal(shared, spec.layer_out(layer, rows))
