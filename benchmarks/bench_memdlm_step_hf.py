@@ -12,7 +12,8 @@ robin in one process; the ratio of medians of process time is reported, with the
 faults per step. A plain Python process calling the library, so glibc's thresholds are whatever
 the library sets (`allocator.py`); `--full-tail` measures without the scored-rows tail and
 the fused head (the backbone as it was before them); `--floor` also times the standard step
-plus one forward pass of the pre-anchor state without gradient (MemDLM's least possible cost).
+plus one forward pass of the pre-anchor state without gradient (MemDLM's least possible cost);
+`--unshared` also times MemDLM without the last FFN's start shared on the anchor's rows.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_memdlm_step_hf.py [--vocab 32000] [--full-tail]
     OMP_NUM_THREADS=1 python -m pytest benchmarks/bench_memdlm_step_hf.py --benchmark-only
@@ -24,6 +25,7 @@ import argparse
 import os
 import platform
 import tempfile
+from dataclasses import replace
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -76,23 +78,26 @@ def make_batch(vocab: int, prompt: int = PROMPT):
     return batch, anchor
 
 
-def step_functions(model, batch, anchor, mask_id: int, floor: bool = False):
+def step_functions(model, batch, anchor, mask_id: int, floor: bool = False, unshared=False):
     """The two steps as training runs them: the methods built once on the backbone resolved
     once (`loop.train_phase`), the step record read back, backward, clip, AdamW. floor: also
     the standard step plus the pre-anchor state's early layers without gradient, the part of
     a MemDLM step that is one more forward pass (what MemDLM would cost with a free inner loop
-    and no diagnostic)."""
+    and no diagnostic). unshared: also MemDLM without sharing the last FFN's start among the
+    losses on the anchor's rows (`losses.SharedRows`), as before it existed."""
     run = full_step(model)
     backbone = adapter(model)
 
     standard = method.Standard(mask_id)
     memdlm_method = method.MemDLM.on(backbone, MemDLMConfig(), mask_id=mask_id)
 
-    def memdlm(log_gap: bool):
+    def memdlm(log_gap: bool, share: bool = True):
         generator = torch.Generator().manual_seed(1)
 
         def fn():
             draws = memdlm_method.draw_after(batch, anchor, generator)
+            if not share:
+                draws = replace(draws, anchor_scores_outer=False)
             run(*memdlm_method.loss(backbone, draws, log_gap=log_gap))
 
         return fn
@@ -111,6 +116,9 @@ def step_functions(model, batch, anchor, mask_id: int, floor: bool = False):
     }
     if floor:
         functions["standard + pre-anchor pass"] = standard_plus_pre_anchor
+    if unshared:
+        functions["memdlm (gap, unshared)"] = memdlm(True, share=False)
+        functions["memdlm (no gap, unshared)"] = memdlm(False, share=False)
     return functions
 
 
@@ -123,10 +131,15 @@ def main() -> None:
     parser.add_argument(
         "--floor", action="store_true", help="also time standard + the pre-anchor forward pass"
     )
+    parser.add_argument(
+        "--unshared", action="store_true", help="also MemDLM without the shared FFN start"
+    )
     args = parser.parse_args()
     model = make_model(args.vocab, args.full_tail)
     batch, anchor = make_batch(args.vocab, args.prompt)
-    functions = step_functions(model, batch, anchor, mask_id=args.vocab - 1, floor=args.floor)
+    functions = step_functions(
+        model, batch, anchor, mask_id=args.vocab - 1, floor=args.floor, unshared=args.unshared
+    )
     times, faults = time_round_robin(functions, args.repeats)
     print(
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads "
