@@ -34,6 +34,7 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.nn.modules import module as torch_module
 
 from memory.at_init import plain_autograd
 
@@ -345,8 +346,6 @@ def only_fast_weights(module: nn.Module) -> bool:
     """Whether `module`'s own hooks are fast weights' forward hooks only (or none): then its
     output is its own forward plus their corrections (`output_of`). Global module hooks
     (`torch.nn.modules.module.register_module_forward_hook`) count as other hooks."""
-    from torch.nn.modules import module as torch_module
-
     if module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks:
         return False
     global_hooks = ("forward_hooks", "forward_pre_hooks", "backward_hooks", "backward_pre_hooks")

@@ -79,11 +79,15 @@ class Backbone(Protocol):
         (`head_weight` not None)."""
         ...
 
+    def shares_ffn(self, start: int, mid_layer: bool = False) -> bool:
+        """True when, after this position-wise split (`position_wise_after`), forwards of the
+        same rows under different fast-weight states (or none) can share the start of the last
+        FFN (`ffn_entry`): asked once, where the method is built."""
+        ...
+
     def ffn_entry(self, h, *, start: int, mid_layer: bool = False):
-        """What forwards of the same rows h (N, 1, D) after a position-wise split
-        (`position_wise_after`) under different fast-weight states (or none) can share,
-        computed once: the last FFN's entry norm and its input-side base products (an
-        `hf.tail.FFNEntry`); None when the backbone does not offer it."""
+        """The shared start of the last FFN on rows h (N, 1, D), where `shares_ffn`: its entry
+        norm and input-side base products, computed once (an `hf.tail.FFNEntry`)."""
         ...
 
     def features_from_entry(self, entry, *, start: int, mid_layer: bool = False):
@@ -139,8 +143,11 @@ class SplitForwardOf:
         extra = {"mid_layer": True} if mid_layer else {}
         return self.module.features_from(h, start=start, **extra)
 
+    def shares_ffn(self, start: int, mid_layer: bool = False) -> bool:
+        return False  # an adapter that can share the FFN's start says so
+
     def ffn_entry(self, h, *, start: int, mid_layer: bool = False):
-        return None  # an adapter that can share the FFN's start says so
+        raise TypeError(f"{type(self).__name__} offers no shared FFN entry")
 
     def features_from_entry(self, entry, *, start: int, mid_layer: bool = False):
         raise TypeError(f"{type(self).__name__} offers no shared FFN entry")

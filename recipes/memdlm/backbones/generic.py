@@ -97,8 +97,11 @@ class GenericBackbone:
     def features_from(self, h, *, start: int, mid_layer: bool = False):
         raise TypeError(f"{type(self.module).__name__} has no split forward (no fused loss)")
 
+    def shares_ffn(self, start: int, mid_layer: bool = False) -> bool:
+        return False
+
     def ffn_entry(self, h, *, start: int, mid_layer: bool = False):
-        return None
+        raise TypeError("a generic module offers no shared FFN entry")
 
     def features_from_entry(self, entry, *, start: int, mid_layer: bool = False):
         raise TypeError("a generic module offers no shared FFN entry")

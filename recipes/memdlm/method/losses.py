@@ -56,7 +56,8 @@ class SharedRows:
     rows carry a gradient, and reused by the others (detached where their rows carry none):
     the same values, so each loss is what it would be alone, for 2 of the FFN's 3 products
     once instead of three times. Every loss given one `SharedRows` must score the same rows of
-    the same hidden states (only their number is checked).
+    the same hidden states (only their number is checked), after a split that shares them
+    (`Split.shares_ffn`).
     """
 
     entry: Any = None
@@ -66,10 +67,7 @@ class SharedRows:
         entry = self.entry
         stale = entry is None or entry.rows.shape[0] != rows.shape[0]
         if stale or (rows.requires_grad and not entry.rows.requires_grad):
-            entry = split.ffn_entry(rows)
-            if entry is None:  # the backbone cannot share it
-                return split.row_features(rows)
-            self.entry = entry
+            entry = self.entry = split.ffn_entry(rows)
         elif not rows.requires_grad:
             entry = entry.detached()
         return split.entry_features(entry)

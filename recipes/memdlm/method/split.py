@@ -58,9 +58,14 @@ class Split:
         `position_wise` split: (N, D) -> (N, D)."""
         return self.features(rows[:, None])[:, 0]
 
+    def shares_ffn(self) -> bool:
+        """Whether forwards of the same rows under different fast-weight states can share the
+        start of the network after this split (`Backbone.shares_ffn`, `ffn_entry`)."""
+        return self.backbone.shares_ffn(self.layer, self.mid)
+
     def ffn_entry(self, rows: torch.Tensor):
-        """What forwards of the same (N, D) rows under different fast-weight states can share
-        after a `position_wise` split (`Backbone.ffn_entry`), or None."""
+        """The shared start of the network after a `shares_ffn` split on (N, D) rows
+        (`Backbone.ffn_entry`)."""
         return self.backbone.ffn_entry(rows[:, None], start=self.layer, mid_layer=self.mid)
 
     def entry_features(self, entry) -> torch.Tensor:

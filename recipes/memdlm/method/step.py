@@ -147,6 +147,7 @@ class MemDLM:
     loss_backend: str | None = "auto"
     uniform: bool = False
     compiled_core: Callable | None = None
+    shares_ffn: bool = False  # the split's `shares_ffn`, found with it (`on`, `placed`)
 
     @classmethod
     def on(cls, backbone: Backbone, cfg: MemDLMConfig, *, mask_id: int, mem=None, **options):
@@ -156,13 +157,13 @@ class MemDLM:
         objective, dtype = objective_options(backbone, cfg), fast_weight_dtype(backbone)
         optimizer = inner_optimizer(cfg, cfg.per_sample)
         fields = (cfg, mem, mask_id, split.layer, split.mid, objective, dtype, optimizer)
-        return cls(*fields, **options)
+        return cls(*fields, shares_ffn=split.shares_ffn(), **options)
 
     def placed(self, backbone: Backbone) -> MemDLM:
         """The method once the model is wrapped for training (FSDP2 shards in place): a sharded
         layer must be entered whole, so the split is found again (`split_point`)."""
         split = split_point(backbone, self.mem.targets, self.cfg)
-        return replace(self, layer=split.layer, mid=split.mid)
+        return replace(self, layer=split.layer, mid=split.mid, shares_ffn=split.shares_ffn())
 
     @property
     def per_sample(self) -> bool:
@@ -227,11 +228,12 @@ class MemDLM:
 
     def shares_anchor_rows(self, draws: Draws) -> bool:
         """Whether the inner step on the anchor, the outer loss and the diagnostic can share
-        the tail's start on the anchor's scored rows (`losses.SharedRows`): the inner step
-        scores the outer loss's positions, with one phi for the batch and the cross-entropy,
-        in eager mode (the backbone decides whether it can share)."""
+        the tail's start on the anchor's scored rows (`losses.SharedRows`): the backbone can
+        share it after the split (`shares_ffn`) and the inner step scores the outer loss's
+        positions, with one phi for the batch and the cross-entropy, in eager mode."""
         plain = self.objective["inner_loss"] == "ce" and not self.per_sample
-        return draws.anchor_scores_outer and plain and not torch.compiler.is_compiling()
+        shareable = self.shares_ffn and draws.anchor_scores_outer and plain
+        return shareable and not torch.compiler.is_compiling()
 
     def loss(self, backbone: Backbone, draws: Draws, *, log_gap=False, share=1.0, grad_sync=None):
         """(loss times `share`, Parts): the inner half, then the outer loss with phi bound;

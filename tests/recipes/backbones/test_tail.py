@@ -177,7 +177,8 @@ def test_the_anchor_rows_share_the_last_ffns_base_products_bit_for_bit(folders, 
     memdlm = method.MemDLM.on(backbone, cfg.memdlm, mask_id=1)
     anchor = method.sample_anchor(batch, mask_id=1, eps=1e-3, generator=torch.Generator())
     draws = memdlm.draw_after(batch, anchor, torch.Generator().manual_seed(4))
-    assert draws.anchor_scores_outer and memdlm.shares_anchor_rows(draws)
+    assert draws.anchor_scores_outer
+    assert memdlm.shares_anchor_rows(draws) == (name in DENSE)  # asked once, in `MemDLM.on`
     results, matmuls = [], []
     for step_draws in (draws, replace(draws, anchor_scores_outer=False)):
         model.zero_grad()
@@ -210,9 +211,32 @@ def test_an_ffn_that_is_not_the_gated_form_keeps_its_own_module():
     wrapped = hf.wrap(model, layer_fraction=0.5)
     assert wrapped.tail_rows and not wrapped.tail_shared
     last = len(wrapped.layers) - 1
-    rows = torch.randn(4, 1, 32)
-    assert adapter(wrapped).ffn_entry(rows, start=last, mid_layer=True) is None
-    assert hf.wrap(native("llama"), layer_fraction=0.5).tail_shared
+    assert not adapter(wrapped).shares_ffn(last, True)
+    assert adapter(hf.wrap(native("llama"), layer_fraction=0.5)).shares_ffn(last, True)
+
+
+def test_an_outer_peft_lora_on_the_ffn_keeps_its_modules(folders):
+    """With the outer LoRA (real peft, `model.lora_rank`) the FFN's linears are peft layers
+    whose own forward adds the adapter: the dense family that shares without it does not share,
+    and its MemDLM step still runs through the modules."""
+    pytest.importorskip("peft")
+    shares = {}
+    for rank in (0, 4):
+        model_cfg = {"path": str(folders["llada"]), "trust_remote_code": True, "lora_rank": rank}
+        overrides = {"model": model_cfg, "memdlm": {"layer_fraction": 0.1}}
+        cfg = build_config("smoke", overrides=overrides)
+        model = hf.load_model(cfg, device="cpu")
+        memdlm = method.MemDLM.on(adapter(model), cfg.memdlm, mask_id=1)
+        shares[rank] = memdlm.shares_ffn
+        x0 = torch.randint(2, vocab(model), (2, 12), generator=torch.Generator().manual_seed(5))
+        batch = Batch(x0, torch.ones_like(x0, dtype=torch.bool), torch.zeros(2, dtype=torch.long))
+        anchor = method.sample_anchor(batch, mask_id=1, eps=1e-3, generator=torch.Generator())
+        draws = memdlm.draw_after(batch, anchor, torch.Generator().manual_seed(6))
+        loss, _ = memdlm.loss(adapter(model), draws, log_gap=True)
+        loss.backward()
+        assert torch.isfinite(loss)
+        memdlm.close()
+    assert shares == {0: True, 4: False}
 
 
 def test_a_tail_that_mixes_positions_fails_the_probe_and_keeps_the_full_tail():

@@ -69,12 +69,14 @@ class HFBackbone(SplitForwardOf):
         d = self.module
         return mid_layer and d.split and d.tail_rows and start == len(d.layers) - 1
 
-    def ffn_entry(self, h, *, start: int, mid_layer: bool = False):
+    def shares_ffn(self, start: int, mid_layer: bool = False) -> bool:
         d = self.module
         if not (d.tail_shared and self.position_wise_after(start, mid_layer)):
-            return None
-        layer = d.layers[start]
-        return None if d.tail.ffn_inputs(layer) is None else d.tail.ffn_entry(layer, h)
+            return False
+        return d.tail.ffn_inputs(d.layers[start]) is not None  # e.g. no adapter wrapped them
+
+    def ffn_entry(self, h, *, start: int, mid_layer: bool = False):
+        return tail.shared_entry(self.module, h)
 
     def features_from_entry(self, entry, *, start: int, mid_layer: bool = False):
         return tail.shared_features(self.module, entry)

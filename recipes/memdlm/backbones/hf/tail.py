@@ -103,34 +103,40 @@ class Tail:
                 return None
             if isinstance(getattr(layer, "shared_expert", None), nn.Module):
                 return None
-        linears = tuple(_submodule(layer, name) for name in FFN_INPUTS[self.kind])
+        linears = self._input_linears(layer)
         if not all(type(lin) is nn.Linear and mm.only_fast_weights(lin) for lin in linears):
             return None
         return linears
 
     def ffn_entry(self, layer: nn.Module, h: torch.Tensor) -> FFNEntry:
         """`FFNEntry` of the post-attention residual rows h (N, 1, D): the entry norm's output
-        and `F.linear` of it by each input-side linear (what `nn.Linear.forward` computes)."""
+        and `F.linear` of it by each input-side linear (what `nn.Linear.forward` computes).
+        For a layer whose `ffn_inputs` are not None."""
         normed = self.entry(layer)(h)
-        gate, up = (F.linear(normed, lin.weight, lin.bias) for lin in self.ffn_inputs(layer))
+        linears = self._input_linears(layer)
+        gate, up = (F.linear(normed, lin.weight, lin.bias) for lin in linears)
         return FFNEntry(h, normed, (gate, up))
 
     def layer_out_from(self, layer: nn.Module, entry: FFNEntry) -> torch.Tensor:
         """`layer_out` of `entry.rows` from a shared `FFNEntry`: each input-side product with
-        the open fast-weight bindings' corrections added (`mm.output_of`), then the rest of the
-        FFN and the residual, as the family's own modules compute them."""
-        linears = self.ffn_inputs(layer)
+        the open fast-weight bindings' corrections added (`mm.output_of`, which refuses a linear
+        that has gained another hook since), then the rest of the FFN and the residual, as the
+        family's own modules compute them."""
+        linears = self._input_linears(layer)
         gate, up = (mm.output_of(lin, entry.normed, p) for lin, p in zip(linears, entry.products))
         if self.kind == "llada":
             return entry.rows + layer.dropout(layer.ff_out(layer.act(gate) * up))
         return entry.rows + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
 
-
-def _submodule(layer: nn.Module, name: str) -> nn.Module | None:
-    try:
-        return layer.get_submodule(name)
-    except AttributeError:
-        return None
+    def _input_linears(self, layer: nn.Module) -> tuple[nn.Module | None, ...]:
+        """The modules named as the FFN's input-side linears (`FFN_INPUTS`), None if absent."""
+        found = []
+        for name in FFN_INPUTS[self.kind]:
+            try:
+                found.append(layer.get_submodule(name))
+            except AttributeError:
+                found.append(None)
+        return tuple(found)
 
 
 def find_tail(model: nn.Module, layers_path: str) -> Tail | None:
@@ -218,15 +224,25 @@ def features(denoiser, h: torch.Tensor, start: int, mid_layer: bool) -> torch.Te
     return _shift(out) if denoiser.shift else out
 
 
+def shared_entry(denoiser, h: torch.Tensor) -> FFNEntry:
+    """`Tail.ffn_entry` of the last layer's post-attention residual rows h (N, 1, D)."""
+    return _shareable(denoiser).ffn_entry(denoiser.layers[len(denoiser.layers) - 1], h)
+
+
 def shared_features(denoiser, entry: FFNEntry) -> torch.Tensor:
     """`features` of the rows (N, 1, D) of a shared `FFNEntry` (the mid-layer split of the last
     layer): `Tail.layer_out_from` and the final norm. (Dream's move by one position is the
     identity on (N, 1, D) rows.)"""
+    spec = _shareable(denoiser)
+    norm = denoiser.hf.get_submodule(spec.final_norm)
+    return norm(spec.layer_out_from(denoiser.layers[len(denoiser.layers) - 1], entry))
+
+
+def _shareable(denoiser) -> Tail:
     spec = _proven(denoiser, rows=True)
     if not denoiser.tail_shared:
         raise TypeError(f"the {denoiser.family} backbone's FFN is not proven shareable")
-    norm = denoiser.hf.get_submodule(spec.final_norm)
-    return norm(spec.layer_out_from(denoiser.layers[len(denoiser.layers) - 1], entry))
+    return spec
 
 
 def _proven(denoiser, *, rows: bool) -> Tail:
