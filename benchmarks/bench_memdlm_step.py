@@ -5,9 +5,10 @@ update. The two are timed interleaved in one process (round robin), and the rati
 reported, with the minor page faults per step. Variants: MemDLM with the per-step
 fast-weights-off diagnostic (the recipe's default, `memdlm.gap_every=1`) and without it, and
 per-sample fast weights. glibc's malloc thresholds are pinned as the recipe's CLI pins them
-(`allocator.py`); `--glibc-default` measures without.
+(`allocator.py`); `--glibc-default` measures without. `--flops` also counts each step's matmul
+and attention FLOPs (`MatmulFlops`), whose ratio is the time ratio at an equal FLOP rate.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_memdlm_step.py            # table
+    OMP_NUM_THREADS=1 python benchmarks/bench_memdlm_step.py [--flops]  # table
     OMP_NUM_THREADS=1 python -m pytest benchmarks/bench_memdlm_step.py --benchmark-only
 """
 
@@ -23,6 +24,8 @@ import time
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 from recipes.memdlm import method
 from recipes.memdlm.allocator import keep_freed_memory
@@ -109,6 +112,40 @@ def time_round_robin(functions, repeats: int, warmup: int = 2):
     return times, faults
 
 
+class MatmulFlops(TorchDispatchMode):
+    """Counts the FLOPs of the matmul-like operators one call runs (mm, addmm, bmm, baddbmm,
+    scaled dot-product attention and their backward: torch's own formulas,
+    `torch.utils.flop_counter.flop_registry`), elementwise work not counted. A dispatch mode
+    only: unlike `FlopCounterMode` it installs no module hooks, so the step takes the path it
+    takes untimed (hooks make `mm.output_of` call the module again)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        count = flop_registry.get(func._overloadpacket)
+        if count is not None:
+            self.total += count(*args, **kwargs, out_val=out)
+        return out
+
+
+def print_flops(functions) -> None:
+    """The matmul FLOPs of one call of each function (after one call untimed) and their ratio
+    to the standard step's: the arithmetic the time ratio cannot go below at the same rate."""
+    flops = {}
+    for name, fn in functions.items():
+        fn()
+        with MatmulFlops() as counter:
+            fn()
+        flops[name] = counter.total
+    print(f"{'step':32s} {'matmul GFLOP':>12s} {'ratio':>7s}")
+    for name, total in flops.items():
+        print(f"{name:32s} {total / 1e9:12.3f} {total / flops['standard']:7.3f}")
+
+
 def print_ratios(times, faults, width: int = 32) -> None:
     """The table: median ms per step, its ratio to the standard step's median, the ratio's
     interquartile range, and the median minor page faults per step."""
@@ -135,10 +172,12 @@ def main() -> None:
         action="store_true",
         help="leave glibc's malloc thresholds as they are (the recipe's CLI pins them)",
     )
+    parser.add_argument("--flops", action="store_true", help="also count each step's FLOPs")
     args = parser.parse_args()
     pinned = False if args.glibc_default else keep_freed_memory()
     cfg, data, model, batch, anchor = make_setup(args.preset, n_layers=args.layers)
-    times, faults = time_round_robin(step_functions(cfg, data, model, batch, anchor), args.repeats)
+    functions = step_functions(cfg, data, model, batch, anchor)
+    times, faults = time_round_robin(functions, args.repeats)
     print(
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
         f"threads {torch.get_num_threads()}, batch {tuple(batch.x0.shape)}, "
@@ -147,6 +186,8 @@ def main() -> None:
         f" of {len(model.layers)}, glibc thresholds {'pinned' if pinned else 'default'}"
     )
     print_ratios(times, faults)
+    if args.flops:
+        print_flops(functions)
 
 
 def test_standard_step(benchmark):

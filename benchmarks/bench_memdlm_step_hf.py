@@ -13,9 +13,11 @@ faults per step. A plain Python process calling the library, so glibc's threshol
 the library sets (`allocator.py`); `--full-tail` measures without the scored-rows tail and
 the fused head (the backbone as it was before them); `--floor` also times the standard step
 plus one forward pass of the pre-anchor state without gradient (MemDLM's least possible cost);
-`--unshared` also times MemDLM without the last FFN's start shared on the anchor's rows.
+`--unshared` also times MemDLM without the last FFN's start shared on the anchor's rows;
+`--flops` also counts each step's matmul and attention FLOPs and their ratio (machine-independent).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_memdlm_step_hf.py [--vocab 32000] [--full-tail]
+        [--floor] [--unshared] [--flops]
     OMP_NUM_THREADS=1 python -m pytest benchmarks/bench_memdlm_step_hf.py --benchmark-only
 """
 
@@ -31,7 +33,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from bench_memdlm_step import full_step, print_ratios, time_round_robin
+from bench_memdlm_step import full_step, print_flops, print_ratios, time_round_robin
 
 from recipes.memdlm import method
 from recipes.memdlm.backbones import adapter, hf
@@ -134,6 +136,7 @@ def main() -> None:
     parser.add_argument(
         "--unshared", action="store_true", help="also MemDLM without the shared FFN start"
     )
+    parser.add_argument("--flops", action="store_true", help="also count each step's FLOPs")
     args = parser.parse_args()
     model = make_model(args.vocab, args.full_tail)
     batch, anchor = make_batch(args.vocab, args.prompt)
@@ -150,6 +153,8 @@ def main() -> None:
     rows = getattr(model, "tail_rows", False)  # (absent before the tail existed)
     print(f"tail: {getattr(model, 'tail_note', '-')}; scored-rows tail {'on' if rows else 'off'}")
     print_ratios(times, faults, width=24)
+    if args.flops:
+        print_flops(functions)
 
 
 def test_memdlm_step_hf(benchmark):

@@ -328,14 +328,13 @@ def output_of(linear: nn.Module, x: torch.Tensor, output: torch.Tensor) -> torch
     when none is open), exactly as the hooks add it after the linear's own forward.
 
     For code that reuses one product of a target's base weight across forwards under different
-    states (or none): each forward pays only for its correction. `linear` must carry no hooks
-    but fast weights' (`only_fast_weights`), else ValueError: another hook would be skipped.
+    states (or none): each forward pays only for its correction. When `linear` carries any
+    other hook (`only_fast_weights` is False: a user's hook, a global module hook such as
+    `FlopCounterMode`'s), that hook must see the call, so the module itself is called and
+    `output` is not used: the same value, without the saving.
     """
     if not only_fast_weights(linear):
-        raise ValueError(
-            f"output_of: {type(linear).__name__} carries hooks other than fast weights'; call "
-            "the module itself"
-        )
+        return linear(x)
     for hook in linear._forward_hooks.values():
         corrected = hook(linear, (x,), {}, output)
         output = output if corrected is None else corrected

@@ -73,22 +73,36 @@ def test_output_of_at_init_and_unbound(kind):
     assert mm.output_of(linear, x, product) is product
 
 
-def test_other_hooks_are_refused_and_reported():
+def test_a_linear_with_other_hooks_is_called_so_that_they_run():
+    """Another hook on the linear (its own, or a global module hook) must see the call:
+    output_of then calls the module and ignores `output`, so the value is the module call's
+    with the hook applied."""
     linear, mem = linear_and_memory("lora")
     plain = nn.Linear(5, 7)
     assert mm.only_fast_weights(linear) and mm.only_fast_weights(plain)
-    x = torch.randn(2, 5)
+    x = torch.randn(2, 5, dtype=torch.float64)
+    plain = plain.double()
+    product = F.linear(x, plain.weight, plain.bias)
     handle = plain.register_forward_hook(lambda module, args, output: output * 2)
     assert not mm.only_fast_weights(plain)
-    with pytest.raises(ValueError, match="hooks other than fast weights"):
-        mm.output_of(plain, x, plain(x))
+    unused = torch.full_like(product, float("nan"))
+    assert torch.equal(mm.output_of(plain, x, unused), 2 * product)
     handle.remove()
     handle = linear.register_forward_pre_hook(lambda module, args: None)
     assert not mm.only_fast_weights(linear)
     handle.remove()
-    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, a, o: None)
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, output: seen.append(module)
+    )
     try:
         assert not mm.only_fast_weights(linear)  # a global hook would be skipped too
+        with mem.bind(moved(mem.init(generator=torch.Generator().manual_seed(1)))):
+            expected = linear(x)
+            seen.clear()
+            got = mm.output_of(linear, x, torch.full_like(expected, float("nan")))
+        assert seen == [linear]
+        assert torch.equal(got, expected)
     finally:
         handle.remove()
     assert mm.only_fast_weights(linear)

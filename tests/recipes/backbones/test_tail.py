@@ -201,6 +201,47 @@ def test_the_anchor_rows_share_the_last_ffns_base_products_bit_for_bit(folders, 
         torch.testing.assert_close(grads[key], grad, rtol=1e-12, atol=1e-15, msg=key)
 
 
+def test_a_global_module_hook_sees_the_shared_ffns_linears_and_changes_nothing(folders):
+    """A global module hook (`register_module_forward_hook`, as `FlopCounterMode` installs)
+    must see every module call: the step that shares the last FFN's start then calls gate/up
+    itself (`mm.output_of` does), so the hook sees them, and the losses and phi are the ones
+    without the hook bit for bit. Under `FlopCounterMode` the step runs and counts."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = loaded(folders, "llama")
+    assert model.tail_shared
+    cfg = build_config("smoke", overrides={"memdlm": {"layer_fraction": 0.1, "inner_lr": 1.0}})
+    x0 = torch.randint(0, vocab(model) - 2, (3, 12), generator=torch.Generator().manual_seed(3))
+    batch = Batch(x0, torch.ones_like(x0, dtype=torch.bool), torch.zeros(3, dtype=torch.long))
+    backbone = adapter(model)
+    memdlm = method.MemDLM.on(backbone, cfg.memdlm, mask_id=1)
+    anchor = method.sample_anchor(batch, mask_id=1, eps=1e-3, generator=torch.Generator())
+    draws = memdlm.draw_after(batch, anchor, torch.Generator().manual_seed(4))
+    assert memdlm.shares_anchor_rows(draws)
+    plain_loss, plain = memdlm.loss(backbone, draws, log_gap=True)
+    gate = model.layers[len(model.layers) - 1].mlp.gate_proj
+    calls = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, output: calls.append(module) if module is gate else None
+    )
+    try:
+        loss, parts = memdlm.loss(backbone, draws, log_gap=True)
+    finally:
+        handle.remove()
+    # the inner steps on the pre-anchor state and on the anchor, the outer loss, the diagnostic
+    assert len(calls) == 4
+    assert torch.equal(loss, plain_loss) and torch.equal(parts.loss_off, plain.loss_off)
+    assert all(torch.equal(parts.phi[k], plain.phi[k]) for k in plain.phi)
+    with FlopCounterMode(display=False) as counter:
+        loss, parts = memdlm.loss(backbone, draws, log_gap=True)
+        loss.backward()
+    memdlm.close()
+    assert counter.get_total_flops() > 0
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-12, atol=0)
+    for k in plain.phi:  # the mode's dispatch may sum in another order: float64 rounding
+        torch.testing.assert_close(parts.phi[k], plain.phi[k], rtol=1e-12, atol=1e-15)
+
+
 def test_an_ffn_that_is_not_the_gated_form_keeps_its_own_module():
     """A last FFN with gate/up/down_proj whose forward computes something else than
     down(act(gate(x)) * up(x)) is still position-wise (the rows tail holds) but fails the

@@ -119,9 +119,10 @@ class Tail:
 
     def layer_out_from(self, layer: nn.Module, entry: FFNEntry) -> torch.Tensor:
         """`layer_out` of `entry.rows` from a shared `FFNEntry`: each input-side product with
-        the open fast-weight bindings' corrections added (`mm.output_of`, which refuses a linear
-        that has gained another hook since), then the rest of the FFN and the residual, as the
-        family's own modules compute them."""
+        the open fast-weight bindings' corrections added (`mm.output_of`; a linear that has
+        gained another hook since, e.g. `FlopCounterMode`'s, is called instead, so that the
+        hook sees it), then the rest of the FFN and the residual, as the family's own modules
+        compute them."""
         linears = self._input_linears(layer)
         gate, up = (mm.output_of(lin, entry.normed, p) for lin, p in zip(linears, entry.products))
         if self.kind == "llada":
