@@ -25,7 +25,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import flop_registry
+from torch.utils.flop_counter import (
+    flop_registry,
+    sdpa_backward_flop_count,
+    sdpa_flop_count,
+)
 
 from recipes.memdlm import method
 from recipes.memdlm.allocator import keep_freed_memory
@@ -112,12 +116,29 @@ def time_round_robin(functions, repeats: int, warmup: int = 2):
     return times, faults
 
 
+def _cpu_attention_flops(query, key, value, *args, **kwargs) -> int:
+    return sdpa_flop_count(query.shape, key.shape, value.shape)
+
+
+def _cpu_attention_backward_flops(grad_out, query, key, value, *args, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out.shape, query.shape, key.shape, value.shape)
+
+
+# torch's registry names the CUDA attention kernels; the CPU one counts by the same formulas
+_CPU_ATTENTION = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: (
+        _cpu_attention_backward_flops
+    ),
+}
+
+
 class MatmulFlops(TorchDispatchMode):
     """Counts the FLOPs of the matmul-like operators one call runs (mm, addmm, bmm, baddbmm,
-    scaled dot-product attention and their backward: torch's own formulas,
-    `torch.utils.flop_counter.flop_registry`), elementwise work not counted. A dispatch mode
-    only: unlike `FlopCounterMode` it installs no module hooks, so the step takes the path it
-    takes untimed (hooks make `mm.output_of` call the module again)."""
+    scaled dot-product attention, CPU's included, and their backward: torch's own formulas,
+    `torch.utils.flop_counter`), elementwise work not counted. A dispatch mode only: unlike
+    `FlopCounterMode` it installs no module hooks, so the step takes the path it takes untimed
+    (hooks make `mm.output_of` call the module again)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -126,9 +147,11 @@ class MatmulFlops(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        count = flop_registry.get(func._overloadpacket)
-        if count is not None:
-            self.total += count(*args, **kwargs, out_val=out)
+        packet = func._overloadpacket
+        if packet in _CPU_ATTENTION:
+            self.total += _CPU_ATTENTION[packet](*args, **kwargs)
+        elif packet in flop_registry:
+            self.total += flop_registry[packet](*args, **kwargs, out_val=out)
         return out
 
 
