@@ -256,6 +256,19 @@ def test_an_ffn_that_is_not_the_gated_form_keeps_its_own_module():
     assert adapter(hf.wrap(native("llama"), layer_fraction=0.5)).shares_ffn(last, True)
 
 
+def test_an_ffn_the_shared_start_cannot_drive_keeps_the_rows_tail(monkeypatch):
+    """A last FFN whose shared computation raises (a layout with the expected names but other
+    modules behind them) turns sharing off, not the proven scored-rows tail."""
+
+    def fails(denoiser, probe):
+        raise AttributeError("'LlamaMLP' object has no attribute 'act_fn'")
+
+    monkeypatch.setattr(hf.tail, "prove_shared_ffn", fails)
+    wrapped = hf.wrap(native("llama"), layer_fraction=0.5)
+    assert wrapped.tail_rows and wrapped.tail is not None and not wrapped.tail_shared
+    assert wrapped.tail_note.startswith("the last layer's FFN, final norm and head checked")
+
+
 def test_an_outer_peft_lora_on_the_ffn_keeps_its_modules(folders):
     """With the outer LoRA (real peft, `model.lora_rank`) the FFN's linears are peft layers
     whose own forward adds the adapter: the dense family that shares without it does not share,

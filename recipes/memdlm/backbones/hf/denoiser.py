@@ -304,14 +304,24 @@ class HFDenoiser(nn.Module):
             with torch.no_grad():
                 probe = self._probe_input(rows=2)
                 level, self.tail_note = tail.prove_tail(self, probe)
-                shared = level >= 2 and tail.prove_shared_ffn(self, probe)
+                shared = level >= 2 and self._prove_shared_ffn(probe)
         except SPLIT_FAILURES as error:
             level, self.tail_note = 0, f"the tail raised {type(error).__name__}: {error}"[:200]
         finally:
             self.train(was_training)
         self.tail = spec if level >= 1 else None
         self.tail_rows = level >= 2
-        self.tail_shared = level >= 2 and shared
+        self.tail_shared = shared
+
+    def _prove_shared_ffn(self, probe: torch.Tensor) -> bool:
+        """`tail.prove_shared_ffn`. Sharing is only a saving: a last FFN that the shared
+        computation cannot drive (the layout's names, other modules behind them: a missing
+        attribute, another signature or shape) keeps its own module, and the proven rows tail
+        stays."""
+        try:
+            return tail.prove_shared_ffn(self, probe)
+        except (*SPLIT_FAILURES, AttributeError, TypeError, RuntimeError):
+            return False
 
     def _probe_input(self, rows: int = 1) -> torch.Tensor:
         """(rows, 12) random tokens below the vocabulary size (config's, else the embedding's)."""
